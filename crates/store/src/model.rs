@@ -1,0 +1,152 @@
+//! The rows the store reads and writes.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// What an account is, which decides how it may subscribe and publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AccountKind {
+    /// The super-administrator: sees everything, subscribes raw.
+    Admin,
+    /// A project (the original's "environment"): owns resources; its keys act within it.
+    Project,
+    /// A user: acts within its project.
+    User,
+    /// A host agent (or an agent container): receives only its own `;agent=<id>` events.
+    Agent,
+    /// A system service: subscribes raw, publishes any name.
+    Service,
+}
+
+impl AccountKind {
+    /// The name stored in `account.kind`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccountKind::Admin => "admin",
+            AccountKind::Project => "project",
+            AccountKind::User => "user",
+            AccountKind::Agent => "agent",
+            AccountKind::Service => "service",
+        }
+    }
+
+    /// Whether the account subscribes and publishes raw names (the original's RAW style).
+    pub fn is_privileged(self) -> bool {
+        matches!(self, AccountKind::Admin | AccountKind::Service)
+    }
+}
+
+impl fmt::Display for AccountKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for AccountKind {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Ok(match text {
+            "admin" | "superadmin" => AccountKind::Admin,
+            "project" => AccountKind::Project,
+            "user" => AccountKind::User,
+            "agent" => AccountKind::Agent,
+            "service" => AccountKind::Service,
+            other => return Err(format!("unknown account kind {other:?}")),
+        })
+    }
+}
+
+/// What a credential is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CredentialKind {
+    /// A user or project API key.
+    ApiKey,
+    /// The key of an agent account.
+    AgentApiKey,
+    /// A project's registration token, which may only register agents.
+    RegistrationToken,
+}
+
+impl CredentialKind {
+    /// The name stored in `credential.kind`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialKind::ApiKey => "apiKey",
+            CredentialKind::AgentApiKey => "agentApiKey",
+            CredentialKind::RegistrationToken => "registrationToken",
+        }
+    }
+}
+
+impl FromStr for CredentialKind {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Ok(match text {
+            "apiKey" => CredentialKind::ApiKey,
+            "agentApiKey" => CredentialKind::AgentApiKey,
+            "registrationToken" => CredentialKind::RegistrationToken,
+            other => return Err(format!("unknown credential kind {other:?}")),
+        })
+    }
+}
+
+/// An account row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    /// Database id.
+    pub id: i64,
+    /// Display name.
+    pub name: Option<String>,
+    /// What the account is.
+    pub kind: AccountKind,
+    /// Stable external identity.
+    pub uuid: String,
+    /// `active` or `removed` (and the generic states in between).
+    pub state: String,
+    /// Creation time, epoch ms.
+    pub created: i64,
+    /// For user and agent accounts: the project they act in. A project's is its own id.
+    pub project_id: Option<i64>,
+    /// For agent accounts: the agent they are.
+    pub agent_id: Option<i64>,
+}
+
+impl Account {
+    /// The project this account acts in by default, if any.
+    pub fn default_project(&self) -> Option<i64> {
+        match self.kind {
+            AccountKind::Project => Some(self.id),
+            _ => self.project_id,
+        }
+    }
+}
+
+/// A credential row, without its secret digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credential {
+    /// Database id.
+    pub id: i64,
+    /// Display name.
+    pub name: Option<String>,
+    /// Description.
+    pub description: Option<String>,
+    /// What the credential is.
+    pub kind: CredentialKind,
+    /// `active`, `inactive` or `removed`.
+    pub state: String,
+    /// Creation time, epoch ms.
+    pub created: i64,
+    /// The account it authenticates as.
+    pub account_id: i64,
+    /// The access key (public part).
+    pub public_value: String,
+}
+
+/// A credential just created: the only time its secret is known in plain text.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    /// The stored row.
+    pub credential: Credential,
+    /// The secret key, to hand to the caller once.
+    pub secret_value: String,
+}

@@ -1,0 +1,514 @@
+//! The [`Store`] handle and its queries.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{AssertSqlSafe, FromRow};
+
+use crate::model::{Account, AccountKind, Credential, CredentialKind, NewKey};
+use crate::secret::{self, SecretHash};
+use crate::{Error, Result};
+
+/// Which database a store runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Embedded SQLite, a file in the data directory, WAL.
+    Sqlite,
+    /// PostgreSQL, shared by several server nodes.
+    Postgres,
+}
+
+/// How to open a store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// `sqlite://<path>` or `postgres://…`.
+    pub url: String,
+    /// The most connections the pool opens.
+    pub max_connections: u32,
+    /// PostgreSQL only: the schema to work in (tests use one schema each).
+    pub pg_schema: Option<String>,
+}
+
+impl StoreOptions {
+    /// The embedded store: a SQLite file.
+    pub fn sqlite_file(path: &Path) -> Self {
+        StoreOptions {
+            url: format!("sqlite://{}", path.display()),
+            max_connections: 4,
+            pg_schema: None,
+        }
+    }
+
+    /// A store at a URL.
+    pub fn url(url: impl Into<String>) -> Self {
+        StoreOptions {
+            url: url.into(),
+            max_connections: 8,
+            pg_schema: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Runs the same code against whichever pool the store holds; SQL text is shared because
+/// SQLite accepts `$1…$N` placeholders.
+macro_rules! dispatch {
+    ($self:ident, $pool:ident => $body:expr) => {
+        match &$self.pool {
+            Pool::Sqlite($pool) => $body,
+            Pool::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// A cheap-clone handle to the database.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: Pool,
+}
+
+/// What [`Store::bootstrap`] found or made.
+#[derive(Debug, Clone)]
+pub struct Bootstrap {
+    /// The admin account.
+    pub admin: Account,
+    /// The `Default` project.
+    pub default_project: Account,
+    /// A key generated for the admin on this start (the first start without configured keys).
+    pub generated_admin_key: Option<NewKey>,
+}
+
+#[derive(FromRow)]
+struct AccountRow {
+    id: i64,
+    name: Option<String>,
+    kind: String,
+    uuid: String,
+    state: String,
+    created: i64,
+    project_id: Option<i64>,
+    agent_id: Option<i64>,
+}
+
+impl TryFrom<AccountRow> for Account {
+    type Error = Error;
+    fn try_from(row: AccountRow) -> Result<Self> {
+        Ok(Account {
+            id: row.id,
+            name: row.name,
+            kind: row.kind.parse().map_err(Error::Corrupt)?,
+            uuid: row.uuid,
+            state: row.state,
+            created: row.created,
+            project_id: row.project_id,
+            agent_id: row.agent_id,
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct CredentialRow {
+    id: i64,
+    name: Option<String>,
+    description: Option<String>,
+    kind: String,
+    state: String,
+    created: i64,
+    account_id: i64,
+    public_value: String,
+}
+
+impl TryFrom<CredentialRow> for Credential {
+    type Error = Error;
+    fn try_from(row: CredentialRow) -> Result<Self> {
+        Ok(Credential {
+            id: row.id,
+            name: row.name,
+            description: row.description,
+            kind: row.kind.parse().map_err(Error::Corrupt)?,
+            state: row.state,
+            created: row.created,
+            account_id: row.account_id,
+            public_value: row.public_value,
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct KeyLookupRow {
+    #[sqlx(flatten)]
+    credential: CredentialRow,
+    secret_value: String,
+    #[sqlx(flatten)]
+    account: AccountLookupRow,
+}
+
+#[derive(FromRow)]
+struct AccountLookupRow {
+    a_id: i64,
+    a_name: Option<String>,
+    a_kind: String,
+    a_uuid: String,
+    a_state: String,
+    a_created: i64,
+    a_project_id: Option<i64>,
+    a_agent_id: Option<i64>,
+}
+
+const ACCOUNT_COLUMNS: &str = "id, name, kind, uuid, state, created, project_id, agent_id";
+const CREDENTIAL_COLUMNS: &str =
+    "id, name, description, kind, state, created, account_id, public_value";
+
+impl Store {
+    /// Opens the store and applies the migrations.
+    pub async fn connect(options: &StoreOptions) -> Result<Store> {
+        let url = options.url.as_str();
+        let pool = if url.starts_with("sqlite:") {
+            let connect = SqliteConnectOptions::from_str(url)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                // With WAL, NORMAL loses no committed transaction when the process dies
+                // (kill -9); only an OS crash or power loss can lose the last ones.
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(10))
+                .foreign_keys(true);
+            let pool = SqlitePoolOptions::new()
+                .max_connections(options.max_connections.max(1))
+                .connect_with(connect)
+                .await?;
+            sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+            Pool::Sqlite(pool)
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let mut connect = PgConnectOptions::from_str(url)?;
+            if let Some(schema) = &options.pg_schema {
+                connect = connect.options([("search_path", schema.as_str())]);
+            }
+            let pool = PgPoolOptions::new()
+                .max_connections(options.max_connections.max(1))
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(connect)
+                .await?;
+            sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+            Pool::Postgres(pool)
+        } else {
+            return Err(Error::UnsupportedUrl(url.to_owned()));
+        };
+        Ok(Store { pool })
+    }
+
+    /// Which database this store runs on.
+    pub fn backend(&self) -> Backend {
+        match self.pool {
+            Pool::Sqlite(_) => Backend::Sqlite,
+            Pool::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// Closes every connection; on SQLite this checkpoints the WAL into the database file.
+    pub async fn close(&self) {
+        dispatch!(self, pool => pool.close().await)
+    }
+
+    /// Makes sure a fresh data directory has its admin account, the `Default` project and an
+    /// admin key. With `admin_key` given, that pair becomes (or stays) the admin's key; without
+    /// it, a key is generated only when the admin has none.
+    pub async fn bootstrap(&self, admin_key: Option<(&str, &str)>) -> Result<Bootstrap> {
+        let admin = match self.first_account(AccountKind::Admin).await? {
+            Some(admin) => admin,
+            None => {
+                self.create_account(AccountKind::Admin, "admin", None)
+                    .await?
+            }
+        };
+        let default_project = match self.first_account(AccountKind::Project).await? {
+            Some(project) => project,
+            None => {
+                self.create_account(AccountKind::Project, "Default", None)
+                    .await?
+            }
+        };
+        let mut generated_admin_key = None;
+        match admin_key {
+            Some((access_key, secret_key)) => {
+                self.ensure_key(admin.id, access_key, secret_key).await?
+            }
+            None => {
+                let keys = self.list_keys(Some(admin.id)).await?;
+                if !keys.iter().any(|key| key.state == "active") {
+                    generated_admin_key = Some(
+                        self.create_key(admin.id, CredentialKind::ApiKey, Some("admin"), None)
+                            .await?,
+                    );
+                }
+            }
+        }
+        Ok(Bootstrap {
+            admin,
+            default_project,
+            generated_admin_key,
+        })
+    }
+
+    async fn first_account(&self, kind: AccountKind) -> Result<Option<Account>> {
+        let sql = format!(
+            "SELECT {ACCOUNT_COLUMNS} FROM account WHERE kind = $1 AND removed IS NULL ORDER BY id LIMIT 1"
+        );
+        let row: Option<AccountRow> = dispatch!(self, pool => sqlx::query_as(AssertSqlSafe(sql.as_str())).bind(kind.as_str()).fetch_optional(pool).await?);
+        row.map(Account::try_from).transpose()
+    }
+
+    /// Stores a key with a given secret for an account, replacing the secret if the access key
+    /// exists for that account already.
+    async fn ensure_key(&self, account_id: i64, access_key: &str, secret_key: &str) -> Result<()> {
+        let hashed = secret::hash_hex(secret_key);
+        let existing: Option<(i64, i64)> = dispatch!(self, pool => sqlx::query_as(
+            "SELECT id, account_id FROM credential WHERE public_value = $1")
+            .bind(access_key).fetch_optional(pool).await?);
+        match existing {
+            Some((_, owner)) if owner != account_id => Err(Error::Conflict(format!(
+                "access key {access_key} belongs to another account"
+            ))),
+            Some((id, _)) => {
+                dispatch!(self, pool => sqlx::query(
+                    "UPDATE credential SET secret_value = $1, state = 'active', removed = NULL WHERE id = $2")
+                    .bind(&hashed).bind(id).execute(pool).await?.rows_affected());
+                Ok(())
+            }
+            None => {
+                self.insert_key(
+                    account_id,
+                    CredentialKind::ApiKey,
+                    Some("admin"),
+                    None,
+                    access_key,
+                    &hashed,
+                )
+                .await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Creates an account.
+    pub async fn create_account(
+        &self,
+        kind: AccountKind,
+        name: &str,
+        project_id: Option<i64>,
+    ) -> Result<Account> {
+        let sql = format!(
+            "INSERT INTO account (name, kind, uuid, state, created, project_id) \
+             VALUES ($1, $2, $3, 'active', $4, $5) RETURNING {ACCOUNT_COLUMNS}"
+        );
+        let uuid = uuid::Uuid::new_v4().to_string();
+        let row: AccountRow = dispatch!(self, pool => sqlx::query_as(AssertSqlSafe(sql.as_str()))
+            .bind(name).bind(kind.as_str()).bind(&uuid).bind(now_millis()).bind(project_id)
+            .fetch_one(pool).await?);
+        row.try_into()
+    }
+
+    /// An account by id (removed ones included).
+    pub async fn get_account(&self, id: i64) -> Result<Option<Account>> {
+        let sql = format!("SELECT {ACCOUNT_COLUMNS} FROM account WHERE id = $1");
+        let row: Option<AccountRow> = dispatch!(self, pool => sqlx::query_as(AssertSqlSafe(sql.as_str())).bind(id).fetch_optional(pool).await?);
+        row.map(Account::try_from).transpose()
+    }
+
+    /// Accounts of a kind that are not removed, oldest first.
+    pub async fn list_accounts(&self, kind: AccountKind) -> Result<Vec<Account>> {
+        let sql = format!(
+            "SELECT {ACCOUNT_COLUMNS} FROM account WHERE kind = $1 AND removed IS NULL ORDER BY id"
+        );
+        let rows: Vec<AccountRow> = dispatch!(self, pool => sqlx::query_as(AssertSqlSafe(sql.as_str())).bind(kind.as_str()).fetch_all(pool).await?);
+        rows.into_iter().map(Account::try_from).collect()
+    }
+
+    /// Creates a key for an account, with a fresh access key and secret.
+    pub async fn create_key(
+        &self,
+        account_id: i64,
+        kind: CredentialKind,
+        name: Option<&str>,
+        description: Option<&str>,
+    ) -> Result<NewKey> {
+        let access_key = secret::new_access_key();
+        let secret_value = secret::new_secret_key();
+        let credential = self
+            .insert_key(
+                account_id,
+                kind,
+                name,
+                description,
+                &access_key,
+                &secret::hash_hex(&secret_value),
+            )
+            .await?;
+        Ok(NewKey {
+            credential,
+            secret_value,
+        })
+    }
+
+    async fn insert_key(
+        &self,
+        account_id: i64,
+        kind: CredentialKind,
+        name: Option<&str>,
+        description: Option<&str>,
+        access_key: &str,
+        secret_hash_hex: &str,
+    ) -> Result<Credential> {
+        let sql = format!(
+            "INSERT INTO credential (name, description, kind, uuid, state, created, account_id, public_value, secret_value) \
+             VALUES ($1, $2, $3, $4, 'active', $5, $6, $7, $8) RETURNING {CREDENTIAL_COLUMNS}"
+        );
+        let uuid = uuid::Uuid::new_v4().to_string();
+        let row: CredentialRow = dispatch!(self, pool => sqlx::query_as(AssertSqlSafe(sql.as_str()))
+            .bind(name).bind(description).bind(kind.as_str()).bind(&uuid).bind(now_millis())
+            .bind(account_id).bind(access_key).bind(secret_hash_hex)
+            .fetch_one(pool).await?);
+        row.try_into()
+    }
+
+    /// Keys, of one account or of all; newest last.
+    pub async fn list_keys(&self, account_id: Option<i64>) -> Result<Vec<Credential>> {
+        let sql = format!(
+            "SELECT {CREDENTIAL_COLUMNS} FROM credential WHERE ($1 IS NULL OR account_id = $1) ORDER BY id"
+        );
+        let rows: Vec<CredentialRow> = dispatch!(self, pool => sqlx::query_as(AssertSqlSafe(sql.as_str())).bind(account_id).fetch_all(pool).await?);
+        rows.into_iter().map(Credential::try_from).collect()
+    }
+
+    /// A key by id.
+    pub async fn get_key(&self, id: i64) -> Result<Option<Credential>> {
+        let sql = format!("SELECT {CREDENTIAL_COLUMNS} FROM credential WHERE id = $1");
+        let row: Option<CredentialRow> = dispatch!(self, pool => sqlx::query_as(AssertSqlSafe(sql.as_str())).bind(id).fetch_optional(pool).await?);
+        row.map(Credential::try_from).transpose()
+    }
+
+    /// Moves a key to `removed`: it no longer authenticates.
+    pub async fn remove_key(&self, id: i64) -> Result<Option<Credential>> {
+        let sql = format!(
+            "UPDATE credential SET state = 'removed', removed = $1 WHERE id = $2 RETURNING {CREDENTIAL_COLUMNS}"
+        );
+        let row: Option<CredentialRow> = dispatch!(self, pool => sqlx::query_as(AssertSqlSafe(sql.as_str())).bind(now_millis()).bind(id).fetch_optional(pool).await?);
+        row.map(Credential::try_from).transpose()
+    }
+
+    /// The active key with this access key, its secret digest and its active account: what
+    /// authentication needs, in one query.
+    pub async fn lookup_key(
+        &self,
+        access_key: &str,
+    ) -> Result<Option<(Credential, SecretHash, Account)>> {
+        let sql = "SELECT c.id, c.name, c.description, c.kind, c.state, c.created, c.account_id, c.public_value, \
+                   c.secret_value, a.id AS a_id, a.name AS a_name, a.kind AS a_kind, a.uuid AS a_uuid, \
+                   a.state AS a_state, a.created AS a_created, a.project_id AS a_project_id, a.agent_id AS a_agent_id \
+                   FROM credential c JOIN account a ON a.id = c.account_id \
+                   WHERE c.public_value = $1 AND c.state = 'active' AND a.state = 'active' AND a.removed IS NULL";
+        let row: Option<KeyLookupRow> = dispatch!(self, pool => sqlx::query_as(sql).bind(access_key).fetch_optional(pool).await?);
+        let Some(row) = row else { return Ok(None) };
+        let digest = secret::parse_hex(&row.secret_value).ok_or_else(|| {
+            Error::Corrupt(format!(
+                "credential {} has a malformed digest",
+                row.credential.id
+            ))
+        })?;
+        let account = AccountRow {
+            id: row.account.a_id,
+            name: row.account.a_name,
+            kind: row.account.a_kind,
+            uuid: row.account.a_uuid,
+            state: row.account.a_state,
+            created: row.account.a_created,
+            project_id: row.account.a_project_id,
+            agent_id: row.account.a_agent_id,
+        };
+        Ok(Some((
+            row.credential.try_into()?,
+            digest,
+            account.try_into()?,
+        )))
+    }
+
+    /// Creates an agent in a project, with its own agent account and `agentApiKey`: what
+    /// registration does, and what tests use to get an agent key.
+    pub async fn create_agent(
+        &self,
+        project_id: i64,
+        name: &str,
+        uri: Option<&str>,
+    ) -> Result<(i64, Account, NewKey)> {
+        let now = now_millis();
+        let uuid = uuid::Uuid::new_v4().to_string();
+        let agent_id: i64 = dispatch!(self, pool => sqlx::query_scalar(
+            "INSERT INTO agent (name, kind, uuid, state, created, account_id, uri) \
+             VALUES ($1, 'agent', $2, 'active', $3, $4, $5) RETURNING id")
+            .bind(name).bind(&uuid).bind(now).bind(project_id).bind(uri)
+            .fetch_one(pool).await?);
+        let account = self
+            .create_account(AccountKind::Agent, name, Some(project_id))
+            .await?;
+        dispatch!(self, pool => sqlx::query("UPDATE account SET agent_id = $1 WHERE id = $2")
+            .bind(agent_id).bind(account.id).execute(pool).await?.rows_affected());
+        let account = Account {
+            agent_id: Some(agent_id),
+            ..account
+        };
+        let key = self
+            .create_key(account.id, CredentialKind::AgentApiKey, Some(name), None)
+            .await?;
+        Ok((agent_id, account, key))
+    }
+
+    /// Every setting stored in the database, as `(name, value)`.
+    pub async fn list_settings(&self) -> Result<Vec<(String, String)>> {
+        Ok(
+            dispatch!(self, pool => sqlx::query_as("SELECT name, value FROM setting ORDER BY name")
+            .fetch_all(pool).await?),
+        )
+    }
+
+    /// Stores a setting's value.
+    pub async fn put_setting(&self, name: &str, value: &str) -> Result<()> {
+        dispatch!(self, pool => sqlx::query(
+            "INSERT INTO setting (name, value) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET value = excluded.value")
+            .bind(name).bind(value).execute(pool).await?.rows_affected());
+        Ok(())
+    }
+
+    /// Removes a setting's stored value; returns whether there was one.
+    pub async fn delete_setting(&self, name: &str) -> Result<bool> {
+        let result = dispatch!(self, pool => sqlx::query("DELETE FROM setting WHERE name = $1")
+            .bind(name).execute(pool).await?.rows_affected());
+        Ok(result > 0)
+    }
+
+    /// The number of rows in a table, for tests and the soak benchmark.
+    pub async fn count_rows(&self, table: &str) -> Result<i64> {
+        if !table.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+            return Err(Error::Conflict(format!("not a table name: {table:?}")));
+        }
+        let sql = format!("SELECT COUNT(*) FROM {table}");
+        Ok(
+            dispatch!(self, pool => sqlx::query_scalar(AssertSqlSafe(sql.as_str())).fetch_one(pool).await?),
+        )
+    }
+}
+
+fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
