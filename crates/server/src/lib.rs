@@ -1,1 +1,248 @@
+//! drover's server: the REST API, the WebSocket event bus, authentication and metrics.
+//!
+//! # Layout
+//! - [`Server::start`] / [`run`]: open the store, bootstrap the admin, serve until shut down.
+//! - [`hub`]: exact-name routing of events to subscribers (the fan-out hot path) and calls
+//!   that wait for replies.
+//! - [`ws`]: the subscribe endpoint, one task per socket.
+//! - `api`: the HTTP resources (`/v1`, publish, apikeys, projects, accounts, healthz, metrics).
+//! - [`auth`]: Basic auth with cached key checks, and the access policy (who may subscribe to
+//!   and publish what).
+//! - [`settings`]: tunables with defaults, environment overrides and stored values.
+//! - [`metrics`]: Prometheus counters and gauges.
 
+pub mod api;
+pub mod auth;
+pub mod error;
+pub mod hub;
+pub mod metrics;
+pub mod settings;
+pub mod state;
+pub mod ws;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use drover_store::{Bootstrap, Store, StoreOptions};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::KeyCache;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::settings::Settings;
+use crate::state::AppState;
+
+/// How to run a server.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the embedded database and generated files live.
+    pub data_dir: PathBuf,
+    /// `postgres://…` to use PostgreSQL instead of the embedded SQLite file.
+    pub database_url: Option<String>,
+    /// PostgreSQL only: the schema to work in (tests use one each).
+    pub database_schema: Option<String>,
+    /// The admin's access key, if set by the operator.
+    pub admin_access_key: Option<String>,
+    /// The admin's secret key, if set by the operator.
+    pub admin_secret_key: Option<String>,
+    /// Setting overrides, as from `DROVER_*` environment variables.
+    pub settings: Vec<(String, String)>,
+}
+
+impl Config {
+    /// A configuration with the embedded store in `data_dir` and nothing else set.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Config {
+        Config {
+            data_dir: data_dir.into(),
+            database_url: None,
+            database_schema: None,
+            admin_access_key: None,
+            admin_secret_key: None,
+            settings: Vec::new(),
+        }
+    }
+
+    fn store_options(&self) -> StoreOptions {
+        match &self.database_url {
+            Some(url) => StoreOptions {
+                pg_schema: self.database_schema.clone(),
+                ..StoreOptions::url(url.clone())
+            },
+            None => StoreOptions::sqlite_file(&self.data_dir.join("drover.db")),
+        }
+    }
+}
+
+/// Why a server did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data directory could not be created or written.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The store could not be opened, migrated or bootstrapped.
+    #[error(transparent)]
+    Store(#[from] drover_store::Error),
+    /// A setting override is unknown or invalid.
+    #[error(transparent)]
+    Setting(#[from] settings::SettingError),
+    /// Only one of the admin access key and secret key was given.
+    #[error("set both DROVER_ADMIN_ACCESS_KEY and DROVER_ADMIN_SECRET_KEY, or neither")]
+    HalfAdminKey,
+    /// The listener has no local address.
+    #[error("listener: {0}")]
+    Listener(std::io::Error),
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct Server {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// Its shared state (store, hub, settings), for tests and embedding.
+    pub state: AppState,
+    /// What bootstrap found or made.
+    pub bootstrap: Bootstrap,
+    /// Where a generated admin key was written, if one was generated on this start.
+    pub admin_key_file: Option<PathBuf>,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Server {
+    /// Opens the store, bootstraps the admin and starts serving on `listener`.
+    pub async fn start(listener: TcpListener, config: Config) -> Result<Server, StartError> {
+        let addr = listener.local_addr().map_err(StartError::Listener)?;
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let store = Store::connect(&config.store_options()).await?;
+        let admin_key = match (&config.admin_access_key, &config.admin_secret_key) {
+            (Some(access), Some(secret)) => Some((access.as_str(), secret.as_str())),
+            (None, None) => None,
+            _ => return Err(StartError::HalfAdminKey),
+        };
+        let bootstrap = store.bootstrap(admin_key).await?;
+        let admin_key_file = match &bootstrap.generated_admin_key {
+            Some(key) => Some(
+                write_admin_key(
+                    &config.data_dir,
+                    addr,
+                    &key.credential.public_value,
+                    &key.secret_value,
+                )
+                .map_err(|source| StartError::DataDir {
+                    path: config.data_dir.clone(),
+                    source,
+                })?,
+            ),
+            None => None,
+        };
+        let settings = Settings::new(&config.settings, &store.list_settings().await?)?;
+        let shutdown = CancellationToken::new();
+        let metrics = Metrics::new();
+        let state = AppState {
+            hub: Hub::new(metrics.clone(), shutdown.child_token()),
+            store,
+            settings,
+            keys: KeyCache::default(),
+            metrics,
+            default_project: bootstrap.default_project.clone(),
+        };
+        let app = api::router(state.clone());
+        let serve_shutdown = shutdown.clone();
+        let serve_state = state.clone();
+        let task = tokio::spawn(async move {
+            let result = axum::serve(listener, app.into_make_service())
+                .with_graceful_shutdown(async move { serve_shutdown.cancelled().await })
+                .await;
+            if let Err(error) = result {
+                tracing::error!(%error, "server stopped with an error");
+            }
+            serve_state.hub.close_all();
+            // Sockets were told to close (going away); give them a moment to say so.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while serve_state.hub.topic_count() > 1 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            serve_state.store.close().await;
+        });
+        tracing::info!(%addr, backend = ?state.store.backend(), "drover server listening");
+        Ok(Server {
+            addr,
+            state,
+            bootstrap,
+            admin_key_file,
+            shutdown,
+            task,
+        })
+    }
+
+    /// A token that stops the server when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops the server: closes sockets with "going away", finishes requests, closes the store.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+
+    /// Waits until the server has stopped.
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Runs a server on `listener` until `shutdown` resolves.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    let server = Server::start(listener, config).await?;
+    let token = server.shutdown_token();
+    tokio::select! {
+        () = shutdown => token.cancel(),
+        () = token.cancelled() => {}
+    }
+    server.stop().await;
+    Ok(())
+}
+
+/// Writes a generated admin key where the operator can find it (mode 0600).
+fn write_admin_key(
+    data_dir: &Path,
+    addr: SocketAddr,
+    access_key: &str,
+    secret_key: &str,
+) -> std::io::Result<PathBuf> {
+    let path = data_dir.join("admin-key.env");
+    let host = if addr.ip().is_unspecified() {
+        format!("localhost:{}", addr.port())
+    } else {
+        addr.to_string()
+    };
+    let text = format!(
+        "# The drover admin key, generated on first start. Keep it secret.\n\
+         # Use it with: set -a; . {}; set +a\n\
+         CATTLE_URL=http://{host}/v1\nCATTLE_ACCESS_KEY={access_key}\nCATTLE_SECRET_KEY={secret_key}\n",
+        path.display()
+    );
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    std::io::Write::write_all(&mut options.open(&path)?, text.as_bytes())?;
+    Ok(path)
+}

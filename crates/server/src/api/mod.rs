@@ -1,0 +1,144 @@
+//! The HTTP API: one file per resource, each exposing its routes; [`router`] merges them.
+
+mod accounts;
+mod apikeys;
+mod publish;
+mod render;
+mod root;
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use serde::de::DeserializeOwned;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::timeout::TimeoutLayer;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+pub use render::base_url;
+
+/// The whole HTTP surface of the server.
+pub fn router(state: AppState) -> Router {
+    let max_body = state.settings.uint("api.max.body.bytes") as usize;
+    Router::new()
+        .route("/v1", get(root::root))
+        .route("/v1/", get(root::root))
+        .route("/v1/subscribe", get(crate::ws::subscribe))
+        .route(
+            "/v1/projects/{project}/subscribe",
+            get(crate::ws::subscribe_project),
+        )
+        .merge(publish::routes())
+        .merge(apikeys::routes())
+        .merge(accounts::routes())
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(60),
+        ))
+        .layer(CatchPanicLayer::custom(|_panic| {
+            ApiError::internal("a request handler panicked").into_response()
+        }))
+        .with_state(state)
+}
+
+async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
+    match state.store.count_rows("setting").await {
+        Ok(_) => (StatusCode::OK, "ok\n"),
+        Err(error) => {
+            tracing::warn!(%error, "health check: store unreachable");
+            (StatusCode::SERVICE_UNAVAILABLE, "store unreachable\n")
+        }
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        state.metrics.render(),
+    )
+}
+
+async fn not_found(State(state): State<AppState>, request: Request) -> ApiError {
+    state.metrics.bad_input.increment(1);
+    ApiError::not_found(format!(
+        "no such resource: {} {}",
+        request.method(),
+        request.uri().path()
+    ))
+}
+
+/// Parses a project id from a URL and checks the project exists.
+pub async fn project_id(state: &AppState, text: &str) -> Result<i64, ApiError> {
+    let id = drover_proto::ids::parse("project", text)
+        .ok_or_else(|| ApiError::not_found(format!("no project {text:?}")))?;
+    match state.store.get_account(id).await? {
+        Some(account)
+            if account.kind == drover_store::AccountKind::Project && account.state != "removed" =>
+        {
+            Ok(id)
+        }
+        _ => Err(ApiError::not_found(format!("no project {text:?}"))),
+    }
+}
+
+/// A JSON body that answers malformed input with our error shape: 400 for text that is not
+/// JSON, 422 for JSON of the wrong shape, 413 for a body over `api.max.body.bytes`.
+/// The content type is not checked: the original's clients do not all send one.
+#[derive(Debug)]
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let bytes = axum::body::Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection: BytesRejection| {
+                state.metrics.bad_input.increment(1);
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "MaxLimitExceeded",
+                        "request body is too large",
+                    )
+                    .with_detail(format!(
+                        "the limit is {} bytes (api.max.body.bytes)",
+                        state.settings.uint("api.max.body.bytes")
+                    ))
+                } else {
+                    ApiError::bad_request(rejection.body_text())
+                }
+            })?;
+        let bytes = if bytes.iter().all(u8::is_ascii_whitespace) {
+            axum::body::Bytes::from_static(b"{}")
+        } else {
+            bytes
+        };
+        serde_json::from_slice(&bytes)
+            .map(ApiJson)
+            .map_err(|error| {
+                state.metrics.bad_input.increment(1);
+                match error.classify() {
+                    serde_json::error::Category::Data => ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "InvalidFormat",
+                        format!("request body has an invalid field: {error}"),
+                    ),
+                    _ => ApiError::bad_request(format!("request body is not valid JSON: {error}")),
+                }
+            })
+    }
+}

@@ -1,0 +1,573 @@
+//! The event hub: exact-name routing from a published event to every matching subscriber.
+//!
+//! # Design
+//! - A routing table maps each full (qualified) name to the list of its targets. Publishing
+//!   looks the name up once; it never scans connections.
+//! - The list is an `Arc<Vec<_>>`: a publish clones the `Arc` under a short read lock and
+//!   delivers without any lock held; subscribing changes the list in place (`Arc::make_mut`)
+//!   unless a publish is iterating it at that moment, in which case it copies.
+//! - An event is serialized at most twice per publish: once with its full name (for raw
+//!   subscribers) and once with the qualifier stripped (for qualified ones), never per socket.
+//!   The resulting text is shared by reference count among all sockets.
+//! - Each socket has a bounded queue. A publish never waits on a subscriber: when a queue is
+//!   full the copy is dropped, the subscriber is disconnected as a slow consumer and counted.
+//! - Server-side calls (`call`) wait for replies matched on `previousIds[0]` only, through the
+//!   node's own reply name.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use axum::extract::ws::Utf8Bytes;
+use drover_proto::event::{REPLY_PREFIX, Transitioning};
+use drover_proto::{Event, names};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+/// Why the hub closed a subscriber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum CloseReason {
+    /// Still open.
+    Open = 0,
+    /// Its queue was full: it did not read fast enough.
+    SlowConsumer = 1,
+    /// A `disconnect;account=<id>` event logged its account out.
+    Logout = 2,
+    /// The server is shutting down.
+    Shutdown = 3,
+}
+
+/// The hub's side of one subscriber socket.
+#[derive(Debug)]
+pub struct Subscriber {
+    id: u64,
+    /// The socket's queue of serialized events.
+    tx: mpsc::Sender<Utf8Bytes>,
+    /// Qualified subscribers get names without the `;…` suffix.
+    strip: bool,
+    /// Cancelled when the hub wants the socket closed; the reason says why.
+    closer: CancellationToken,
+    reason: AtomicU8,
+}
+
+impl Subscriber {
+    /// Asks the socket to close, for the first reason given; returns whether this call was
+    /// the one that closed it.
+    pub fn close(&self, reason: CloseReason) -> bool {
+        let first = self
+            .reason
+            .compare_exchange(
+                CloseReason::Open as u8,
+                reason as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok();
+        if first {
+            self.closer.cancel();
+        }
+        first
+    }
+
+    /// Why the hub closed the socket, if it did.
+    pub fn close_reason(&self) -> CloseReason {
+        match self.reason.load(Ordering::Acquire) {
+            1 => CloseReason::SlowConsumer,
+            2 => CloseReason::Logout,
+            3 => CloseReason::Shutdown,
+            _ => CloseReason::Open,
+        }
+    }
+
+    /// Resolves when the hub asks the socket to close.
+    pub fn closed(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.closer.cancelled()
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Target {
+    /// A subscriber socket.
+    Socket(Arc<Subscriber>),
+    /// The socket's implicit `disconnect;account=<id>` subscription.
+    Logout(Arc<Subscriber>),
+    /// An in-process listener.
+    Channel(mpsc::Sender<Arc<Event>>),
+    /// This node's reply name: replies go to the waiting calls.
+    Replies,
+}
+
+impl Target {
+    fn is_subscriber(&self, id: u64) -> bool {
+        match self {
+            Target::Socket(sub) | Target::Logout(sub) => sub.id == id,
+            _ => false,
+        }
+    }
+}
+
+type Table = HashMap<Box<str>, Arc<Vec<Target>>>;
+
+/// The hub: cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    topics: RwLock<Table>,
+    next_id: AtomicU64,
+    metrics: Metrics,
+    /// The name replies to this node's calls are sent to.
+    reply_name: String,
+    /// Calls waiting for replies, by request id.
+    calls: Mutex<HashMap<String, mpsc::Sender<Event>>>,
+    /// The parent of every subscriber's closer: cancelled on shutdown.
+    shutdown: CancellationToken,
+}
+
+/// A subscriber just added: the hub's handle and the socket's end of the queue.
+#[derive(Debug)]
+pub struct Subscription {
+    /// The hub's handle, to close and to unsubscribe.
+    pub subscriber: Arc<Subscriber>,
+    /// The queue the socket writes from.
+    pub rx: mpsc::Receiver<Utf8Bytes>,
+    names: Vec<Box<str>>,
+    logout_name: Option<Box<str>>,
+}
+
+/// How a call ended without a reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// No reply came in time.
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    /// The agent replied with `transitioning: error`.
+    #[error("error reply: {0}")]
+    ErrorReply(String),
+    /// The server is shutting down.
+    #[error("server shutting down")]
+    Shutdown,
+}
+
+impl Hub {
+    /// A new hub whose subscribers close when `shutdown` is cancelled.
+    pub fn new(metrics: Metrics, shutdown: CancellationToken) -> Hub {
+        let hub = Hub {
+            inner: Arc::new(Inner {
+                topics: RwLock::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+                metrics,
+                reply_name: format!("{REPLY_PREFIX}{}", rand::random::<u64>() >> 1),
+                calls: Mutex::new(HashMap::new()),
+                shutdown,
+            }),
+        };
+        let reply_name = hub.inner.reply_name.clone();
+        hub.add_targets([(reply_name.into_boxed_str(), Target::Replies)]);
+        hub
+    }
+
+    /// Subscribes a socket to already-qualified names. `logout_account` adds the implicit
+    /// `disconnect;account=<id>` subscription.
+    pub fn subscribe(
+        &self,
+        names: Vec<String>,
+        strip: bool,
+        queue: usize,
+        logout_account: Option<i64>,
+    ) -> Subscription {
+        let (tx, rx) = mpsc::channel(queue.max(1));
+        let subscriber = Arc::new(Subscriber {
+            id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
+            tx,
+            strip,
+            closer: self.inner.shutdown.child_token(),
+            reason: AtomicU8::new(CloseReason::Open as u8),
+        });
+        let mut unique: Vec<Box<str>> = names.into_iter().map(String::into_boxed_str).collect();
+        unique.sort_unstable();
+        unique.dedup();
+        let logout_name =
+            logout_account.map(|id| names::for_account("disconnect", id).into_boxed_str());
+        let targets = unique
+            .iter()
+            .map(|name| (name.clone(), Target::Socket(subscriber.clone())))
+            .chain(
+                logout_name
+                    .iter()
+                    .map(|name| (name.clone(), Target::Logout(subscriber.clone()))),
+            );
+        self.add_targets(targets);
+        self.inner.metrics.connections.increment(1.0);
+        self.inner
+            .metrics
+            .subscriptions
+            .increment(unique.len() as f64);
+        Subscription {
+            subscriber,
+            rx,
+            names: unique,
+            logout_name,
+        }
+    }
+
+    /// Removes a socket's subscriptions.
+    pub fn unsubscribe(&self, subscription: &Subscription) {
+        let id = subscription.subscriber.id;
+        {
+            let mut topics = self
+                .inner
+                .topics
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            for name in subscription
+                .names
+                .iter()
+                .chain(subscription.logout_name.iter())
+            {
+                if let Some(targets) = topics.get_mut(name) {
+                    let list = Arc::make_mut(targets);
+                    if let Some(idx) = list.iter().position(|target| target.is_subscriber(id)) {
+                        list.swap_remove(idx);
+                    }
+                    if list.is_empty() {
+                        topics.remove(name);
+                    }
+                }
+            }
+        }
+        self.inner.metrics.connections.decrement(1.0);
+        self.inner
+            .metrics
+            .subscriptions
+            .decrement(subscription.names.len() as f64);
+    }
+
+    /// An in-process listener on exact names: what the engine and monitors use.
+    /// Events that find its queue full are dropped and counted, as for sockets.
+    pub fn listen(&self, names: &[&str], queue: usize) -> mpsc::Receiver<Arc<Event>> {
+        let (tx, rx) = mpsc::channel(queue.max(1));
+        self.add_targets(
+            names
+                .iter()
+                .map(|name| (Box::from(*name), Target::Channel(tx.clone()))),
+        );
+        rx
+    }
+
+    fn add_targets(&self, targets: impl IntoIterator<Item = (Box<str>, Target)>) {
+        let mut topics = self
+            .inner
+            .topics
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (name, target) in targets {
+            Arc::make_mut(topics.entry(name).or_default()).push(target);
+        }
+    }
+
+    /// Delivers an event to every subscriber of its exact name; returns how many copies were
+    /// queued. Never waits on a subscriber.
+    pub fn publish(&self, event: &Event) -> usize {
+        let name = event.name();
+        self.inner.metrics.events_published.increment(1);
+        let targets = {
+            let topics = self
+                .inner
+                .topics
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            match topics.get(name) {
+                Some(targets) => targets.clone(),
+                None => return 0,
+            }
+        };
+        let mut full_text: Option<Utf8Bytes> = None;
+        let mut stripped_text: Option<Utf8Bytes> = None;
+        let mut shared: Option<Arc<Event>> = None;
+        let (mut delivered, mut dropped) = (0usize, 0u64);
+        for target in targets.iter() {
+            match target {
+                Target::Socket(subscriber) => {
+                    let text = if subscriber.strip {
+                        stripped_text.get_or_insert_with(|| {
+                            event.to_json_with_name(names::base(name)).into()
+                        })
+                    } else {
+                        full_text.get_or_insert_with(|| event.to_json().into())
+                    };
+                    match subscriber.tx.try_send(text.clone()) {
+                        Ok(()) => delivered += 1,
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            dropped += 1;
+                            if subscriber.close(CloseReason::SlowConsumer) {
+                                self.inner.metrics.slow_consumer_disconnects.increment(1);
+                            }
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => {}
+                    }
+                }
+                Target::Logout(subscriber) => {
+                    subscriber.close(CloseReason::Logout);
+                }
+                Target::Channel(tx) => {
+                    let event = shared.get_or_insert_with(|| Arc::new(event.clone()));
+                    match tx.try_send(event.clone()) {
+                        Ok(()) => delivered += 1,
+                        Err(mpsc::error::TrySendError::Full(_)) => dropped += 1,
+                        Err(mpsc::error::TrySendError::Closed(_)) => {}
+                    }
+                }
+                Target::Replies => {
+                    if self.deliver_reply(event) {
+                        delivered += 1;
+                    }
+                }
+            }
+        }
+        self.inner
+            .metrics
+            .events_delivered
+            .increment(delivered as u64);
+        if dropped > 0 {
+            self.inner.metrics.events_dropped.increment(dropped);
+        }
+        delivered
+    }
+
+    fn deliver_reply(&self, event: &Event) -> bool {
+        let Some(key) = event.reply_key() else {
+            return false;
+        };
+        let calls = self
+            .inner
+            .calls
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match calls.get(key) {
+            Some(tx) => tx.try_send(event.clone()).is_ok(),
+            None => false,
+        }
+    }
+
+    /// The name this node's calls ask replies to be sent to.
+    pub fn reply_name(&self) -> &str {
+        &self.inner.reply_name
+    }
+
+    /// Sends a request and waits for its reply: the event gets a fresh id, `replyTo` and
+    /// `timeoutMillis`. A progress reply (`transitioning: yes`) is passed to `on_progress` and
+    /// extends the deadline by another `timeout`; an error reply fails the call.
+    pub async fn call(
+        &self,
+        mut request: Event,
+        timeout: Duration,
+        mut on_progress: impl FnMut(&Event),
+    ) -> Result<Event, CallError> {
+        let request_id = uuid::Uuid::new_v4().to_string();
+        request.id = Some(request_id.clone());
+        request.reply_to = Some(self.inner.reply_name.clone());
+        request.timeout_millis = Some(timeout.as_millis() as i64);
+        request
+            .time
+            .get_or_insert_with(drover_proto::event::now_millis);
+        let (tx, mut rx) = mpsc::channel(16);
+        self.inner
+            .calls
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(request_id.clone(), tx);
+        let _guard = CallGuard {
+            hub: self,
+            request_id: &request_id,
+        };
+        self.publish(&request);
+        let mut deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            tokio::select! {
+                reply = rx.recv() => {
+                    let Some(reply) = reply else { return Err(CallError::Shutdown) };
+                    match reply.transitioning {
+                        Some(Transitioning::Yes) => {
+                            on_progress(&reply);
+                            deadline = tokio::time::Instant::now() + timeout;
+                        }
+                        Some(Transitioning::Error) => {
+                            let message = reply.transitioning_message.clone()
+                                .or_else(|| reply.transitioning_internal_message.clone())
+                                .unwrap_or_else(|| "the agent reported an error".to_owned());
+                            return Err(CallError::ErrorReply(message));
+                        }
+                        Some(Transitioning::No) | None => return Ok(reply),
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => return Err(CallError::Timeout(timeout)),
+                () = self.inner.shutdown.cancelled() => return Err(CallError::Shutdown),
+            }
+        }
+    }
+
+    /// Closes every subscriber (server shutdown).
+    pub fn close_all(&self) {
+        let topics = self
+            .inner
+            .topics
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for target in topics.values().flat_map(|targets| targets.iter()) {
+            if let Target::Socket(subscriber) | Target::Logout(subscriber) = target {
+                subscriber.close(CloseReason::Shutdown);
+            }
+        }
+    }
+
+    /// The number of distinct subscribed names, for tests and diagnostics.
+    pub fn topic_count(&self) -> usize {
+        self.inner
+            .topics
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .len()
+    }
+}
+
+struct CallGuard<'a> {
+    hub: &'a Hub,
+    request_id: &'a str,
+}
+
+impl Drop for CallGuard<'_> {
+    fn drop(&mut self) {
+        self.hub
+            .inner
+            .calls
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(self.request_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub() -> Hub {
+        Hub::new(Metrics::new(), CancellationToken::new())
+    }
+
+    #[tokio::test]
+    async fn routes_by_exact_name_and_strips_for_qualified_subscribers() {
+        let hub = hub();
+        let mut agent = hub.subscribe(
+            vec!["compute.instance.activate;agent=5".into()],
+            true,
+            8,
+            None,
+        );
+        let mut other = hub.subscribe(
+            vec!["compute.instance.activate;agent=6".into()],
+            true,
+            8,
+            None,
+        );
+        let mut raw = hub.subscribe(
+            vec!["compute.instance.activate;agent=5".into()],
+            false,
+            8,
+            None,
+        );
+        let event = Event::new("compute.instance.activate;agent=5");
+        assert_eq!(hub.publish(&event), 2);
+        let got: Event = serde_json::from_str(agent.rx.recv().await.unwrap().as_str()).unwrap();
+        assert_eq!(got.name(), "compute.instance.activate");
+        let got: Event = serde_json::from_str(raw.rx.recv().await.unwrap().as_str()).unwrap();
+        assert_eq!(got.name(), "compute.instance.activate;agent=5");
+        assert!(other.rx.try_recv().is_err());
+        hub.unsubscribe(&agent);
+        hub.unsubscribe(&raw);
+        hub.unsubscribe(&other);
+        assert_eq!(hub.topic_count(), 1, "only the node's reply name is left");
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_disconnects_the_slow_subscriber_only() {
+        let hub = hub();
+        let slow = hub.subscribe(vec!["x".into()], false, 2, None);
+        let mut fast = hub.subscribe(vec!["x".into()], false, 16, None);
+        for _ in 0..3 {
+            hub.publish(&Event::new("x"));
+            fast.rx.recv().await.unwrap();
+        }
+        assert_eq!(slow.subscriber.close_reason(), CloseReason::SlowConsumer);
+        assert_eq!(fast.subscriber.close_reason(), CloseReason::Open);
+        assert!(
+            hub.inner
+                .metrics
+                .render()
+                .contains("drover_slow_consumer_disconnects_total 1")
+        );
+    }
+
+    #[tokio::test]
+    async fn logout_closes_the_accounts_sockets() {
+        let hub = hub();
+        let sub = hub.subscribe(vec!["resource.change;account=3".into()], true, 4, Some(3));
+        hub.publish(&Event::new("disconnect;account=3"));
+        sub.subscriber.closed().await;
+        assert_eq!(sub.subscriber.close_reason(), CloseReason::Logout);
+    }
+
+    #[tokio::test]
+    async fn calls_complete_on_previous_ids_and_fail_on_error_replies() {
+        let hub = hub();
+        let mut agent_in = hub.listen(&["ping;agent=1"], 8);
+        let responder = {
+            let hub = hub.clone();
+            tokio::spawn(async move {
+                let request = agent_in.recv().await.unwrap();
+                let mut progress = request.reply().unwrap();
+                progress.transitioning = Some(Transitioning::Yes);
+                progress.transitioning_progress = Some(50);
+                hub.publish(&progress);
+                // A reply to some other request is not this call's.
+                let mut stray = request.reply().unwrap();
+                stray.previous_ids = vec!["someone-else".into()];
+                hub.publish(&stray);
+                hub.publish(&request.reply().unwrap().clone());
+                let second = agent_in.recv().await.unwrap();
+                let mut error = second.reply().unwrap();
+                error.transitioning = Some(Transitioning::Error);
+                error.transitioning_message = Some("disk full".into());
+                hub.publish(&error);
+            })
+        };
+        let mut progress_seen = 0;
+        let reply = hub
+            .call(Event::new("ping;agent=1"), Duration::from_secs(5), |_| {
+                progress_seen += 1
+            })
+            .await
+            .unwrap();
+        assert_eq!(progress_seen, 1);
+        assert_eq!(reply.transitioning, None);
+        let error = hub
+            .call(Event::new("ping;agent=1"), Duration::from_secs(5), |_| {})
+            .await
+            .unwrap_err();
+        assert_eq!(error, CallError::ErrorReply("disk full".into()));
+        responder.await.unwrap();
+        let timeout = hub
+            .call(Event::new("nobody"), Duration::from_millis(20), |_| {})
+            .await
+            .unwrap_err();
+        assert_eq!(timeout, CallError::Timeout(Duration::from_millis(20)));
+        assert!(hub.inner.calls.lock().unwrap().is_empty());
+    }
+}

@@ -1,0 +1,282 @@
+//! Settings: named tunables with a default, an environment override and a stored value.
+//!
+//! A value comes from, in order of precedence: the `setting` table, the environment
+//! (`DROVER_<NAME IN UPPER SNAKE CASE>`, e.g. `DROVER_API_SUB_PING_INTERVAL_MILLIS`), the
+//! default. Readers ask for the value when they need it, so a stored change takes effect on the
+//! next read without a restart.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+/// One tunable.
+#[derive(Debug, Clone, Copy)]
+pub struct Definition {
+    /// The setting's name, the original's where it had one.
+    pub name: &'static str,
+    /// The default value.
+    pub default: &'static str,
+    /// The smallest accepted value (all settings so far are integers).
+    pub min: i64,
+    /// What it does, for `docs/settings.md` and the API.
+    pub description: &'static str,
+}
+
+/// Every setting the server knows.
+pub const DEFINITIONS: &[Definition] = &[
+    Definition {
+        name: "api.sub.ping.interval.millis",
+        default: "5000",
+        min: 10,
+        description: "Interval of the `ping` event sent on every subscription (the first is sent at once).",
+    },
+    Definition {
+        name: "api.sub.max.pings",
+        default: "8640",
+        min: 0,
+        description: "A subscription is closed (code 1000, reconnect) after this many pings, 12 h by default; 0 never closes it.",
+    },
+    Definition {
+        name: "subscribe.max.queued.messages",
+        default: "1000",
+        min: 1,
+        description: "Outgoing queue of one subscriber socket, in events; a subscriber that lets it fill is disconnected as a slow consumer (close code 1008).",
+    },
+    Definition {
+        name: "api.max.body.bytes",
+        default: "1048576",
+        min: 1024,
+        description: "Largest accepted request body and WebSocket message, in bytes (read at start).",
+    },
+    Definition {
+        name: "api.auth.cache.millis",
+        default: "30000",
+        min: 0,
+        description: "How long a verified key is trusted without asking the store again; a key removed through this server is dropped from the cache at once.",
+    },
+    Definition {
+        name: "eventing.timeout.millis",
+        default: "45000",
+        min: 1,
+        description: "Default timeout of a call from the server to an agent when the event carries none.",
+    },
+];
+
+/// Where a value came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The built-in default.
+    Default,
+    /// The environment (or a start-up override).
+    Environment,
+    /// The `setting` table.
+    Database,
+}
+
+/// The live settings: cheap to clone, cheap to read.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    inner: Arc<RwLock<Inner>>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    overrides: HashMap<&'static str, String>,
+    stored: HashMap<String, String>,
+}
+
+/// A setting that is unknown or whose value is invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SettingError {
+    /// No setting has that name.
+    #[error("unknown setting {0:?}")]
+    Unknown(String),
+    /// The value does not parse or is out of range.
+    #[error("invalid value {value:?} for {name}: {reason}")]
+    Invalid {
+        /// The setting.
+        name: String,
+        /// The value given.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl Settings {
+    /// Settings with start-up overrides (from the environment or a test) and stored values.
+    /// Invalid overrides are refused, so a typo in the environment stops the start.
+    pub fn new(
+        overrides: &[(String, String)],
+        stored: &[(String, String)],
+    ) -> Result<Settings, SettingError> {
+        let mut by_name = HashMap::new();
+        for (name, value) in overrides {
+            let definition = definition(name).ok_or_else(|| SettingError::Unknown(name.clone()))?;
+            validate(definition, value)?;
+            by_name.insert(definition.name, value.clone());
+        }
+        // A stored value that no longer validates (an older version's) is ignored, not fatal.
+        let stored = stored
+            .iter()
+            .filter(|(name, value)| {
+                definition(name).is_some_and(|def| validate(def, value).is_ok())
+            })
+            .cloned()
+            .collect();
+        Ok(Settings {
+            inner: Arc::new(RwLock::new(Inner {
+                overrides: by_name,
+                stored,
+            })),
+        })
+    }
+
+    /// Start-up overrides from `DROVER_*` environment variables named after known settings.
+    pub fn from_environment() -> Vec<(String, String)> {
+        DEFINITIONS
+            .iter()
+            .filter_map(|def| {
+                std::env::var(env_name(def.name))
+                    .ok()
+                    .map(|value| (def.name.to_owned(), value))
+            })
+            .collect()
+    }
+
+    /// The value in effect and where it came from.
+    pub fn get(&self, name: &str) -> Option<(String, Source)> {
+        let def = definition(name)?;
+        let inner = self
+            .inner
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        Some(if let Some(value) = inner.stored.get(def.name) {
+            (value.clone(), Source::Database)
+        } else if let Some(value) = inner.overrides.get(def.name) {
+            (value.clone(), Source::Environment)
+        } else {
+            (def.default.to_owned(), Source::Default)
+        })
+    }
+
+    /// The value in effect of an integer setting.
+    pub fn int(&self, name: &str) -> i64 {
+        let def = definition(name).unwrap_or_else(|| panic!("{name} is not a defined setting"));
+        self.get(name)
+            .and_then(|(value, _)| value.parse().ok())
+            .unwrap_or_else(|| def.default.parse().expect("defaults are valid"))
+    }
+
+    /// The value in effect of a non-negative integer setting, as `u64`.
+    pub fn uint(&self, name: &str) -> u64 {
+        self.int(name).max(0) as u64
+    }
+
+    /// Records a stored value (after the store has written it).
+    pub fn set_stored(&self, name: &str, value: &str) -> Result<(), SettingError> {
+        let def = definition(name).ok_or_else(|| SettingError::Unknown(name.to_owned()))?;
+        validate(def, value)?;
+        let mut inner = self
+            .inner
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        inner.stored.insert(def.name.to_owned(), value.to_owned());
+        Ok(())
+    }
+
+    /// Forgets a stored value (after the store has deleted it).
+    pub fn clear_stored(&self, name: &str) {
+        let mut inner = self
+            .inner
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        inner.stored.remove(name);
+    }
+}
+
+/// The definition of a setting.
+pub fn definition(name: &str) -> Option<&'static Definition> {
+    DEFINITIONS.iter().find(|def| def.name == name)
+}
+
+/// Checks a value against a setting's definition.
+pub fn validate(def: &Definition, value: &str) -> Result<(), SettingError> {
+    let invalid = |reason: String| SettingError::Invalid {
+        name: def.name.to_owned(),
+        value: value.to_owned(),
+        reason,
+    };
+    let number: i64 = value
+        .trim()
+        .parse()
+        .map_err(|_| invalid("not an integer".to_owned()))?;
+    if number < def.min {
+        return Err(invalid(format!("must be at least {}", def.min)));
+    }
+    Ok(())
+}
+
+/// `api.sub.ping.interval.millis` → `DROVER_API_SUB_PING_INTERVAL_MILLIS`.
+pub fn env_name(name: &str) -> String {
+    let mut out = String::from("DROVER_");
+    out.extend(name.chars().map(|c| {
+        if c.is_ascii_alphanumeric() {
+            c.to_ascii_uppercase()
+        } else {
+            '_'
+        }
+    }));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn precedence_is_stored_then_environment_then_default() {
+        let settings = Settings::new(
+            &[("api.sub.ping.interval.millis".into(), "700".into())],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(settings.int("api.sub.ping.interval.millis"), 700);
+        assert_eq!(
+            settings.get("api.sub.max.pings").unwrap().1,
+            Source::Default
+        );
+        settings
+            .set_stored("api.sub.ping.interval.millis", "900")
+            .unwrap();
+        assert_eq!(
+            settings.get("api.sub.ping.interval.millis").unwrap(),
+            ("900".into(), Source::Database)
+        );
+        settings.clear_stored("api.sub.ping.interval.millis");
+        assert_eq!(settings.int("api.sub.ping.interval.millis"), 700);
+    }
+
+    #[test]
+    fn unknown_and_invalid_values_are_refused() {
+        assert!(matches!(
+            Settings::new(&[("nope".into(), "1".into())], &[]),
+            Err(SettingError::Unknown(_))
+        ));
+        let settings = Settings::new(&[], &[]).unwrap();
+        assert!(matches!(
+            settings.set_stored("subscribe.max.queued.messages", "0"),
+            Err(SettingError::Invalid { .. })
+        ));
+        assert!(matches!(
+            settings.set_stored("subscribe.max.queued.messages", "x"),
+            Err(SettingError::Invalid { .. })
+        ));
+        assert_eq!(
+            env_name("api.sub.ping.interval.millis"),
+            "DROVER_API_SUB_PING_INTERVAL_MILLIS"
+        );
+        for def in DEFINITIONS {
+            validate(def, def.default).unwrap();
+        }
+    }
+}

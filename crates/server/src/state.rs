@@ -1,0 +1,25 @@
+//! [`AppState`]: what every handler and background task shares.
+
+use drover_store::{Account, Store};
+
+use crate::auth::KeyCache;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::settings::Settings;
+
+/// The server's shared state: cheap-clone handles only.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The database.
+    pub store: Store,
+    /// The event hub.
+    pub hub: Hub,
+    /// The live settings.
+    pub settings: Settings,
+    /// Verified keys.
+    pub keys: KeyCache,
+    /// Counters and gauges.
+    pub metrics: Metrics,
+    /// The `Default` project, where unscoped requests of the admin act.
+    pub default_project: Account,
+}

@@ -1,0 +1,235 @@
+//! The subscribe endpoint: `GET /v1/subscribe` and `GET /v1/projects/{id}/subscribe`.
+//!
+//! One task per socket writes from the socket's queue (many queued events, one flush), sends
+//! the keep-alive `ping` event, and reads only control frames: the socket is receive-only,
+//! publishing goes through `POST /v1/publish`.
+
+use std::time::Duration;
+
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
+use axum::extract::{Path, RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use drover_proto::names::{self, Qualifier};
+use drover_proto::{Event, ids};
+use futures_util::SinkExt;
+use serde_json::json;
+
+use crate::auth::Auth;
+use crate::error::ApiError;
+use crate::hub::{CloseReason, Subscription};
+use crate::state::AppState;
+
+/// Close code for a slow consumer (policy violation); the reason says what happened.
+pub const CLOSE_SLOW_CONSUMER: u16 = close_code::POLICY;
+/// Close code when the subscription reached its lifetime (`api.sub.max.pings`).
+pub const CLOSE_LIFETIME: u16 = close_code::NORMAL;
+/// Close code for a frame the protocol does not have (text or binary from the client).
+pub const CLOSE_UNSUPPORTED: u16 = close_code::UNSUPPORTED;
+
+/// The most events written before one flush.
+const MAX_BATCH: usize = 256;
+/// Read buffer per socket: clients send only control frames, so it stays small.
+const READ_BUFFER: usize = 4096;
+
+/// What the subscribe query may say.
+#[derive(Debug, Default)]
+struct SubscribeQuery {
+    event_names: Vec<String>,
+    agent_id: Option<String>,
+}
+
+fn parse_query(raw: Option<&str>) -> Result<SubscribeQuery, ApiError> {
+    let mut query = SubscribeQuery::default();
+    for (key, value) in form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
+        match key.as_ref() {
+            "eventNames" | "eventNames[]" => query.event_names.push(value.into_owned()),
+            "agentId" => query.agent_id = Some(value.into_owned()),
+            _ => {}
+        }
+    }
+    Ok(query)
+}
+
+/// `GET /v1/subscribe`.
+pub async fn subscribe(
+    State(state): State<AppState>,
+    auth: Auth,
+    RawQuery(query): RawQuery,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    start(state, auth, None, query, upgrade).await
+}
+
+/// `GET /v1/projects/{id}/subscribe`.
+pub async fn subscribe_project(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(project): Path<String>,
+    RawQuery(query): RawQuery,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let project_id = crate::api::project_id(&state, &project).await?;
+    start(state, auth, Some(project_id), query, upgrade).await
+}
+
+async fn start(
+    state: AppState,
+    Auth(principal): Auth,
+    project: Option<i64>,
+    query: Option<String>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let upgrade = upgrade.map_err(|rejection| {
+        state.metrics.bad_input.increment(1);
+        let status = rejection.status();
+        let status = if status == StatusCode::METHOD_NOT_ALLOWED { StatusCode::METHOD_NOT_ALLOWED } else { status };
+        ApiError::new(
+            status,
+            if status == StatusCode::UPGRADE_REQUIRED { "UpgradeRequired" } else { "BadRequest" },
+            format!("subscribe is a WebSocket endpoint: {}", rejection.body_text()),
+        )
+        .with_detail("send a WebSocket upgrade request (headers Connection: Upgrade, Upgrade: websocket, Sec-WebSocket-Key, Sec-WebSocket-Version: 13); a proxy in between must pass them on")
+    })?;
+    let query = parse_query(query.as_deref())?;
+    let agent_id = match query.agent_id.as_deref().filter(|text| !text.is_empty()) {
+        Some(text) => Some(ids::parse("agent", text).ok_or_else(|| {
+            state.metrics.bad_input.increment(1);
+            ApiError::invalid(
+                "InvalidReference",
+                "agentId",
+                format!("agentId {text:?} is not an agent id"),
+            )
+        })?),
+        None => None,
+    };
+    let qualifier = principal.subscription_scope(project, agent_id)?;
+    let mut qualified = Vec::with_capacity(query.event_names.len());
+    for name in &query.event_names {
+        names::validate(name).map_err(|error| {
+            state.metrics.bad_input.increment(1);
+            ApiError::invalid(
+                "InvalidCharacters",
+                "eventNames",
+                format!("{error}: {name:?}"),
+            )
+        })?;
+        qualified.push(qualifier.qualify(name));
+    }
+    let max_body = state.settings.uint("api.max.body.bytes") as usize;
+    let logout_account = principal.account.id;
+    Ok(upgrade
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
+        .max_write_buffer_size(max_body.saturating_mul(4).max(1 << 20))
+        .max_message_size(max_body)
+        .max_frame_size(max_body)
+        .on_upgrade(move |socket| {
+            let queue = state.settings.uint("subscribe.max.queued.messages") as usize;
+            let subscription =
+                state
+                    .hub
+                    .subscribe(qualified, qualifier.strips(), queue, Some(logout_account));
+            serve(socket, state, subscription, qualifier)
+        }))
+}
+
+async fn serve(
+    mut socket: WebSocket,
+    state: AppState,
+    mut subscription: Subscription,
+    qualifier: Qualifier,
+) {
+    let ping_every =
+        Duration::from_millis(state.settings.uint("api.sub.ping.interval.millis").max(1));
+    let max_pings = state.settings.uint("api.sub.max.pings");
+    let queue_size = state.settings.uint("subscribe.max.queued.messages");
+    let mut ticker = tokio::time::interval(ping_every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pings_sent: u64 = 0;
+    let subscriber = subscription.subscriber.clone();
+    tracing::debug!(?qualifier, "subscriber connected");
+    let close: Option<(u16, String)> = loop {
+        tokio::select! {
+            biased;
+            () = subscriber.closed() => {
+                break Some(match subscriber.close_reason() {
+                    CloseReason::SlowConsumer => (CLOSE_SLOW_CONSUMER, format!(
+                        "slow consumer: more than {queue_size} events queued (subscribe.max.queued.messages)")),
+                    CloseReason::Logout => {
+                        let _ = socket.send(Message::Text(r#"{"name":"logout"}"#.into())).await;
+                        (close_code::NORMAL, "logout".to_owned())
+                    }
+                    CloseReason::Shutdown | CloseReason::Open => (close_code::AWAY, "server shutting down".to_owned()),
+                });
+            }
+            first = subscription.rx.recv() => {
+                let Some(first) = first else { break None };
+                if socket.feed(Message::Text(first)).await.is_err() { break None; }
+                let mut batch = 1;
+                while batch < MAX_BATCH {
+                    match subscription.rx.try_recv() {
+                        Ok(text) => {
+                            if socket.feed(Message::Text(text)).await.is_err() { break; }
+                            batch += 1;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                if socket.flush().await.is_err() { break None; }
+            }
+            _ = ticker.tick() => {
+                if max_pings > 0 && pings_sent >= max_pings {
+                    break Some((CLOSE_LIFETIME, format!(
+                        "subscription reached its lifetime of {max_pings} pings (api.sub.max.pings); reconnect")));
+                }
+                let ping = Event::new("ping").with_data(json!({"options": {}, "resources": []}));
+                pings_sent += 1;
+                if socket.send(Message::Text(ping.to_json().into())).await.is_err() { break None; }
+            }
+            incoming = socket.recv() => match incoming {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break None,
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(Message::Text(_) | Message::Binary(_))) => {
+                    state.metrics.bad_input.increment(1);
+                    break Some((CLOSE_UNSUPPORTED, "the subscribe socket is receive-only: publish with POST /v1/publish".to_owned()));
+                }
+            },
+        }
+    };
+    state.hub.unsubscribe(&subscription);
+    if let Some((code, reason)) = close {
+        tracing::debug!(code, %reason, "closing subscriber");
+        let frame = CloseFrame {
+            code,
+            reason: reason.into(),
+        };
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            socket.send(Message::Close(Some(frame))),
+        )
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_keeps_repeated_names_and_decodes() {
+        let query = parse_query(Some(
+            "eventNames=ping&eventNames=compute.instance.activate%3Bagent%3D5&agentId=1ag5&x=1",
+        ))
+        .unwrap();
+        assert_eq!(
+            query.event_names,
+            vec![
+                "ping".to_owned(),
+                "compute.instance.activate;agent=5".to_owned()
+            ]
+        );
+        assert_eq!(query.agent_id.as_deref(), Some("1ag5"));
+    }
+}
