@@ -42,6 +42,12 @@ pub const DEFINITIONS: &[Definition] = &[
         description: "Outgoing queue of one subscriber socket, in events; a subscriber that lets it fill is disconnected as a slow consumer (close code 1008).",
     },
     Definition {
+        name: "api.sub.write.timeout.millis",
+        default: "10000",
+        min: 1,
+        description: "A write to a subscriber socket that takes longer disconnects it as a slow consumer (close code 1008).",
+    },
+    Definition {
         name: "api.max.body.bytes",
         default: "1048576",
         min: 1024,

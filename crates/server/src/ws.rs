@@ -14,6 +14,7 @@ use axum::response::Response;
 use drover_proto::names::{self, Qualifier};
 use drover_proto::{Event, ids};
 use futures_util::SinkExt;
+
 use serde_json::json;
 
 use crate::auth::Auth;
@@ -144,58 +145,52 @@ async fn serve(
     let ping_every =
         Duration::from_millis(state.settings.uint("api.sub.ping.interval.millis").max(1));
     let max_pings = state.settings.uint("api.sub.max.pings");
-    let queue_size = state.settings.uint("subscribe.max.queued.messages");
+    let write_timeout =
+        Duration::from_millis(state.settings.uint("api.sub.write.timeout.millis").max(1));
     let mut ticker = tokio::time::interval(ping_every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pings_sent: u64 = 0;
     let subscriber = subscription.subscriber.clone();
     tracing::debug!(?qualifier, "subscriber connected");
     let close: Option<(u16, String)> = loop {
-        tokio::select! {
+        // Every write is raced against the hub's close request and bounded in time, so a peer
+        // that stops reading can never hold this task (or its queue) forever.
+        let written = tokio::select! {
             biased;
-            () = subscriber.closed() => {
-                break Some(match subscriber.close_reason() {
-                    CloseReason::SlowConsumer => (CLOSE_SLOW_CONSUMER, format!(
-                        "slow consumer: more than {queue_size} events queued (subscribe.max.queued.messages)")),
-                    CloseReason::Logout => {
-                        let _ = socket.send(Message::Text(r#"{"name":"logout"}"#.into())).await;
-                        (close_code::NORMAL, "logout".to_owned())
-                    }
-                    CloseReason::Shutdown | CloseReason::Open => (close_code::AWAY, "server shutting down".to_owned()),
-                });
-            }
+            () = subscriber.closed() => break close_frame(&mut socket, &state, &subscriber).await,
             first = subscription.rx.recv() => {
                 let Some(first) = first else { break None };
-                if socket.feed(Message::Text(first)).await.is_err() { break None; }
-                let mut batch = 1;
-                while batch < MAX_BATCH {
-                    match subscription.rx.try_recv() {
-                        Ok(text) => {
-                            if socket.feed(Message::Text(text)).await.is_err() { break; }
-                            batch += 1;
-                        }
-                        Err(_) => break,
-                    }
-                }
-                if socket.flush().await.is_err() { break None; }
+                let batch = write_batch(&mut socket, first, &mut subscription.rx);
+                bounded(&subscriber, write_timeout, batch).await
             }
             _ = ticker.tick() => {
                 if max_pings > 0 && pings_sent >= max_pings {
                     break Some((CLOSE_LIFETIME, format!(
                         "subscription reached its lifetime of {max_pings} pings (api.sub.max.pings); reconnect")));
                 }
-                let ping = Event::new("ping").with_data(json!({"options": {}, "resources": []}));
                 pings_sent += 1;
-                if socket.send(Message::Text(ping.to_json().into())).await.is_err() { break None; }
+                let ping = Event::new("ping").with_data(json!({"options": {}, "resources": []}));
+                bounded(&subscriber, write_timeout, socket.send(Message::Text(ping.to_json().into()))).await
             }
             incoming = socket.recv() => match incoming {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break None,
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => Written::Ok,
                 Some(Ok(Message::Text(_) | Message::Binary(_))) => {
                     state.metrics.bad_input.increment(1);
                     break Some((CLOSE_UNSUPPORTED, "the subscribe socket is receive-only: publish with POST /v1/publish".to_owned()));
                 }
             },
+        };
+        match written {
+            Written::Ok => {}
+            Written::Failed => break None,
+            Written::Closed => break close_frame(&mut socket, &state, &subscriber).await,
+            Written::TimedOut => {
+                if subscriber.close(CloseReason::SlowConsumer) {
+                    state.metrics.slow_consumer_disconnects.increment(1);
+                }
+                break close_frame(&mut socket, &state, &subscriber).await;
+            }
         }
     };
     state.hub.unsubscribe(&subscription);
@@ -205,12 +200,81 @@ async fn serve(
             code,
             reason: reason.into(),
         };
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            socket.send(Message::Close(Some(frame))),
-        )
-        .await;
+        let _ = tokio::time::timeout(CLOSE_GRACE, socket.send(Message::Close(Some(frame)))).await;
     }
+}
+
+/// How long a closing socket gets to take its close frame.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// How a bounded write ended.
+enum Written {
+    Ok,
+    Failed,
+    Closed,
+    TimedOut,
+}
+
+async fn bounded<E>(
+    subscriber: &crate::hub::Subscriber,
+    timeout: Duration,
+    write: impl std::future::Future<Output = Result<(), E>>,
+) -> Written {
+    tokio::select! {
+        biased;
+        () = subscriber.closed() => Written::Closed,
+        result = tokio::time::timeout(timeout, write) => match result {
+            Ok(Ok(())) => Written::Ok,
+            Ok(Err(_)) => Written::Failed,
+            Err(_) => Written::TimedOut,
+        },
+    }
+}
+
+/// Writes the first queued event and whatever else is queued (up to [`MAX_BATCH`]), then
+/// flushes once: under load many events share one system call.
+async fn write_batch(
+    socket: &mut WebSocket,
+    first: axum::extract::ws::Utf8Bytes,
+    rx: &mut tokio::sync::mpsc::Receiver<axum::extract::ws::Utf8Bytes>,
+) -> Result<(), axum::Error> {
+    socket.feed(Message::Text(first)).await?;
+    for _ in 1..MAX_BATCH {
+        match rx.try_recv() {
+            Ok(text) => socket.feed(Message::Text(text)).await?,
+            Err(_) => break,
+        }
+    }
+    socket.flush().await
+}
+
+/// The close code and reason for a socket the hub closed.
+async fn close_frame(
+    socket: &mut WebSocket,
+    state: &AppState,
+    subscriber: &crate::hub::Subscriber,
+) -> Option<(u16, String)> {
+    Some(match subscriber.close_reason() {
+        CloseReason::SlowConsumer => (
+            CLOSE_SLOW_CONSUMER,
+            format!(
+                "slow consumer: more than {} events queued or a write took over {} ms",
+                state.settings.uint("subscribe.max.queued.messages"),
+                state.settings.uint("api.sub.write.timeout.millis")
+            ),
+        ),
+        CloseReason::Logout => {
+            let _ = tokio::time::timeout(
+                CLOSE_GRACE,
+                socket.send(Message::Text(r#"{"name":"logout"}"#.into())),
+            )
+            .await;
+            (close_code::NORMAL, "logout".to_owned())
+        }
+        CloseReason::Shutdown | CloseReason::Open => {
+            (close_code::AWAY, "server shutting down".to_owned())
+        }
+    })
 }
 
 #[cfg(test)]

@@ -127,6 +127,21 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
         } else {
             bytes
         };
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            state.metrics.bad_input.increment(1);
+            return Err(
+                match serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
+                    Ok(_) => ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "InvalidFormat",
+                        "request body must be a JSON object",
+                    ),
+                    Err(error) => {
+                        ApiError::bad_request(format!("request body is not valid JSON: {error}"))
+                    }
+                },
+            );
+        }
         serde_json::from_slice(&bytes)
             .map(ApiJson)
             .map_err(|error| {

@@ -1,0 +1,158 @@
+//! [`Client::subscribe`]: a WebSocket subscription to named events.
+
+use std::time::Duration;
+
+use drover_proto::Event;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::{Client, Error, Result};
+
+/// What to subscribe to.
+#[derive(Debug, Clone, Default)]
+pub struct Subscribe {
+    /// Event names (the server qualifies them for the key's scope).
+    pub event_names: Vec<String>,
+    /// `agentId`, for agent keys and admins subscribing on an agent's behalf.
+    pub agent_id: Option<String>,
+    /// A project id, to use `/v1/projects/{id}/subscribe`.
+    pub project_id: Option<String>,
+    /// How long the handshake may take (the original had no limit, and hung).
+    pub handshake_timeout: Option<Duration>,
+}
+
+impl Subscribe {
+    /// A subscription to these names.
+    pub fn names<I: IntoIterator<Item = S>, S: Into<String>>(names: I) -> Subscribe {
+        Subscribe {
+            event_names: names.into_iter().map(Into::into).collect(),
+            ..Subscribe::default()
+        }
+    }
+
+    /// Adds `agentId`.
+    pub fn agent(mut self, agent_id: impl Into<String>) -> Subscribe {
+        self.agent_id = Some(agent_id.into());
+        self
+    }
+
+    /// Subscribes through a project's URL.
+    pub fn project(mut self, project_id: impl Into<String>) -> Subscribe {
+        self.project_id = Some(project_id.into());
+        self
+    }
+}
+
+/// An open subscription.
+#[derive(Debug)]
+pub struct EventStream {
+    socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl Client {
+    /// The `ws://` URL of a subscription.
+    pub fn subscribe_url(&self, subscribe: &Subscribe) -> String {
+        let base = self.base_url().replacen("http", "ws", 1);
+        let path = match &subscribe.project_id {
+            Some(project) => format!("{base}/projects/{project}/subscribe"),
+            None => format!("{base}/subscribe"),
+        };
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        for name in &subscribe.event_names {
+            query.append_pair("eventNames", name);
+        }
+        if let Some(agent) = &subscribe.agent_id {
+            query.append_pair("agentId", agent);
+        }
+        format!("{path}?{}", query.finish())
+    }
+
+    /// Opens a subscription.
+    pub async fn subscribe(&self, subscribe: Subscribe) -> Result<EventStream> {
+        let mut request = self.subscribe_url(&subscribe).into_client_request()?;
+        request.headers_mut().insert(
+            http::header::AUTHORIZATION,
+            self.authorization()
+                .parse()
+                .map_err(|_| Error::Invalid("authorization header".into()))?,
+        );
+        let config = WebSocketConfig::default()
+            .read_buffer_size(16 * 1024)
+            .write_buffer_size(0)
+            .max_write_buffer_size(1 << 20);
+        let timeout = subscribe
+            .handshake_timeout
+            .unwrap_or(Duration::from_secs(30));
+        let connect = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
+        match tokio::time::timeout(timeout, connect).await {
+            Err(_) => Err(Error::Timeout("subscribe handshake")),
+            Ok(Ok((socket, _))) => Ok(EventStream { socket }),
+            Ok(Err(tokio_tungstenite::tungstenite::Error::Http(response))) => Err(Error::Refused {
+                status: response.status().as_u16(),
+                body: response
+                    .body()
+                    .as_deref()
+                    .map(|body| String::from_utf8_lossy(body).into_owned())
+                    .unwrap_or_default(),
+            }),
+            Ok(Err(error)) => Err(error.into()),
+        }
+    }
+}
+
+impl EventStream {
+    /// The next event; `Ok(None)` when the server closed the socket normally without a reason,
+    /// [`Error::Closed`] when it closed it with one.
+    pub async fn next_event(&mut self) -> Result<Option<Event>> {
+        loop {
+            match self.socket.next().await {
+                None => return Ok(None),
+                Some(Err(error)) => return Err(error.into()),
+                Some(Ok(Message::Text(text))) => {
+                    return serde_json::from_str(text.as_str())
+                        .map(Some)
+                        .map_err(|error| {
+                            Error::Invalid(format!("event is not valid JSON: {error}"))
+                        });
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    return match frame {
+                        Some(frame) => Err(Error::Closed {
+                            code: frame.code.into(),
+                            reason: frame.reason.to_string(),
+                        }),
+                        None => Ok(None),
+                    };
+                }
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// The next event that is not a keep-alive `ping` without `replyTo`.
+    pub async fn next_non_ping(&mut self) -> Result<Option<Event>> {
+        loop {
+            match self.next_event().await? {
+                Some(event) if event.name() == "ping" && event.reply_to.is_none() => continue,
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// Sends a raw text frame (for tests of the server's handling of bad input).
+    pub async fn send_text(&mut self, text: &str) -> Result<()> {
+        self.socket
+            .send(Message::Text(text.into()))
+            .await
+            .map_err(Into::into)
+    }
+
+    /// Closes the subscription.
+    pub async fn close(mut self) -> Result<()> {
+        self.socket.close(None).await.map_err(Into::into)
+    }
+}

@@ -1,0 +1,138 @@
+//! Test support: a real server on `127.0.0.1:0` with a temporary data directory, and clients.
+#![allow(dead_code)]
+
+use std::sync::Once;
+
+use drover_client::Client;
+use drover_server::{Config, Server};
+
+pub const ADMIN_ACCESS: &str = "TESTADMINACCESSKEY01";
+pub const ADMIN_SECRET: &str = "test-admin-secret-key-0123456789abcdefgh";
+
+/// A server under test; stopped when dropped with its runtime.
+pub struct TestServer {
+    pub server: Server,
+    pub admin: Client,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+fn init() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+impl TestServer {
+    /// A server on a fresh SQLite data directory.
+    pub async fn start() -> TestServer {
+        TestServer::start_with(&[]).await
+    }
+
+    /// A server with setting overrides.
+    pub async fn start_with(settings: &[(&str, &str)]) -> TestServer {
+        TestServer::start_config(settings, None).await
+    }
+
+    /// A server on PostgreSQL (in a schema of its own), when `DROVER_TEST_POSTGRES_URL` is set.
+    pub async fn start_postgres() -> Option<TestServer> {
+        let url = std::env::var("DROVER_TEST_POSTGRES_URL").ok()?;
+        let schema = format!("srv_{}", uuid::Uuid::new_v4().simple());
+        let pool = sqlx::PgPool::connect(&url)
+            .await
+            .expect("PostgreSQL must be reachable when configured");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        Some(TestServer::start_config(&[], Some((url, schema))).await)
+    }
+
+    async fn start_config(
+        settings: &[(&str, &str)],
+        postgres: Option<(String, String)>,
+    ) -> TestServer {
+        init();
+        let dir = tempfile::tempdir().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut config = Config::new(dir.path());
+        config.admin_access_key = Some(ADMIN_ACCESS.into());
+        config.admin_secret_key = Some(ADMIN_SECRET.into());
+        config.settings = settings
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        if let Some((url, schema)) = postgres {
+            config.database_url = Some(url);
+            config.database_schema = Some(schema);
+        }
+        let server = Server::start(listener, config)
+            .await
+            .expect("server starts");
+        let url = format!("http://{}", server.addr);
+        let admin = Client::new(&url, ADMIN_ACCESS, ADMIN_SECRET).unwrap();
+        TestServer {
+            server,
+            admin,
+            url,
+            _dir: dir,
+        }
+    }
+
+    pub fn client(&self, access: &str, secret: &str) -> Client {
+        Client::new(&self.url, access, secret).unwrap()
+    }
+
+    /// A new agent in a project, and a client with its agent key.
+    pub async fn agent(&self, project_id: i64, name: &str) -> (i64, Client) {
+        let (agent_id, _account, key) = self
+            .server
+            .state
+            .store
+            .create_agent(project_id, name, None)
+            .await
+            .unwrap();
+        (
+            agent_id,
+            self.client(&key.credential.public_value, &key.secret_value),
+        )
+    }
+
+    /// A new project and a client with a key of it.
+    pub async fn project(&self, name: &str) -> (String, Client) {
+        let project = self
+            .admin
+            .post("projects", &serde_json::json!({"name": name}))
+            .await
+            .unwrap();
+        let id = project["id"].as_str().unwrap().to_owned();
+        let key = self
+            .admin
+            .post(&format!("projects/{id}/apikeys"), &serde_json::json!({}))
+            .await
+            .unwrap();
+        let client = self.client(
+            key["publicValue"].as_str().unwrap(),
+            key["secretValue"].as_str().unwrap(),
+        );
+        (id, client)
+    }
+
+    pub fn default_project(&self) -> i64 {
+        self.server.state.default_project.id
+    }
+
+    /// The value of a counter or gauge on `/metrics`.
+    pub fn metric(&self, name: &str) -> f64 {
+        let text = self.server.state.metrics.render();
+        text.lines()
+            .find_map(|line| {
+                line.strip_prefix(name)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
+            .map(|value| value.trim().parse().unwrap())
+            .unwrap_or_else(|| panic!("metric {name} not found in:\n{text}"))
+    }
+}
