@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
+
+mod commands;
 use drover_server::settings::Settings;
 
 #[derive(Debug, Parser)]
@@ -31,6 +33,13 @@ enum LogFormat {
 enum Command {
     /// Run the server: REST API, event bus, process engine.
     Server(ServerArgs),
+    /// Tail the live event stream the key may see.
+    Events(commands::EventsArgs),
+    /// Publish one event.
+    Publish(commands::PublishArgs),
+    /// Create and list API keys.
+    #[command(subcommand)]
+    Keys(commands::KeysCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -62,6 +71,9 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         match cli.command {
             Command::Server(args) => server(args).await,
+            Command::Events(args) => commands::events(args).await,
+            Command::Publish(args) => commands::publish(args).await,
+            Command::Keys(command) => commands::keys(command).await,
         }
     })
 }
