@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod changes;
 pub mod error;
 pub mod hub;
 pub mod metrics;
@@ -25,12 +26,16 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use drover_engine::Engine;
 use drover_store::{Bootstrap, Store, StoreOptions};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::KeyCache;
+use crate::changes::{Changes, EngineBus};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::settings::Settings;
@@ -51,6 +56,9 @@ pub struct Config {
     pub admin_secret_key: Option<String>,
     /// Setting overrides, as from `DROVER_*` environment variables.
     pub settings: Vec<(String, String)>,
+    /// The URL clients reach the server at, for links in events (`resource.change`);
+    /// by default `http://<listen address>`.
+    pub public_url: Option<String>,
 }
 
 impl Config {
@@ -63,6 +71,7 @@ impl Config {
             admin_access_key: None,
             admin_secret_key: None,
             settings: Vec::new(),
+            public_url: None,
         }
     }
 
@@ -150,14 +159,44 @@ impl Server {
         let settings = Settings::new(&config.settings, &store.list_settings().await?)?;
         let shutdown = CancellationToken::new();
         let metrics = Metrics::new();
+        let hub = Hub::new(metrics.clone(), shutdown.child_token());
+        let changes = Changes::new(hub.clone());
+        let node = format!("node-{}", uuid::Uuid::new_v4().simple());
+        let engine = Arc::new(Engine::new(
+            store.clone(),
+            Arc::new(EngineBus {
+                hub: hub.clone(),
+                changes: changes.clone(),
+            }),
+            Arc::new(settings.clone()),
+            node,
+            shutdown.child_token(),
+        ));
+        let public_url = config.public_url.clone().unwrap_or_else(|| {
+            let host = if addr.ip().is_unspecified() {
+                format!("localhost:{}", addr.port())
+            } else {
+                addr.to_string()
+            };
+            format!("http://{host}")
+        });
         let state = AppState {
-            hub: Hub::new(metrics.clone(), shutdown.child_token()),
+            hub,
             store,
             settings,
             keys: KeyCache::default(),
             metrics,
             default_project: bootstrap.default_project.clone(),
+            engine: engine.handle(),
+            changes: changes.clone(),
         };
+        let engine_task = tokio::spawn(engine.run());
+        let changes_task = tokio::spawn(changes.run(
+            state.store.clone(),
+            state.settings.clone(),
+            public_url.trim_end_matches('/').to_owned(),
+            shutdown.child_token(),
+        ));
         let app = api::router(state.clone());
         let serve_shutdown = shutdown.clone();
         let serve_state = state.clone();
@@ -169,6 +208,8 @@ impl Server {
                 tracing::error!(%error, "server stopped with an error");
             }
             serve_state.hub.close_all();
+            let _ = engine_task.await;
+            let _ = changes_task.await;
             // Sockets were told to close (going away); give them a moment to say so.
             let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
             while serve_state.hub.topic_count() > 1 && tokio::time::Instant::now() < deadline {

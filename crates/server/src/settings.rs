@@ -65,6 +65,54 @@ pub const DEFINITIONS: &[Definition] = &[
         min: 1,
         description: "Default timeout of a call from the server to an agent when the event carries none.",
     },
+    Definition {
+        name: "process.max_attempts",
+        default: "10",
+        min: 1,
+        description: "Attempts of a process before it fails for good and its resource goes to `error`.",
+    },
+    Definition {
+        name: "process.max_age.seconds",
+        default: "1800",
+        min: 1,
+        description: "Age after which a process that has not succeeded fails for good, however few its attempts.",
+    },
+    Definition {
+        name: "process.retry_max_wait.millis",
+        default: "120000",
+        min: 1,
+        description: "Cap on the wait between attempts: min(this, 2 s + 2^(n-1) x 100 ms), plus up to 10% jitter.",
+    },
+    Definition {
+        name: "process.lease.millis",
+        default: "5000",
+        min: 300,
+        description: "Lease of a running process; renewed every third of it, so a dead node's work is taken over within this time.",
+    },
+    Definition {
+        name: "process.poll.millis",
+        default: "1000",
+        min: 1,
+        description: "Longest the engine sleeps before looking for ready processes when nothing woke it.",
+    },
+    Definition {
+        name: "process.workers",
+        default: "512",
+        min: 1,
+        description: "Processes one node runs at once (most of their time is spent waiting for agents).",
+    },
+    Definition {
+        name: "process.claim.batch",
+        default: "64",
+        min: 1,
+        description: "Ready processes claimed in one statement.",
+    },
+    Definition {
+        name: "resource.change.interval.millis",
+        default: "1000",
+        min: 1,
+        description: "Changes are coalesced into at most one `resource.change` per resource per interval.",
+    },
 ];
 
 /// Where a value came from.

@@ -2,7 +2,10 @@
 
 use drover_store::{Account, Store};
 
+use drover_engine::EngineHandle;
+
 use crate::auth::KeyCache;
+use crate::changes::Changes;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::settings::Settings;
@@ -22,4 +25,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// The `Default` project, where unscoped requests of the admin act.
     pub default_project: Account,
+    /// Wakes the process engine when work is scheduled.
+    pub engine: EngineHandle,
+    /// `state.change` / `resource.change` publication.
+    pub changes: Changes,
 }

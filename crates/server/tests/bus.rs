@@ -633,7 +633,13 @@ async fn health_and_metrics_are_served() {
     ] {
         assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
     }
-    let missing = reqwest::get(format!("{}/v1/nothing-here", server.url))
+    match server.admin.get("nothing-here").await {
+        Err(Error::Api {
+            status: 404, code, ..
+        }) => assert_eq!(code, "NotFound"),
+        other => panic!("expected a 404, got {other:?}"),
+    }
+    let missing = reqwest::get(format!("{}/nothing-here", server.url))
         .await
         .unwrap();
     assert_eq!(missing.status(), 404);

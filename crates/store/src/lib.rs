@@ -14,8 +14,14 @@ pub mod model;
 pub mod secret;
 mod store;
 
-pub use model::{Account, AccountKind, Credential, CredentialKind, NewKey};
-pub use store::{Backend, Bootstrap, Store, StoreOptions};
+pub use model::{
+    Account, AccountKind, Credential, CredentialKind, NewKey, NewResource, Resource, ResourceKind,
+};
+pub use store::{
+    Backend, Bootstrap, ExecutionRecord, ExecutionRow, Filter, FilterOp, FilterValue, Finish,
+    ListQuery, NewProcess, Page, ProcessFilter, ProcessInstance, ProcessSummary, ScheduleError,
+    Scheduled, Store, StoreOptions,
+};
 
 /// What the store can fail with.
 #[derive(Debug, thiserror::Error)]

@@ -150,3 +150,142 @@ pub struct NewKey {
     /// The secret key, to hand to the caller once.
     pub secret_value: String,
 }
+
+/// The kinds of resources the process engine drives, one table each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ResourceKind {
+    /// A host that runs instances.
+    Host,
+    /// The agent on a host.
+    Agent,
+    /// An instance (the API's `container`).
+    Instance,
+    /// A volume.
+    Volume,
+    /// A stack of services.
+    Stack,
+    /// A service.
+    Service,
+}
+
+impl ResourceKind {
+    /// Every kind.
+    pub const ALL: [ResourceKind; 6] = [
+        ResourceKind::Host,
+        ResourceKind::Agent,
+        ResourceKind::Instance,
+        ResourceKind::Volume,
+        ResourceKind::Stack,
+        ResourceKind::Service,
+    ];
+
+    /// The table, and the prefix of its process names (`instance.start`).
+    pub fn table(self) -> &'static str {
+        match self {
+            ResourceKind::Host => "host",
+            ResourceKind::Agent => "agent",
+            ResourceKind::Instance => "instance",
+            ResourceKind::Volume => "volume",
+            ResourceKind::Stack => "stack",
+            ResourceKind::Service => "service",
+        }
+    }
+
+    /// The API type (`container` for instances).
+    pub fn api_type(self) -> &'static str {
+        match self {
+            ResourceKind::Instance => "container",
+            other => other.table(),
+        }
+    }
+
+    /// The kind of a table name or API type.
+    pub fn parse(text: &str) -> Option<ResourceKind> {
+        ResourceKind::ALL
+            .into_iter()
+            .find(|kind| kind.table() == text || kind.api_type() == text)
+    }
+
+    /// The reference columns this table has, of `host_id`, `agent_id`, `stack_id`,
+    /// `service_id`, `instance_id`.
+    pub fn has_column(self, column: &str) -> bool {
+        matches!(
+            (self, column),
+            (ResourceKind::Host, "agent_id")
+                | (
+                    ResourceKind::Instance,
+                    "host_id" | "agent_id" | "service_id"
+                )
+                | (ResourceKind::Volume, "host_id" | "instance_id")
+                | (ResourceKind::Service, "stack_id")
+        )
+    }
+}
+
+/// A resource row of any kind.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resource {
+    /// Its kind (table).
+    pub kind: ResourceKind,
+    /// Database id.
+    pub id: i64,
+    /// Name.
+    pub name: Option<String>,
+    /// The project it belongs to.
+    pub account_id: Option<i64>,
+    /// The `kind` column (e.g. `container`, `volume`).
+    pub sub_kind: String,
+    /// Stable identity.
+    pub uuid: String,
+    /// Description.
+    pub description: Option<String>,
+    /// The current state.
+    pub state: String,
+    /// `yes`, `no` or `error`.
+    pub transitioning: String,
+    /// Progress or error message.
+    pub transitioning_message: Option<String>,
+    /// Progress in percent.
+    pub transitioning_progress: Option<i64>,
+    /// Creation time, epoch ms.
+    pub created: i64,
+    /// When it was removed, epoch ms.
+    pub removed: Option<i64>,
+    /// Type-specific fields.
+    pub data: serde_json::Map<String, serde_json::Value>,
+    /// The host it is on (instances, volumes).
+    pub host_id: Option<i64>,
+    /// Its agent (hosts; instances with their own agent).
+    pub agent_id: Option<i64>,
+    /// Its stack (services).
+    pub stack_id: Option<i64>,
+    /// Its service (instances).
+    pub service_id: Option<i64>,
+    /// Its instance (volumes).
+    pub instance_id: Option<i64>,
+}
+
+/// A resource to create.
+#[derive(Debug, Clone, Default)]
+pub struct NewResource {
+    /// Name.
+    pub name: Option<String>,
+    /// The `kind` column.
+    pub sub_kind: String,
+    /// Description.
+    pub description: Option<String>,
+    /// The project.
+    pub account_id: Option<i64>,
+    /// Type-specific fields.
+    pub data: serde_json::Map<String, serde_json::Value>,
+    /// The host.
+    pub host_id: Option<i64>,
+    /// The agent.
+    pub agent_id: Option<i64>,
+    /// The stack.
+    pub stack_id: Option<i64>,
+    /// The service.
+    pub service_id: Option<i64>,
+    /// The instance.
+    pub instance_id: Option<i64>,
+}

@@ -71,6 +71,40 @@ macro_rules! dispatch {
     };
 }
 
+/// Runs `$body` in a write transaction: `BEGIN IMMEDIATE` on SQLite, so the write lock is
+/// taken up front and a read-then-write never fails to upgrade; a plain `BEGIN` on
+/// PostgreSQL, where row locks do that job. The transaction commits when the body yields a
+/// value and rolls back when it returns early.
+macro_rules! write_tx {
+    ($self:ident, $tx:ident => $body:expr) => {
+        match &$self.pool {
+            Pool::Sqlite(pool) => {
+                #[allow(unused_mut)]
+                let mut $tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                let out = $body;
+                $tx.commit().await?;
+                out
+            }
+            Pool::Postgres(pool) => {
+                #[allow(unused_mut)]
+                let mut $tx = pool.begin().await?;
+                let out = $body;
+                $tx.commit().await?;
+                out
+            }
+        }
+    };
+}
+
+mod process;
+mod resource;
+
+pub use process::{
+    ExecutionRecord, ExecutionRow, Finish, NewProcess, ProcessFilter, ProcessInstance,
+    ProcessSummary, ScheduleError, Scheduled,
+};
+pub use resource::{Filter, FilterOp, FilterValue, ListQuery, Page};
+
 /// A cheap-clone handle to the database.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -506,7 +540,7 @@ impl Store {
     }
 }
 
-fn now_millis() -> i64 {
+pub(crate) fn now_millis() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)

@@ -2,9 +2,13 @@
 
 mod accounts;
 mod apikeys;
+mod processes;
 mod publish;
 mod render;
+pub mod resources;
 mod root;
+pub mod schema;
+mod schemas;
 
 use std::time::Duration;
 
@@ -37,6 +41,9 @@ pub fn router(state: AppState) -> Router {
         .merge(publish::routes())
         .merge(apikeys::routes())
         .merge(accounts::routes())
+        .merge(processes::routes())
+        .merge(schemas::routes())
+        .merge(resources::routes())
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(not_found)

@@ -1,6 +1,8 @@
 //! Test support: a real server on `127.0.0.1:0` with a temporary data directory, and clients.
 #![allow(dead_code)]
 
+pub mod agent;
+
 use std::sync::Once;
 
 use drover_client::Client;
@@ -37,6 +39,11 @@ impl TestServer {
 
     /// A server on PostgreSQL (in a schema of its own), when `DROVER_TEST_POSTGRES_URL` is set.
     pub async fn start_postgres() -> Option<TestServer> {
+        TestServer::start_postgres_with(&[]).await
+    }
+
+    /// A server on PostgreSQL with setting overrides, when `DROVER_TEST_POSTGRES_URL` is set.
+    pub async fn start_postgres_with(settings: &[(&str, &str)]) -> Option<TestServer> {
         let url = std::env::var("DROVER_TEST_POSTGRES_URL").ok()?;
         let schema = format!("srv_{}", uuid::Uuid::new_v4().simple());
         let pool = sqlx::PgPool::connect(&url)
@@ -47,7 +54,7 @@ impl TestServer {
             .await
             .unwrap();
         pool.close().await;
-        Some(TestServer::start_config(&[], Some((url, schema))).await)
+        Some(TestServer::start_config(settings, Some((url, schema))).await)
     }
 
     async fn start_config(

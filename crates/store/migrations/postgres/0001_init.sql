@@ -53,6 +53,7 @@ CREATE TABLE agent (
     data TEXT,
     transitioning_message TEXT,
     transitioning_progress INTEGER,
+    transitioning TEXT NOT NULL DEFAULT 'no',
     account_id BIGINT REFERENCES account(id),
     uri TEXT,
     managed_config INTEGER NOT NULL DEFAULT 1,
@@ -74,6 +75,7 @@ CREATE TABLE host (
     data TEXT,
     transitioning_message TEXT,
     transitioning_progress INTEGER,
+    transitioning TEXT NOT NULL DEFAULT 'no',
     account_id BIGINT REFERENCES account(id),
     agent_id BIGINT REFERENCES agent(id),
     hostname TEXT,
@@ -93,6 +95,7 @@ CREATE TABLE stack (
     data TEXT,
     transitioning_message TEXT,
     transitioning_progress INTEGER,
+    transitioning TEXT NOT NULL DEFAULT 'no',
     account_id BIGINT REFERENCES account(id),
     external_id TEXT
 );
@@ -110,6 +113,7 @@ CREATE TABLE service (
     data TEXT,
     transitioning_message TEXT,
     transitioning_progress INTEGER,
+    transitioning TEXT NOT NULL DEFAULT 'no',
     account_id BIGINT REFERENCES account(id),
     stack_id BIGINT REFERENCES stack(id),
     scale INTEGER,
@@ -129,6 +133,7 @@ CREATE TABLE instance (
     data TEXT,
     transitioning_message TEXT,
     transitioning_progress INTEGER,
+    transitioning TEXT NOT NULL DEFAULT 'no',
     account_id BIGINT REFERENCES account(id),
     host_id BIGINT REFERENCES host(id),
     agent_id BIGINT REFERENCES agent(id),
@@ -149,6 +154,7 @@ CREATE TABLE volume (
     data TEXT,
     transitioning_message TEXT,
     transitioning_progress INTEGER,
+    transitioning TEXT NOT NULL DEFAULT 'no',
     account_id BIGINT REFERENCES account(id),
     host_id BIGINT REFERENCES host(id),
     instance_id BIGINT REFERENCES instance(id),
@@ -163,7 +169,7 @@ CREATE TABLE process_instance (
     priority INTEGER NOT NULL DEFAULT 0,
     process_name TEXT NOT NULL,
     resource_type TEXT NOT NULL,
-    resource_id TEXT NOT NULL,
+    resource_id BIGINT NOT NULL,
     result TEXT,
     exit_reason TEXT,
     phase TEXT,
@@ -172,7 +178,9 @@ CREATE TABLE process_instance (
     execution_count BIGINT NOT NULL DEFAULT 0,
     run_after BIGINT,
     account_id BIGINT,
-    lease_expires BIGINT
+    lease_expires BIGINT,
+    created BIGINT NOT NULL,
+    last_error TEXT
 );
 
 CREATE TABLE process_execution (
@@ -239,3 +247,7 @@ CREATE INDEX idx_process_execution_instance ON process_execution(process_instanc
 CREATE INDEX idx_container_event_created ON container_event(created);
 CREATE INDEX idx_container_event_host_state ON container_event(host_id, state);
 CREATE INDEX idx_service_event_created ON service_event(created);
+CREATE INDEX idx_process_instance_name ON process_instance(process_name);
+CREATE INDEX idx_instance_state ON instance(state);
+CREATE INDEX idx_volume_host ON volume(host_id);
+CREATE INDEX idx_host_agent ON host(agent_id);

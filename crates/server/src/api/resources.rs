@@ -1,0 +1,608 @@
+//! The engine-driven resources (containers, volumes, hosts, agents, stacks, services): list,
+//! get, create, update, remove and actions, each scheduling a process.
+
+use std::collections::HashMap;
+
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::get;
+use axum::{Json, Router};
+use drover_engine::defs::{self, UPDATING};
+use drover_proto::ids;
+use drover_store::{
+    Filter, FilterOp, FilterValue, ListQuery, NewProcess, NewResource, Resource, ResourceKind,
+    ScheduleError,
+};
+use serde_json::{Map, Value, json};
+
+use super::schema::{self, TypeSchema};
+use super::{ApiJson, base_url};
+use crate::auth::{Auth, Principal};
+use crate::error::ApiError;
+use crate::state::AppState;
+
+pub(super) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/{collection}", get(list).post(create))
+        .route(
+            "/v1/{collection}/{id}",
+            get(get_one).put(update).delete(remove).post(action),
+        )
+        .route(
+            "/v1/projects/{project}/{collection}",
+            get(list).post(create),
+        )
+        .route(
+            "/v1/projects/{project}/{collection}/{id}",
+            get(get_one).put(update).delete(remove).post(action),
+        )
+}
+
+type Params = Path<HashMap<String, String>>;
+
+fn schema_of(params: &HashMap<String, String>) -> Result<&'static TypeSchema, ApiError> {
+    let collection = params.get("collection").map(String::as_str).unwrap_or("");
+    schema::by_plural(collection)
+        .ok_or_else(|| ApiError::not_found(format!("no collection {collection:?}")))
+}
+
+/// The project a request acts in: the URL's, else the caller's default.
+pub(crate) async fn scope(
+    state: &AppState,
+    principal: &Principal,
+    params: &HashMap<String, String>,
+) -> Result<i64, ApiError> {
+    match params.get("project") {
+        Some(text) => {
+            let project = super::project_id(state, text).await?;
+            principal.check_project(project)?;
+            Ok(project)
+        }
+        None => principal
+            .account
+            .default_project()
+            .or_else(|| {
+                principal
+                    .is_privileged()
+                    .then_some(state.default_project.id)
+            })
+            .ok_or_else(|| ApiError::forbidden("this key belongs to no project")),
+    }
+}
+
+/// A resource as the API renders it: fields, `type`, `links`, and the actions valid now.
+pub fn render(base: &str, resource: &Resource) -> Value {
+    let schema = schema::of_kind(resource.kind);
+    let mut out = drover_engine::render::resource_json(resource);
+    let id = ids::format(resource.kind.api_type(), resource.id);
+    let self_link = format!("{base}/v1/{}/{id}", schema.plural);
+    let mut actions = Map::new();
+    for action in defs::actions_for(resource.kind, &resource.state) {
+        actions.insert(action.into(), json!(format!("{self_link}?action={action}")));
+    }
+    out.insert("type".into(), json!(schema.id));
+    out.insert(
+        "links".into(),
+        json!({
+            "self": self_link,
+            "processes": format!("{base}/v1/processinstances?resourceType={}&resourceId={id}", schema.id),
+        }),
+    );
+    out.insert("actions".into(), Value::Object(actions));
+    Value::Object(out)
+}
+
+async fn find(
+    state: &AppState,
+    principal: &Principal,
+    schema: &TypeSchema,
+    project: i64,
+    text: &str,
+) -> Result<Resource, ApiError> {
+    let kind = schema.kind.expect("resource types have a kind");
+    let not_found = || ApiError::not_found(format!("no {} {text:?}", schema.id));
+    let id = ids::parse(schema.id, text).ok_or_else(not_found)?;
+    let resource = state
+        .store
+        .get_resource(kind, id)
+        .await?
+        .ok_or_else(not_found)?;
+    let visible = resource.account_id == Some(project)
+        || (principal.is_privileged() && resource.account_id.is_none());
+    if !visible {
+        return Err(not_found());
+    }
+    Ok(resource)
+}
+
+/// Parses the collection filters and paging of a query string.
+fn list_query(schema: &TypeSchema, project: i64, raw: Option<&str>) -> Result<ListQuery, ApiError> {
+    let mut query = ListQuery {
+        account_id: Some(project),
+        filters: Vec::new(),
+        marker: None,
+        limit: 100,
+    };
+    for (key, value) in form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
+        match key.as_ref() {
+            "limit" => {
+                query.limit = value
+                    .parse()
+                    .ok()
+                    .filter(|limit| (1..=1000).contains(limit))
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            "InvalidOption",
+                            "limit",
+                            "limit must be a number from 1 to 1000",
+                        )
+                    })?;
+            }
+            "marker" => {
+                query.marker = Some(value.trim_start_matches('m').parse().map_err(|_| {
+                    ApiError::invalid(
+                        "InvalidOption",
+                        "marker",
+                        "marker is not one this server gave out",
+                    )
+                })?);
+            }
+            key if key.starts_with('_') || key == "sort" || key == "order" || key == "include" => {}
+            key => {
+                let (name, op) = match key.rsplit_once('_') {
+                    Some((name, "ne")) => (name, FilterOp::Ne),
+                    Some((name, "like")) => (name, FilterOp::Like),
+                    Some((name, "null")) => (name, FilterOp::Null),
+                    Some((name, "notnull")) => (name, FilterOp::NotNull),
+                    _ => (key, FilterOp::Eq),
+                };
+                let field = schema::field(schema, name)
+                    .filter(|field| field.column.is_some())
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            "InvalidFilter",
+                            name,
+                            format!("{name:?} is not a filter of {}", schema.id),
+                        )
+                    })?;
+                let column = field.column.expect("filtered above");
+                let value = if let Some(target) = field
+                    .kind
+                    .strip_prefix("reference[")
+                    .and_then(|rest| rest.strip_suffix(']'))
+                {
+                    FilterValue::Int(ids::parse(target, &value).ok_or_else(|| {
+                        ApiError::invalid(
+                            "InvalidReference",
+                            name,
+                            format!("{value:?} is not a {target} id"),
+                        )
+                    })?)
+                } else if column == "id" {
+                    FilterValue::Int(ids::parse(schema.id, &value).ok_or_else(|| {
+                        ApiError::invalid(
+                            "InvalidReference",
+                            name,
+                            format!("{value:?} is not a {} id", schema.id),
+                        )
+                    })?)
+                } else {
+                    FilterValue::Text(value.into_owned())
+                };
+                query.filters.push(Filter { column, op, value });
+            }
+        }
+    }
+    Ok(query)
+}
+
+async fn list(
+    State(state): State<AppState>,
+    Auth(principal): Auth,
+    Path(params): Params,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let schema = schema_of(&params)?;
+    let project = scope(&state, &principal, &params).await?;
+    let query = list_query(schema, project, raw.as_deref())?;
+    let page = state
+        .store
+        .list_resources(schema.kind.expect("resource type"), &query)
+        .await?;
+    let base = base_url(&headers);
+    let path = match params.get("project") {
+        Some(project) => format!("{base}/v1/projects/{project}/{}", schema.plural),
+        None => format!("{base}/v1/{}", schema.plural),
+    };
+    let data = page
+        .data
+        .iter()
+        .map(|resource| render(&base, resource))
+        .collect();
+    let mut body = super::render::collection(schema.id, path.clone(), data);
+    body["pagination"] = pagination(&path, raw.as_deref(), query.limit, page.next_marker);
+    body["createTypes"] = if schema.collection_methods.contains(&"POST") {
+        json!({ schema.id: path })
+    } else {
+        json!({})
+    };
+    Ok(Json(body))
+}
+
+/// GDAPI pagination: `limit`, `partial`, and a `next` link carrying the marker.
+pub(crate) fn pagination(
+    path: &str,
+    raw: Option<&str>,
+    limit: i64,
+    next_marker: Option<i64>,
+) -> Value {
+    let next = next_marker.map(|marker| {
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        for (key, value) in form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
+            if key != "marker" {
+                query.append_pair(&key, &value);
+            }
+        }
+        query.append_pair("marker", &format!("m{marker}"));
+        format!("{path}?{}", query.finish())
+    });
+    json!({"limit": limit, "partial": next.is_some(), "next": next, "marker": next_marker.map(|m| format!("m{m}"))})
+}
+
+async fn get_one(
+    State(state): State<AppState>,
+    Auth(principal): Auth,
+    Path(params): Params,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let schema = schema_of(&params)?;
+    let project = scope(&state, &principal, &params).await?;
+    let resource = find(
+        &state,
+        &principal,
+        schema,
+        project,
+        params.get("id").map(String::as_str).unwrap_or(""),
+    )
+    .await?;
+    Ok(Json(render(&base_url(&headers), &resource)))
+}
+
+/// Checks a value against a field's GDAPI type.
+fn check_type(field: &schema::Field, value: &Value) -> Result<(), ApiError> {
+    let ok = match field.kind {
+        _ if value.is_null() => !field.required,
+        "string" | "date" | "enum" => value.is_string(),
+        "int" => value.is_i64(),
+        "boolean" => value.is_boolean(),
+        "json" => true,
+        "array[string]" => value
+            .as_array()
+            .is_some_and(|items| items.iter().all(Value::is_string)),
+        "map[string]" => value
+            .as_object()
+            .is_some_and(|map| map.values().all(Value::is_string)),
+        kind if kind.starts_with("reference[") => value.is_string(),
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            "InvalidType",
+            field.name,
+            format!("{} must be of type {}", field.name, field.kind),
+        ))
+    }
+}
+
+fn reference(field: &schema::Field, value: &Value) -> Result<Option<i64>, ApiError> {
+    let Some(text) = value.as_str() else {
+        return Ok(None);
+    };
+    let target = field
+        .kind
+        .trim_start_matches("reference[")
+        .trim_end_matches(']');
+    ids::parse(target, text).map(Some).ok_or_else(|| {
+        ApiError::invalid(
+            "InvalidReference",
+            field.name,
+            format!("{text:?} is not a {target} id"),
+        )
+    })
+}
+
+async fn create(
+    State(state): State<AppState>,
+    Auth(principal): Auth,
+    Path(params): Params,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<Map<String, Value>>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let schema = schema_of(&params)?;
+    if !schema.collection_methods.contains(&"POST") {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            format!("{} cannot be created through the API", schema.plural),
+        ));
+    }
+    if principal.account.kind == drover_store::AccountKind::Agent
+        && schema.id != "container"
+        && schema.id != "volume"
+    {
+        return Err(ApiError::forbidden(format!(
+            "agent keys cannot create {}",
+            schema.plural
+        )));
+    }
+    let kind = schema.kind.expect("resource type");
+    let project = scope(&state, &principal, &params).await?;
+    let mut new = NewResource {
+        sub_kind: schema.id.to_owned(),
+        account_id: Some(project),
+        ..NewResource::default()
+    };
+    for field in schema::fields_of(schema).filter(|field| field.create) {
+        let Some(value) = body.get(field.name) else {
+            if field.required {
+                return Err(ApiError::invalid(
+                    "MissingRequired",
+                    field.name,
+                    format!("{} is required", field.name),
+                ));
+            }
+            continue;
+        };
+        check_type(field, value)?;
+        if field.in_data {
+            if field.kind.starts_with("reference[") {
+                reference(field, value)?;
+            }
+            new.data.insert(field.name.into(), value.clone());
+            continue;
+        }
+        match field.name {
+            "name" => new.name = value.as_str().map(str::to_owned),
+            "description" => new.description = value.as_str().map(str::to_owned),
+            "agentId" => new.agent_id = reference(field, value)?,
+            "stackId" => new.stack_id = reference(field, value)?,
+            _ => {}
+        }
+    }
+    if kind == ResourceKind::Instance {
+        let command_ok = new
+            .data
+            .get("command")
+            .and_then(Value::as_array)
+            .is_some_and(|c| !c.is_empty())
+            || new.data.get("imageUuid").is_some_and(Value::is_string);
+        if !command_ok {
+            return Err(ApiError::invalid(
+                "MissingRequired",
+                "command",
+                "a container needs a command (or an imageUuid for drivers that use images)",
+            ));
+        }
+    }
+    let def = defs::create_of(kind);
+    let scheduled = state
+        .store
+        .create_and_schedule(
+            kind,
+            &new,
+            def.name,
+            def.transitioning,
+            Map::new(),
+            state.engine.node(),
+        )
+        .await?;
+    state.engine.wake();
+    state.changes.changed(&scheduled.resource, None);
+    Ok((
+        StatusCode::CREATED,
+        Json(render(&base_url(&headers), &scheduled.resource)),
+    ))
+}
+
+/// Schedules the process behind `action` and answers 202 with the resource.
+async fn schedule(
+    state: &AppState,
+    resource: &Resource,
+    action: &str,
+    data: Map<String, Value>,
+) -> Result<Resource, ApiError> {
+    let schema = schema::of_kind(resource.kind);
+    let def = defs::action(resource.kind, action)
+        .ok_or_else(|| ApiError::not_found(format!("{} has no action {action:?}", schema.id)))?;
+    let current = [resource.state.as_str()];
+    let start_states: &[&str] = if def.transitioning == UPDATING {
+        &current
+    } else {
+        def.start
+    };
+    let transitioning = def.transitioning_from(&resource.state);
+    let new = NewProcess {
+        process_name: def.name,
+        kind: resource.kind,
+        resource_id: resource.id,
+        start_states,
+        transitioning_state: &transitioning,
+        cancel_pending: def.cancels_pending,
+        data,
+        node: state.engine.node(),
+    };
+    let id = ids::format(schema.id, resource.id);
+    let scheduled = state.store.schedule(&new).await.map_err(|error| match error {
+        ScheduleError::NotFound => ApiError::not_found(format!("no {} {id}", schema.id)),
+        ScheduleError::InvalidState { state: current } => ApiError::new(
+            StatusCode::CONFLICT,
+            "InvalidState",
+            format!("{id} is {current}: {action} needs one of {}", def.start.join(", ")),
+        ),
+        ScheduleError::Busy { process_id, process_name } => ApiError::new(
+            StatusCode::CONFLICT,
+            "Conflict",
+            format!(
+                "{id} is locked by process {} ({process_name}) until it ends; remove is always allowed",
+                ids::format("processInstance", process_id)
+            ),
+        )
+        .with_detail(ids::format("processInstance", process_id)),
+        ScheduleError::Store(error) => error.into(),
+    })?;
+    state.engine.wake();
+    state
+        .changes
+        .changed(&scheduled.resource, Some(&scheduled.previous_state));
+    Ok(scheduled.resource)
+}
+
+async fn action(
+    State(state): State<AppState>,
+    Auth(principal): Auth,
+    Path(params): Params,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let schema = schema_of(&params)?;
+    let action = form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
+        .find(|(key, _)| key == "action")
+        .map(|(_, value)| value.into_owned())
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "MissingRequired",
+                "action",
+                "POST to a resource needs ?action=<name>",
+            )
+        })?;
+    let data = if body.iter().all(u8::is_ascii_whitespace) {
+        Map::new()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(Value::Object(map)) => map,
+            Ok(Value::Null) => Map::new(),
+            _ => return Err(ApiError::bad_request("action input must be a JSON object")),
+        }
+    };
+    let project = scope(&state, &principal, &params).await?;
+    let resource = find(
+        &state,
+        &principal,
+        schema,
+        project,
+        params.get("id").map(String::as_str).unwrap_or(""),
+    )
+    .await?;
+    check_write(&principal, schema)?;
+    let resource = schedule(&state, &resource, &action, data).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(render(&base_url(&headers), &resource)),
+    ))
+}
+
+fn check_write(principal: &Principal, schema: &TypeSchema) -> Result<(), ApiError> {
+    if principal.account.kind == drover_store::AccountKind::Agent
+        && schema.id != "container"
+        && schema.id != "volume"
+    {
+        return Err(ApiError::forbidden(format!(
+            "agent keys cannot change {}",
+            schema.plural
+        )));
+    }
+    Ok(())
+}
+
+async fn remove(
+    State(state): State<AppState>,
+    Auth(principal): Auth,
+    Path(params): Params,
+    headers: HeaderMap,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let schema = schema_of(&params)?;
+    if !schema.resource_methods.contains(&"DELETE") {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "DELETE is not allowed here",
+        ));
+    }
+    let project = scope(&state, &principal, &params).await?;
+    let resource = find(
+        &state,
+        &principal,
+        schema,
+        project,
+        params.get("id").map(String::as_str).unwrap_or(""),
+    )
+    .await?;
+    check_write(&principal, schema)?;
+    let resource = schedule(&state, &resource, "remove", Map::new()).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(render(&base_url(&headers), &resource)),
+    ))
+}
+
+async fn update(
+    State(state): State<AppState>,
+    Auth(principal): Auth,
+    Path(params): Params,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<Map<String, Value>>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let schema = schema_of(&params)?;
+    if !schema.resource_methods.contains(&"PUT") {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "PUT is not allowed here",
+        ));
+    }
+    let project = scope(&state, &principal, &params).await?;
+    let resource = find(
+        &state,
+        &principal,
+        schema,
+        project,
+        params.get("id").map(String::as_str).unwrap_or(""),
+    )
+    .await?;
+    check_write(&principal, schema)?;
+    let mut data = resource.data.clone();
+    let (mut name, mut description) = (None, None);
+    for (key, value) in &body {
+        let Some(field) = schema::field(schema, key).filter(|field| field.update) else {
+            continue;
+        };
+        check_type(field, value)?;
+        match field.name {
+            "name" => name = value.as_str().map(str::to_owned),
+            "description" => description = value.as_str().map(str::to_owned),
+            _ => {
+                data.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    let scheduled = schedule(&state, &resource, "update", Map::new()).await?;
+    let updated = state
+        .store
+        .update_resource_fields(
+            resource.kind,
+            resource.id,
+            name.as_deref(),
+            description.as_deref(),
+            &data,
+        )
+        .await?
+        .unwrap_or(scheduled);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(render(&base_url(&headers), &updated)),
+    ))
+}

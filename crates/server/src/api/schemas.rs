@@ -1,0 +1,228 @@
+//! `/v1/schemas`: every API type, so a generic client can drive the API from it alone.
+
+use axum::extract::Path;
+use axum::http::HeaderMap;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{Map, Value, json};
+
+use super::base_url;
+use super::render::collection;
+use super::schema::{RESOURCE_TYPES, render, schema_json};
+use crate::auth::Auth;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+pub(super) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/schemas", get(list))
+        .route("/v1/schemas/{id}", get(get_one))
+}
+
+fn fields(list: &[(&str, &str, bool)]) -> Map<String, Value> {
+    list.iter()
+        .map(|(name, kind, create)| {
+            ((*name).to_owned(), json!({"type": kind, "nullable": true, "create": create, "update": false, "required": false}))
+        })
+        .collect()
+}
+
+fn all(base: &str) -> Vec<Value> {
+    let mut out: Vec<Value> = RESOURCE_TYPES
+        .iter()
+        .map(|schema| render(base, schema))
+        .collect();
+    let none = Map::new;
+    out.push(schema_json(
+        base,
+        "apiKey",
+        "apikeys",
+        &["GET", "POST"],
+        &["GET", "DELETE"],
+        fields(&[
+            ("id", "string", false),
+            ("name", "string", true),
+            ("description", "string", true),
+            ("accountId", "reference[account]", true),
+            ("publicValue", "string", false),
+            ("secretValue", "password", false),
+            ("state", "string", false),
+            ("created", "date", false),
+        ]),
+        none(),
+        none(),
+    ));
+    out.push(schema_json(
+        base,
+        "project",
+        "projects",
+        &["GET", "POST"],
+        &["GET"],
+        fields(&[
+            ("id", "string", false),
+            ("name", "string", true),
+            ("state", "string", false),
+            ("uuid", "string", false),
+        ]),
+        none(),
+        none(),
+    ));
+    out.push(schema_json(
+        base,
+        "account",
+        "accounts",
+        &["GET", "POST"],
+        &[],
+        fields(&[
+            ("id", "string", false),
+            ("name", "string", true),
+            ("kind", "enum", true),
+            ("projectId", "reference[project]", true),
+            ("state", "string", false),
+        ]),
+        none(),
+        none(),
+    ));
+    let process_filters: Map<String, Value> = [
+        "processName",
+        "resourceType",
+        "resourceId",
+        "state",
+        "result",
+    ]
+    .iter()
+    .map(|name| ((*name).to_owned(), json!({"modifiers": ["eq"]})))
+    .collect();
+    let mut process_actions = Map::new();
+    process_actions.insert(
+        "replay".into(),
+        json!({"input": null, "output": "processInstance"}),
+    );
+    process_actions.insert(
+        "cancel".into(),
+        json!({"input": null, "output": "processInstance"}),
+    );
+    out.push(schema_json(
+        base,
+        "processInstance",
+        "processinstances",
+        &["GET"],
+        &["GET"],
+        fields(&[
+            ("id", "string", false),
+            ("processName", "string", false),
+            ("resourceType", "string", false),
+            ("resourceId", "string", false),
+            ("state", "enum", false),
+            ("startTime", "date", false),
+            ("endTime", "date", false),
+            ("runAfter", "date", false),
+            ("executionCount", "int", false),
+            ("exitReason", "string", false),
+            ("result", "string", false),
+            ("phase", "string", false),
+            ("lastError", "string", false),
+            ("runningProcessServerId", "string", false),
+        ]),
+        process_actions,
+        process_filters,
+    ));
+    let mut execution_filters = Map::new();
+    execution_filters.insert("processInstanceId".into(), json!({"modifiers": ["eq"]}));
+    out.push(schema_json(
+        base,
+        "processExecution",
+        "processexecutions",
+        &["GET"],
+        &["GET"],
+        fields(&[
+            ("id", "string", false),
+            ("processInstanceId", "reference[processInstance]", false),
+            ("startTime", "date", false),
+            ("endTime", "date", false),
+            ("exitReason", "string", false),
+            ("message", "string", false),
+            ("log", "json", false),
+        ]),
+        none(),
+        execution_filters,
+    ));
+    out.push(schema_json(
+        base,
+        "processSummary",
+        "processsummary",
+        &["GET"],
+        &[],
+        fields(&[
+            ("processName", "string", false),
+            ("running", "int", false),
+            ("ready", "int", false),
+            ("delay", "int", false),
+        ]),
+        none(),
+        none(),
+    ));
+    out.push(schema_json(
+        base,
+        "publish",
+        "publish",
+        &["POST"],
+        &[],
+        fields(&[
+            ("id", "string", true),
+            ("name", "string", true),
+            ("resourceId", "string", true),
+            ("resourceType", "string", true),
+            ("previousIds", "array[string]", true),
+            ("data", "json", true),
+            ("time", "int", true),
+            ("publisher", "string", true),
+            ("transitioning", "enum", true),
+            ("transitioningMessage", "string", true),
+            ("transitioningInternalMessage", "string", true),
+            ("transitioningProgress", "int", true),
+        ]),
+        none(),
+        none(),
+    ));
+    out.push(schema_json(
+        base,
+        "subscribe",
+        "subscribe",
+        &["GET"],
+        &[],
+        fields(&[
+            ("eventNames", "array[string]", true),
+            ("agentId", "reference[agent]", true),
+        ]),
+        none(),
+        none(),
+    ));
+    out
+}
+
+async fn list(_auth: Auth, headers: HeaderMap) -> Json<Value> {
+    let base = base_url(&headers);
+    Json(collection(
+        "schema",
+        format!("{base}/v1/schemas"),
+        all(&base),
+    ))
+}
+
+async fn get_one(
+    _auth: Auth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let base = base_url(&headers);
+    all(&base)
+        .into_iter()
+        .find(|schema| {
+            schema["id"]
+                .as_str()
+                .is_some_and(|name| name.eq_ignore_ascii_case(&id))
+        })
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no schema {id:?}")))
+}

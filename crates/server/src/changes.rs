@@ -1,0 +1,155 @@
+//! `state.change` and `resource.change`: how the world learns that resources changed.
+//!
+//! Every change publishes a raw `state.change` at once. Changes are also recorded per
+//! resource and, every `resource.change.interval.millis`, each changed resource is published
+//! once as `resource.change`, with the full resource as the API renders it in
+//! `data.resource`: a raw copy for admin and service subscribers, and a
+//! `resource.change;account=<project>` copy that only that project's subscribers receive.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use drover_engine::{Bus, CallFailure};
+use drover_proto::{Event, ids, names};
+use drover_store::{Resource, ResourceKind, Store};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::hub::{CallError, Hub};
+use crate::settings::Settings;
+
+/// The most distinct resources waiting to be published; past it the oldest interval's
+/// changes are still published, new ones are dropped and counted.
+const MAX_PENDING: usize = 100_000;
+
+/// Changed resources waiting for the next `resource.change` tick. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Changes {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    hub: Hub,
+    pending: Mutex<HashMap<(ResourceKind, i64), Option<i64>>>,
+}
+
+impl Changes {
+    /// A change queue publishing through `hub`.
+    pub fn new(hub: Hub) -> Changes {
+        Changes {
+            inner: Arc::new(Inner {
+                hub,
+                pending: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Records a change: `state.change` now, `resource.change` at the next tick.
+    pub fn changed(&self, resource: &Resource, previous_state: Option<&str>) {
+        let api_type = resource.kind.api_type();
+        let mut event =
+            Event::new("state.change").with_resource(api_type, ids::format(api_type, resource.id));
+        event.data = Some(json!({
+            "previousState": previous_state,
+            "state": resource.state,
+            "accountId": resource.account_id.map(|id| ids::format("project", id)),
+            "transitioning": resource.transitioning,
+        }));
+        self.inner.hub.publish(&event);
+        let mut pending = self
+            .inner
+            .pending
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if pending.len() < MAX_PENDING || pending.contains_key(&(resource.kind, resource.id)) {
+            pending.insert((resource.kind, resource.id), resource.account_id);
+        } else {
+            tracing::warn!("resource.change queue full; a change was dropped");
+        }
+    }
+
+    /// Publishes the coalesced changes every interval until shutdown.
+    pub async fn run(
+        self,
+        store: Store,
+        settings: Settings,
+        public_url: String,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let interval =
+                Duration::from_millis(settings.uint("resource.change.interval.millis").max(1));
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                () = shutdown.cancelled() => return,
+            }
+            let batch: Vec<_> = {
+                let mut pending = self
+                    .inner
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                pending.drain().collect()
+            };
+            for ((kind, id), account) in batch {
+                let resource = match store.get_resource(kind, id).await {
+                    Ok(Some(resource)) => resource,
+                    Ok(None) => continue,
+                    Err(error) => {
+                        tracing::warn!(%error, "loading a changed resource failed");
+                        continue;
+                    }
+                };
+                let api_type = kind.api_type();
+                let rendered = crate::api::resources::render(&public_url, &resource);
+                let mut event = Event::new("resource.change")
+                    .with_resource(api_type, ids::format(api_type, id));
+                event.data = Some(json!({ "resource": rendered }));
+                self.inner.hub.publish(&event);
+                if let Some(account) = account.or(resource.account_id) {
+                    event.name = Some(names::for_account("resource.change", account));
+                    self.inner.hub.publish(&event);
+                }
+            }
+        }
+    }
+}
+
+/// The engine's view of the bus: calls through the hub, changes through [`Changes`].
+#[derive(Debug, Clone)]
+pub struct EngineBus {
+    /// The hub.
+    pub hub: Hub,
+    /// The change queue.
+    pub changes: Changes,
+}
+
+impl Bus for EngineBus {
+    async fn call(
+        &self,
+        request: Event,
+        timeout: Duration,
+        on_progress: Box<dyn FnMut(&Event) + Send>,
+    ) -> Result<Event, CallFailure> {
+        self.hub
+            .call(request, timeout, on_progress)
+            .await
+            .map_err(|error| match error {
+                CallError::Timeout(timeout) => CallFailure::Timeout(timeout),
+                CallError::ErrorReply(message) => CallFailure::ErrorReply(message),
+                CallError::Shutdown => CallFailure::Shutdown,
+            })
+    }
+
+    fn changed(&self, resource: &Resource, previous_state: Option<&str>) {
+        self.changes.changed(resource, previous_state);
+    }
+}
+
+impl drover_engine::Tunables for Settings {
+    fn int(&self, name: &str) -> i64 {
+        Settings::int(self, name)
+    }
+}

@@ -1,0 +1,627 @@
+//! The process engine end to end: the real server, a real WebSocket test agent, the real API.
+//! Each test runs on SQLite and, when `DROVER_TEST_POSTGRES_URL` is set, on PostgreSQL.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::TestServer;
+use common::agent::{Answer, TestAgent};
+use drover_client::{Client, Error, Subscribe};
+use serde_json::{Value, json};
+
+/// Fast retries for tests: a lost request is resent after about 300 ms.
+const FAST: &[(&str, &str)] = &[
+    ("eventing.timeout.millis", "300"),
+    ("process.retry_max_wait.millis", "100"),
+    ("process.poll.millis", "50"),
+    ("resource.change.interval.millis", "20"),
+];
+
+async fn servers(extra: &[(&str, &str)]) -> Vec<TestServer> {
+    let settings: Vec<(&str, &str)> = FAST.iter().chain(extra.iter()).copied().collect();
+    let mut out = vec![TestServer::start_with(&settings).await];
+    if let Some(server) = TestServer::start_postgres_with(&settings).await {
+        out.push(server);
+    }
+    out
+}
+
+/// Polls a resource until `done` holds (at most 20 s), returning it.
+async fn wait_for(client: &Client, path: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let resource = client.get(path).await.unwrap();
+        if done(&resource) {
+            return resource;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}; last: {resource:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_state(client: &Client, path: &str, state: &str) -> Value {
+    wait_for(client, path, state, |r| {
+        r["state"] == state && r["transitioning"] == "no"
+    })
+    .await
+}
+
+/// A host with an agent, both active, and the agent's test client started with `policy`.
+async fn host_with_agent(
+    server: &TestServer,
+    policy: common::agent::Policy,
+) -> (String, TestAgent) {
+    let (agent_id, agent_client) = server.agent(server.default_project(), "host-1").await;
+    let host = server
+        .admin
+        .post(
+            "hosts",
+            &json!({"name": "host-1", "agentId": format!("1ag{agent_id}")}),
+        )
+        .await
+        .unwrap();
+    let host_path = format!("hosts/{}", host["id"].as_str().unwrap());
+    wait_state(&server.admin, &host_path, "active").await;
+    let agent = TestAgent::start(agent_client, agent_id, policy).await;
+    (host["id"].as_str().unwrap().to_owned(), agent)
+}
+
+fn container_body(name: &str) -> Value {
+    json!({"name": name, "command": ["sleep", "1000"], "environment": {"A": "1"}, "labels": {"l": "v"}})
+}
+
+#[tokio::test]
+async fn container_and_volume_go_through_their_lifecycle() {
+    for server in servers(&[]).await {
+        let (host_id, agent) = host_with_agent(&server, TestAgent::always_ok()).await;
+        let created = server
+            .admin
+            .post("containers", &container_body("web"))
+            .await
+            .unwrap();
+        assert_eq!(created["type"], "container");
+        assert_eq!(created["transitioning"], "yes");
+        let path = format!("containers/{}", created["id"].as_str().unwrap());
+        let running = wait_state(&server.admin, &path, "running").await;
+        assert_eq!(running["hostId"], host_id.as_str());
+        assert!(
+            running["externalId"].as_str().unwrap().starts_with("pid-"),
+            "reply data merged: {running:#}"
+        );
+        let actions: Vec<_> = running["actions"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        assert!(
+            actions.contains(&"stop".to_owned()) && !actions.contains(&"start".to_owned()),
+            "{actions:?}"
+        );
+
+        let stopping = server
+            .admin
+            .post(&format!("{path}?action=stop"), &json!({}))
+            .await
+            .unwrap();
+        assert_eq!(stopping["state"], "stopping");
+        wait_state(&server.admin, &path, "stopped").await;
+        server
+            .admin
+            .post(&format!("{path}?action=start"), &json!({}))
+            .await
+            .unwrap();
+        wait_state(&server.admin, &path, "running").await;
+        let removing = server.admin.delete(&path).await.unwrap();
+        assert_eq!(removing["state"], "removing");
+        let removed = wait_state(&server.admin, &path, "removed").await;
+        assert!(removed["removed"].is_string());
+        assert_eq!(agent.requests_named("compute.instance.activate").await, 2);
+        assert_eq!(agent.requests_named("compute.instance.deactivate").await, 1);
+        assert_eq!(agent.requests_named("compute.instance.remove").await, 1);
+
+        let volume = server
+            .admin
+            .post("volumes", &json!({"name": "data", "driver": "local"}))
+            .await
+            .unwrap();
+        let volume_path = format!("volumes/{}", volume["id"].as_str().unwrap());
+        let active = wait_state(&server.admin, &volume_path, "active").await;
+        assert_eq!(active["path"], "/var/lib/test/volume");
+        server
+            .admin
+            .post(&format!("{volume_path}?action=deactivate"), &json!({}))
+            .await
+            .unwrap();
+        wait_state(&server.admin, &volume_path, "inactive").await;
+        server.admin.delete(&volume_path).await.unwrap();
+        wait_state(&server.admin, &volume_path, "removed").await;
+        assert_eq!(agent.requests_named("storage.volume.remove").await, 1);
+
+        // Every attempt is on record.
+        let processes = server
+            .admin
+            .get(&format!(
+                "processinstances?resourceType=container&resourceId={}",
+                created["id"].as_str().unwrap()
+            ))
+            .await
+            .unwrap();
+        let names: Vec<_> = processes["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["processName"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "instance.create",
+                "instance.start",
+                "instance.stop",
+                "instance.start",
+                "instance.remove"
+            ]
+        );
+        assert!(
+            processes["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|p| p["result"] == "SUCCESS")
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_dropped_request_is_resent_and_completes() {
+    for server in servers(&[]).await {
+        let policy: common::agent::Policy = Arc::new(|request, n| {
+            if request.name() == "compute.instance.activate" && n < 2 {
+                Answer::Ignore
+            } else {
+                Answer::Ok
+            }
+        });
+        let (_, agent) = host_with_agent(&server, policy).await;
+        let created = server
+            .admin
+            .post("containers", &container_body("lossy"))
+            .await
+            .unwrap();
+        let path = format!("containers/{}", created["id"].as_str().unwrap());
+        wait_state(&server.admin, &path, "running").await;
+        assert_eq!(
+            agent.requests_named("compute.instance.activate").await,
+            3,
+            "sent three times"
+        );
+        let process = server
+            .admin
+            .get(&format!(
+                "processinstances?processName=instance.start&resourceId={}",
+                created["id"].as_str().unwrap()
+            ))
+            .await
+            .unwrap();
+        let process = &process["data"][0];
+        assert_eq!(process["executionCount"], 3);
+        assert_eq!(process["result"], "SUCCESS");
+        let executions = server
+            .admin
+            .get(&format!(
+                "processexecutions?processInstanceId={}",
+                process["id"].as_str().unwrap()
+            ))
+            .await
+            .unwrap();
+        let reasons: Vec<_> = executions["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["exitReason"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(reasons, ["TIMEOUT", "TIMEOUT", "DONE"]);
+    }
+}
+
+#[tokio::test]
+async fn error_replies_are_retried_then_the_container_goes_to_error() {
+    for server in servers(&[("process.max_attempts", "3")]).await {
+        let policy: common::agent::Policy = Arc::new(|request, _| {
+            if request.name() == "compute.instance.activate" {
+                Answer::Error("image not found: nope".into())
+            } else {
+                Answer::Ok
+            }
+        });
+        let (_, agent) = host_with_agent(&server, policy).await;
+        let created = server
+            .admin
+            .post("containers", &container_body("broken"))
+            .await
+            .unwrap();
+        let path = format!("containers/{}", created["id"].as_str().unwrap());
+        let failed = wait_for(&server.admin, &path, "error", |r| r["state"] == "error").await;
+        assert_eq!(failed["transitioning"], "error");
+        let message = failed["transitioningMessage"].as_str().unwrap();
+        assert!(
+            message.contains("image not found: nope") && message.contains("3 of 3"),
+            "{message}"
+        );
+        assert_eq!(agent.requests_named("compute.instance.activate").await, 3);
+        let failed_process = server
+            .admin
+            .get(&format!(
+                "processinstances?processName=instance.start&result=FAILURE&resourceId={}",
+                created["id"].as_str().unwrap()
+            ))
+            .await
+            .unwrap();
+        assert_eq!(failed_process["data"].as_array().unwrap().len(), 1);
+        // The error state offers start again and remove.
+        assert!(
+            failed["actions"].get("remove").is_some() && failed["actions"].get("start").is_some()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_second_action_on_a_locked_resource_gets_409_and_remove_always_works() {
+    for server in servers(&[]).await {
+        // The agent never answers starts: the container is stuck in starting.
+        let policy: common::agent::Policy = Arc::new(|request, _| {
+            if request.name() == "compute.instance.activate" {
+                Answer::Ignore
+            } else {
+                Answer::Ok
+            }
+        });
+        let (_, agent) = host_with_agent(&server, policy).await;
+        let created = server
+            .admin
+            .post("containers", &container_body("stuck"))
+            .await
+            .unwrap();
+        let path = format!("containers/{}", created["id"].as_str().unwrap());
+        wait_for(&server.admin, &path, "starting", |r| {
+            r["state"] == "starting"
+        })
+        .await;
+        match server
+            .admin
+            .post(&format!("{path}?action=stop"), &json!({}))
+            .await
+        {
+            Err(Error::Api {
+                status: 409,
+                message,
+                ..
+            }) => {
+                assert!(
+                    message.contains("instance.start") && message.contains("1pi"),
+                    "{message}"
+                )
+            }
+            other => panic!("expected a 409, got {other:?}"),
+        }
+        let current = server.admin.get(&path).await.unwrap();
+        assert_eq!(
+            current["actions"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .collect::<Vec<_>>(),
+            ["remove"]
+        );
+        // Remove cancels the stuck start and completes.
+        server.admin.delete(&path).await.unwrap();
+        wait_state(&server.admin, &path, "removed").await;
+        assert_eq!(agent.requests_named("compute.instance.remove").await, 1);
+        let start = server
+            .admin
+            .get(&format!(
+                "processinstances?processName=instance.start&resourceId={}",
+                created["id"].as_str().unwrap()
+            ))
+            .await
+            .unwrap();
+        assert_eq!(start["data"][0]["result"], "CANCELED");
+        // Nothing is left pending.
+        let summary = server.admin.get("processsummary").await.unwrap();
+        assert!(
+            summary["data"].as_array().unwrap().is_empty(),
+            "{summary:#}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn process_summary_and_filters_show_what_waits_and_why() {
+    for server in servers(&[
+        ("eventing.timeout.millis", "200"),
+        ("process.retry_max_wait.millis", "60000"),
+    ])
+    .await
+    {
+        let policy: common::agent::Policy = Arc::new(|request, _| {
+            if request.name() == "compute.instance.activate" {
+                Answer::Ignore
+            } else {
+                Answer::Ok
+            }
+        });
+        let (_, _agent) = host_with_agent(&server, policy).await;
+        let created = server
+            .admin
+            .post("containers", &container_body("waits"))
+            .await
+            .unwrap();
+        let id = created["id"].as_str().unwrap();
+        // After a timed-out attempt the start is delayed, with its reason on record.
+        let delayed = wait_for(
+            &server.admin,
+            "processinstances?state=delayed",
+            "a delayed process",
+            |c| c["data"].as_array().is_some_and(|d| !d.is_empty()),
+        )
+        .await;
+        let process = &delayed["data"][0];
+        assert_eq!(process["processName"], "instance.start");
+        assert_eq!(process["resourceId"], id);
+        assert!(
+            process["lastError"]
+                .as_str()
+                .unwrap()
+                .contains("did not reply"),
+            "{process:#}"
+        );
+        let summary = server.admin.get("processsummary").await.unwrap();
+        let row = summary["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["processName"] == "instance.start")
+            .unwrap();
+        assert_eq!(row["delay"], 1);
+        assert_eq!(row["running"], 0);
+        let container = server.admin.get(&format!("containers/{id}")).await.unwrap();
+        assert_eq!(container["transitioning"], "error");
+        // An admin replays it now, then cancels it.
+        let replay = server
+            .admin
+            .post(
+                &format!(
+                    "processinstances/{}?action=replay",
+                    process["id"].as_str().unwrap()
+                ),
+                &json!({}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(replay["executionCount"], 0);
+        let canceled = server
+            .admin
+            .post(
+                &format!(
+                    "processinstances/{}?action=cancel",
+                    process["id"].as_str().unwrap()
+                ),
+                &json!({}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(canceled["result"], "CANCELED");
+        let container = wait_for(
+            &server.admin,
+            &format!("containers/{id}"),
+            "back to stopped",
+            |r| r["state"] == "stopped",
+        )
+        .await;
+        assert_eq!(container["transitioning"], "no");
+        // Non-admins may not see processes.
+        let (_, project_client) = server.project("p").await;
+        match project_client.get("processinstances").await {
+            Err(Error::Api { status: 403, .. }) => {}
+            other => panic!("expected a 403, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn resource_change_reaches_the_projects_subscribers_only() {
+    for server in servers(&[]).await {
+        let (_, _agent) = host_with_agent(&server, TestAgent::always_ok()).await;
+        let (_, other_project) = server.project("other").await;
+        let project_key = server
+            .admin
+            .post(
+                "apikeys",
+                &json!({"accountId": format!("1a{}", server.default_project())}),
+            )
+            .await
+            .unwrap();
+        let project_client = server.client(
+            project_key["publicValue"].as_str().unwrap(),
+            project_key["secretValue"].as_str().unwrap(),
+        );
+        let mut mine = project_client
+            .subscribe(Subscribe::names(["resource.change"]))
+            .await
+            .unwrap();
+        let mut theirs = other_project
+            .subscribe(Subscribe::names(["resource.change", "marker"]))
+            .await
+            .unwrap();
+        mine.next_event().await.unwrap().unwrap();
+        theirs.next_event().await.unwrap().unwrap();
+
+        let created = project_client
+            .post("containers", &container_body("watched"))
+            .await
+            .unwrap();
+        let id = created["id"].as_str().unwrap().to_owned();
+        let running = loop {
+            let event = tokio::time::timeout(Duration::from_secs(20), mine.next_non_ping())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            assert_eq!(event.name(), "resource.change");
+            let resource = &event.data.as_ref().unwrap()["resource"];
+            if event.resource_id.as_deref() == Some(id.as_str())
+                && resource["state"] == "running"
+                && resource["transitioning"] == "no"
+            {
+                break resource.clone();
+            }
+        };
+        assert_eq!(running["type"], "container");
+        assert_eq!(running["environment"], json!({"A": "1"}));
+        assert!(
+            running["links"]["self"]
+                .as_str()
+                .unwrap()
+                .ends_with(&format!("/v1/containers/{id}"))
+        );
+        assert!(running["actions"].get("stop").is_some());
+        // The other project's subscriber saw none of it: its next event is the marker.
+        let other_id = theirs_marker(&server, &other_project).await;
+        let next = tokio::time::timeout(Duration::from_secs(10), theirs.next_non_ping())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            next.name(),
+            "resource.change",
+            "the other project's own change"
+        );
+        assert_eq!(next.resource_id.as_deref(), Some(other_id.as_str()));
+    }
+}
+
+/// Makes a change in the other project, so its subscriber has something of its own to see.
+async fn theirs_marker(_server: &TestServer, other: &Client) -> String {
+    let created = other
+        .post("stacks", &json!({"name": "theirs"}))
+        .await
+        .unwrap();
+    created["id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn schemas_let_a_generic_client_drive_a_container() {
+    let server = TestServer::start_with(FAST).await;
+    let (_, _agent) = host_with_agent(&server, TestAgent::always_ok()).await;
+    let root = server.admin.get("").await.unwrap();
+    let schemas = server
+        .admin
+        .get(root["links"]["schemas"].as_str().unwrap())
+        .await
+        .unwrap();
+    let container = schemas["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "container")
+        .unwrap()
+        .clone();
+    assert!(
+        container["collectionMethods"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("POST"))
+    );
+    assert_eq!(
+        container["resourceFields"]["command"]["type"],
+        "array[string]"
+    );
+    assert!(container["resourceActions"].get("start").is_some());
+    assert!(container["collectionFilters"].get("state").is_some());
+    // Create through the advertised collection link, poll, act through advertised action links.
+    let created = server
+        .admin
+        .post(
+            container["links"]["collection"].as_str().unwrap(),
+            &container_body("generic"),
+        )
+        .await
+        .unwrap();
+    let self_link = created["links"]["self"].as_str().unwrap().to_owned();
+    let running = wait_for(&server.admin, &self_link, "running", |r| {
+        r["transitioning"] == "no"
+    })
+    .await;
+    let stop = running["actions"]["stop"].as_str().unwrap();
+    server.admin.post(stop, &json!({})).await.unwrap();
+    let stopped = wait_for(&server.admin, &self_link, "stopped", |r| {
+        r["transitioning"] == "no"
+    })
+    .await;
+    assert_eq!(stopped["state"], "stopped");
+    server.admin.delete(&self_link).await.unwrap();
+    wait_for(&server.admin, &self_link, "removed", |r| {
+        r["state"] == "removed"
+    })
+    .await;
+    // Filters and pagination.
+    for n in 0..3 {
+        server
+            .admin
+            .post(
+                "containers",
+                &json!({"name": format!("page-{n}"), "command": ["true"], "startOnCreate": false}),
+            )
+            .await
+            .unwrap();
+    }
+    let page = server
+        .admin
+        .get("containers?name_like=page-%25&limit=2")
+        .await
+        .unwrap();
+    assert_eq!(page["data"].as_array().unwrap().len(), 2);
+    assert_eq!(page["pagination"]["partial"], true);
+    let next = server
+        .admin
+        .get(page["pagination"]["next"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(next["data"].as_array().unwrap().len(), 1);
+    let not_removed = server
+        .admin
+        .get("containers?state_ne=removed")
+        .await
+        .unwrap();
+    assert!(
+        not_removed["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["state"] != "removed")
+    );
+    match server.admin.get("containers?color=blue").await {
+        Err(Error::Api { status: 422, .. }) => {}
+        other => panic!("expected a 422, got {other:?}"),
+    }
+    match server
+        .admin
+        .post(
+            "containers",
+            &json!({"name": "x", "command": "not-an-array"}),
+        )
+        .await
+    {
+        Err(Error::Api {
+            status: 422, code, ..
+        }) => assert_eq!(code, "InvalidType"),
+        other => panic!("expected a 422, got {other:?}"),
+    }
+}

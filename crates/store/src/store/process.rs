@@ -1,0 +1,807 @@
+//! Process instances and executions: scheduling, claiming with leases, finishing.
+//!
+//! A process instance is pending while `end_time` is null. It is *ready* when `run_after` has
+//! passed and no live lease holds it, and only the oldest pending process of a resource can be
+//! claimed: that is the resource lock. Every state change of a resource that a process makes
+//! happens in the same transaction as the process row's change, guarded by the node's lease, so
+//! a node that lost its lease (or a canceled process) changes nothing.
+
+use serde_json::{Map, Value, json};
+use sqlx::{AssertSqlSafe, FromRow};
+
+use super::resource::{ResourceRow, bind_values, conditions, insert_row, select_list};
+use super::{Pool, Store, now_millis};
+use crate::model::{NewResource, Resource, ResourceKind};
+use crate::store::resource::{Filter, Page};
+use crate::{Error, Result};
+
+/// A process instance row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessInstance {
+    /// Database id.
+    pub id: i64,
+    /// E.g. `instance.start`.
+    pub process_name: String,
+    /// The resource's kind.
+    pub kind: ResourceKind,
+    /// The resource's id.
+    pub resource_id: i64,
+    /// The project.
+    pub account_id: Option<i64>,
+    /// When the first attempt started.
+    pub start_time: Option<i64>,
+    /// When it ended; `None` while pending.
+    pub end_time: Option<i64>,
+    /// When it was scheduled.
+    pub created: i64,
+    /// The next time it may run.
+    pub run_after: Option<i64>,
+    /// Attempts so far.
+    pub execution_count: i64,
+    /// `SUCCESS`, `FAILURE` or `CANCELED` once ended.
+    pub result: Option<String>,
+    /// Why the last attempt or the process ended (`DONE`, `TIMEOUT`, `ERROR`, `CANCELED`, …).
+    pub exit_reason: Option<String>,
+    /// `REQUESTED`, `RUNNING`, `WAITING` or `DONE`.
+    pub phase: Option<String>,
+    /// The node holding the lease, while running.
+    pub running_process_server_id: Option<String>,
+    /// The node that scheduled it.
+    pub start_process_server_id: Option<String>,
+    /// When the lease runs out.
+    pub lease_expires: Option<i64>,
+    /// The last attempt's error.
+    pub last_error: Option<String>,
+    /// Input: `previousState`, `transitioning`, and the caller's data.
+    pub data: Value,
+    /// Priority (higher first).
+    pub priority: i64,
+}
+
+impl ProcessInstance {
+    /// The resource state the process moves the resource to while it runs.
+    pub fn transitioning_state(&self) -> Option<&str> {
+        self.data.get("transitioning").and_then(Value::as_str)
+    }
+
+    /// The state the resource had before the process.
+    pub fn previous_state(&self) -> Option<&str> {
+        self.data.get("previousState").and_then(Value::as_str)
+    }
+
+    /// Whether a live lease holds it at `now`.
+    pub fn is_running(&self, now: i64) -> bool {
+        self.end_time.is_none() && self.lease_expires.is_some_and(|until| until >= now)
+    }
+}
+
+#[derive(FromRow)]
+struct ProcessRow {
+    id: i64,
+    process_name: String,
+    resource_type: String,
+    resource_id: i64,
+    account_id: Option<i64>,
+    start_time: Option<i64>,
+    end_time: Option<i64>,
+    created: i64,
+    run_after: Option<i64>,
+    execution_count: i64,
+    result: Option<String>,
+    exit_reason: Option<String>,
+    phase: Option<String>,
+    running_process_server_id: Option<String>,
+    start_process_server_id: Option<String>,
+    lease_expires: Option<i64>,
+    last_error: Option<String>,
+    data: Option<String>,
+    priority: i32,
+}
+
+const PROCESS_COLUMNS: &str = "id, process_name, resource_type, resource_id, account_id, start_time, end_time, created, \
+    run_after, execution_count, result, exit_reason, phase, running_process_server_id, start_process_server_id, \
+    lease_expires, last_error, data, priority";
+
+impl TryFrom<ProcessRow> for ProcessInstance {
+    type Error = Error;
+    fn try_from(row: ProcessRow) -> Result<Self> {
+        Ok(ProcessInstance {
+            id: row.id,
+            kind: ResourceKind::parse(&row.resource_type).ok_or_else(|| {
+                Error::Corrupt(format!(
+                    "process {} has resource type {:?}",
+                    row.id, row.resource_type
+                ))
+            })?,
+            process_name: row.process_name,
+            resource_id: row.resource_id,
+            account_id: row.account_id,
+            start_time: row.start_time,
+            end_time: row.end_time,
+            created: row.created,
+            run_after: row.run_after,
+            execution_count: row.execution_count,
+            result: row.result,
+            exit_reason: row.exit_reason,
+            phase: row.phase,
+            running_process_server_id: row.running_process_server_id,
+            start_process_server_id: row.start_process_server_id,
+            lease_expires: row.lease_expires,
+            last_error: row.last_error,
+            data: row
+                .data
+                .as_deref()
+                .and_then(|text| serde_json::from_str(text).ok())
+                .unwrap_or(Value::Null),
+            priority: i64::from(row.priority),
+        })
+    }
+}
+
+/// A process to schedule on an existing resource.
+#[derive(Debug, Clone)]
+pub struct NewProcess<'a> {
+    /// E.g. `instance.start`.
+    pub process_name: &'a str,
+    /// The resource's kind.
+    pub kind: ResourceKind,
+    /// The resource.
+    pub resource_id: i64,
+    /// States the resource must be in.
+    pub start_states: &'a [&'a str],
+    /// The state the resource moves to now.
+    pub transitioning_state: &'a str,
+    /// Cancel whatever is pending on the resource instead of refusing (remove).
+    pub cancel_pending: bool,
+    /// Input data for the handlers.
+    pub data: Map<String, Value>,
+    /// The node scheduling it.
+    pub node: &'a str,
+}
+
+/// A process scheduled, and the resource as it now is.
+#[derive(Debug, Clone)]
+pub struct Scheduled {
+    /// The new process.
+    pub process: ProcessInstance,
+    /// The resource, in its transitioning state.
+    pub resource: Resource,
+    /// The state it left.
+    pub previous_state: String,
+    /// Processes canceled to make way (remove).
+    pub canceled: Vec<i64>,
+}
+
+/// Why a process could not be scheduled.
+#[derive(Debug, thiserror::Error)]
+pub enum ScheduleError {
+    /// No such resource.
+    #[error("resource not found")]
+    NotFound,
+    /// The resource is not in a start state of the process.
+    #[error("resource is in state {state}")]
+    InvalidState {
+        /// Its state.
+        state: String,
+    },
+    /// Another process holds the resource.
+    #[error("resource is locked by process {process_id} ({process_name})")]
+    Busy {
+        /// That process.
+        process_id: i64,
+        /// Its name.
+        process_name: String,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] Error),
+}
+
+impl From<sqlx::Error> for ScheduleError {
+    fn from(error: sqlx::Error) -> Self {
+        ScheduleError::Store(Error::Database(error))
+    }
+}
+
+/// One attempt, as recorded in `process_execution`.
+#[derive(Debug, Clone)]
+pub struct ExecutionRecord {
+    /// When it started.
+    pub started: i64,
+    /// When it ended.
+    pub ended: i64,
+    /// `DONE`, `TIMEOUT`, `ERROR`, …
+    pub exit_reason: String,
+    /// The agent's message or the error.
+    pub message: Option<String>,
+    /// Structured detail (handler, agent, progress seen).
+    pub log: Value,
+}
+
+/// How an attempt ends.
+#[derive(Debug, Clone)]
+pub enum Finish {
+    /// Success: the resource moves to `done_state`, `data` replaces its data when given, and
+    /// `next` (a delegate) is scheduled in the same transaction.
+    Done {
+        /// The done state.
+        done_state: String,
+        /// The resource's new data.
+        data: Option<Map<String, Value>>,
+        /// The host the resource was placed on, if the attempt placed it.
+        host_id: Option<i64>,
+        /// A process to run next: name, transitioning state, data.
+        next: Option<(String, String, Map<String, Value>)>,
+    },
+    /// The attempt failed; try again after `run_after`.
+    Retry {
+        /// The next run.
+        run_after: i64,
+        /// What failed.
+        message: String,
+        /// `TIMEOUT` or `ERROR`.
+        reason: String,
+    },
+    /// The process failed for good: the resource goes to `error`.
+    Failed {
+        /// Why, for people.
+        message: String,
+        /// The last attempt's reason.
+        reason: String,
+    },
+    /// The process no longer applies (the resource changed state under it).
+    Canceled {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Which processes to list.
+#[derive(Debug, Clone, Default)]
+pub struct ProcessFilter {
+    /// Exact process name.
+    pub name: Option<String>,
+    /// Resource kind.
+    pub kind: Option<ResourceKind>,
+    /// Resource id.
+    pub resource_id: Option<i64>,
+    /// `running`, `delayed`, `ready`, `pending` (any of those) or `done`.
+    pub status: Option<String>,
+    /// `SUCCESS`, `FAILURE`, `CANCELED`.
+    pub result: Option<String>,
+    /// The project.
+    pub account_id: Option<i64>,
+    /// Rows after this id (or before it, with `newest_first`).
+    pub marker: Option<i64>,
+    /// The most rows.
+    pub limit: i64,
+    /// Newest first (for done processes).
+    pub newest_first: bool,
+}
+
+/// Counts of pending processes of one name.
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
+pub struct ProcessSummary {
+    /// The process name.
+    pub process_name: String,
+    /// Held by a live lease.
+    pub running: i64,
+    /// Waiting for a worker.
+    pub ready: i64,
+    /// Waiting for `run_after` (backing off).
+    pub delayed: i64,
+}
+
+fn with_meta(data: Map<String, Value>, previous_state: &str, transitioning: &str) -> String {
+    let mut data = data;
+    data.insert("previousState".into(), json!(previous_state));
+    data.insert("transitioning".into(), json!(transitioning));
+    Value::Object(data).to_string()
+}
+
+/// Inserts a process row; yields it.
+macro_rules! insert_process {
+    ($conn:expr, $name:expr, $kind:expr, $resource_id:expr, $account_id:expr, $data:expr, $node:expr, $now:expr) => {{
+        let sql = format!(
+            "INSERT INTO process_instance (process_name, resource_type, resource_id, account_id, data, run_after, \
+             created, start_process_server_id, execution_count, phase, priority) \
+             VALUES ($1, $2, $3, $4, $5, $6, $6, $7, 0, 'REQUESTED', 0) RETURNING {PROCESS_COLUMNS}"
+        );
+        let row: ProcessRow = sqlx::query_as(AssertSqlSafe(sql))
+            .bind($name)
+            .bind($kind.table())
+            .bind($resource_id)
+            .bind($account_id)
+            .bind($data)
+            .bind($now)
+            .bind($node)
+            .fetch_one($conn)
+            .await?;
+        ProcessInstance::try_from(row)?
+    }};
+}
+
+impl Store {
+    /// Checks the resource's state, cancels or refuses what is pending on it, moves it to the
+    /// process's transitioning state and inserts the process: one transaction.
+    pub async fn schedule(&self, new: &NewProcess<'_>) -> Result<Scheduled, ScheduleError> {
+        let kind = new.kind;
+        let table = kind.table();
+        let lock_sql = format!("UPDATE {table} SET state = state WHERE id = $1");
+        let select_sql = format!(
+            "SELECT {} FROM {table} r WHERE r.id = $1",
+            select_list(kind, "r")
+        );
+        let move_sql = format!(
+            "UPDATE {table} SET state = $1, transitioning = 'yes', transitioning_message = NULL, \
+             transitioning_progress = NULL WHERE id = $2"
+        );
+        let now = now_millis();
+        let scheduled: Scheduled = write_tx!(self, tx => {
+            sqlx::query(AssertSqlSafe(lock_sql.as_str())).bind(new.resource_id).execute(&mut *tx).await?;
+            let row: Option<ResourceRow> = sqlx::query_as(AssertSqlSafe(select_sql.as_str()))
+                .bind(new.resource_id).fetch_optional(&mut *tx).await?;
+            let Some(row) = row else { return Err(ScheduleError::NotFound) };
+            let mut resource = row.into_resource(kind)?;
+            let pending: Vec<(i64, String)> = sqlx::query_as(
+                "SELECT id, process_name FROM process_instance WHERE resource_type = $1 AND resource_id = $2 \
+                 AND end_time IS NULL ORDER BY id")
+                .bind(table).bind(new.resource_id).fetch_all(&mut *tx).await?;
+            // A pending process is named first: it is why the state is what it is.
+            if let Some((process_id, process_name)) = pending.first()
+                && !new.cancel_pending
+            {
+                return Err(ScheduleError::Busy { process_id: *process_id, process_name: process_name.clone() });
+            }
+            if !new.start_states.contains(&resource.state.as_str()) {
+                return Err(ScheduleError::InvalidState { state: resource.state });
+            }
+            let mut canceled = Vec::new();
+            if !pending.is_empty() {
+                for (id, _) in &pending {
+                    sqlx::query(
+                        "UPDATE process_instance SET end_time = $1, result = 'CANCELED', exit_reason = 'CANCELED', \
+                         phase = 'DONE', running_process_server_id = NULL, lease_expires = NULL, \
+                         last_error = COALESCE(last_error, $2) WHERE id = $3 AND end_time IS NULL")
+                        .bind(now).bind(format!("canceled by {}", new.process_name)).bind(id)
+                        .execute(&mut *tx).await?;
+                    canceled.push(*id);
+                }
+            }
+            sqlx::query(AssertSqlSafe(move_sql.as_str()))
+                .bind(new.transitioning_state).bind(new.resource_id).execute(&mut *tx).await?;
+            let data = with_meta(new.data.clone(), &resource.state, new.transitioning_state);
+            let process = insert_process!(&mut *tx, new.process_name, kind, new.resource_id, resource.account_id, data, new.node, now);
+            let previous_state = std::mem::replace(&mut resource.state, new.transitioning_state.to_owned());
+            resource.transitioning = "yes".into();
+            resource.transitioning_message = None;
+            resource.transitioning_progress = None;
+            Scheduled { process, resource, previous_state, canceled }
+        });
+        Ok(scheduled)
+    }
+
+    /// Creates a resource directly in the create process's transitioning state, with that
+    /// process: one transaction.
+    pub async fn create_and_schedule(
+        &self,
+        kind: ResourceKind,
+        new: &NewResource,
+        process_name: &str,
+        transitioning_state: &str,
+        data: Map<String, Value>,
+        node: &str,
+    ) -> Result<Scheduled> {
+        let now = now_millis();
+        let data = with_meta(data, "requested", transitioning_state);
+        let process: ProcessInstance = write_tx!(self, tx => {
+            let id: i64 = insert_row!(&mut *tx, kind, new, transitioning_state, "yes");
+            insert_process!(&mut *tx, process_name, kind, id, new.account_id, data.clone(), node, now)
+        });
+        let resource = self
+            .get_resource(kind, process.resource_id)
+            .await?
+            .ok_or(Error::NotFound("resource"))?;
+        Ok(Scheduled {
+            process,
+            resource,
+            previous_state: "requested".into(),
+            canceled: Vec::new(),
+        })
+    }
+
+    /// Claims up to `limit` ready processes for `node` with a lease until `lease_until`.
+    pub async fn claim(
+        &self,
+        node: &str,
+        limit: i64,
+        lease_until: i64,
+    ) -> Result<Vec<ProcessInstance>> {
+        let now = now_millis();
+        let lock = match self.pool {
+            Pool::Sqlite(_) => "",
+            Pool::Postgres(_) => " FOR UPDATE SKIP LOCKED",
+        };
+        let sql = format!(
+            "UPDATE process_instance SET running_process_server_id = $1, lease_expires = $2, \
+             execution_count = execution_count + 1, start_time = COALESCE(start_time, $3), phase = 'RUNNING' \
+             WHERE id IN (SELECT p.id FROM process_instance p WHERE p.end_time IS NULL AND p.run_after <= $3 \
+             AND (p.lease_expires IS NULL OR p.lease_expires < $3) \
+             AND NOT EXISTS (SELECT 1 FROM process_instance q WHERE q.resource_type = p.resource_type \
+             AND q.resource_id = p.resource_id AND q.end_time IS NULL AND q.id < p.id) \
+             ORDER BY p.priority DESC, p.run_after, p.id LIMIT $4{lock}) \
+             RETURNING {PROCESS_COLUMNS}"
+        );
+        let rows: Vec<ProcessRow> = dispatch!(self, pool => sqlx::query_as(AssertSqlSafe(sql.as_str()))
+            .bind(node).bind(lease_until).bind(now).bind(limit).fetch_all(pool).await?);
+        rows.into_iter().map(ProcessInstance::try_from).collect()
+    }
+
+    /// Extends the leases of everything `node` is running.
+    pub async fn renew_leases(&self, node: &str, lease_until: i64) -> Result<u64> {
+        Ok(dispatch!(self, pool => sqlx::query(
+            "UPDATE process_instance SET lease_expires = $1 WHERE running_process_server_id = $2 AND end_time IS NULL")
+            .bind(lease_until).bind(node).execute(pool).await?.rows_affected()))
+    }
+
+    /// The earliest `run_after` of pending processes not held by a lease: when to look next.
+    pub async fn next_run_after(&self) -> Result<Option<i64>> {
+        Ok(dispatch!(self, pool => sqlx::query_scalar(
+            "SELECT MIN(COALESCE(lease_expires, run_after)) FROM process_instance WHERE end_time IS NULL")
+            .fetch_one(pool).await?))
+    }
+
+    /// Ends an attempt: records it, and moves the process and the resource on, if `node`
+    /// still holds the process. Returns the resource as it now is, or `None` when the process
+    /// was canceled or taken over meanwhile (then nothing changed).
+    pub async fn finish(
+        &self,
+        process: &ProcessInstance,
+        node: &str,
+        record: &ExecutionRecord,
+        finish: &Finish,
+    ) -> Result<Option<Resource>> {
+        let kind = process.kind;
+        let table = kind.table();
+        let transitioning = process.transitioning_state().unwrap_or("").to_owned();
+        let now = now_millis();
+        let (process_sql, resource_sql) = match finish {
+            Finish::Done { .. } => (
+                "UPDATE process_instance SET end_time = $1, result = 'SUCCESS', exit_reason = 'DONE', phase = 'DONE', \
+                 running_process_server_id = NULL, lease_expires = NULL, run_after = NULL \
+                 WHERE id = $2 AND end_time IS NULL AND running_process_server_id = $3",
+                format!(
+                    "UPDATE {table} SET state = $1, transitioning = 'no', transitioning_message = NULL, \
+                     transitioning_progress = NULL, data = COALESCE($2, data), \
+                     removed = CASE WHEN $1 = 'removed' THEN $3 ELSE removed END{host} WHERE id = $4 AND state = $5",
+                    host = if kind.has_column("host_id") {
+                        ", host_id = COALESCE($6, host_id)"
+                    } else {
+                        ""
+                    }
+                ),
+            ),
+            Finish::Retry { .. } => (
+                "UPDATE process_instance SET running_process_server_id = NULL, lease_expires = NULL, run_after = $1, \
+                 phase = 'WAITING' WHERE id = $2 AND end_time IS NULL AND running_process_server_id = $3",
+                format!(
+                    "UPDATE {table} SET transitioning = 'error', transitioning_message = $1 WHERE id = $2 AND state = $3"
+                ),
+            ),
+            Finish::Failed { .. } => (
+                "UPDATE process_instance SET end_time = $1, result = 'FAILURE', phase = 'DONE', \
+                 running_process_server_id = NULL, lease_expires = NULL, run_after = NULL \
+                 WHERE id = $2 AND end_time IS NULL AND running_process_server_id = $3",
+                format!(
+                    "UPDATE {table} SET state = 'error', transitioning = 'error', transitioning_message = $1 \
+                     WHERE id = $2 AND state = $3"
+                ),
+            ),
+            Finish::Canceled { .. } => (
+                "UPDATE process_instance SET end_time = $1, result = 'CANCELED', phase = 'DONE', \
+                 running_process_server_id = NULL, lease_expires = NULL, run_after = NULL \
+                 WHERE id = $2 AND end_time IS NULL AND running_process_server_id = $3",
+                String::new(),
+            ),
+        };
+        let first_bind = match finish {
+            Finish::Retry { run_after, .. } => *run_after,
+            _ => now,
+        };
+        let (exit_reason, last_error) = match finish {
+            Finish::Done { .. } => ("DONE".to_owned(), None),
+            Finish::Retry {
+                reason, message, ..
+            }
+            | Finish::Failed { reason, message } => (reason.clone(), Some(message.clone())),
+            Finish::Canceled { reason } => (reason.clone(), Some(reason.clone())),
+        };
+        let select_sql = format!(
+            "SELECT {} FROM {table} r WHERE r.id = $1",
+            select_list(kind, "r")
+        );
+        let finished: Option<Resource> = write_tx!(self, tx => {
+            let owned = sqlx::query(AssertSqlSafe(process_sql))
+                .bind(first_bind).bind(process.id).bind(node).execute(&mut *tx).await?.rows_affected();
+            if owned == 0 {
+                None
+            } else {
+                sqlx::query("UPDATE process_instance SET exit_reason = $1, last_error = $2 WHERE id = $3")
+                    .bind(&exit_reason).bind(&last_error).bind(process.id).execute(&mut *tx).await?;
+                sqlx::query(
+                    "INSERT INTO process_execution (process_instance_id, uuid, log, created, started, ended, exit_reason, message) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
+                    .bind(process.id).bind(uuid::Uuid::new_v4().to_string()).bind(record.log.to_string())
+                    .bind(now).bind(record.started).bind(record.ended).bind(&record.exit_reason).bind(&record.message)
+                    .execute(&mut *tx).await?;
+                match finish {
+                    Finish::Done { done_state, data, host_id, next } => {
+                        let data = data.as_ref().map(|data| Value::Object(data.clone()).to_string());
+                        let mut query = sqlx::query(AssertSqlSafe(resource_sql.as_str()))
+                            .bind(done_state).bind(data).bind(now).bind(process.resource_id).bind(&transitioning);
+                        if kind.has_column("host_id") {
+                            query = query.bind(*host_id);
+                        }
+                        let moved = query.execute(&mut *tx).await?.rows_affected();
+                        if moved > 0 && let Some((name, next_transitioning, next_data)) = next {
+                            let move_sql = format!("UPDATE {table} SET state = $1, transitioning = 'yes' WHERE id = $2");
+                            sqlx::query(AssertSqlSafe(move_sql)).bind(next_transitioning).bind(process.resource_id)
+                                .execute(&mut *tx).await?;
+                            let next_data = with_meta(next_data.clone(), done_state, next_transitioning);
+                            let _next = insert_process!(&mut *tx, name.as_str(), kind, process.resource_id, process.account_id, next_data, node, now);
+                        }
+                    }
+                    Finish::Retry { message, .. } | Finish::Failed { message, .. } => {
+                        sqlx::query(AssertSqlSafe(resource_sql.as_str()))
+                            .bind(message).bind(process.resource_id).bind(&transitioning).execute(&mut *tx).await?;
+                    }
+                    Finish::Canceled { .. } => {}
+                }
+                let row: Option<ResourceRow> = sqlx::query_as(AssertSqlSafe(select_sql.as_str()))
+                    .bind(process.resource_id).fetch_optional(&mut *tx).await?;
+                row.map(|row| row.into_resource(kind)).transpose()?
+            }
+        });
+        Ok(finished)
+    }
+
+    /// A process by id.
+    pub async fn get_process(&self, id: i64) -> Result<Option<ProcessInstance>> {
+        let sql = format!("SELECT {PROCESS_COLUMNS} FROM process_instance WHERE id = $1");
+        let row: Option<ProcessRow> = dispatch!(self, pool => sqlx::query_as(AssertSqlSafe(sql.as_str())).bind(id).fetch_optional(pool).await?);
+        row.map(ProcessInstance::try_from).transpose()
+    }
+
+    /// The pending process of a resource, if any.
+    pub async fn pending_process(
+        &self,
+        kind: ResourceKind,
+        resource_id: i64,
+    ) -> Result<Option<ProcessInstance>> {
+        let sql = format!(
+            "SELECT {PROCESS_COLUMNS} FROM process_instance WHERE resource_type = $1 AND resource_id = $2 \
+             AND end_time IS NULL ORDER BY id LIMIT 1"
+        );
+        let row: Option<ProcessRow> = dispatch!(self, pool => sqlx::query_as(AssertSqlSafe(sql.as_str()))
+            .bind(kind.table()).bind(resource_id).fetch_optional(pool).await?);
+        row.map(ProcessInstance::try_from).transpose()
+    }
+
+    /// Processes, filtered and paged.
+    pub async fn list_processes(&self, filter: &ProcessFilter) -> Result<Page<ProcessInstance>> {
+        let now = now_millis();
+        let mut filters: Vec<Filter> = Vec::new();
+        use crate::store::resource::{FilterOp, FilterValue};
+        if let Some(name) = &filter.name {
+            filters.push(Filter {
+                column: "process_name",
+                op: FilterOp::Eq,
+                value: FilterValue::Text(name.clone()),
+            });
+        }
+        if let Some(kind) = filter.kind {
+            filters.push(Filter {
+                column: "resource_type",
+                op: FilterOp::Eq,
+                value: FilterValue::Text(kind.table().into()),
+            });
+        }
+        if let Some(id) = filter.resource_id {
+            filters.push(Filter {
+                column: "resource_id",
+                op: FilterOp::Eq,
+                value: FilterValue::Int(id),
+            });
+        }
+        if let Some(result) = &filter.result {
+            filters.push(Filter {
+                column: "result",
+                op: FilterOp::Eq,
+                value: FilterValue::Text(result.clone()),
+            });
+        }
+        if let Some(account) = filter.account_id {
+            filters.push(Filter {
+                column: "account_id",
+                op: FilterOp::Eq,
+                value: FilterValue::Int(account),
+            });
+        }
+        let (mut clause, values) = conditions(&filters, 4);
+        match filter.status.as_deref() {
+            Some("running") => clause.push_str(" AND end_time IS NULL AND lease_expires >= $3"),
+            Some("delayed") => clause.push_str(
+                " AND end_time IS NULL AND (lease_expires IS NULL OR lease_expires < $3) AND run_after > $3",
+            ),
+            Some("ready") => clause.push_str(
+                " AND end_time IS NULL AND (lease_expires IS NULL OR lease_expires < $3) AND run_after <= $3",
+            ),
+            Some("pending") => clause.push_str(" AND end_time IS NULL AND $3 = $3"),
+            Some("done") => clause.push_str(" AND end_time IS NOT NULL AND $3 = $3"),
+            _ => clause.push_str(" AND $3 = $3"),
+        }
+        let (marker_clause, order) = if filter.newest_first {
+            ("($1 = 0 OR id < $1)", "id DESC")
+        } else {
+            ("id > $1", "id")
+        };
+        let sql = format!(
+            "SELECT {PROCESS_COLUMNS} FROM process_instance WHERE {marker_clause}{clause} ORDER BY {order} LIMIT $2"
+        );
+        let limit = filter.limit.clamp(1, 1000);
+        let rows: Vec<ProcessRow> = dispatch!(self, pool => {
+            let base = sqlx::query_as(AssertSqlSafe(sql.as_str())).bind(filter.marker.unwrap_or(0)).bind(limit + 1).bind(now);
+            bind_values!(base, &values).fetch_all(pool).await?
+        });
+        let mut data = rows
+            .into_iter()
+            .map(ProcessInstance::try_from)
+            .collect::<Result<Vec<_>>>()?;
+        let next_marker = if data.len() as i64 > limit {
+            data.truncate(limit as usize);
+            data.last().map(|process| process.id)
+        } else {
+            None
+        };
+        Ok(Page { data, next_marker })
+    }
+
+    /// Running / ready / delayed counts of pending processes, per process name.
+    pub async fn process_summary(&self) -> Result<Vec<ProcessSummary>> {
+        let now = now_millis();
+        Ok(dispatch!(self, pool => sqlx::query_as(
+            "SELECT process_name, \
+             SUM(CASE WHEN lease_expires >= $1 THEN 1 ELSE 0 END) AS running, \
+             SUM(CASE WHEN (lease_expires IS NULL OR lease_expires < $1) AND run_after <= $1 THEN 1 ELSE 0 END) AS ready, \
+             SUM(CASE WHEN (lease_expires IS NULL OR lease_expires < $1) AND run_after > $1 THEN 1 ELSE 0 END) AS delayed \
+             FROM process_instance WHERE end_time IS NULL GROUP BY process_name ORDER BY process_name")
+            .bind(now).fetch_all(pool).await?))
+    }
+
+    /// The attempts of a process, oldest first: `(id, created, started, ended, exit_reason, message, log)`.
+    pub async fn list_executions(&self, process_id: i64) -> Result<Vec<ExecutionRow>> {
+        Ok(dispatch!(self, pool => sqlx::query_as(
+            "SELECT id, process_instance_id, created, started, ended, exit_reason, message, log \
+             FROM process_execution WHERE process_instance_id = $1 ORDER BY id")
+            .bind(process_id).fetch_all(pool).await?))
+    }
+
+    /// An execution by id.
+    pub async fn get_execution(&self, id: i64) -> Result<Option<ExecutionRow>> {
+        Ok(dispatch!(self, pool => sqlx::query_as(
+            "SELECT id, process_instance_id, created, started, ended, exit_reason, message, log \
+             FROM process_execution WHERE id = $1")
+            .bind(id).fetch_optional(pool).await?))
+    }
+
+    /// Admin: run a process again now. A pending process gets its attempts reset; a failed or
+    /// canceled one is reopened (its resource back in the transitioning state) if nothing else
+    /// is pending on the resource. Refused for a running or succeeded process.
+    pub async fn replay(&self, id: i64) -> Result<ProcessInstance, ScheduleError> {
+        let now = now_millis();
+        let process = self.get_process(id).await?.ok_or(ScheduleError::NotFound)?;
+        let table = process.kind.table();
+        let transitioning = process.transitioning_state().unwrap_or("").to_owned();
+        let move_sql = format!(
+            "UPDATE {table} SET state = $1, transitioning = 'yes', transitioning_message = NULL, \
+             transitioning_progress = NULL WHERE id = $2 AND removed IS NULL"
+        );
+        write_tx!(self, tx => {
+            let row: Option<(Option<i64>, Option<String>, Option<i64>)> = sqlx::query_as(
+                "SELECT end_time, result, lease_expires FROM process_instance WHERE id = $1")
+                .bind(id).fetch_optional(&mut *tx).await?;
+            let Some((end_time, result, lease)) = row else { return Err(ScheduleError::NotFound) };
+            if lease.is_some_and(|until| until >= now) && end_time.is_none() {
+                return Err(ScheduleError::Busy { process_id: id, process_name: process.process_name.clone() });
+            }
+            match (end_time, result.as_deref()) {
+                (None, _) => {
+                    sqlx::query("UPDATE process_instance SET run_after = $1, execution_count = 0, lease_expires = NULL, \
+                                 running_process_server_id = NULL WHERE id = $2")
+                        .bind(now).bind(id).execute(&mut *tx).await?;
+                }
+                (Some(_), Some("SUCCESS")) => {
+                    return Err(ScheduleError::InvalidState { state: "SUCCESS".into() });
+                }
+                (Some(_), _) => {
+                    let other: Option<(i64, String)> = sqlx::query_as(
+                        "SELECT id, process_name FROM process_instance WHERE resource_type = $1 AND resource_id = $2 \
+                         AND end_time IS NULL LIMIT 1")
+                        .bind(table).bind(process.resource_id).fetch_optional(&mut *tx).await?;
+                    if let Some((process_id, process_name)) = other {
+                        return Err(ScheduleError::Busy { process_id, process_name });
+                    }
+                    let moved = sqlx::query(AssertSqlSafe(move_sql.as_str()))
+                        .bind(&transitioning).bind(process.resource_id).execute(&mut *tx).await?.rows_affected();
+                    if moved == 0 {
+                        return Err(ScheduleError::InvalidState { state: "removed".into() });
+                    }
+                    sqlx::query("UPDATE process_instance SET end_time = NULL, result = NULL, exit_reason = NULL, \
+                                 run_after = $1, execution_count = 0, phase = 'REQUESTED', lease_expires = NULL, \
+                                 running_process_server_id = NULL WHERE id = $2")
+                        .bind(now).bind(id).execute(&mut *tx).await?;
+                }
+            }
+        });
+        self.get_process(id).await?.ok_or(ScheduleError::NotFound)
+    }
+
+    /// Admin: cancel a pending process; its resource goes back to the state it had before.
+    pub async fn cancel(
+        &self,
+        id: i64,
+    ) -> Result<(ProcessInstance, Option<Resource>), ScheduleError> {
+        let now = now_millis();
+        let process = self.get_process(id).await?.ok_or(ScheduleError::NotFound)?;
+        if process.end_time.is_some() {
+            return Err(ScheduleError::InvalidState {
+                state: process.result.unwrap_or_else(|| "ended".into()),
+            });
+        }
+        let table = process.kind.table();
+        let back_sql = format!(
+            "UPDATE {table} SET state = $1, transitioning = 'no', transitioning_message = $2, transitioning_progress = NULL \
+             WHERE id = $3 AND state = $4"
+        );
+        let previous = process.previous_state().unwrap_or("error").to_owned();
+        let transitioning = process.transitioning_state().unwrap_or("").to_owned();
+        write_tx!(self, tx => {
+            let ended = sqlx::query("UPDATE process_instance SET end_time = $1, result = 'CANCELED', exit_reason = 'CANCELED', \
+                                     phase = 'DONE', running_process_server_id = NULL, lease_expires = NULL, \
+                                     last_error = 'canceled by an admin' WHERE id = $2 AND end_time IS NULL")
+                .bind(now).bind(id).execute(&mut *tx).await?.rows_affected();
+            if ended == 0 {
+                return Err(ScheduleError::InvalidState { state: "ended".into() });
+            }
+            sqlx::query(AssertSqlSafe(back_sql.as_str()))
+                .bind(&previous).bind(format!("{} canceled by an admin", process.process_name))
+                .bind(process.resource_id).bind(&transitioning).execute(&mut *tx).await?;
+        });
+        let resource = self.get_resource(process.kind, process.resource_id).await?;
+        Ok((
+            self.get_process(id).await?.ok_or(ScheduleError::NotFound)?,
+            resource,
+        ))
+    }
+}
+
+/// A `process_execution` row.
+#[derive(Debug, Clone, PartialEq, FromRow)]
+pub struct ExecutionRow {
+    /// Database id.
+    pub id: i64,
+    /// The process.
+    pub process_instance_id: i64,
+    /// When it was recorded.
+    pub created: i64,
+    /// When the attempt started.
+    pub started: Option<i64>,
+    /// When it ended.
+    pub ended: Option<i64>,
+    /// Why it ended.
+    pub exit_reason: Option<String>,
+    /// The agent's message or the error.
+    pub message: Option<String>,
+    /// Structured detail, JSON.
+    pub log: Option<String>,
+}

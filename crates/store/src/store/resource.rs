@@ -1,0 +1,382 @@
+//! Resources of every kind: one row shape over six tables.
+
+use serde_json::{Map, Value};
+use sqlx::{AssertSqlSafe, FromRow};
+
+use super::{Pool, Store, now_millis};
+use crate::model::{NewResource, Resource, ResourceKind};
+use crate::{Error, Result};
+
+const REFERENCE_COLUMNS: [&str; 5] = [
+    "host_id",
+    "agent_id",
+    "stack_id",
+    "service_id",
+    "instance_id",
+];
+
+/// The select list of a kind: common columns, and NULL for references the table lacks.
+pub(super) fn select_list(kind: ResourceKind, alias: &str) -> String {
+    let mut out = format!(
+        "{alias}.id, {alias}.name, {alias}.account_id, {alias}.kind, {alias}.uuid, {alias}.description, \
+         {alias}.state, {alias}.transitioning, {alias}.transitioning_message, {alias}.transitioning_progress, \
+         {alias}.created, {alias}.removed, {alias}.data"
+    );
+    for column in REFERENCE_COLUMNS {
+        if kind.has_column(column) {
+            out.push_str(&format!(", {alias}.{column}"));
+        } else {
+            out.push_str(&format!(", CAST(NULL AS BIGINT) AS {column}"));
+        }
+    }
+    out
+}
+
+#[derive(FromRow)]
+pub(super) struct ResourceRow {
+    id: i64,
+    name: Option<String>,
+    account_id: Option<i64>,
+    kind: String,
+    uuid: String,
+    description: Option<String>,
+    state: String,
+    transitioning: String,
+    transitioning_message: Option<String>,
+    transitioning_progress: Option<i32>,
+    created: i64,
+    removed: Option<i64>,
+    data: Option<String>,
+    host_id: Option<i64>,
+    agent_id: Option<i64>,
+    stack_id: Option<i64>,
+    service_id: Option<i64>,
+    instance_id: Option<i64>,
+}
+
+impl ResourceRow {
+    pub(super) fn into_resource(self, kind: ResourceKind) -> Result<Resource> {
+        let data = match self.data.as_deref() {
+            None | Some("") => Map::new(),
+            Some(text) => match serde_json::from_str(text) {
+                Ok(Value::Object(map)) => map,
+                _ => {
+                    return Err(Error::Corrupt(format!(
+                        "{} {} has malformed data",
+                        kind.table(),
+                        self.id
+                    )));
+                }
+            },
+        };
+        Ok(Resource {
+            kind,
+            id: self.id,
+            name: self.name,
+            account_id: self.account_id,
+            sub_kind: self.kind,
+            uuid: self.uuid,
+            description: self.description,
+            state: self.state,
+            transitioning: self.transitioning,
+            transitioning_message: self.transitioning_message,
+            transitioning_progress: self.transitioning_progress.map(i64::from),
+            created: self.created,
+            removed: self.removed,
+            data,
+            host_id: self.host_id,
+            agent_id: self.agent_id,
+            stack_id: self.stack_id,
+            service_id: self.service_id,
+            instance_id: self.instance_id,
+        })
+    }
+}
+
+/// A comparison in a list filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilterOp {
+    /// `=`.
+    Eq,
+    /// `<>` (or `IS NOT NULL` for a null value).
+    Ne,
+    /// SQL `LIKE`.
+    Like,
+    /// `IS NULL`.
+    Null,
+    /// `IS NOT NULL`.
+    NotNull,
+}
+
+/// A filter value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FilterValue {
+    /// A text column.
+    Text(String),
+    /// An integer column.
+    Int(i64),
+}
+
+/// One condition on a column; the caller has checked the column name against its schema.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Filter {
+    /// The column.
+    pub column: &'static str,
+    /// The comparison.
+    pub op: FilterOp,
+    /// The value (ignored for `Null` and `NotNull`).
+    pub value: FilterValue,
+}
+
+/// A page of a list: the rows, and whether more follow.
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    /// The rows.
+    pub data: Vec<T>,
+    /// The marker (last id) to ask for the next page with, when there is one.
+    pub next_marker: Option<i64>,
+}
+
+/// What to list.
+#[derive(Debug, Clone)]
+pub struct ListQuery {
+    /// Only rows of this project.
+    pub account_id: Option<i64>,
+    /// Conditions, all of which must hold.
+    pub filters: Vec<Filter>,
+    /// Rows after this id.
+    pub marker: Option<i64>,
+    /// The most rows.
+    pub limit: i64,
+}
+
+/// Appends `WHERE`-clause conditions with numbered placeholders starting at `first`.
+pub(super) fn conditions(filters: &[Filter], first: usize) -> (String, Vec<FilterValue>) {
+    let mut sql = String::new();
+    let mut values = Vec::new();
+    for filter in filters {
+        let placeholder = first + values.len();
+        let clause = match filter.op {
+            FilterOp::Null => format!(" AND {} IS NULL", filter.column),
+            FilterOp::NotNull => format!(" AND {} IS NOT NULL", filter.column),
+            FilterOp::Eq => format!(" AND {} = ${placeholder}", filter.column),
+            FilterOp::Ne => format!(
+                " AND ({} <> ${placeholder} OR {} IS NULL)",
+                filter.column, filter.column
+            ),
+            FilterOp::Like => format!(" AND {} LIKE ${placeholder}", filter.column),
+        };
+        if !matches!(filter.op, FilterOp::Null | FilterOp::NotNull) {
+            values.push(filter.value.clone());
+        }
+        sql.push_str(&clause);
+    }
+    (sql, values)
+}
+
+macro_rules! bind_values {
+    ($query:expr, $values:expr) => {{
+        let mut query = $query;
+        for value in $values {
+            query = match value {
+                FilterValue::Text(text) => query.bind(text.clone()),
+                FilterValue::Int(number) => query.bind(*number),
+            };
+        }
+        query
+    }};
+}
+pub(super) use bind_values;
+
+impl Store {
+    /// A resource by id (removed ones included).
+    pub async fn get_resource(&self, kind: ResourceKind, id: i64) -> Result<Option<Resource>> {
+        let sql = format!(
+            "SELECT {} FROM {} r WHERE r.id = $1",
+            select_list(kind, "r"),
+            kind.table()
+        );
+        let row: Option<ResourceRow> = dispatch!(self, pool => sqlx::query_as(AssertSqlSafe(sql.as_str())).bind(id).fetch_optional(pool).await?);
+        row.map(|row| row.into_resource(kind)).transpose()
+    }
+
+    /// Resources of a kind, oldest first, filtered and paged.
+    pub async fn list_resources(
+        &self,
+        kind: ResourceKind,
+        query: &ListQuery,
+    ) -> Result<Page<Resource>> {
+        let (clause, values) = conditions(&query.filters, 4);
+        let sql = format!(
+            "SELECT {} FROM {} r WHERE ($1 IS NULL OR r.account_id = $1) AND r.id > $2{clause} ORDER BY r.id LIMIT $3",
+            select_list(kind, "r"),
+            kind.table()
+        );
+        let limit = query.limit.clamp(1, 1000);
+        let rows: Vec<ResourceRow> = dispatch!(self, pool => {
+            let base = sqlx::query_as(AssertSqlSafe(sql.as_str()))
+                .bind(query.account_id)
+                .bind(query.marker.unwrap_or(0))
+                .bind(limit + 1);
+            bind_values!(base, &values).fetch_all(pool).await?
+        });
+        let mut data = rows
+            .into_iter()
+            .map(|row| row.into_resource(kind))
+            .collect::<Result<Vec<_>>>()?;
+        let next_marker = if data.len() as i64 > limit {
+            data.truncate(limit as usize);
+            data.last().map(|resource| resource.id)
+        } else {
+            None
+        };
+        Ok(Page { data, next_marker })
+    }
+
+    /// Writes a resource's fields (name, description, data) without touching its state.
+    pub async fn update_resource_fields(
+        &self,
+        kind: ResourceKind,
+        id: i64,
+        name: Option<&str>,
+        description: Option<&str>,
+        data: &Map<String, Value>,
+    ) -> Result<Option<Resource>> {
+        let sql = format!(
+            "UPDATE {} SET name = COALESCE($1, name), description = COALESCE($2, description), data = $3 WHERE id = $4",
+            kind.table()
+        );
+        let data = Value::Object(data.clone()).to_string();
+        dispatch!(self, pool => sqlx::query(AssertSqlSafe(sql.as_str()))
+            .bind(name).bind(description).bind(&data).bind(id).execute(pool).await?.rows_affected());
+        self.get_resource(kind, id).await
+    }
+
+    /// Sets a resource's progress message and percentage (from an agent's progress reply).
+    pub async fn set_progress(
+        &self,
+        kind: ResourceKind,
+        id: i64,
+        message: Option<&str>,
+        progress: Option<i64>,
+    ) -> Result<()> {
+        let sql = format!(
+            "UPDATE {} SET transitioning_message = COALESCE($1, transitioning_message), \
+             transitioning_progress = COALESCE($2, transitioning_progress) WHERE id = $3 AND transitioning <> 'no'",
+            kind.table()
+        );
+        let progress = progress.map(|p| p.clamp(0, 100) as i32);
+        dispatch!(self, pool => sqlx::query(AssertSqlSafe(sql.as_str()))
+            .bind(message).bind(progress).bind(id).execute(pool).await?.rows_affected());
+        Ok(())
+    }
+
+    /// Inserts a resource in a given state (used by registration and tests; the API creates
+    /// resources through [`Store::create_and_schedule`]).
+    pub async fn insert_resource(
+        &self,
+        kind: ResourceKind,
+        new: &NewResource,
+        state: &str,
+    ) -> Result<Resource> {
+        let id: i64 = write_tx!(self, tx => insert_row!(&mut *tx, kind, new, state, "no"));
+        self.get_resource(kind, id)
+            .await?
+            .ok_or(Error::NotFound("resource"))
+    }
+}
+
+/// The SQL and the reference values to bind after the nine common ones, for inserting a row.
+pub(super) fn insert_sql(kind: ResourceKind, new: &NewResource) -> (String, Vec<Option<i64>>) {
+    let mut columns = String::from(
+        "name, kind, uuid, description, state, transitioning, created, account_id, data",
+    );
+    let mut placeholders = String::from("$1, $2, $3, $4, $5, $6, $7, $8, $9");
+    let mut refs = Vec::new();
+    for (column, value) in [
+        ("host_id", new.host_id),
+        ("agent_id", new.agent_id),
+        ("stack_id", new.stack_id),
+        ("service_id", new.service_id),
+        ("instance_id", new.instance_id),
+    ] {
+        if kind.has_column(column) {
+            refs.push(value);
+            columns.push_str(&format!(", {column}"));
+            placeholders.push_str(&format!(", ${}", 9 + refs.len()));
+        }
+    }
+    (
+        format!(
+            "INSERT INTO {} ({columns}) VALUES ({placeholders}) RETURNING id",
+            kind.table()
+        ),
+        refs,
+    )
+}
+
+/// Inserts a resource row on a connection or transaction; yields its id.
+macro_rules! insert_row {
+    ($conn:expr, $kind:expr, $new:expr, $state:expr, $transitioning:expr) => {{
+        let (sql, refs) = super::resource::insert_sql($kind, $new);
+        let mut query = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql))
+            .bind($new.name.clone())
+            .bind($new.sub_kind.clone())
+            .bind(uuid::Uuid::new_v4().to_string())
+            .bind($new.description.clone())
+            .bind($state.to_owned())
+            .bind($transitioning.to_owned())
+            .bind(now_millis())
+            .bind($new.account_id)
+            .bind(serde_json::Value::Object($new.data.clone()).to_string());
+        for value in refs {
+            query = query.bind(value);
+        }
+        query.fetch_one($conn).await?
+    }};
+}
+pub(super) use insert_row;
+
+impl Store {
+    /// The host to place a new instance or volume of a project on: an active host whose agent
+    /// is active (or reconnecting), with the fewest live instances. Returns `(host, agent)`.
+    pub async fn pick_host(&self, account_id: Option<i64>) -> Result<Option<(i64, i64)>> {
+        Ok(dispatch!(self, pool => sqlx::query_as(
+            "SELECT h.id, h.agent_id FROM host h JOIN agent a ON a.id = h.agent_id \
+             WHERE h.state = 'active' AND a.state IN ('active', 'reconnecting') AND h.removed IS NULL \
+             AND ($1 IS NULL OR h.account_id = $1) \
+             ORDER BY (SELECT COUNT(*) FROM instance i WHERE i.host_id = h.id AND i.removed IS NULL), h.id LIMIT 1")
+            .bind(account_id).fetch_optional(pool).await?))
+    }
+
+    /// A host's agent and that agent's state: `(agent_id, state)`.
+    pub async fn host_agent(&self, host_id: i64) -> Result<Option<(i64, String)>> {
+        Ok(dispatch!(self, pool => sqlx::query_as(
+            "SELECT a.id, a.state FROM host h JOIN agent a ON a.id = h.agent_id WHERE h.id = $1")
+            .bind(host_id).fetch_optional(pool).await?))
+    }
+}
+
+impl Store {
+    /// Places a resource on a host, unless it is on one already; returns the host it is on.
+    /// Written before the first request goes out, so a later remove knows where to go.
+    pub async fn assign_host(
+        &self,
+        kind: ResourceKind,
+        id: i64,
+        host_id: i64,
+    ) -> Result<Option<i64>> {
+        if !kind.has_column("host_id") {
+            return Ok(None);
+        }
+        let sql = format!(
+            "UPDATE {} SET host_id = COALESCE(host_id, $1) WHERE id = $2 RETURNING host_id",
+            kind.table()
+        );
+        Ok(
+            dispatch!(self, pool => sqlx::query_scalar(AssertSqlSafe(sql.as_str()))
+            .bind(host_id).bind(id).fetch_optional(pool).await?)
+            .flatten(),
+        )
+    }
+}
