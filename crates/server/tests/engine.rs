@@ -607,6 +607,16 @@ async fn schemas_let_a_generic_client_drive_a_container() {
             .iter()
             .all(|c| c["state"] != "removed")
     );
+    // Project-scoped URLs see the same project's resources.
+    let scoped = server.admin.get(&format!("projects/1a{}/containers?name=generic", server.default_project())).await.unwrap();
+    assert_eq!(scoped["data"].as_array().unwrap().len(), 1);
+    let response = reqwest::Client::new()
+        .get(format!("{}/v1/containers", server.url))
+        .basic_auth(common::ADMIN_ACCESS, Some(common::ADMIN_SECRET))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-api-schemas"], format!("{}/v1/schemas", server.url).as_str());
     match server.admin.get("containers?color=blue").await {
         Err(Error::Api { status: 422, .. }) => {}
         other => panic!("expected a 422, got {other:?}"),

@@ -47,6 +47,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn(schemas_header))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
@@ -56,6 +57,20 @@ pub fn router(state: AppState) -> Router {
             ApiError::internal("a request handler panicked").into_response()
         }))
         .with_state(state)
+}
+
+/// Adds `X-API-Schemas` to every API response, as GDAPI clients expect.
+async fn schemas_header(
+    request: Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let api = request.uri().path().starts_with("/v1");
+    let schemas = api.then(|| format!("{}/v1/schemas", base_url(request.headers())));
+    let mut response = next.run(request).await;
+    if let Some(value) = schemas.and_then(|text| axum::http::HeaderValue::from_str(&text).ok()) {
+        response.headers_mut().insert("x-api-schemas", value);
+    }
+    response
 }
 
 async fn healthz(State(state): State<AppState>) -> impl IntoResponse {

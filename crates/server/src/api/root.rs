@@ -13,9 +13,7 @@ pub async fn root(_auth: Auth, headers: HeaderMap) -> impl IntoResponse {
     let base = base_url(&headers);
     let v1 = format!("{base}/v1");
     let ws = v1.replacen("http", "ws", 1);
-    (
-        [("x-api-schemas", format!("{v1}/schemas"))],
-        Json(json!({
+    Json(json!({
             "type": "apiVersion",
             "id": "v1",
             "links": {
@@ -37,6 +35,5 @@ pub async fn root(_auth: Auth, headers: HeaderMap) -> impl IntoResponse {
                 "processSummary": format!("{v1}/processsummary"),
             },
             "actions": {},
-        })),
-    )
+    }))
 }
