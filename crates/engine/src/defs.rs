@@ -16,6 +16,8 @@ pub enum Handler {
     Agent(&'static str),
     /// Calls the agent with one command, then another (restart).
     AgentTwice(&'static str, &'static str),
+    /// Pings the agent the resource is (agent activation): done when it answers.
+    PingAgent,
 }
 
 /// One process definition.
@@ -85,6 +87,8 @@ const GENERIC_LIVE: &[&str] = &[
     "error",
     "updating-active",
     "updating-inactive",
+    "reconnecting",
+    "disconnected",
 ];
 
 macro_rules! def {
@@ -312,7 +316,7 @@ pub static DEFINITIONS: std::sync::LazyLock<Vec<ProcessDef>> = std::sync::LazyLo
         "host.remove",
         "host.purge"
     ));
-    defs.extend(generic!(
+    let mut agent = generic!(
         Agent,
         "agent.create",
         "agent.activate",
@@ -320,7 +324,17 @@ pub static DEFINITIONS: std::sync::LazyLock<Vec<ProcessDef>> = std::sync::LazyLo
         "agent.update",
         "agent.remove",
         "agent.purge"
-    ));
+    );
+    // An agent is active once it answers a ping.
+    agent[1].handler = Handler::PingAgent;
+    agent[2].start = &[
+        "active",
+        "activating",
+        "error",
+        "reconnecting",
+        "disconnected",
+    ];
+    defs.extend(agent);
     defs.extend(generic!(
         Stack,
         "stack.create",

@@ -383,6 +383,7 @@ impl<B: Bus, T: Tunables> Engine<B, T> {
         match def.handler {
             Handler::None => Ok(Outcome::default()),
             Handler::Agent(command) => self.call_agent(def, resource, &[command]).await,
+            Handler::PingAgent => self.ping_agent(resource).await,
             Handler::AgentTwice(first, second) => {
                 self.call_agent(def, resource, &[first, second]).await
             }
@@ -499,6 +500,22 @@ impl<B: Bus, T: Tunables> Engine<B, T> {
             outcome.data = Some(data);
         }
         Ok(outcome)
+    }
+}
+
+impl<B: Bus, T: Tunables> Engine<B, T> {
+    /// Pings the agent a resource is; succeeds when it answers.
+    async fn ping_agent(&self, resource: &Resource) -> Result<Outcome, AttemptError> {
+        let timeout =
+            Duration::from_millis(self.tunables.int("agent.ping.timeout.millis").max(1) as u64);
+        let request = Event::new(names::for_agent("ping", resource.id))
+            .with_resource("agent", ids::format("agent", resource.id))
+            .with_data(json!({"options": {"instances": true}, "resources": []}));
+        let reply = self.bus.call(request, timeout, Box::new(|_| {})).await?;
+        Ok(Outcome {
+            log: vec![json!({"command": "ping", "reply": reply.id})],
+            ..Outcome::default()
+        })
     }
 }
 

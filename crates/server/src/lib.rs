@@ -17,6 +17,7 @@ pub mod changes;
 pub mod error;
 pub mod hub;
 pub mod metrics;
+pub mod monitor;
 pub mod settings;
 pub mod state;
 pub mod ws;
@@ -191,6 +192,7 @@ impl Server {
             changes: changes.clone(),
         };
         let engine_task = tokio::spawn(engine.run());
+        let monitor_task = tokio::spawn(monitor::run(state.clone(), shutdown.child_token()));
         let changes_task = tokio::spawn(changes.run(
             state.store.clone(),
             state.settings.clone(),
@@ -209,6 +211,7 @@ impl Server {
             }
             serve_state.hub.close_all();
             let _ = engine_task.await;
+            let _ = monitor_task.await;
             let _ = changes_task.await;
             // Sockets were told to close (going away); give them a moment to say so.
             let deadline = tokio::time::Instant::now() + Duration::from_secs(5);

@@ -108,6 +108,30 @@ pub const DEFINITIONS: &[Definition] = &[
         description: "Ready processes claimed in one statement.",
     },
     Definition {
+        name: "agent.ping.interval.millis",
+        default: "5000",
+        min: 10,
+        description: "Interval of the ping monitor's `ping` to every agent (the reply reports host facts and instance states).",
+    },
+    Definition {
+        name: "agent.ping.timeout.millis",
+        default: "15000",
+        min: 10,
+        description: "How long an agent has to answer a ping (also the agent activation ping).",
+    },
+    Definition {
+        name: "agent.ping.reconnect.after.failed.count",
+        default: "6",
+        min: 1,
+        description: "Missed pings after which an active agent (and its hosts) become `reconnecting`.",
+    },
+    Definition {
+        name: "agent.disconnect.after.seconds",
+        default: "180",
+        min: 1,
+        description: "Seconds of missed pings after which a reconnecting agent (and its hosts) become `disconnected`.",
+    },
+    Definition {
         name: "resource.change.interval.millis",
         default: "1000",
         min: 1,

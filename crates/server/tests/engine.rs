@@ -608,7 +608,14 @@ async fn schemas_let_a_generic_client_drive_a_container() {
             .all(|c| c["state"] != "removed")
     );
     // Project-scoped URLs see the same project's resources.
-    let scoped = server.admin.get(&format!("projects/1a{}/containers?name=generic", server.default_project())).await.unwrap();
+    let scoped = server
+        .admin
+        .get(&format!(
+            "projects/1a{}/containers?name=generic",
+            server.default_project()
+        ))
+        .await
+        .unwrap();
     assert_eq!(scoped["data"].as_array().unwrap().len(), 1);
     let response = reqwest::Client::new()
         .get(format!("{}/v1/containers", server.url))
@@ -616,7 +623,10 @@ async fn schemas_let_a_generic_client_drive_a_container() {
         .send()
         .await
         .unwrap();
-    assert_eq!(response.headers()["x-api-schemas"], format!("{}/v1/schemas", server.url).as_str());
+    assert_eq!(
+        response.headers()["x-api-schemas"],
+        format!("{}/v1/schemas", server.url).as_str()
+    );
     match server.admin.get("containers?color=blue").await {
         Err(Error::Api { status: 422, .. }) => {}
         other => panic!("expected a 422, got {other:?}"),
@@ -633,5 +643,114 @@ async fn schemas_let_a_generic_client_drive_a_container() {
             status: 422, code, ..
         }) => assert_eq!(code, "InvalidType"),
         other => panic!("expected a 422, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn registration_activation_and_the_ping_monitor() {
+    let monitor: &[(&str, &str)] = &[
+        ("agent.ping.interval.millis", "50"),
+        ("agent.ping.timeout.millis", "200"),
+        ("agent.ping.reconnect.after.failed.count", "3"),
+        ("agent.disconnect.after.seconds", "1"),
+    ];
+    for server in servers(monitor).await {
+        let token = server
+            .admin
+            .post("registrationtokens", &json!({}))
+            .await
+            .unwrap();
+        let token = token["token"].as_str().unwrap().to_owned();
+        let (access, secret) = token.split_once(':').unwrap();
+        let registrar = server.client(access, secret);
+        // A registration token is no API key.
+        match registrar.get("containers").await {
+            Err(Error::Api { status: 401, .. }) => {}
+            other => panic!("expected a 401, got {other:?}"),
+        }
+        let registered = registrar
+            .post("register", &json!({"key": "host-uuid-1", "name": "box"}))
+            .await
+            .unwrap();
+        let agent_path = format!("agents/{}", registered["agentId"].as_str().unwrap());
+        let host_path = format!("hosts/{}", registered["hostId"].as_str().unwrap());
+        let agent_client = server.client(
+            registered["accessKey"].as_str().unwrap(),
+            registered["secretKey"].as_str().unwrap(),
+        );
+        let agent_id: i64 = registered["agentId"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("1ag")
+            .parse()
+            .unwrap();
+        let agent = TestAgent::start(agent_client.clone(), agent_id, TestAgent::always_ok()).await;
+        // agent.create → agent.activate pings the agent until it answers.
+        wait_state(&server.admin, &agent_path, "active").await;
+        let host = wait_for(&server.admin, &host_path, "host facts", |h| {
+            h["state"] == "active" && h["hostname"] == "test-host"
+        })
+        .await;
+        assert_eq!(host["cpus"], 2);
+        // Registering the same host again is the same agent, with a new key.
+        let again = registrar
+            .post("register", &json!({"key": "host-uuid-1", "name": "box"}))
+            .await
+            .unwrap();
+        assert_eq!(again["agentId"], registered["agentId"]);
+        assert_ne!(again["accessKey"], registered["accessKey"]);
+
+        // A container whose process dies is noticed through the ping reply.
+        let created = server
+            .admin
+            .post("containers", &container_body("mortal"))
+            .await
+            .unwrap();
+        let id = created["id"].as_str().unwrap().to_owned();
+        wait_state(&server.admin, &format!("containers/{id}"), "running").await;
+        agent
+            .instances
+            .lock()
+            .unwrap()
+            .insert(id.clone(), "stopped".into());
+        wait_state(&server.admin, &format!("containers/{id}"), "stopped").await;
+        assert!(
+            server
+                .server
+                .state
+                .store
+                .count_rows("container_event")
+                .await
+                .unwrap()
+                >= 1
+        );
+
+        // Silence: reconnecting, then disconnected; the host follows. An answer brings it back.
+        drop(agent);
+        wait_for(&server.admin, &agent_path, "reconnecting", |a| {
+            a["state"] == "reconnecting"
+        })
+        .await;
+        wait_for(&server.admin, &host_path, "host reconnecting", |h| {
+            h["state"] == "reconnecting" || h["state"] == "disconnected"
+        })
+        .await;
+        wait_for(&server.admin, &agent_path, "disconnected", |a| {
+            a["state"] == "disconnected"
+        })
+        .await;
+        let new_client = server.client(
+            again["accessKey"].as_str().unwrap(),
+            again["secretKey"].as_str().unwrap(),
+        );
+        let _agent = TestAgent::start(new_client, agent_id, TestAgent::always_ok()).await;
+        wait_for(&server.admin, &agent_path, "active again", |a| {
+            a["state"] == "active"
+        })
+        .await;
+        wait_for(&server.admin, &host_path, "host active again", |h| {
+            h["state"] == "active"
+        })
+        .await;
     }
 }

@@ -19,8 +19,8 @@ pub use model::{
 };
 pub use store::{
     Backend, Bootstrap, ExecutionRecord, ExecutionRow, Filter, FilterOp, FilterValue, Finish,
-    ListQuery, NewProcess, Page, ProcessFilter, ProcessInstance, ProcessSummary, ScheduleError,
-    Scheduled, Store, StoreOptions,
+    ListQuery, NewProcess, Page, ProcessFilter, ProcessInstance, ProcessSummary, Registered,
+    ScheduleError, Scheduled, Store, StoreOptions,
 };
 
 /// What the store can fail with.

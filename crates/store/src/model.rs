@@ -288,4 +288,6 @@ pub struct NewResource {
     pub service_id: Option<i64>,
     /// The instance.
     pub instance_id: Option<i64>,
+    /// An identity outside drover (an agent's registration key, a process id).
+    pub external_id: Option<String>,
 }

@@ -103,7 +103,7 @@ pub use process::{
     ExecutionRecord, ExecutionRow, Finish, NewProcess, ProcessFilter, ProcessInstance,
     ProcessSummary, ScheduleError, Scheduled,
 };
-pub use resource::{Filter, FilterOp, FilterValue, ListQuery, Page};
+pub use resource::{Filter, FilterOp, FilterValue, ListQuery, Page, Registered};
 
 /// A cheap-clone handle to the database.
 #[derive(Debug, Clone)]

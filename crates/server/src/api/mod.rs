@@ -4,6 +4,7 @@ mod accounts;
 mod apikeys;
 mod processes;
 mod publish;
+mod register;
 mod render;
 pub mod resources;
 mod root;
@@ -42,6 +43,7 @@ pub fn router(state: AppState) -> Router {
         .merge(apikeys::routes())
         .merge(accounts::routes())
         .merge(processes::routes())
+        .merge(register::routes())
         .merge(schemas::routes())
         .merge(resources::routes())
         .route("/healthz", get(healthz))

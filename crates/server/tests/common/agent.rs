@@ -32,6 +32,8 @@ pub const COMMANDS: &[&str] = &[
 /// A running test agent.
 pub struct TestAgent {
     pub agent_id: i64,
+    /// What the agent reports in ping replies: container id → state.
+    pub instances: Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
     pub seen: Arc<Mutex<Vec<Event>>>,
     pub count: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
@@ -48,21 +50,53 @@ impl TestAgent {
     /// how many requests came before it).
     pub async fn start(client: Client, agent_id: i64, policy: Policy) -> TestAgent {
         let mut stream = client
-            .subscribe(Subscribe::names(COMMANDS.iter().copied()))
+            .subscribe(Subscribe::names(COMMANDS.iter().copied().chain(["ping"])))
             .await
             .unwrap();
         let first = stream.next_event().await.unwrap().unwrap();
         assert_eq!(first.name(), "ping");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let count = Arc::new(AtomicUsize::new(0));
+        let instances = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
         let task = {
             let seen = seen.clone();
             let count = count.clone();
+            let instances = instances.clone();
             tokio::spawn(async move {
                 while let Ok(Some(request)) = stream.next_non_ping().await {
+                    if request.name() == "ping" {
+                        let mut resources =
+                            vec![json!({"type": "host", "hostname": "test-host", "cpus": 2})];
+                        for (id, state) in instances.lock().unwrap().iter() {
+                            resources.push(json!({"type": "instance", "id": id, "state": state}));
+                        }
+                        let client = client.clone();
+                        tokio::spawn(async move {
+                            let _ = client
+                                .reply(&request, json!({"resources": resources}))
+                                .await;
+                        });
+                        continue;
+                    }
                     let n = count.fetch_add(1, Ordering::SeqCst);
                     seen.lock().await.push(request.clone());
                     let answer = policy(&request, n);
+                    if matches!(answer, Answer::Ok) {
+                        let id = request.resource_id.clone().unwrap_or_default();
+                        let mut instances = instances.lock().unwrap();
+                        match request.name() {
+                            "compute.instance.activate" => {
+                                instances.insert(id, "running".into());
+                            }
+                            "compute.instance.deactivate" => {
+                                instances.insert(id, "stopped".into());
+                            }
+                            "compute.instance.remove" => {
+                                instances.remove(&id);
+                            }
+                            _ => {}
+                        }
+                    }
                     let client = client.clone();
                     tokio::spawn(async move { answer_request(&client, &request, answer).await });
                 }
@@ -70,6 +104,7 @@ impl TestAgent {
         };
         TestAgent {
             agent_id,
+            instances,
             seen,
             count,
             task,

@@ -289,9 +289,9 @@ impl Store {
 /// The SQL and the reference values to bind after the nine common ones, for inserting a row.
 pub(super) fn insert_sql(kind: ResourceKind, new: &NewResource) -> (String, Vec<Option<i64>>) {
     let mut columns = String::from(
-        "name, kind, uuid, description, state, transitioning, created, account_id, data",
+        "name, kind, uuid, description, state, transitioning, created, account_id, data, external_id",
     );
-    let mut placeholders = String::from("$1, $2, $3, $4, $5, $6, $7, $8, $9");
+    let mut placeholders = String::from("$1, $2, $3, $4, $5, $6, $7, $8, $9, $10");
     let mut refs = Vec::new();
     for (column, value) in [
         ("host_id", new.host_id),
@@ -303,7 +303,7 @@ pub(super) fn insert_sql(kind: ResourceKind, new: &NewResource) -> (String, Vec<
         if kind.has_column(column) {
             refs.push(value);
             columns.push_str(&format!(", {column}"));
-            placeholders.push_str(&format!(", ${}", 9 + refs.len()));
+            placeholders.push_str(&format!(", ${}", 10 + refs.len()));
         }
     }
     (
@@ -328,7 +328,8 @@ macro_rules! insert_row {
             .bind($transitioning.to_owned())
             .bind(now_millis())
             .bind($new.account_id)
-            .bind(serde_json::Value::Object($new.data.clone()).to_string());
+            .bind(serde_json::Value::Object($new.data.clone()).to_string())
+            .bind($new.external_id.clone());
         for value in refs {
             query = query.bind(value);
         }
@@ -378,5 +379,266 @@ impl Store {
             .bind(host_id).bind(id).fetch_optional(pool).await?)
             .flatten(),
         )
+    }
+}
+
+/// What registering an agent made.
+#[derive(Debug, Clone)]
+pub struct Registered {
+    /// The agent.
+    pub agent: Resource,
+    /// Its host.
+    pub host: Resource,
+    /// The agent's account.
+    pub account: crate::model::Account,
+    /// Its new `agentApiKey` (older ones are revoked).
+    pub key: crate::model::NewKey,
+    /// Whether the agent was new (its create processes were scheduled).
+    pub created: bool,
+}
+
+impl Store {
+    /// Registers the agent of a host identified by `key` in a project: the first time, creates
+    /// the agent and its host with their create processes, and the agent's account; every
+    /// time, issues a fresh `agentApiKey` and revokes the older ones, so a re-registration of
+    /// the same host is the same agent.
+    pub async fn register_agent(
+        &self,
+        project_id: i64,
+        key: &str,
+        name: &str,
+        host_data: Map<String, Value>,
+        node: &str,
+    ) -> Result<Registered> {
+        let existing: Option<i64> = dispatch!(self, pool => sqlx::query_scalar(
+            "SELECT id FROM agent WHERE external_id = $1 AND account_id = $2 AND removed IS NULL ORDER BY id LIMIT 1")
+            .bind(key).bind(project_id).fetch_optional(pool).await?);
+        let (agent, host, account, created) = match existing {
+            Some(agent_id) => {
+                let agent = self
+                    .get_resource(ResourceKind::Agent, agent_id)
+                    .await?
+                    .ok_or(Error::NotFound("agent"))?;
+                let host_id: Option<i64> = dispatch!(self, pool => sqlx::query_scalar(
+                    "SELECT id FROM host WHERE agent_id = $1 AND removed IS NULL ORDER BY id LIMIT 1")
+                    .bind(agent_id).fetch_optional(pool).await?);
+                let host = match host_id {
+                    Some(id) => self
+                        .get_resource(ResourceKind::Host, id)
+                        .await?
+                        .ok_or(Error::NotFound("host"))?,
+                    None => {
+                        self.create_host_for(project_id, agent_id, name, host_data, node)
+                            .await?
+                    }
+                };
+                let account_id: i64 = dispatch!(self, pool => sqlx::query_scalar(
+                    "SELECT id FROM account WHERE agent_id = $1 AND kind = 'agent' ORDER BY id LIMIT 1")
+                    .bind(agent_id).fetch_one(pool).await?);
+                let account = self
+                    .get_account(account_id)
+                    .await?
+                    .ok_or(Error::NotFound("account"))?;
+                dispatch!(self, pool => sqlx::query(
+                    "UPDATE credential SET state = 'removed', removed = $1 WHERE account_id = $2 AND state = 'active'")
+                    .bind(now_millis()).bind(account_id).execute(pool).await?.rows_affected());
+                (agent, host, account, false)
+            }
+            None => {
+                let def_data = Map::new();
+                let new_agent = NewResource {
+                    name: Some(name.to_owned()),
+                    sub_kind: "agent".into(),
+                    account_id: Some(project_id),
+                    external_id: Some(key.to_owned()),
+                    ..NewResource::default()
+                };
+                let agent = self
+                    .create_and_schedule(
+                        ResourceKind::Agent,
+                        &new_agent,
+                        "agent.create",
+                        "registering",
+                        def_data,
+                        node,
+                    )
+                    .await?
+                    .resource;
+                let account = self
+                    .create_account(crate::model::AccountKind::Agent, name, Some(project_id))
+                    .await?;
+                dispatch!(self, pool => sqlx::query("UPDATE account SET agent_id = $1 WHERE id = $2")
+                    .bind(agent.id).bind(account.id).execute(pool).await?.rows_affected());
+                let account = crate::model::Account {
+                    agent_id: Some(agent.id),
+                    ..account
+                };
+                let host = self
+                    .create_host_for(project_id, agent.id, name, host_data, node)
+                    .await?;
+                (agent, host, account, true)
+            }
+        };
+        let key = self
+            .create_key(
+                account.id,
+                crate::model::CredentialKind::AgentApiKey,
+                Some(name),
+                None,
+            )
+            .await?;
+        Ok(Registered {
+            agent,
+            host,
+            account,
+            key,
+            created,
+        })
+    }
+
+    async fn create_host_for(
+        &self,
+        project_id: i64,
+        agent_id: i64,
+        name: &str,
+        data: Map<String, Value>,
+        node: &str,
+    ) -> Result<Resource> {
+        let new_host = NewResource {
+            name: Some(name.to_owned()),
+            sub_kind: "host".into(),
+            account_id: Some(project_id),
+            agent_id: Some(agent_id),
+            data,
+            ..NewResource::default()
+        };
+        Ok(self
+            .create_and_schedule(
+                ResourceKind::Host,
+                &new_host,
+                "host.create",
+                "registering",
+                Map::new(),
+                node,
+            )
+            .await?
+            .resource)
+    }
+
+    /// Moves a resource from one of `from` to `to` without a process (the ping monitor's
+    /// agent and host states); returns it if it moved.
+    pub async fn set_state(
+        &self,
+        kind: ResourceKind,
+        id: i64,
+        from: &[&str],
+        to: &str,
+    ) -> Result<Option<Resource>> {
+        let placeholders: Vec<String> =
+            (0..from.len()).map(|idx| format!("${}", idx + 3)).collect();
+        let sql = format!(
+            "UPDATE {} SET state = $1, transitioning = 'no', transitioning_message = NULL WHERE id = $2 AND state IN ({})",
+            kind.table(),
+            if placeholders.is_empty() {
+                "NULL".to_owned()
+            } else {
+                placeholders.join(", ")
+            }
+        );
+        let moved = dispatch!(self, pool => {
+            let mut query = sqlx::query(AssertSqlSafe(sql.as_str())).bind(to).bind(id);
+            for state in from {
+                query = query.bind(*state);
+            }
+            query.execute(pool).await?.rows_affected()
+        });
+        if moved == 0 {
+            return Ok(None);
+        }
+        self.get_resource(kind, id).await
+    }
+
+    /// Agents the ping monitor watches: `(agent_id, state, last_ping)`.
+    pub async fn agents_to_ping(&self) -> Result<Vec<(i64, String, Option<i64>)>> {
+        Ok(dispatch!(self, pool => sqlx::query_as(
+            "SELECT id, state, last_ping FROM agent WHERE removed IS NULL \
+             AND state IN ('active', 'reconnecting', 'disconnected') ORDER BY id")
+            .fetch_all(pool).await?))
+    }
+
+    /// Records a ping answered, and the host facts it reported.
+    pub async fn record_ping(
+        &self,
+        agent_id: i64,
+        host_data: Option<&Map<String, Value>>,
+    ) -> Result<()> {
+        let now = now_millis();
+        dispatch!(self, pool => sqlx::query("UPDATE agent SET last_ping = $1 WHERE id = $2")
+            .bind(now).bind(agent_id).execute(pool).await?.rows_affected());
+        if let Some(facts) = host_data {
+            let hosts: Vec<(i64, Option<String>)> = dispatch!(self, pool => sqlx::query_as(
+                "SELECT id, data FROM host WHERE agent_id = $1 AND removed IS NULL")
+                .bind(agent_id).fetch_all(pool).await?);
+            for (host_id, data) in hosts {
+                let mut merged: Map<String, Value> = data
+                    .as_deref()
+                    .and_then(|text| serde_json::from_str(text).ok())
+                    .unwrap_or_default();
+                let before = merged.clone();
+                for (key, value) in facts {
+                    merged.insert(key.clone(), value.clone());
+                }
+                if merged != before {
+                    let text = Value::Object(merged).to_string();
+                    dispatch!(self, pool => sqlx::query("UPDATE host SET data = $1 WHERE id = $2")
+                        .bind(&text).bind(host_id).execute(pool).await?.rows_affected());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The hosts of an agent.
+    pub async fn hosts_of_agent(&self, agent_id: i64) -> Result<Vec<i64>> {
+        Ok(dispatch!(self, pool => sqlx::query_scalar(
+            "SELECT id FROM host WHERE agent_id = $1 AND removed IS NULL").bind(agent_id).fetch_all(pool).await?))
+    }
+
+    /// Running instances on an agent's hosts with no pending process: what a ping's instance
+    /// report is reconciled against.
+    /// Only instances whose last process ended before `before` count: a ping answered before an
+    /// instance started must not stop it.
+    pub async fn settled_instances_of_agent(
+        &self,
+        agent_id: i64,
+        before: i64,
+    ) -> Result<Vec<Resource>> {
+        let sql = format!(
+            "SELECT {} FROM instance r JOIN host h ON h.id = r.host_id WHERE h.agent_id = $1 AND r.state = 'running' \
+             AND r.removed IS NULL AND NOT EXISTS (SELECT 1 FROM process_instance p WHERE p.resource_type = 'instance' \
+             AND p.resource_id = r.id AND (p.end_time IS NULL OR p.end_time >= $2))",
+            select_list(ResourceKind::Instance, "r")
+        );
+        let rows: Vec<ResourceRow> = dispatch!(self, pool => sqlx::query_as(AssertSqlSafe(sql.as_str())).bind(agent_id).bind(before).fetch_all(pool).await?);
+        rows.into_iter()
+            .map(|row| row.into_resource(ResourceKind::Instance))
+            .collect()
+    }
+
+    /// Records a container event (e.g. an instance found dead) as already handled.
+    pub async fn insert_container_event(
+        &self,
+        account_id: Option<i64>,
+        host_id: Option<i64>,
+        external_id: &str,
+        external_status: &str,
+        data: &Value,
+    ) -> Result<i64> {
+        Ok(dispatch!(self, pool => sqlx::query_scalar(
+            "INSERT INTO container_event (account_id, kind, state, created, data, external_id, external_status, \
+             external_from, external_timestamp, host_id) VALUES ($1, 'containerEvent', 'created', $2, $3, $4, $5, 'drover', $2, $6) \
+             RETURNING id")
+            .bind(account_id).bind(now_millis()).bind(data.to_string()).bind(external_id).bind(external_status).bind(host_id)
+            .fetch_one(pool).await?))
     }
 }

@@ -1,0 +1,230 @@
+//! The ping monitor: every `agent.ping.interval.millis` each agent gets a `ping` and has
+//! `agent.ping.timeout.millis` to answer. Answers carry host facts and instance states, which are
+//! reconciled: a container the server thinks is running but the agent reports stopped (its
+//! process died) becomes `stopped`, recorded as a container event. After
+//! `agent.ping.reconnect.after.failed.count` misses an agent becomes `reconnecting`, after
+//! `agent.disconnect.after.seconds` `disconnected`; its hosts follow. An answer brings it back.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use drover_proto::{Event, event::now_millis, ids, names};
+use drover_store::ResourceKind;
+use serde_json::{Map, Value, json};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::state::AppState;
+
+struct PingResult {
+    agent_id: i64,
+    sent_at: i64,
+    reply: Option<Event>,
+}
+
+#[derive(Default)]
+struct Misses {
+    count: i64,
+    since: i64,
+}
+
+/// Runs the monitor until shutdown.
+pub async fn run(state: AppState, shutdown: CancellationToken) {
+    let (tx, mut results) = mpsc::channel::<PingResult>(1024);
+    let mut in_flight: HashSet<i64> = HashSet::new();
+    let mut misses: HashMap<i64, Misses> = HashMap::new();
+    loop {
+        let interval =
+            Duration::from_millis(state.settings.uint("agent.ping.interval.millis").max(10));
+        let tick = tokio::time::sleep(interval);
+        tokio::pin!(tick);
+        loop {
+            tokio::select! {
+                () = &mut tick => break,
+                () = shutdown.cancelled() => return,
+                Some(result) = results.recv() => {
+                    in_flight.remove(&result.agent_id);
+                    handle_result(&state, result, &mut misses).await;
+                }
+            }
+        }
+        let agents = match state.store.agents_to_ping().await {
+            Ok(agents) => agents,
+            Err(error) => {
+                tracing::warn!(%error, "ping monitor: listing agents failed");
+                continue;
+            }
+        };
+        let live: HashSet<i64> = agents.iter().map(|(id, _, _)| *id).collect();
+        misses.retain(|id, _| live.contains(id));
+        for (agent_id, _, _) in agents {
+            if !in_flight.insert(agent_id) {
+                continue;
+            }
+            let hub = state.hub.clone();
+            let tx = tx.clone();
+            let timeout =
+                Duration::from_millis(state.settings.uint("agent.ping.timeout.millis").max(10));
+            tokio::spawn(async move {
+                let sent_at = now_millis();
+                let request = Event::new(names::for_agent("ping", agent_id))
+                    .with_resource("agent", ids::format("agent", agent_id))
+                    .with_data(
+                        json!({"options": {"instances": true, "resources": true}, "resources": []}),
+                    );
+                let reply = hub.call(request, timeout, |_| {}).await.ok();
+                let _ = tx
+                    .send(PingResult {
+                        agent_id,
+                        sent_at,
+                        reply,
+                    })
+                    .await;
+            });
+        }
+    }
+}
+
+async fn handle_result(state: &AppState, result: PingResult, misses: &mut HashMap<i64, Misses>) {
+    let agent_id = result.agent_id;
+    let Some(reply) = result.reply else {
+        let entry = misses.entry(agent_id).or_default();
+        if entry.count == 0 {
+            entry.since = result.sent_at;
+        }
+        entry.count += 1;
+        let (count, since) = (entry.count, entry.since);
+        let reconnect_after = state
+            .settings
+            .int("agent.ping.reconnect.after.failed.count");
+        let disconnect_after_ms = state
+            .settings
+            .int("agent.disconnect.after.seconds")
+            .saturating_mul(1000);
+        if count >= reconnect_after {
+            move_agent(state, agent_id, &["active"], "reconnecting").await;
+        }
+        if now_millis() - since >= disconnect_after_ms {
+            move_agent(state, agent_id, &["reconnecting"], "disconnected").await;
+        }
+        return;
+    };
+    misses.remove(&agent_id);
+    let resources: Vec<Value> = reply
+        .data
+        .as_ref()
+        .and_then(|data| data.get("resources"))
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let host_facts: Option<Map<String, Value>> = resources
+        .iter()
+        .find(|resource| resource["type"] == "host")
+        .and_then(Value::as_object)
+        .map(|facts| {
+            facts
+                .iter()
+                .filter(|(key, _)| key.as_str() != "type")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        });
+    if let Err(error) = state.store.record_ping(agent_id, host_facts.as_ref()).await {
+        tracing::warn!(%error, agent_id, "recording a ping failed");
+    }
+    move_agent(state, agent_id, &["reconnecting", "disconnected"], "active").await;
+    let reports_instances = reply
+        .data
+        .as_ref()
+        .is_some_and(|data| data.get("resources").is_some());
+    if reports_instances {
+        reconcile(state, agent_id, result.sent_at, &resources).await;
+    }
+}
+
+/// Moves an agent and its hosts between ping states, announcing the change.
+async fn move_agent(state: &AppState, agent_id: i64, from: &[&str], to: &str) {
+    match state
+        .store
+        .set_state(ResourceKind::Agent, agent_id, from, to)
+        .await
+    {
+        Ok(Some(agent)) => {
+            tracing::info!(agent = %ids::format("agent", agent_id), state = to, "agent state changed by the ping monitor");
+            state.changes.changed(&agent, None);
+            for host_id in state
+                .store
+                .hosts_of_agent(agent_id)
+                .await
+                .unwrap_or_default()
+            {
+                let host_from: &[&str] = &["active", "reconnecting", "disconnected"];
+                if let Ok(Some(host)) = state
+                    .store
+                    .set_state(ResourceKind::Host, host_id, host_from, to)
+                    .await
+                {
+                    state.changes.changed(&host, None);
+                }
+            }
+        }
+        Ok(None) => {}
+        Err(error) => tracing::warn!(%error, agent_id, "ping monitor: changing agent state failed"),
+    }
+}
+
+/// Stops the containers the agent no longer runs.
+async fn reconcile(state: &AppState, agent_id: i64, sent_at: i64, resources: &[Value]) {
+    let reported: HashMap<String, String> = resources
+        .iter()
+        .filter(|resource| resource["type"] == "instance")
+        .filter_map(|resource| {
+            Some((
+                resource["id"].as_str()?.to_owned(),
+                resource["state"].as_str()?.to_owned(),
+            ))
+        })
+        .collect();
+    let instances = match state
+        .store
+        .settled_instances_of_agent(agent_id, sent_at)
+        .await
+    {
+        Ok(instances) => instances,
+        Err(error) => {
+            tracing::warn!(%error, "ping monitor: listing instances failed");
+            return;
+        }
+    };
+    for instance in instances {
+        let id = ids::format("container", instance.id);
+        let reported_state = reported.get(&id).map(String::as_str).unwrap_or("missing");
+        if reported_state == "running" {
+            continue;
+        }
+        match state
+            .store
+            .set_state(ResourceKind::Instance, instance.id, &["running"], "stopped")
+            .await
+        {
+            Ok(Some(stopped)) => {
+                tracing::info!(container = %id, reported = reported_state, "container found not running; now stopped");
+                let data = json!({"reportedState": reported_state, "agentId": ids::format("agent", agent_id)});
+                let status = if reported_state == "missing" {
+                    "destroy"
+                } else {
+                    "die"
+                };
+                if let Err(error) = state
+                    .store
+                    .insert_container_event(stopped.account_id, stopped.host_id, &id, status, &data)
+                    .await
+                {
+                    tracing::warn!(%error, "recording a container event failed");
+                }
+                state.changes.changed(&stopped, Some("running"));
+            }
+            Ok(None) => {}
+            Err(error) => tracing::warn!(%error, "stopping a dead container failed"),
+        }
+    }
+}
