@@ -506,8 +506,11 @@ impl<B: Bus, T: Tunables> Engine<B, T> {
 impl<B: Bus, T: Tunables> Engine<B, T> {
     /// Pings the agent a resource is; succeeds when it answers.
     async fn ping_agent(&self, resource: &Resource) -> Result<Outcome, AttemptError> {
-        let timeout =
-            Duration::from_millis(self.tunables.int("agent.ping.timeout.millis").max(1) as u64);
+        let timeout = Duration::from_millis(
+            self.tunables
+                .int("agent.activate.ping.timeout.millis")
+                .max(1) as u64,
+        );
         let request = Event::new(names::for_agent("ping", resource.id))
             .with_resource("agent", ids::format("agent", resource.id))
             .with_data(json!({"options": {"instances": true}, "resources": []}));

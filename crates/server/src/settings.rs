@@ -120,6 +120,12 @@ pub const DEFINITIONS: &[Definition] = &[
         description: "How long an agent has to answer a ping (also the agent activation ping).",
     },
     Definition {
+        name: "agent.activate.ping.timeout.millis",
+        default: "2000",
+        min: 10,
+        description: "How long a newly registered agent has to answer its activation ping before the next attempt.",
+    },
+    Definition {
         name: "agent.ping.reconnect.after.failed.count",
         default: "6",
         min: 1,

@@ -651,6 +651,7 @@ async fn registration_activation_and_the_ping_monitor() {
     let monitor: &[(&str, &str)] = &[
         ("agent.ping.interval.millis", "50"),
         ("agent.ping.timeout.millis", "200"),
+        ("agent.activate.ping.timeout.millis", "200"),
         ("agent.ping.reconnect.after.failed.count", "3"),
         ("agent.disconnect.after.seconds", "1"),
     ];
