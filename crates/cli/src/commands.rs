@@ -198,3 +198,391 @@ pub async fn keys(command: KeysCommand) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Reads a collection's rows.
+fn rows(collection: &Value) -> impl Iterator<Item = &Value> {
+    collection["data"].as_array().into_iter().flatten()
+}
+
+/// A field as table text.
+fn text(value: &Value, field: &str) -> String {
+    match &value[field] {
+        Value::String(text) => text.clone(),
+        Value::Null => String::new(),
+        Value::Array(items) => items
+            .iter()
+            .map(|item| {
+                item.as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| item.to_string())
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        other => other.to_string(),
+    }
+}
+
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> comfy_table::Table {
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::NOTHING);
+    table.set_header(header.to_vec());
+    for row in rows {
+        table.add_row(row);
+    }
+    table
+}
+
+/// Follows a resource until it stops transitioning, printing its progress; fails when it
+/// ends in `error`.
+async fn follow(client: &Client, link: &str) -> anyhow::Result<Value> {
+    let mut last_line = String::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(600);
+    loop {
+        let resource = client.get(link).await?;
+        let line = format!(
+            "{} {}{}",
+            text(&resource, "state"),
+            text(&resource, "transitioningMessage"),
+            resource["transitioningProgress"]
+                .as_i64()
+                .map(|p| format!(" ({p}%)"))
+                .unwrap_or_default()
+        );
+        if line != last_line {
+            eprintln!("  {}", line.trim_end());
+            last_line = line;
+        }
+        if resource["transitioning"] == "no" {
+            return Ok(resource);
+        }
+        if resource["state"] == "error" {
+            anyhow::bail!(
+                "{} failed: {}",
+                text(&resource, "id"),
+                text(&resource, "transitioningMessage")
+            );
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "gave up waiting after 10 minutes; the process goes on (see `drover processes`)"
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// The container's name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Environment variables, KEY=VALUE.
+    #[arg(short = 'e', long = "env")]
+    env: Vec<String>,
+    /// Labels, KEY=VALUE.
+    #[arg(short = 'l', long = "label")]
+    labels: Vec<String>,
+    /// Working directory.
+    #[arg(short = 'w', long)]
+    workdir: Option<String>,
+    /// Run on this host (e.g. 1h1).
+    #[arg(long)]
+    host: Option<String>,
+    /// Follow the container until it runs (or fails).
+    #[arg(long)]
+    wait: bool,
+    /// Print the container as JSON.
+    #[arg(long)]
+    json: bool,
+    /// The command and its arguments.
+    #[arg(required = true, last = true)]
+    command: Vec<String>,
+}
+
+fn pairs(items: &[String], what: &str) -> anyhow::Result<serde_json::Map<String, Value>> {
+    items
+        .iter()
+        .map(|item| {
+            item.split_once('=')
+                .map(|(key, value)| (key.to_owned(), json!(value)))
+                .ok_or_else(|| anyhow::anyhow!("{what} {item:?} is not KEY=VALUE"))
+        })
+        .collect()
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let client = args.connection.client()?;
+    let mut body = json!({
+        "command": args.command,
+        "environment": pairs(&args.env, "--env")?,
+        "labels": pairs(&args.labels, "--label")?,
+    });
+    if let Some(name) = &args.name {
+        body["name"] = json!(name);
+    }
+    if let Some(workdir) = &args.workdir {
+        body["workingDir"] = json!(workdir);
+    }
+    if let Some(host) = &args.host {
+        body["requestedHostId"] = json!(host);
+    }
+    let created = client.post("containers", &body).await?;
+    let id = text(&created, "id");
+    eprintln!("{id} created");
+    let result = if args.wait {
+        follow(
+            &client,
+            created["links"]["self"].as_str().unwrap_or_default(),
+        )
+        .await?
+    } else {
+        created
+    };
+    if args.json {
+        println!("{result}");
+    } else {
+        println!("{id}");
+    }
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PsArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// Show removed containers too.
+    #[arg(short, long)]
+    all: bool,
+    /// Print the collection as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn ps(args: PsArgs) -> anyhow::Result<()> {
+    let client = args.connection.client()?;
+    let path = if args.all {
+        "containers?limit=1000"
+    } else {
+        "containers?state_ne=removed&limit=1000"
+    };
+    let containers = client.get(path).await?;
+    if args.json {
+        println!("{containers}");
+        return Ok(());
+    }
+    let data = rows(&containers)
+        .map(|c| {
+            let state = if c["transitioning"] == "yes" {
+                format!("{}…", text(c, "state"))
+            } else {
+                text(c, "state")
+            };
+            vec![
+                text(c, "id"),
+                text(c, "name"),
+                state,
+                text(c, "hostId"),
+                text(c, "command"),
+                text(c, "created"),
+            ]
+        })
+        .collect();
+    println!(
+        "{}",
+        table(&["ID", "NAME", "STATE", "HOST", "COMMAND", "CREATED"], data)
+    );
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TargetArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// The container's id (1i5) or name.
+    container: String,
+    /// Follow it until the operation is done.
+    #[arg(long)]
+    wait: bool,
+}
+
+/// The container a user named, by id or by (unique, live) name.
+async fn resolve(client: &Client, target: &str) -> anyhow::Result<Value> {
+    if let Ok(container) = client.get(&format!("containers/{target}")).await {
+        return Ok(container);
+    }
+    let query: String = form_urlencoded::Serializer::new(String::new())
+        .append_pair("name", target)
+        .finish();
+    let found = client
+        .get(&format!("containers?{query}&state_ne=removed"))
+        .await?;
+    let matches: Vec<&Value> = rows(&found).collect();
+    match matches.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => anyhow::bail!("no container {target:?}"),
+        _ => anyhow::bail!(
+            "{} containers are named {target:?}; use an id",
+            matches.len()
+        ),
+    }
+}
+
+pub async fn act(args: TargetArgs, action: &str) -> anyhow::Result<()> {
+    let client = args.connection.client()?;
+    let container = resolve(&client, &args.container).await?;
+    let link = container["links"]["self"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let after = if action == "remove" {
+        client.delete(&link).await?
+    } else {
+        client
+            .post(&format!("{link}?action={action}"), &json!({}))
+            .await?
+    };
+    eprintln!("{} {}", text(&after, "id"), text(&after, "state"));
+    if args.wait {
+        let done = follow(&client, &link).await?;
+        eprintln!("{} {}", text(&done, "id"), text(&done, "state"));
+    }
+    println!("{}", text(&after, "id"));
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// Print the collection as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn hosts(args: ListArgs) -> anyhow::Result<()> {
+    let client = args.connection.client()?;
+    let hosts = client.get("hosts?state_ne=removed").await?;
+    if args.json {
+        println!("{hosts}");
+        return Ok(());
+    }
+    let containers = client.get("containers?state=running&limit=1000").await?;
+    let data = rows(&hosts)
+        .map(|h| {
+            let id = text(h, "id");
+            let running = rows(&containers)
+                .filter(|c| c["hostId"] == id.as_str())
+                .count();
+            vec![
+                id,
+                text(h, "name"),
+                text(h, "state"),
+                text(h, "agentId"),
+                text(h, "hostname"),
+                text(h, "cpus"),
+                h["memoryMb"]
+                    .as_i64()
+                    .map(|mb| format!("{mb} MiB"))
+                    .unwrap_or_default(),
+                text(h, "os"),
+                running.to_string(),
+            ]
+        })
+        .collect();
+    println!(
+        "{}",
+        table(
+            &[
+                "ID", "NAME", "STATE", "AGENT", "HOSTNAME", "CPUS", "MEMORY", "OS", "RUNNING"
+            ],
+            data
+        )
+    );
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ProcessesArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// running, delayed, ready, pending (the three together) or done.
+    #[arg(long, default_value = "pending")]
+    state: String,
+    /// Only processes of this resource (e.g. 1i5).
+    #[arg(long)]
+    resource: Option<String>,
+    /// Only processes of this name (e.g. instance.start).
+    #[arg(long)]
+    name: Option<String>,
+    /// Print the collection as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn processes(args: ProcessesArgs) -> anyhow::Result<()> {
+    let client = args.connection.client()?;
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    query.append_pair("state", &args.state);
+    if let Some(resource) = &args.resource {
+        query.append_pair("resourceId", resource);
+    }
+    if let Some(name) = &args.name {
+        query.append_pair("processName", name);
+    }
+    let processes = client
+        .get(&format!("processinstances?{}", query.finish()))
+        .await?;
+    if args.json {
+        println!("{processes}");
+        return Ok(());
+    }
+    if args.state == "pending" {
+        let summary = client.get("processsummary").await?;
+        for row in rows(&summary) {
+            eprintln!(
+                "{}: {} running, {} ready, {} delayed",
+                text(row, "processName"),
+                row["running"],
+                row["ready"],
+                row["delay"]
+            );
+        }
+    }
+    let data = rows(&processes)
+        .map(|p| {
+            vec![
+                text(p, "id"),
+                text(p, "processName"),
+                format!("{} {}", text(p, "resourceType"), text(p, "resourceId")),
+                if p["result"].is_null() {
+                    text(p, "state")
+                } else {
+                    text(p, "result")
+                },
+                text(p, "executionCount"),
+                text(p, "startTime"),
+                text(p, "runAfter"),
+                text(p, "lastError"),
+            ]
+        })
+        .collect();
+    println!(
+        "{}",
+        table(
+            &[
+                "ID",
+                "PROCESS",
+                "RESOURCE",
+                "STATE",
+                "ATTEMPTS",
+                "STARTED",
+                "NEXT RUN",
+                "LAST ERROR"
+            ],
+            data
+        )
+    );
+    Ok(())
+}

@@ -33,6 +33,24 @@ enum LogFormat {
 enum Command {
     /// Run the server: REST API, event bus, process engine.
     Server(ServerArgs),
+    /// Run the host agent: register, subscribe, run instances and volumes.
+    Agent(drover_agent::AgentArgs),
+    /// The server on the embedded store plus one local agent, for a first look.
+    Up(ServerArgs),
+    /// Create and start a container (`--wait` follows it until it runs).
+    Run(commands::RunArgs),
+    /// List containers.
+    Ps(commands::PsArgs),
+    /// Stop a container.
+    Stop(commands::TargetArgs),
+    /// Start a stopped container.
+    Start(commands::TargetArgs),
+    /// Remove a container.
+    Rm(commands::TargetArgs),
+    /// List hosts and their agents.
+    Hosts(commands::ListArgs),
+    /// List processes: what runs, waits and failed, and why.
+    Processes(commands::ProcessesArgs),
     /// Tail the live event stream the key may see.
     Events(commands::EventsArgs),
     /// Publish one event.
@@ -71,6 +89,15 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         match cli.command {
             Command::Server(args) => server(args).await,
+            Command::Agent(args) => agent(args).await,
+            Command::Up(args) => up(args).await,
+            Command::Run(args) => commands::run(args).await,
+            Command::Ps(args) => commands::ps(args).await,
+            Command::Stop(args) => commands::act(args, "stop").await,
+            Command::Start(args) => commands::act(args, "start").await,
+            Command::Rm(args) => commands::act(args, "remove").await,
+            Command::Hosts(args) => commands::hosts(args).await,
+            Command::Processes(args) => commands::processes(args).await,
             Command::Events(args) => commands::events(args).await,
             Command::Publish(args) => commands::publish(args).await,
             Command::Keys(command) => commands::keys(command).await,
@@ -105,6 +132,156 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
     });
     server.wait().await;
     Ok(())
+}
+
+async fn agent(args: drover_agent::AgentArgs) -> anyhow::Result<()> {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("agent shutting down");
+        token.cancel();
+    });
+    drover_agent::run(args, shutdown).await
+}
+
+/// `drover up`: the server on the embedded store and one local agent in this process.
+async fn up(args: ServerArgs) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|error| anyhow::anyhow!("cannot listen on {}: {error}", args.listen))?;
+    let data_dir = args.data_dir.clone();
+    let given_keys = args
+        .admin_access_key
+        .clone()
+        .zip(args.admin_secret_key.clone());
+    let config = drover_server::Config {
+        database_url: args.database_url,
+        admin_access_key: args.admin_access_key,
+        admin_secret_key: args.admin_secret_key,
+        settings: Settings::from_environment(),
+        ..drover_server::Config::new(&data_dir)
+    };
+    let server = drover_server::Server::start(listener, config).await?;
+    let port = server.addr.port();
+    let url = format!("http://127.0.0.1:{port}");
+    let state_dir = data_dir.join("agent");
+    let registration_token = if state_dir.join("identity.json").exists() {
+        None
+    } else {
+        let project = server.state.default_project.id;
+        let key = server
+            .state
+            .store
+            .create_key(
+                project,
+                drover_store::CredentialKind::RegistrationToken,
+                Some("drover up"),
+                None,
+            )
+            .await?;
+        Some(format!(
+            "{}:{}",
+            key.credential.public_value, key.secret_value
+        ))
+    };
+    let keys = match (&server.bootstrap.generated_admin_key, given_keys) {
+        (Some(key), _) => Some((
+            key.credential.public_value.clone(),
+            key.secret_value.clone(),
+        )),
+        (None, Some(keys)) => Some(keys),
+        (None, None) => read_admin_key_file(&data_dir.join("admin-key.env")),
+    };
+    let shutdown = server.shutdown_token();
+    let agent_shutdown = tokio_util::sync::CancellationToken::new();
+    let agent_args = drover_agent::AgentArgs {
+        url: url.clone(),
+        registration_token,
+        access_key: None,
+        secret_key: None,
+        state_dir,
+        name: None,
+        health_port: None,
+        workers: 16,
+    };
+    let agent_token = agent_shutdown.clone();
+    let agent_task = tokio::spawn(async move {
+        if let Err(error) = drover_agent::run(agent_args, agent_token).await {
+            tracing::error!(%error, "the local agent stopped");
+        }
+    });
+    // Wait (bounded) for the local agent to be active, so the commands below work at once.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let query = drover_store::ListQuery {
+            account_id: None,
+            filters: Vec::new(),
+            marker: None,
+            limit: 100,
+        };
+        let agents = server
+            .state
+            .store
+            .list_resources(drover_store::ResourceKind::Agent, &query)
+            .await?;
+        if agents.data.iter().any(|agent| agent.state == "active") {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            eprintln!("The local agent is not active yet; see `drover processes`.");
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    eprintln!();
+    eprintln!(
+        "drover is up: server {url}/v1 with one local agent (data in {})",
+        data_dir.display()
+    );
+    match &keys {
+        Some((access, secret)) => {
+            eprintln!();
+            eprintln!(
+                "Admin key (also in {}):",
+                data_dir.join("admin-key.env").display()
+            );
+            println!(
+                "export CATTLE_URL={url} CATTLE_ACCESS_KEY={access} CATTLE_SECRET_KEY={secret}"
+            );
+        }
+        None => eprintln!(
+            "Admin key: the one you set with DROVER_ADMIN_ACCESS_KEY / DROVER_ADMIN_SECRET_KEY"
+        ),
+    }
+    eprintln!();
+    eprintln!("Try, in another terminal after the export above:");
+    eprintln!("  drover run --name hello --wait -- sleep 600");
+    eprintln!("  drover ps");
+    eprintln!("  drover rm hello --wait");
+    eprintln!();
+    eprintln!(
+        "Ctrl-C stops the server and the agent (started processes keep running; `drover rm` them first)."
+    );
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        agent_shutdown.cancel();
+        let _ = agent_task.await;
+        shutdown.cancel();
+    });
+    server.wait().await;
+    Ok(())
+}
+
+fn read_admin_key_file(path: &std::path::Path) -> Option<(String, String)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix('='))
+            .map(str::to_owned)
+    };
+    Some((value("CATTLE_ACCESS_KEY")?, value("CATTLE_SECRET_KEY")?))
 }
 
 async fn shutdown_signal() {

@@ -1,8 +1,58 @@
 //! The drover client library: what agents and extensions build on.
 //!
 //! - [`Client`]: a REST client for the Rancher v1 style API, with HTTP Basic auth.
-//! - [`Client::subscribe`]: a WebSocket subscription that yields [`Event`]s, with a handshake
-//!   timeout, a small read buffer and a bounded write buffer.
+//! - [`Client::subscribe`]: a WebSocket subscription that yields [`Event`]s (or, with
+//!   [`EventStream::next_frame`], control frames too), with a handshake timeout, a small read
+//!   buffer and a bounded write buffer.
+//! - [`RouterBuilder`] / [`Router`]: the event router, the counterpart of the original's Go
+//!   `event-subscriber`: handlers by event name, replies and error replies published for you,
+//!   events of one resource handled one at a time in order, a bounded queue that applies
+//!   backpressure instead of dropping events, a separate lane for `ping`, WebSocket
+//!   ping/pong liveness, and reconnection with jittered exponential backoff. See the
+//!   [`router`] module for the details.
+//! - [`ResourceChange`]: a `resource.change` event unpacked, for
+//!   [`RouterBuilder::on_resource_change`].
+//!
+//! # A router
+//!
+//! ```no_run
+//! use drover_client::{Client, Context, Event, HandlerResult, RouterBuilder};
+//! use serde_json::json;
+//! use tokio_util::sync::CancellationToken;
+//!
+//! async fn activate(event: Event, context: Context) -> HandlerResult {
+//!     context
+//!         .progress("pulling the image", Some(50))
+//!         .await
+//!         .map_err(|error| error.to_string())?;
+//!     let name = event
+//!         .data
+//!         .as_ref()
+//!         .and_then(|data| data["instance"]["name"].as_str())
+//!         .ok_or("the request names no instance")?;
+//!     Ok(Some(json!({"instance": {"externalId": format!("ctr-{name}")}})))
+//! }
+//!
+//! # async fn example() -> Result<(), drover_client::Error> {
+//! let client = Client::from_env()?; // CATTLE_URL, CATTLE_ACCESS_KEY, CATTLE_SECRET_KEY
+//! let router = RouterBuilder::new(client)
+//!     .on("compute.instance.activate", activate)
+//!     .on_resource_change(|change| async move {
+//!         println!("{} {} is {}", change.resource_type, change.resource_id,
+//!                  change.resource["state"]);
+//!     })
+//!     .build();
+//! let shutdown = CancellationToken::new();
+//! let stop = shutdown.clone();
+//! tokio::spawn(async move {
+//!     let _ = tokio::signal::ctrl_c().await;
+//!     stop.cancel();
+//! });
+//! router.run(shutdown).await // reconnects until shut down
+//! # }
+//! ```
+//!
+//! # A raw subscription
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), drover_client::Error> {
@@ -15,12 +65,16 @@
 //! # Ok(()) }
 //! ```
 
+mod change;
 mod client;
+pub mod router;
 mod subscribe;
 
+pub use change::ResourceChange;
 pub use client::Client;
 pub use drover_proto::{Event, Transitioning};
-pub use subscribe::{EventStream, Subscribe};
+pub use router::{Context, HandlerResult, Router, RouterBuilder};
+pub use subscribe::{EventStream, Frame, Subscribe};
 
 /// What a client call can fail with.
 #[derive(Debug, thiserror::Error)]

@@ -47,6 +47,9 @@ impl Subscribe {
     }
 }
 
+/// The payload of the client's control pings.
+const PING_PAYLOAD: &[u8] = b"drover";
+
 /// An open subscription.
 #[derive(Debug)]
 pub struct EventStream {
@@ -104,21 +107,37 @@ impl Client {
     }
 }
 
+/// One frame of a subscription, as [`EventStream::next_frame`] sees it.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Frame {
+    /// An event (a text frame), boxed: events are large, control frames small.
+    Event(Box<Event>),
+    /// A WebSocket control ping from the server (the pong is sent automatically).
+    Ping,
+    /// A WebSocket control pong: the answer to [`EventStream::ping`].
+    Pong,
+}
+
 impl EventStream {
-    /// The next event; `Ok(None)` when the server closed the socket normally without a reason,
-    /// [`Error::Closed`] when it closed it with one.
-    pub async fn next_event(&mut self) -> Result<Option<Event>> {
+    /// The next frame: an event or a control ping or pong; `Ok(None)` when the server closed
+    /// the socket normally without a reason, [`Error::Closed`] when it closed it with one.
+    /// A text frame that is not an event is [`Error::Invalid`]; the socket stays usable.
+    /// Cancel-safe: dropping the future loses no frame.
+    pub async fn next_frame(&mut self) -> Result<Option<Frame>> {
         loop {
             match self.socket.next().await {
                 None => return Ok(None),
                 Some(Err(error)) => return Err(error.into()),
                 Some(Ok(Message::Text(text))) => {
                     return serde_json::from_str(text.as_str())
-                        .map(Some)
+                        .map(|event| Some(Frame::Event(Box::new(event))))
                         .map_err(|error| {
                             Error::Invalid(format!("event is not valid JSON: {error}"))
                         });
                 }
+                Some(Ok(Message::Ping(_))) => return Ok(Some(Frame::Ping)),
+                Some(Ok(Message::Pong(_))) => return Ok(Some(Frame::Pong)),
                 Some(Ok(Message::Close(frame))) => {
                     return match frame {
                         Some(frame) => Err(Error::Closed {
@@ -128,9 +147,30 @@ impl EventStream {
                         None => Ok(None),
                     };
                 }
-                Some(Ok(_)) => {}
+                Some(Ok(Message::Binary(_) | Message::Frame(_))) => {}
             }
         }
+    }
+
+    /// The next event; `Ok(None)` when the server closed the socket normally without a reason,
+    /// [`Error::Closed`] when it closed it with one.
+    pub async fn next_event(&mut self) -> Result<Option<Event>> {
+        loop {
+            match self.next_frame().await? {
+                Some(Frame::Event(event)) => return Ok(Some(*event)),
+                Some(Frame::Ping | Frame::Pong) => {}
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// Sends a WebSocket control ping; the server answers with a pong, which
+    /// [`next_frame`](EventStream::next_frame) returns as [`Frame::Pong`].
+    pub async fn ping(&mut self) -> Result<()> {
+        self.socket
+            .send(Message::Ping(PING_PAYLOAD.into()))
+            .await
+            .map_err(Into::into)
     }
 
     /// The next event that is not a keep-alive `ping` without `replyTo`.

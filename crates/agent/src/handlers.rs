@@ -1,0 +1,287 @@
+//! The agent's event handlers. Each is idempotent: it checks whether the work is done already
+//! (a resent request then only reports), takes the instance's lock, acts, and re-checks.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_client::{Client, Context, Event, HandlerResult, RouterBuilder};
+use serde_json::{Map, Value, json};
+
+use crate::driver::{Driver, InstanceSpec, InstanceStatus};
+
+/// The agent's state shared by its handlers.
+#[derive(Debug)]
+pub struct Agent<D> {
+    driver: Arc<D>,
+    #[allow(dead_code)]
+    client: Client,
+}
+
+impl<D: Driver> Agent<D> {
+    /// An agent over a driver.
+    pub fn new(driver: Arc<D>, client: Client) -> Agent<D> {
+        Agent { driver, client }
+    }
+}
+
+/// Registers every handler on a router.
+pub fn register<D: Driver>(builder: RouterBuilder, agent: Arc<Agent<D>>) -> RouterBuilder {
+    macro_rules! on {
+        ($builder:expr, $name:literal, $method:ident) => {{
+            let agent = agent.clone();
+            $builder.on($name, move |event: Event, context: Context| {
+                let agent = agent.clone();
+                async move { agent.$method(event, context).await }
+            })
+        }};
+    }
+    let builder = on!(builder, "compute.instance.activate", activate);
+    let builder = on!(builder, "compute.instance.deactivate", deactivate);
+    let builder = on!(builder, "compute.instance.force.stop", force_stop);
+    let builder = on!(builder, "compute.instance.remove", remove);
+    let builder = on!(builder, "compute.instance.inspect", inspect);
+    let builder = on!(builder, "storage.volume.activate", volume_activate);
+    let builder = on!(builder, "storage.volume.remove", volume_remove);
+    let builder = on!(builder, "config.update", config_update);
+    on!(builder, "ping", ping)
+}
+
+/// The instance in a request (`data.instance`).
+fn instance_of(event: &Event) -> Result<&Map<String, Value>, String> {
+    event
+        .data
+        .as_ref()
+        .and_then(|data| data.get("instance"))
+        .and_then(Value::as_object)
+        .ok_or_else(|| "the request has no data.instance".to_owned())
+}
+
+fn instance_id(event: &Event) -> Result<String, String> {
+    match instance_of(event)
+        .ok()
+        .and_then(|instance| instance.get("id"))
+        .and_then(Value::as_str)
+    {
+        Some(id) => Ok(id.to_owned()),
+        None => event
+            .resource_id
+            .clone()
+            .ok_or_else(|| "the request names no instance".to_owned()),
+    }
+}
+
+fn spec_of(event: &Event) -> Result<InstanceSpec, String> {
+    let instance = instance_of(event)?;
+    let id = instance_id(event)?;
+    let command: Vec<String> = match instance.get("command") {
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect(),
+        Some(Value::String(line)) => line.split_whitespace().map(str::to_owned).collect(),
+        _ => Vec::new(),
+    };
+    if command.is_empty() {
+        return Err(
+            "this driver runs a local process and needs a command (command[0] is the executable)"
+                .into(),
+        );
+    }
+    let environment: BTreeMap<String, String> = instance
+        .get("environment")
+        .and_then(Value::as_object)
+        .map(|env| {
+            env.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(InstanceSpec {
+        id,
+        name: instance
+            .get("name")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        command,
+        environment,
+        working_dir: instance
+            .get("workingDir")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+    })
+}
+
+fn report(status: InstanceStatus) -> Value {
+    let mut out = json!({"agentState": status.name()});
+    match status {
+        InstanceStatus::Running { pid } => out["externalId"] = json!(format!("pid:{pid}")),
+        InstanceStatus::Stopped { exit_code } => out["exitCode"] = json!(exit_code),
+        InstanceStatus::Missing => {}
+    }
+    out
+}
+
+impl<D: Driver> Agent<D> {
+    async fn activate(&self, event: Event, context: Context) -> HandlerResult {
+        let spec = spec_of(&event)?;
+        if let status @ InstanceStatus::Running { .. } = self.driver.inspect(&spec.id) {
+            return Ok(Some(json!({"instance": report(status)})));
+        }
+        let _ = context.progress("starting process", Some(10)).await;
+        let status = self
+            .driver
+            .start(&spec)
+            .await
+            .map_err(|error| error.to_string())?;
+        tracing::info!(instance = %spec.id, state = status.name(), "activated");
+        Ok(Some(json!({"instance": report(status)})))
+    }
+
+    async fn deactivate(&self, event: Event, _context: Context) -> HandlerResult {
+        let id = instance_id(&event)?;
+        let grace = event
+            .data
+            .as_ref()
+            .and_then(|data| data.get("processData"))
+            .and_then(|data| data.get("timeout"))
+            .and_then(Value::as_u64)
+            .unwrap_or(10);
+        let status = self
+            .driver
+            .stop(&id, Duration::from_secs(grace))
+            .await
+            .map_err(|error| error.to_string())?;
+        tracing::info!(instance = %id, "deactivated");
+        Ok(Some(json!({"instance": report(status)})))
+    }
+
+    async fn force_stop(&self, event: Event, _context: Context) -> HandlerResult {
+        let id = instance_id(&event)?;
+        let status = self
+            .driver
+            .stop(&id, Duration::ZERO)
+            .await
+            .map_err(|error| error.to_string())?;
+        Ok(Some(json!({"instance": report(status)})))
+    }
+
+    async fn remove(&self, event: Event, _context: Context) -> HandlerResult {
+        let id = instance_id(&event)?;
+        self.driver
+            .remove(&id)
+            .await
+            .map_err(|error| error.to_string())?;
+        tracing::info!(instance = %id, "removed");
+        Ok(Some(json!({"instance": {"agentState": "removed"}})))
+    }
+
+    async fn inspect(&self, event: Event, _context: Context) -> HandlerResult {
+        let id = instance_id(&event)?;
+        Ok(Some(json!({"instance": report(self.driver.inspect(&id))})))
+    }
+
+    async fn volume_activate(&self, event: Event, _context: Context) -> HandlerResult {
+        let id = event
+            .data
+            .as_ref()
+            .and_then(|data| data.get("volume"))
+            .and_then(|volume| volume.get("id"))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .or(event.resource_id.clone())
+            .ok_or("the request names no volume")?;
+        let path = self
+            .driver
+            .volume_activate(&id)
+            .map_err(|error| error.to_string())?;
+        Ok(Some(
+            json!({"volume": {"path": path.display().to_string()}}),
+        ))
+    }
+
+    async fn volume_remove(&self, event: Event, _context: Context) -> HandlerResult {
+        let id = event
+            .resource_id
+            .clone()
+            .ok_or("the request names no volume")?;
+        self.driver
+            .volume_remove(&id)
+            .map_err(|error| error.to_string())?;
+        Ok(Some(json!({"volume": {}})))
+    }
+
+    async fn config_update(&self, event: Event, _context: Context) -> HandlerResult {
+        // No configuration items are managed yet: acknowledge each as applied.
+        let items = event
+            .data
+            .as_ref()
+            .and_then(|data| data.get("items"))
+            .cloned()
+            .unwrap_or(json!([]));
+        Ok(Some(json!({"items": items})))
+    }
+
+    async fn ping(&self, event: Event, _context: Context) -> HandlerResult {
+        if event.reply_to.is_none() {
+            return Ok(None);
+        }
+        let mut host = host_facts();
+        host.insert("type".into(), json!("host"));
+        let mut resources = vec![Value::Object(host)];
+        for (id, status) in self.driver.list() {
+            resources.push(json!({"type": "instance", "id": id, "state": status.name()}));
+        }
+        Ok(Some(json!({"resources": resources})))
+    }
+}
+
+/// The machine's hostname.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// Facts about this host: hostname, CPUs, memory, OS, kernel.
+pub fn host_facts() -> Map<String, Value> {
+    let memory_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|line| line.strip_prefix("MemTotal:"))
+                .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+        });
+    let os = std::fs::read_to_string("/etc/os-release")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|line| line.strip_prefix("PRETTY_NAME="))
+                .map(|name| name.trim_matches('"').to_owned())
+        });
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .ok()
+        .map(|text| text.trim().to_owned());
+    let mut facts = Map::new();
+    facts.insert("hostname".into(), json!(hostname()));
+    facts.insert(
+        "cpus".into(),
+        json!(
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        ),
+    );
+    facts.insert("memoryMb".into(), json!(memory_kib.map(|kib| kib / 1024)));
+    facts.insert(
+        "os".into(),
+        json!(os.unwrap_or_else(|| std::env::consts::OS.to_owned())),
+    );
+    facts.insert("kernel".into(), json!(kernel));
+    facts.insert("arch".into(), json!(std::env::consts::ARCH));
+    facts.insert("agentVersion".into(), json!(env!("CARGO_PKG_VERSION")));
+    facts
+}

@@ -1,0 +1,116 @@
+//! drover's host agent.
+//!
+//! # Layout
+//! - [`identity`]: who this agent is — kept in its state directory, so a restart is the same
+//!   host; obtained by registering with a registration token, or taken from `CATTLE_*` keys.
+//! - [`driver`]: the [`driver::Driver`] trait and the default [`driver::LocalDriver`], which runs
+//!   an instance as a supervised local process and a volume as a directory.
+//! - [`handlers`]: the event handlers (`compute.instance.*`, `storage.volume.*`, `ping`,
+//!   `config.update`), idempotent: check, lock, act, re-check.
+//! - [`run`]: wires them to the client library's event router, serves the health port.
+
+pub mod driver;
+pub mod handlers;
+pub mod identity;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use drover_client::{Client, RouterBuilder};
+use tokio_util::sync::CancellationToken;
+
+/// How to run the agent.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AgentArgs {
+    /// The server's URL.
+    #[arg(long, env = "CATTLE_URL", default_value = "http://localhost:8080")]
+    pub url: String,
+    /// A project's registration token (`ACCESSKEY:SECRET`), used when the agent has no keys yet.
+    #[arg(long, env = "DROVER_REGISTRATION_TOKEN", hide_env_values = true)]
+    pub registration_token: Option<String>,
+    /// Existing agent keys (instead of registering).
+    #[arg(long, env = "CATTLE_ACCESS_KEY")]
+    pub access_key: Option<String>,
+    /// The secret of `--access-key`.
+    #[arg(long, env = "CATTLE_SECRET_KEY", hide_env_values = true)]
+    pub secret_key: Option<String>,
+    /// Where the agent keeps its identity, instances and volumes.
+    #[arg(long, env = "DROVER_AGENT_STATE_DIR", default_value = "./drover-agent")]
+    pub state_dir: PathBuf,
+    /// The host's name (default: the machine's hostname).
+    #[arg(long, env = "DROVER_AGENT_NAME")]
+    pub name: Option<String>,
+    /// Serve `GET /healthz` on this port (200 while subscribed).
+    #[arg(long, env = "DROVER_AGENT_HEALTH_PORT")]
+    pub health_port: Option<u16>,
+    /// Handlers run at once.
+    #[arg(long, env = "DROVER_AGENT_WORKERS", default_value_t = 16)]
+    pub workers: usize,
+}
+
+/// Runs the agent until `shutdown` is cancelled: registers if it must, subscribes (and
+/// resubscribes after any failure), handles events, serves its health port.
+pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.state_dir)?;
+    let identity = identity::establish(&args).await?;
+    tracing::info!(agent = %identity.agent_id, url = %identity.url, "agent identity");
+    let client = Client::new(&identity.url, &identity.access_key, &identity.secret_key)?;
+    let driver = Arc::new(driver::LocalDriver::new(
+        args.state_dir.clone(),
+        identity.url.clone(),
+    )?);
+    driver.adopt().await;
+    let agent = Arc::new(handlers::Agent::new(driver, client.clone()));
+    let mut builder = RouterBuilder::new(client)
+        .agent_id(identity.agent_id.clone())
+        .workers(args.workers.max(1));
+    builder = handlers::register(builder, agent);
+    let router = builder.build();
+    let connections = router.connections();
+    let health = match args.health_port {
+        Some(port) => Some(tokio::spawn(serve_health(
+            SocketAddr::from(([0, 0, 0, 0], port)),
+            connections,
+            shutdown.clone(),
+        ))),
+        None => None,
+    };
+    let result = router.run(shutdown.clone()).await;
+    if let Some(health) = health {
+        health.abort();
+    }
+    result.map_err(Into::into)
+}
+
+async fn serve_health(
+    addr: SocketAddr,
+    connections: tokio::sync::watch::Receiver<u64>,
+    shutdown: CancellationToken,
+) {
+    let app = axum::Router::new().route(
+        "/healthz",
+        axum::routing::get(move || {
+            let connections = connections.clone();
+            async move {
+                if *connections.borrow() > 0 {
+                    (axum::http::StatusCode::OK, "ok\n")
+                } else {
+                    (
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        "not subscribed yet\n",
+                    )
+                }
+            }
+        }),
+    );
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => {
+            tracing::info!(%addr, "agent health check listening");
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                .await;
+        }
+        Err(error) => tracing::error!(%addr, %error, "cannot serve the health port"),
+    }
+}
