@@ -451,9 +451,22 @@ impl<B: Bus, T: Tunables> Engine<B, T> {
             other => other.table(),
         };
         let mut data = resource.data.clone();
+        let injected = self.agent_keys_for(def, resource).await?;
         for command in commands {
             let mut current = resource.clone();
             current.data = data.clone();
+            if let Some(environment) = &injected
+                && *command == "compute.instance.activate"
+            {
+                // The keys travel in the request only; the resource never stores them.
+                let env = current
+                    .data
+                    .entry("environment")
+                    .or_insert_with(|| json!({}));
+                if let Value::Object(env) = env {
+                    env.extend(environment.clone());
+                }
+            }
             if outcome.host_id.is_some() {
                 current.host_id = outcome.host_id;
             }
@@ -504,6 +517,52 @@ impl<B: Bus, T: Tunables> Engine<B, T> {
 }
 
 impl<B: Bus, T: Tunables> Engine<B, T> {
+    /// For a container labelled `io.rancher.container.create_agent=true`, its own agent key as
+    /// the environment variables the original injects.
+    async fn agent_keys_for(
+        &self,
+        def: &ProcessDef,
+        resource: &Resource,
+    ) -> Result<Option<Map<String, Value>>, AttemptError> {
+        let labels = resource.data.get("labels").and_then(Value::as_object);
+        let wants_agent = labels
+            .and_then(|labels| labels.get("io.rancher.container.create_agent"))
+            .and_then(Value::as_str)
+            .is_some_and(|value| value.eq_ignore_ascii_case("true"));
+        let starts = matches!(
+            def.handler,
+            Handler::Agent("compute.instance.activate")
+                | Handler::AgentTwice(_, "compute.instance.activate")
+        );
+        if resource.kind != ResourceKind::Instance || !wants_agent || !starts {
+            return Ok(None);
+        }
+        let role = labels
+            .and_then(|labels| labels.get("io.rancher.container.agent.role"))
+            .and_then(Value::as_str)
+            .and_then(|roles| {
+                roles
+                    .split(',')
+                    .map(str::trim)
+                    .find(|role| *role == "environment" || *role == "agent")
+            });
+        let (agent_id, key) = self.store.instance_agent_key(resource, role).await?;
+        let access = key.credential.public_value;
+        let secret = key.secret_value;
+        let mut env = Map::new();
+        env.insert("CATTLE_ACCESS_KEY".into(), json!(access));
+        env.insert("CATTLE_SECRET_KEY".into(), json!(secret));
+        env.insert(
+            "CATTLE_AGENT_ID".into(),
+            json!(ids::format("agent", agent_id)),
+        );
+        if role == Some("environment") {
+            env.insert("CATTLE_ENVIRONMENT_ACCESS_KEY".into(), json!(access));
+            env.insert("CATTLE_ENVIRONMENT_SECRET_KEY".into(), json!(secret));
+        }
+        Ok(Some(env))
+    }
+
     /// Pings the agent a resource is; succeeds when it answers.
     async fn ping_agent(&self, resource: &Resource) -> Result<Outcome, AttemptError> {
         let timeout = Duration::from_millis(

@@ -69,6 +69,14 @@ impl Principal {
                     Some(asked) if asked != own => Err(ApiError::forbidden(format!(
                         "agentId {asked} is not this key's agent; an agent key subscribes for its own agent only"
                     ))),
+                    // A container agent with the environment role listens as its project.
+                    None if self.account.role.as_deref() == Some("environment") => self
+                        .account
+                        .project_id
+                        .map(Qualifier::Account)
+                        .ok_or_else(|| {
+                            ApiError::forbidden("this agent account belongs to no project")
+                        }),
                     _ => Ok(Qualifier::Agent(own)),
                 }
             }
@@ -257,6 +265,7 @@ mod tests {
                 created: 0,
                 project_id,
                 agent_id,
+                role: None,
             },
             credential_id: 1,
             credential_kind: CredentialKind::ApiKey,

@@ -109,6 +109,9 @@ pub struct Account {
     pub project_id: Option<i64>,
     /// For agent accounts: the agent they are.
     pub agent_id: Option<i64>,
+    /// For agent accounts of containers: the role they were given
+    /// (`io.rancher.container.agent.role`), e.g. `environment`.
+    pub role: Option<String>,
 }
 
 impl Account {

@@ -132,6 +132,7 @@ struct AccountRow {
     created: i64,
     project_id: Option<i64>,
     agent_id: Option<i64>,
+    external_id: Option<String>,
 }
 
 impl TryFrom<AccountRow> for Account {
@@ -146,6 +147,11 @@ impl TryFrom<AccountRow> for Account {
             created: row.created,
             project_id: row.project_id,
             agent_id: row.agent_id,
+            role: row
+                .external_id
+                .as_deref()
+                .and_then(|text| text.strip_prefix("role:"))
+                .map(str::to_owned),
         })
     }
 }
@@ -197,9 +203,11 @@ struct AccountLookupRow {
     a_created: i64,
     a_project_id: Option<i64>,
     a_agent_id: Option<i64>,
+    a_external_id: Option<String>,
 }
 
-const ACCOUNT_COLUMNS: &str = "id, name, kind, uuid, state, created, project_id, agent_id";
+const ACCOUNT_COLUMNS: &str =
+    "id, name, kind, uuid, state, created, project_id, agent_id, external_id";
 const CREDENTIAL_COLUMNS: &str =
     "id, name, description, kind, state, created, account_id, public_value";
 
@@ -447,7 +455,7 @@ impl Store {
     ) -> Result<Option<(Credential, SecretHash, Account)>> {
         let sql = "SELECT c.id, c.name, c.description, c.kind, c.state, c.created, c.account_id, c.public_value, \
                    c.secret_value, a.id AS a_id, a.name AS a_name, a.kind AS a_kind, a.uuid AS a_uuid, \
-                   a.state AS a_state, a.created AS a_created, a.project_id AS a_project_id, a.agent_id AS a_agent_id \
+                   a.state AS a_state, a.created AS a_created, a.project_id AS a_project_id, a.agent_id AS a_agent_id, a.external_id AS a_external_id \
                    FROM credential c JOIN account a ON a.id = c.account_id \
                    WHERE c.public_value = $1 AND c.state = 'active' AND a.state = 'active' AND a.removed IS NULL";
         let row: Option<KeyLookupRow> = dispatch!(self, pool => sqlx::query_as(sql).bind(access_key).fetch_optional(pool).await?);
@@ -467,6 +475,7 @@ impl Store {
             created: row.account.a_created,
             project_id: row.account.a_project_id,
             agent_id: row.account.a_agent_id,
+            external_id: row.account.a_external_id,
         };
         Ok(Some((
             row.credential.try_into()?,

@@ -562,7 +562,8 @@ impl Store {
     pub async fn agents_to_ping(&self) -> Result<Vec<(i64, String, Option<i64>)>> {
         Ok(dispatch!(self, pool => sqlx::query_as(
             "SELECT id, state, last_ping FROM agent WHERE removed IS NULL \
-             AND state IN ('active', 'reconnecting', 'disconnected') ORDER BY id")
+             AND state IN ('active', 'reconnecting', 'disconnected') \
+             AND (uri IS NULL OR uri NOT LIKE 'instance://%') ORDER BY id")
             .fetch_all(pool).await?))
     }
 
@@ -640,5 +641,65 @@ impl Store {
              RETURNING id")
             .bind(account_id).bind(now_millis()).bind(data.to_string()).bind(external_id).bind(external_status).bind(host_id)
             .fetch_one(pool).await?))
+    }
+}
+
+impl Store {
+    /// The agent of a container labelled `io.rancher.container.create_agent=true`: made the
+    /// first time (an agent with its own account, acting in the container's project with
+    /// `role`), and on every call a fresh `agentApiKey` with the older ones revoked — the key
+    /// travels to the container in its start request and is stored nowhere in plain text.
+    /// Returns the agent's id and the new key.
+    pub async fn instance_agent_key(
+        &self,
+        instance: &Resource,
+        role: Option<&str>,
+    ) -> Result<(i64, crate::model::NewKey)> {
+        let project = instance
+            .account_id
+            .ok_or(Error::NotFound("project of the instance"))?;
+        let name = format!("{}-agent", instance.name.as_deref().unwrap_or("container"));
+        let agent_id = match instance.agent_id {
+            Some(agent_id) => agent_id,
+            None => {
+                let uri = format!("instance://{}", instance.id);
+                let new_agent = NewResource {
+                    name: Some(name.clone()),
+                    sub_kind: "agent".into(),
+                    account_id: Some(project),
+                    external_id: Some(uri.clone()),
+                    ..NewResource::default()
+                };
+                let agent = self
+                    .insert_resource(ResourceKind::Agent, &new_agent, "active")
+                    .await?;
+                dispatch!(self, pool => sqlx::query("UPDATE agent SET uri = $1 WHERE id = $2")
+                    .bind(&uri).bind(agent.id).execute(pool).await?.rows_affected());
+                let account = self
+                    .create_account(crate::model::AccountKind::Agent, &name, Some(project))
+                    .await?;
+                let role = role.map(|role| format!("role:{role}"));
+                dispatch!(self, pool => sqlx::query("UPDATE account SET agent_id = $1, external_id = $2 WHERE id = $3")
+                    .bind(agent.id).bind(&role).bind(account.id).execute(pool).await?.rows_affected());
+                dispatch!(self, pool => sqlx::query("UPDATE instance SET agent_id = $1 WHERE id = $2")
+                    .bind(agent.id).bind(instance.id).execute(pool).await?.rows_affected());
+                agent.id
+            }
+        };
+        let account_id: i64 = dispatch!(self, pool => sqlx::query_scalar(
+            "SELECT id FROM account WHERE agent_id = $1 AND kind = 'agent' ORDER BY id LIMIT 1")
+            .bind(agent_id).fetch_one(pool).await?);
+        dispatch!(self, pool => sqlx::query(
+            "UPDATE credential SET state = 'removed', removed = $1 WHERE account_id = $2 AND state = 'active'")
+            .bind(now_millis()).bind(account_id).execute(pool).await?.rows_affected());
+        let key = self
+            .create_key(
+                account_id,
+                crate::model::CredentialKind::AgentApiKey,
+                Some(&name),
+                None,
+            )
+            .await?;
+        Ok((agent_id, key))
     }
 }

@@ -1,0 +1,453 @@
+//! The host agent end to end: the real server (in this process) and the real `drover agent`
+//! binary as a child process, running real local processes.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use drover_client::{Client, Error, Subscribe};
+use drover_server::{Config, Server};
+use serde_json::{Value, json};
+
+const ACCESS: &str = "AGENTTESTADMINKEY001";
+const SECRET: &str = "agent-test-admin-secret-0123456789abcdef";
+
+struct Harness {
+    server: Server,
+    admin: Client,
+    url: String,
+    dir: tempfile::TempDir,
+    token: String,
+}
+
+impl Harness {
+    async fn start() -> Harness {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::new(dir.path().join("server"));
+        config.admin_access_key = Some(ACCESS.into());
+        config.admin_secret_key = Some(SECRET.into());
+        config.settings = [
+            ("agent.ping.interval.millis", "100"),
+            ("agent.activate.ping.timeout.millis", "300"),
+            ("eventing.timeout.millis", "1000"),
+            ("process.retry_max_wait.millis", "300"),
+            ("process.poll.millis", "50"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = Server::start(listener, config).await.unwrap();
+        let url = format!("http://{}", server.addr);
+        let admin = Client::new(&url, ACCESS, SECRET).unwrap();
+        let token = admin.post("registrationtokens", &json!({})).await.unwrap()["token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        Harness {
+            server,
+            admin,
+            url,
+            dir,
+            token,
+        }
+    }
+
+    fn agent_dir(&self) -> PathBuf {
+        self.dir.path().join("agent")
+    }
+
+    /// Starts `drover agent` with the registration token; `fault` sets DROVER_AGENT_FAULT.
+    fn start_agent(&self, fault: Option<&str>) -> AgentProcess {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_drover"));
+        command
+            .args([
+                "agent",
+                "--url",
+                &self.url,
+                "--registration-token",
+                &self.token,
+                "--state-dir",
+            ])
+            .arg(self.agent_dir())
+            .env_remove("CATTLE_ACCESS_KEY")
+            .env_remove("CATTLE_SECRET_KEY")
+            .env_remove("CATTLE_URL")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(fault) = fault {
+            command.env("DROVER_AGENT_FAULT", fault);
+        }
+        AgentProcess(command.spawn().expect("start drover agent"))
+    }
+
+    async fn wait_agent_active(&self) {
+        wait_for(&self.admin, "agents", "an active agent", |agents| {
+            agents["data"]
+                .as_array()
+                .is_some_and(|data| data.iter().any(|agent| agent["state"] == "active"))
+        })
+        .await;
+        wait_for(&self.admin, "hosts", "an active host", |hosts| {
+            hosts["data"]
+                .as_array()
+                .is_some_and(|data| data.iter().any(|host| host["state"] == "active"))
+        })
+        .await;
+    }
+}
+
+struct AgentProcess(Child);
+
+impl AgentProcess {
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn wait_for(client: &Client, path: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(value) = client.get(path).await
+            && done(&value)
+        {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what} on {path}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn wait_state(client: &Client, path: &str, state: &str) -> Value {
+    wait_for(client, path, state, |r| {
+        r["state"] == state && r["transitioning"] == "no"
+    })
+    .await
+}
+
+/// Waits until a file exists and returns its text.
+async fn read_when_there(path: &Path) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path)
+            && !text.is_empty()
+        {
+            return text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn pid_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            !stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(false)
+}
+
+#[tokio::test]
+async fn a_container_runs_as_a_real_process_and_stop_and_remove_clean_up() {
+    let harness = Harness::start().await;
+    let _agent = harness.start_agent(None);
+    harness.wait_agent_active().await;
+    let work = tempfile::tempdir().unwrap();
+    let created = harness
+        .admin
+        .post(
+            "containers",
+            &json!({
+                "name": "real",
+                "command": ["sh", "-c", "echo $$ > pid.out; echo \"$GREETING\" > env.out; exec sleep 600"],
+                "environment": {"GREETING": "hello from drover"},
+                "workingDir": work.path().display().to_string(),
+            }),
+        )
+        .await
+        .unwrap();
+    let path = format!("containers/{}", created["id"].as_str().unwrap());
+    let running = wait_state(&harness.admin, &path, "running").await;
+    assert!(
+        running["externalId"].as_str().unwrap().starts_with("pid:"),
+        "{running:#}"
+    );
+    let pid: i32 = read_when_there(&work.path().join("pid.out"))
+        .await
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(pid_alive(pid));
+    assert_eq!(
+        read_when_there(&work.path().join("env.out")).await.trim(),
+        "hello from drover"
+    );
+    let logs = harness
+        .agent_dir()
+        .join("instances")
+        .join(created["id"].as_str().unwrap());
+    assert!(logs.join("stdout.log").exists());
+
+    harness
+        .admin
+        .post(&format!("{path}?action=stop"), &json!({}))
+        .await
+        .unwrap();
+    wait_state(&harness.admin, &path, "stopped").await;
+    assert!(!pid_alive(pid), "stop ends the process");
+    harness.admin.delete(&path).await.unwrap();
+    wait_state(&harness.admin, &path, "removed").await;
+    assert!(!logs.exists(), "remove cleans up the instance's files");
+
+    // A volume is a directory.
+    let volume = harness
+        .admin
+        .post("volumes", &json!({"name": "data"}))
+        .await
+        .unwrap();
+    let volume_path = format!("volumes/{}", volume["id"].as_str().unwrap());
+    let active = wait_state(&harness.admin, &volume_path, "active").await;
+    let dir = PathBuf::from(active["path"].as_str().unwrap());
+    assert!(dir.is_dir());
+    harness.admin.delete(&volume_path).await.unwrap();
+    wait_state(&harness.admin, &volume_path, "removed").await;
+    assert!(!dir.exists());
+    drop(harness.server);
+}
+
+#[tokio::test]
+async fn a_killed_process_is_noticed_and_its_container_stops() {
+    let harness = Harness::start().await;
+    let _agent = harness.start_agent(None);
+    harness.wait_agent_active().await;
+    let work = tempfile::tempdir().unwrap();
+    let created = harness
+        .admin
+        .post(
+            "containers",
+            &json!({"name": "victim", "command": ["sh", "-c", "echo $$ > pid.out; exec sleep 600"],
+                                    "workingDir": work.path().display().to_string()}),
+        )
+        .await
+        .unwrap();
+    let path = format!("containers/{}", created["id"].as_str().unwrap());
+    wait_state(&harness.admin, &path, "running").await;
+    let pid: i32 = read_when_there(&work.path().join("pid.out"))
+        .await
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_state(&harness.admin, &path, "stopped").await;
+    let events = harness
+        .server
+        .state
+        .store
+        .count_rows("container_event")
+        .await
+        .unwrap();
+    assert!(events >= 1, "the death is recorded as a container event");
+}
+
+#[tokio::test]
+async fn an_agent_killed_mid_process_finishes_it_after_restart_without_running_it_twice() {
+    let harness = Harness::start().await;
+    let mut agent = harness.start_agent(Some("exit-before-reply"));
+    harness.wait_agent_active().await;
+    let work = tempfile::tempdir().unwrap();
+    let created = harness
+        .admin
+        .post("containers", &json!({"name": "once", "command": ["sh", "-c", "echo started >> runs.log; exec sleep 600"],
+                                    "workingDir": work.path().display().to_string()}))
+        .await
+        .unwrap();
+    let path = format!("containers/{}", created["id"].as_str().unwrap());
+    // The agent starts the process, then dies before it can reply.
+    read_when_there(&work.path().join("runs.log")).await;
+    let status = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || {
+            let status = agent.0.wait().unwrap();
+            std::mem::forget(agent);
+            status
+        }),
+    )
+    .await
+    .expect("the agent exits at its fault point")
+    .unwrap();
+    assert_eq!(status.code(), Some(137));
+    assert_eq!(harness.admin.get(&path).await.unwrap()["state"], "starting");
+    // Restarted, the same agent adopts the process and answers the resent request.
+    let _agent = harness.start_agent(None);
+    let running = wait_state(&harness.admin, &path, "running").await;
+    assert!(running["externalId"].as_str().unwrap().starts_with("pid:"));
+    let runs = std::fs::read_to_string(work.path().join("runs.log")).unwrap();
+    assert_eq!(runs.lines().count(), 1, "the work ran once: {runs:?}");
+    let agents = harness.admin.get("agents").await.unwrap();
+    assert_eq!(
+        agents["data"].as_array().unwrap().len(),
+        1,
+        "a restart is the same agent"
+    );
+    harness.admin.delete(&path).await.unwrap();
+    wait_state(&harness.admin, &path, "removed").await;
+}
+
+#[tokio::test]
+async fn a_create_agent_container_gets_keys_that_work_in_its_project_only() {
+    let harness = Harness::start().await;
+    let _agent = harness.start_agent(None);
+    harness.wait_agent_active().await;
+    let work = tempfile::tempdir().unwrap();
+    let created = harness
+        .admin
+        .post(
+            "containers",
+            &json!({
+                "name": "extension",
+                "command": ["sh", "-c", "env > env.out; exec sleep 600"],
+                "workingDir": work.path().display().to_string(),
+                "labels": {"io.rancher.container.create_agent": "true", "io.rancher.container.agent.role": "environment"},
+            }),
+        )
+        .await
+        .unwrap();
+    let path = format!("containers/{}", created["id"].as_str().unwrap());
+    let running = wait_state(&harness.admin, &path, "running").await;
+    assert!(
+        running["environment"].get("CATTLE_SECRET_KEY").is_none(),
+        "keys are never stored on the resource"
+    );
+    let env = read_when_there(&work.path().join("env.out")).await;
+    let var = |name: &str| {
+        env.lines()
+            .find_map(|line| line.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("{name} missing"))
+            .to_owned()
+    };
+    let client = Client::new(
+        &var("CATTLE_URL"),
+        &var("CATTLE_ACCESS_KEY"),
+        &var("CATTLE_SECRET_KEY"),
+    )
+    .unwrap();
+    // It works for the API and for subscribing within its project ...
+    let containers = client.get("containers").await.unwrap();
+    assert!(
+        containers["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["id"] == created["id"])
+    );
+    let mut stream = client
+        .subscribe(Subscribe::names(["resource.change"]))
+        .await
+        .unwrap();
+    assert_eq!(stream.next_event().await.unwrap().unwrap().name(), "ping");
+    harness
+        .admin
+        .post(&format!("{path}?action=stop"), &json!({}))
+        .await
+        .unwrap();
+    let change = loop {
+        let event = tokio::time::timeout(Duration::from_secs(20), stream.next_non_ping())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if event.resource_id == created["id"].as_str().map(str::to_owned) {
+            break event;
+        }
+    };
+    assert_eq!(change.data.unwrap()["resource"]["type"], "container");
+    // ... and nowhere else.
+    let other = harness
+        .admin
+        .post("projects", &json!({"name": "other"}))
+        .await
+        .unwrap();
+    let other_id = other["id"].as_str().unwrap();
+    match client.get(&format!("projects/{other_id}/containers")).await {
+        Err(Error::Api { status: 403, .. }) => {}
+        other => panic!("expected a 403, got {other:?}"),
+    }
+    harness.admin.delete(&path).await.unwrap();
+    wait_state(&harness.admin, &path, "removed").await;
+}
+
+#[tokio::test]
+async fn an_agent_key_is_refused_another_projects_resources() {
+    let harness = Harness::start().await;
+    let _agent = harness.start_agent(None);
+    harness.wait_agent_active().await;
+    let identity: Value = serde_json::from_str(
+        &std::fs::read_to_string(harness.agent_dir().join("identity.json")).unwrap(),
+    )
+    .unwrap();
+    let agent_client = Client::new(
+        &harness.url,
+        identity["accessKey"].as_str().unwrap(),
+        identity["secretKey"].as_str().unwrap(),
+    )
+    .unwrap();
+    let other = harness
+        .admin
+        .post("projects", &json!({"name": "other"}))
+        .await
+        .unwrap();
+    let other_id = other["id"].as_str().unwrap();
+    let theirs = harness
+        .admin
+        .post(
+            &format!("projects/{other_id}/containers"),
+            &json!({"name": "theirs", "command": ["true"], "startOnCreate": false}),
+        )
+        .await
+        .unwrap();
+    match agent_client
+        .get(&format!("projects/{other_id}/containers"))
+        .await
+    {
+        Err(Error::Api { status: 403, .. }) => {}
+        other => panic!("expected a 403, got {other:?}"),
+    }
+    match agent_client
+        .get(&format!("containers/{}", theirs["id"].as_str().unwrap()))
+        .await
+    {
+        Err(Error::Api { status: 404, .. }) => {}
+        other => panic!("expected a 404, got {other:?}"),
+    }
+    match agent_client
+        .subscribe(Subscribe::names(["resource.change"]).project(other_id.to_owned()))
+        .await
+    {
+        Err(Error::Refused { status: 403, .. }) => {}
+        other => panic!("expected a 403, got {other:?}"),
+    }
+}
