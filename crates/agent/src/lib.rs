@@ -44,6 +44,9 @@ pub struct AgentArgs {
     /// Serve `GET /healthz` on this port (200 while subscribed).
     #[arg(long, env = "DROVER_AGENT_HEALTH_PORT")]
     pub health_port: Option<u16>,
+    /// Log to this file (rotated daily, seven kept) instead of stderr.
+    #[arg(long, env = "DROVER_AGENT_LOG_FILE")]
+    pub log_file: Option<PathBuf>,
     /// Handlers run at once.
     #[arg(long, env = "DROVER_AGENT_WORKERS", default_value_t = 16)]
     pub workers: usize,

@@ -77,11 +77,18 @@ struct ServerArgs {
     /// The admin's secret key.
     #[arg(long, env = "DROVER_ADMIN_SECRET_KEY", hide_env_values = true)]
     admin_secret_key: Option<String>,
+    /// The URL clients reach this server at, for links in events (default: http://<listen address>).
+    #[arg(long, env = "DROVER_PUBLIC_URL")]
+    public_url: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let log_file = match &cli.command {
+        Command::Agent(args) => args.log_file.clone(),
+        _ => None,
+    };
+    let _log_guard = init_logging(cli.log_format, log_file.as_deref());
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -114,6 +121,7 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
         admin_access_key: args.admin_access_key,
         admin_secret_key: args.admin_secret_key,
         settings: Settings::from_environment(),
+        public_url: args.public_url.clone(),
         ..drover_server::Config::new(args.data_dir)
     };
     let server = drover_server::Server::start(listener, config).await?;
@@ -160,6 +168,7 @@ async fn up(args: ServerArgs) -> anyhow::Result<()> {
         admin_access_key: args.admin_access_key,
         admin_secret_key: args.admin_secret_key,
         settings: Settings::from_environment(),
+        public_url: args.public_url.clone(),
         ..drover_server::Config::new(&data_dir)
     };
     let server = drover_server::Server::start(listener, config).await?;
@@ -203,6 +212,7 @@ async fn up(args: ServerArgs) -> anyhow::Result<()> {
         state_dir,
         name: None,
         health_port: None,
+        log_file: None,
         workers: 16,
     };
     let agent_token = agent_shutdown.clone();
@@ -299,14 +309,48 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs to stderr, or to a daily-rotated file (seven kept) when `log_file` is given; the
+/// returned guard flushes the file on exit.
+fn init_logging(
+    format: LogFormat,
+    log_file: Option<&std::path::Path>,
+) -> Option<tracing_appender::non_blocking::WorkerGuard> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("DROVER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = match log_file {
+        Some(path) => {
+            let dir = path
+                .parent()
+                .filter(|dir| !dir.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."));
+            let prefix = path
+                .file_name()
+                .and_then(|name| name.to_str())
+                .unwrap_or("drover.log");
+            let appender = tracing_appender::rolling::Builder::new()
+                .rotation(tracing_appender::rolling::Rotation::DAILY)
+                .filename_prefix(prefix)
+                .max_log_files(7)
+                .build(dir)
+                .unwrap_or_else(|error| panic!("cannot open log file {}: {error}", path.display()));
+            let (writer, guard) = tracing_appender::non_blocking(appender);
+            (
+                tracing_subscriber::fmt::writer::BoxMakeWriter::new(writer),
+                Some(guard),
+            )
+        }
+        None => (
+            tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
+            None,
+        ),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer)
+        .with_ansi(log_file.is_none());
     match format {
         LogFormat::Pretty => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    guard
 }

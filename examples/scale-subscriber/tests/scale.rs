@@ -73,6 +73,7 @@ async fn a_service_is_kept_at_its_scale() {
         state_dir: dir.path().join("agent"),
         name: Some("local".into()),
         health_port: None,
+        log_file: None,
         workers: 8,
     };
     let agent = tokio::spawn(drover_agent::run(agent_args, shutdown.clone()));
