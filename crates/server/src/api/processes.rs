@@ -146,28 +146,8 @@ async fn list(
                 filter.status = Some(value.into_owned());
             }
             "result" => filter.result = Some(value.to_uppercase()),
-            "limit" => {
-                filter.limit = value
-                    .parse()
-                    .ok()
-                    .filter(|limit| (1..=1000).contains(limit))
-                    .ok_or_else(|| {
-                        ApiError::invalid(
-                            "InvalidOption",
-                            "limit",
-                            "limit must be a number from 1 to 1000",
-                        )
-                    })?;
-            }
-            "marker" => {
-                filter.marker = Some(value.trim_start_matches('m').parse().map_err(|_| {
-                    ApiError::invalid(
-                        "InvalidOption",
-                        "marker",
-                        "marker is not one this server gave out",
-                    )
-                })?);
-            }
+            "limit" => filter.limit = super::resources::parse_limit(&value)?,
+            "marker" => filter.marker = Some(super::resources::parse_marker(&value)?),
             "sort" | "order" => filter.newest_first = value == "desc" || filter.newest_first,
             _ => {}
         }

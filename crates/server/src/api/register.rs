@@ -28,18 +28,6 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/v1/projects/{project}/register", post(register))
 }
 
-fn project_of(state: &AppState, principal: &Principal) -> Result<i64, ApiError> {
-    principal
-        .account
-        .default_project()
-        .or_else(|| {
-            principal
-                .is_privileged()
-                .then_some(state.default_project.id)
-        })
-        .ok_or_else(|| ApiError::forbidden("this key belongs to no project"))
-}
-
 fn may_manage(principal: &Principal) -> Result<(), ApiError> {
     match principal.account.kind {
         AccountKind::Agent | AccountKind::User => Err(ApiError::forbidden(
@@ -86,7 +74,7 @@ async fn list(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     may_manage(&principal)?;
-    let project = project_of(&state, &principal)?;
+    let project = super::resources::scope(&state, &principal, &Default::default()).await?;
     list_in(&state, project, &headers).await
 }
 
@@ -129,7 +117,7 @@ async fn create(
     headers: HeaderMap,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     may_manage(&principal)?;
-    let project = project_of(&state, &principal)?;
+    let project = super::resources::scope(&state, &principal, &Default::default()).await?;
     create_in(&state, project, &headers).await
 }
 

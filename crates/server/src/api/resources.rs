@@ -70,6 +70,32 @@ pub(crate) async fn scope(
     }
 }
 
+/// `limit`: 1 to 1000.
+pub(crate) fn parse_limit(value: &str) -> Result<i64, ApiError> {
+    value
+        .parse()
+        .ok()
+        .filter(|limit| (1..=1000).contains(limit))
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "InvalidOption",
+                "limit",
+                "limit must be a number from 1 to 1000",
+            )
+        })
+}
+
+/// `marker`: one this server gave out in `pagination.next` (`m<id>`).
+pub(crate) fn parse_marker(value: &str) -> Result<i64, ApiError> {
+    value.trim_start_matches('m').parse().map_err(|_| {
+        ApiError::invalid(
+            "InvalidOption",
+            "marker",
+            "marker is not one this server gave out",
+        )
+    })
+}
+
 /// A resource as the API renders it: fields, `type`, `links`, and the actions valid now.
 pub fn render(base: &str, resource: &Resource) -> Value {
     let schema = schema::of_kind(resource.kind);
@@ -125,28 +151,8 @@ fn list_query(schema: &TypeSchema, project: i64, raw: Option<&str>) -> Result<Li
     };
     for (key, value) in form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
         match key.as_ref() {
-            "limit" => {
-                query.limit = value
-                    .parse()
-                    .ok()
-                    .filter(|limit| (1..=1000).contains(limit))
-                    .ok_or_else(|| {
-                        ApiError::invalid(
-                            "InvalidOption",
-                            "limit",
-                            "limit must be a number from 1 to 1000",
-                        )
-                    })?;
-            }
-            "marker" => {
-                query.marker = Some(value.trim_start_matches('m').parse().map_err(|_| {
-                    ApiError::invalid(
-                        "InvalidOption",
-                        "marker",
-                        "marker is not one this server gave out",
-                    )
-                })?);
-            }
+            "limit" => query.limit = super::resources::parse_limit(&value)?,
+            "marker" => query.marker = Some(super::resources::parse_marker(&value)?),
             key if key.starts_with('_') || key == "sort" || key == "order" || key == "include" => {}
             key => {
                 let (name, op) = match key.rsplit_once('_') {
@@ -256,16 +262,7 @@ async fn get_one(
     Path(params): Params,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    let schema = schema_of(&params)?;
-    let project = scope(&state, &principal, &params).await?;
-    let resource = find(
-        &state,
-        &principal,
-        schema,
-        project,
-        params.get("id").map(String::as_str).unwrap_or(""),
-    )
-    .await?;
+    let resource = target(&state, &principal, &params, "GET").await?;
     Ok(Json(render(&base_url(&headers), &resource)))
 }
 
@@ -468,7 +465,6 @@ async fn action(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let schema = schema_of(&params)?;
     let action = form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
         .find(|(key, _)| key == "action")
         .map(|(_, value)| value.into_owned())
@@ -488,21 +484,37 @@ async fn action(
             _ => return Err(ApiError::bad_request("action input must be a JSON object")),
         }
     };
-    let project = scope(&state, &principal, &params).await?;
-    let resource = find(
-        &state,
-        &principal,
-        schema,
-        project,
-        params.get("id").map(String::as_str).unwrap_or(""),
-    )
-    .await?;
-    check_write(&principal, schema)?;
+    let resource = target(&state, &principal, &params, "POST").await?;
     let resource = schedule(&state, &resource, &action, data).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(render(&base_url(&headers), &resource)),
     ))
+}
+
+/// The resource a request names: the collection must allow `method`, the caller must see the
+/// resource, and for anything but `GET` the caller must be allowed to change it.
+async fn target(
+    state: &AppState,
+    principal: &Principal,
+    params: &HashMap<String, String>,
+    method: &str,
+) -> Result<Resource, ApiError> {
+    let schema = schema_of(params)?;
+    if !schema.resource_methods.contains(&method) && method != "POST" {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            format!("{method} is not allowed on {}", schema.plural),
+        ));
+    }
+    let project = scope(state, principal, params).await?;
+    let id = params.get("id").map(String::as_str).unwrap_or("");
+    let resource = find(state, principal, schema, project, id).await?;
+    if method != "GET" {
+        check_write(principal, schema)?;
+    }
+    Ok(resource)
 }
 
 fn check_write(principal: &Principal, schema: &TypeSchema) -> Result<(), ApiError> {
@@ -524,24 +536,7 @@ async fn remove(
     Path(params): Params,
     headers: HeaderMap,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let schema = schema_of(&params)?;
-    if !schema.resource_methods.contains(&"DELETE") {
-        return Err(ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "MethodNotAllowed",
-            "DELETE is not allowed here",
-        ));
-    }
-    let project = scope(&state, &principal, &params).await?;
-    let resource = find(
-        &state,
-        &principal,
-        schema,
-        project,
-        params.get("id").map(String::as_str).unwrap_or(""),
-    )
-    .await?;
-    check_write(&principal, schema)?;
+    let resource = target(&state, &principal, &params, "DELETE").await?;
     let resource = schedule(&state, &resource, "remove", Map::new()).await?;
     Ok((
         StatusCode::ACCEPTED,
@@ -557,23 +552,7 @@ async fn update(
     ApiJson(body): ApiJson<Map<String, Value>>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let schema = schema_of(&params)?;
-    if !schema.resource_methods.contains(&"PUT") {
-        return Err(ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "MethodNotAllowed",
-            "PUT is not allowed here",
-        ));
-    }
-    let project = scope(&state, &principal, &params).await?;
-    let resource = find(
-        &state,
-        &principal,
-        schema,
-        project,
-        params.get("id").map(String::as_str).unwrap_or(""),
-    )
-    .await?;
-    check_write(&principal, schema)?;
+    let resource = target(&state, &principal, &params, "PUT").await?;
     let mut data = resource.data.clone();
     let (mut name, mut description) = (None, None);
     for (key, value) in &body {
