@@ -667,3 +667,112 @@ async fn the_bus_works_on_postgresql() {
     let (_, project_client) = server.project("pg").await;
     project_client.get("").await.unwrap();
 }
+
+#[tokio::test]
+async fn settings_change_without_a_restart_and_bad_values_are_refused() {
+    let server = TestServer::start_with(&[("api.sub.max.pings", "100")]).await;
+    let all = server.admin.get("settings").await.unwrap();
+    let row = all["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "api.sub.ping.interval.millis")
+        .unwrap()
+        .clone();
+    assert_eq!(row["value"], "5000");
+    assert_eq!(row["source"], "Default");
+    assert_eq!(row["inDb"], false);
+    let env = server
+        .admin
+        .get("settings/api.sub.max.pings")
+        .await
+        .unwrap();
+    assert_eq!(env["source"], "Environment");
+    // A new interval applies to the next subscription at once.
+    let changed = server
+        .admin
+        .put(
+            "settings/api.sub.ping.interval.millis",
+            &json!({"value": "40"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(changed["activeValue"], "40");
+    assert_eq!(changed["inDb"], true);
+    let mut stream = server
+        .admin
+        .subscribe(Subscribe::names(["x"]))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let ping = tokio::time::timeout(Duration::from_secs(5), stream.next_event())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(ping.name(), "ping");
+    }
+    for (body, code) in [
+        (json!({"value": "0"}), "InvalidOption"),
+        (json!({"value": "soon"}), "InvalidOption"),
+        (json!({}), "MissingRequired"),
+    ] {
+        match server
+            .admin
+            .put("settings/api.sub.ping.interval.millis", &body)
+            .await
+        {
+            Err(Error::Api {
+                status: 422,
+                code: got,
+                ..
+            }) => assert_eq!(got, code),
+            other => panic!("expected a 422, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        server
+            .admin
+            .get("settings/api.sub.ping.interval.millis")
+            .await
+            .unwrap()["value"],
+        "40"
+    );
+    match server
+        .admin
+        .put("settings/no.such.setting", &json!({"value": "1"}))
+        .await
+    {
+        Err(Error::Api { status: 404, .. }) => {}
+        other => panic!("expected a 404, got {other:?}"),
+    }
+    let (_, project) = server.project("p").await;
+    match project
+        .put(
+            "settings/api.sub.ping.interval.millis",
+            &json!({"value": "100"}),
+        )
+        .await
+    {
+        Err(Error::Api { status: 403, .. }) => {}
+        other => panic!("expected a 403, got {other:?}"),
+    }
+    let restored = server
+        .admin
+        .delete("settings/api.sub.ping.interval.millis")
+        .await
+        .unwrap();
+    assert_eq!(restored["value"], "5000");
+    assert_eq!(restored["inDb"], false);
+    assert_eq!(
+        server
+            .server
+            .state
+            .store
+            .list_settings()
+            .await
+            .unwrap()
+            .len(),
+        0
+    );
+}

@@ -10,6 +10,7 @@ pub mod resources;
 mod root;
 pub mod schema;
 mod schemas;
+mod settings;
 
 use std::time::Duration;
 
@@ -45,6 +46,7 @@ pub fn router(state: AppState) -> Router {
         .merge(processes::routes())
         .merge(register::routes())
         .merge(schemas::routes())
+        .merge(settings::routes())
         .merge(resources::routes())
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))

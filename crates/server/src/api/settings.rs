@@ -1,0 +1,156 @@
+//! `/v1/settings`: every tunable with its value, where it comes from, and what it does.
+//! `PUT` stores a value that takes effect at once (readers ask for settings each time they need
+//! them); `DELETE` removes the stored value, so the environment's or the default applies again.
+
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::render::collection;
+use super::{ApiJson, base_url};
+use crate::auth::{Auth, Principal};
+use crate::error::ApiError;
+use crate::settings::{self, DEFINITIONS, SettingError, Source};
+use crate::state::AppState;
+
+pub(super) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/settings", get(list))
+        .route("/v1/settings/{name}", get(get_one).put(put).delete(remove))
+}
+
+fn admin(principal: &Principal) -> Result<(), ApiError> {
+    if principal.is_privileged() {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden("settings are for admins"))
+    }
+}
+
+fn render(base: &str, state: &AppState, name: &str) -> Option<Value> {
+    let definition = settings::definition(name)?;
+    let (active, source) = state.settings.get(name)?;
+    let source_name = match source {
+        Source::Default => "Default",
+        Source::Environment => "Environment",
+        Source::Database => "Database",
+    };
+    Some(json!({
+        "id": definition.name,
+        "type": "setting",
+        "links": {"self": format!("{base}/v1/settings/{}", definition.name)},
+        "actions": {},
+        "name": definition.name,
+        "value": active,
+        "activeValue": active,
+        "defaultValue": definition.default,
+        "inDb": source == Source::Database,
+        "source": source_name,
+        "environmentVariable": settings::env_name(definition.name),
+        "description": definition.description,
+    }))
+}
+
+fn unknown(name: &str) -> ApiError {
+    ApiError::not_found(format!("no setting {name:?}; GET /v1/settings lists them"))
+}
+
+async fn list(
+    State(state): State<AppState>,
+    Auth(principal): Auth,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    admin(&principal)?;
+    let base = base_url(&headers);
+    let data = DEFINITIONS
+        .iter()
+        .filter_map(|definition| render(&base, &state, definition.name))
+        .collect();
+    Ok(Json(collection(
+        "setting",
+        format!("{base}/v1/settings"),
+        data,
+    )))
+}
+
+async fn get_one(
+    State(state): State<AppState>,
+    Auth(principal): Auth,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    admin(&principal)?;
+    render(&base_url(&headers), &state, &name)
+        .map(Json)
+        .ok_or_else(|| unknown(&name))
+}
+
+#[derive(Debug, Deserialize)]
+struct NewValue {
+    value: Option<Value>,
+}
+
+async fn put(
+    State(state): State<AppState>,
+    Auth(principal): Auth,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<NewValue>,
+) -> Result<Json<Value>, ApiError> {
+    admin(&principal)?;
+    let definition = settings::definition(&name).ok_or_else(|| unknown(&name))?;
+    let value = match body.value {
+        Some(Value::String(text)) => text,
+        Some(Value::Number(number)) => number.to_string(),
+        _ => {
+            return Err(ApiError::invalid(
+                "MissingRequired",
+                "value",
+                "a setting needs a value (string or number)",
+            ));
+        }
+    };
+    settings::validate(definition, &value).map_err(|error| match error {
+        SettingError::Invalid { reason, .. } => ApiError::invalid(
+            "InvalidOption",
+            "value",
+            format!("{name}: {value:?} is invalid: {reason}"),
+        ),
+        SettingError::Unknown(_) => unknown(&name),
+    })?;
+    // Stored first: a value the store did not take never takes effect.
+    state
+        .store
+        .put_setting(definition.name, value.trim())
+        .await?;
+    state
+        .settings
+        .set_stored(definition.name, value.trim())
+        .map_err(ApiError::internal)?;
+    tracing::info!(
+        setting = definition.name,
+        value = value.trim(),
+        "setting changed"
+    );
+    render(&base_url(&headers), &state, &name)
+        .map(Json)
+        .ok_or_else(|| unknown(&name))
+}
+
+async fn remove(
+    State(state): State<AppState>,
+    Auth(principal): Auth,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    admin(&principal)?;
+    let definition = settings::definition(&name).ok_or_else(|| unknown(&name))?;
+    state.store.delete_setting(definition.name).await?;
+    state.settings.clear_stored(definition.name);
+    render(&base_url(&headers), &state, &name)
+        .map(Json)
+        .ok_or_else(|| unknown(&name))
+}
