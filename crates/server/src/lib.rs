@@ -203,9 +203,16 @@ impl Server {
         let serve_shutdown = shutdown.clone();
         let serve_state = state.clone();
         let task = tokio::spawn(async move {
-            let result = axum::serve(listener, app.into_make_service())
-                .with_graceful_shutdown(async move { serve_shutdown.cancelled().await })
-                .await;
+            let result = axum::serve(
+                // Batches are formed in the application (ws.rs); Nagle's delay on top only
+                // adds latency.
+                axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                    let _ = tcp.set_nodelay(true);
+                }),
+                app.into_make_service(),
+            )
+            .with_graceful_shutdown(async move { serve_shutdown.cancelled().await })
+            .await;
             if let Err(error) = result {
                 tracing::error!(%error, "server stopped with an error");
             }

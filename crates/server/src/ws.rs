@@ -31,6 +31,9 @@ pub const CLOSE_UNSUPPORTED: u16 = close_code::UNSUPPORTED;
 
 /// The most events written before one flush.
 const MAX_BATCH: usize = 256;
+/// Frames are gathered up to this many bytes before a write, so a batch of queued events goes
+/// out in one system call (with 0, every frame was its own `send`).
+const WRITE_BUFFER: usize = 64 * 1024;
 /// Read buffer per socket: clients send only control frames, so it stays small.
 const READ_BUFFER: usize = 4096;
 
@@ -122,7 +125,7 @@ async fn start(
     let logout_account = principal.account.id;
     Ok(upgrade
         .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(0)
+        .write_buffer_size(WRITE_BUFFER)
         .max_write_buffer_size(max_body.saturating_mul(4).max(1 << 20))
         .max_message_size(max_body)
         .max_frame_size(max_body)
