@@ -28,11 +28,29 @@ struct Misses {
     since: i64,
 }
 
+/// What the monitor remembers of an agent between pings, so that a healthy agent's ping costs
+/// no database write: its state as last seen, a digest of the host facts it last reported,
+/// when `last_ping` was last written, and how many answers it gave.
+#[derive(Default)]
+struct Seen {
+    state: String,
+    facts_digest: u64,
+    last_ping_written: i64,
+    answers: u64,
+}
+
+/// `last_ping` is written at most this often for an agent whose facts did not change.
+const LAST_PING_EVERY_MS: i64 = 60_000;
+/// Instance states are reconciled on every third answer, and at once when an answer reports an
+/// instance that is not running.
+const RECONCILE_EVERY: u64 = 3;
+
 /// Runs the monitor until shutdown.
 pub async fn run(state: AppState, shutdown: CancellationToken) {
     let (tx, mut results) = mpsc::channel::<PingResult>(1024);
     let mut in_flight: HashSet<i64> = HashSet::new();
     let mut misses: HashMap<i64, Misses> = HashMap::new();
+    let mut seen: HashMap<i64, Seen> = HashMap::new();
     loop {
         let interval =
             Duration::from_millis(state.settings.uint("agent.ping.interval.millis").max(10));
@@ -44,7 +62,7 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
                 () = shutdown.cancelled() => return,
                 Some(result) = results.recv() => {
                     in_flight.remove(&result.agent_id);
-                    handle_result(&state, result, &mut misses).await;
+                    handle_result(&state, result, &mut misses, &mut seen).await;
                 }
             }
         }
@@ -57,6 +75,13 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
         };
         let live: HashSet<i64> = agents.iter().map(|(id, _, _)| *id).collect();
         misses.retain(|id, _| live.contains(id));
+        seen.retain(|id, _| live.contains(id));
+        for (agent_id, agent_state, _) in &agents {
+            seen.entry(*agent_id)
+                .or_default()
+                .state
+                .clone_from(agent_state);
+        }
         for (agent_id, _, _) in agents {
             if !in_flight.insert(agent_id) {
                 continue;
@@ -85,8 +110,14 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
     }
 }
 
-async fn handle_result(state: &AppState, result: PingResult, misses: &mut HashMap<i64, Misses>) {
+async fn handle_result(
+    state: &AppState,
+    result: PingResult,
+    misses: &mut HashMap<i64, Misses>,
+    seen: &mut HashMap<i64, Seen>,
+) {
     let agent_id = result.agent_id;
+    let seen = seen.entry(agent_id).or_default();
     let Some(reply) = result.reply else {
         let entry = misses.entry(agent_id).or_default();
         if entry.count == 0 {
@@ -101,11 +132,13 @@ async fn handle_result(state: &AppState, result: PingResult, misses: &mut HashMa
             .settings
             .int("agent.disconnect.after.seconds")
             .saturating_mul(1000);
-        if count >= reconnect_after {
+        if count >= reconnect_after && seen.state == "active" {
             move_agent(state, agent_id, &["active"], "reconnecting").await;
+            seen.state = "reconnecting".into();
         }
-        if now_millis() - since >= disconnect_after_ms {
+        if now_millis() - since >= disconnect_after_ms && seen.state == "reconnecting" {
             move_agent(state, agent_id, &["reconnecting"], "disconnected").await;
+            seen.state = "disconnected".into();
         }
         return;
     };
@@ -128,15 +161,46 @@ async fn handle_result(state: &AppState, result: PingResult, misses: &mut HashMa
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect()
         });
-    if let Err(error) = state.store.record_ping(agent_id, host_facts.as_ref()).await {
-        tracing::warn!(%error, agent_id, "recording a ping failed");
+    let digest = {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        host_facts
+            .as_ref()
+            .map(|facts| Value::Object(facts.clone()).to_string())
+            .hash(&mut hasher);
+        hasher.finish()
+    };
+    let now = now_millis();
+    let facts_changed = host_facts.is_some() && digest != seen.facts_digest;
+    if facts_changed || now - seen.last_ping_written >= LAST_PING_EVERY_MS {
+        let facts = if facts_changed {
+            host_facts.as_ref()
+        } else {
+            None
+        };
+        match state.store.record_ping(agent_id, facts).await {
+            Ok(()) => {
+                seen.last_ping_written = now;
+                if facts_changed {
+                    seen.facts_digest = digest;
+                }
+            }
+            Err(error) => tracing::warn!(%error, agent_id, "recording a ping failed"),
+        }
     }
-    move_agent(state, agent_id, &["reconnecting", "disconnected"], "active").await;
+    if seen.state != "active" {
+        move_agent(state, agent_id, &["reconnecting", "disconnected"], "active").await;
+        seen.state = "active".into();
+    }
+    seen.answers += 1;
     let reports_instances = reply
         .data
         .as_ref()
         .is_some_and(|data| data.get("resources").is_some());
-    if reports_instances {
+    let reports_trouble = resources
+        .iter()
+        .any(|resource| resource["type"] == "instance" && resource["state"] != "running");
+    if reports_instances && (reports_trouble || seen.answers % RECONCILE_EVERY == 1) {
         reconcile(state, agent_id, result.sent_at, &resources).await;
     }
 }
