@@ -241,9 +241,9 @@ async fn register(
             state.engine.node(),
         )
         .await?;
-    state.engine.wake();
     state.changes.changed(&registered.agent, None);
     state.changes.changed(&registered.host, None);
+    state.engine.wake();
     tracing::info!(agent = %ids::format("agent", registered.agent.id), new = registered.created, "agent registered");
     let base = base_url(&headers);
     Ok((

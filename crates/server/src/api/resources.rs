@@ -396,8 +396,9 @@ async fn create(
             state.engine.node(),
         )
         .await?;
-    state.engine.wake();
+    // The change is announced before the engine is woken, so its own later changes follow it.
     state.changes.changed(&scheduled.resource, None);
+    state.engine.wake();
     Ok((
         StatusCode::CREATED,
         Json(render(&base_url(&headers), &scheduled.resource)),
@@ -450,10 +451,10 @@ async fn schedule(
         .with_detail(ids::format("processInstance", process_id)),
         ScheduleError::Store(error) => error.into(),
     })?;
-    state.engine.wake();
     state
         .changes
         .changed(&scheduled.resource, Some(&scheduled.previous_state));
+    state.engine.wake();
     Ok(scheduled.resource)
 }
 
