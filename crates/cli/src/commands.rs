@@ -461,6 +461,45 @@ pub struct ListArgs {
     json: bool,
 }
 
+/// `drover purge`: runs `table.cleanup` now and prints what it deleted and kept.
+pub async fn purge(args: ListArgs) -> anyhow::Result<()> {
+    let client = args.connection.client()?;
+    let report = client.post("cleanup?action=run", &json!({})).await?;
+    if args.json {
+        println!("{report}");
+        return Ok(());
+    }
+    let data = report["tables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| {
+            vec![
+                text(t, "table"),
+                text(t, "deleted"),
+                text(t, "kept"),
+                text(t, "setting"),
+            ]
+        })
+        .collect();
+    println!(
+        "{}",
+        table(&["TABLE", "DELETED", "KEPT (REFERENCED)", "AGE SETTING"], data)
+    );
+    eprintln!(
+        "{} rows deleted, {} kept; {} purge processes scheduled, {} overdue processes ended, in {} ms",
+        report["deleted"],
+        report["kept"],
+        report["purgesScheduled"],
+        report["overdueProcessesWoken"],
+        report["ended"].as_i64().unwrap_or(0) - report["started"].as_i64().unwrap_or(0)
+    );
+    if let Some(error) = report["error"].as_str() {
+        anyhow::bail!("the run stopped early: {error}");
+    }
+    Ok(())
+}
+
 pub async fn hosts(args: ListArgs) -> anyhow::Result<()> {
     let client = args.connection.client()?;
     let hosts = client.get("hosts?state_ne=removed").await?;

@@ -55,6 +55,8 @@ enum Command {
     Events(commands::EventsArgs),
     /// Publish one event.
     Publish(commands::PublishArgs),
+    /// Run the table.cleanup job now (purge old events, processes and removed resources).
+    Purge(commands::ListArgs),
     /// Create and list API keys.
     #[command(subcommand)]
     Keys(commands::KeysCommand),
@@ -105,6 +107,7 @@ fn main() -> anyhow::Result<()> {
             Command::Rm(args) => commands::act(args, "remove").await,
             Command::Hosts(args) => commands::hosts(args).await,
             Command::Processes(args) => commands::processes(args).await,
+            Command::Purge(args) => commands::purge(args).await,
             Command::Events(args) => commands::events(args).await,
             Command::Publish(args) => commands::publish(args).await,
             Command::Keys(command) => commands::keys(command).await,

@@ -10,10 +10,14 @@
 //!   and publish what).
 //! - [`settings`]: tunables with defaults, environment overrides and stored values.
 //! - [`metrics`]: Prometheus counters and gauges.
+//! - [`container_events`]: the worker that reconciles instances with what agents report.
+//! - [`cleanup`]: the `table.cleanup` job (purge of old events, processes and resources).
 
 pub mod api;
 pub mod auth;
 pub mod changes;
+pub mod cleanup;
+pub mod container_events;
 pub mod error;
 pub mod hub;
 pub mod metrics;
@@ -190,9 +194,14 @@ impl Server {
             default_project: bootstrap.default_project.clone(),
             engine: engine.handle(),
             changes: changes.clone(),
+            cleanup: cleanup::Cleanup::default(),
+            events: container_events::EventWorker::default(),
         };
         let engine_task = tokio::spawn(engine.run());
         let monitor_task = tokio::spawn(monitor::run(state.clone(), shutdown.child_token()));
+        let events_task =
+            tokio::spawn(container_events::run(state.clone(), shutdown.child_token()));
+        let cleanup_task = tokio::spawn(cleanup::run(state.clone(), shutdown.child_token()));
         let changes_task = tokio::spawn(changes.run(
             state.store.clone(),
             state.settings.clone(),
@@ -219,6 +228,8 @@ impl Server {
             serve_state.hub.close_all();
             let _ = engine_task.await;
             let _ = monitor_task.await;
+            let _ = events_task.await;
+            let _ = cleanup_task.await;
             let _ = changes_task.await;
             // Sockets were told to close (going away); give them a moment to say so.
             let deadline = tokio::time::Instant::now() + Duration::from_secs(5);

@@ -26,6 +26,18 @@ pub struct Metrics {
     pub auth_failures: Counter,
     /// Requests and frames refused as malformed.
     pub bad_input: Counter,
+    /// Container and service events refused (wrong host, too many pending).
+    pub events_refused: Counter,
+    /// Runs of `table.cleanup`.
+    pub cleanup_runs: Counter,
+    /// Purge processes `table.cleanup` scheduled for removed resources.
+    pub cleanup_purges_scheduled: Counter,
+    /// Unix time of the end of the last `table.cleanup` run.
+    pub cleanup_last_run: Gauge,
+    /// Seconds the last `table.cleanup` run took.
+    pub cleanup_last_duration: Gauge,
+    /// Per table: rows deleted by `table.cleanup`, and old rows kept (referenced) by its last run.
+    pub cleanup_tables: Vec<(&'static str, Counter, Gauge)>,
 }
 
 impl Metrics {
@@ -71,6 +83,59 @@ impl Metrics {
         ] {
             recorder.describe_counter(name.into(), None, help.into());
         }
+        for (name, help) in [
+            (
+                "drover_events_refused_total",
+                "Container and service events refused (not the agent's host, too many pending).",
+            ),
+            (
+                "drover_cleanup_runs_total",
+                "Runs of the table.cleanup job.",
+            ),
+            (
+                "drover_cleanup_purges_scheduled_total",
+                "Purge processes table.cleanup scheduled for removed resources.",
+            ),
+            (
+                "drover_cleanup_deleted_rows_total",
+                "Rows deleted by table.cleanup, per table.",
+            ),
+        ] {
+            recorder.describe_counter(name.into(), None, help.into());
+        }
+        for (name, help) in [
+            (
+                "drover_cleanup_last_run_timestamp_seconds",
+                "Unix time the last table.cleanup run ended.",
+            ),
+            (
+                "drover_cleanup_last_duration_seconds",
+                "Seconds the last table.cleanup run took.",
+            ),
+            (
+                "drover_cleanup_kept_rows",
+                "Old rows the last table.cleanup run kept because other rows reference them, per table.",
+            ),
+        ] {
+            recorder.describe_gauge(name.into(), None, help.into());
+        }
+        let cleanup_tables = drover_store::CLEANUP_STEPS
+            .iter()
+            .map(|step| {
+                let labels = vec![metrics::Label::new("table", step.table)];
+                (
+                    step.table,
+                    recorder.register_counter(
+                        &Key::from_parts("drover_cleanup_deleted_rows_total", labels.clone()),
+                        &meta,
+                    ),
+                    recorder.register_gauge(
+                        &Key::from_parts("drover_cleanup_kept_rows", labels),
+                        &meta,
+                    ),
+                )
+            })
+            .collect::<Vec<_>>();
         let metrics = Metrics {
             connections: gauge("drover_connections"),
             subscriptions: gauge("drover_subscriptions"),
@@ -80,6 +145,12 @@ impl Metrics {
             slow_consumer_disconnects: counter("drover_slow_consumer_disconnects_total"),
             auth_failures: counter("drover_auth_failures_total"),
             bad_input: counter("drover_bad_input_total"),
+            events_refused: counter("drover_events_refused_total"),
+            cleanup_runs: counter("drover_cleanup_runs_total"),
+            cleanup_purges_scheduled: counter("drover_cleanup_purges_scheduled_total"),
+            cleanup_last_run: gauge("drover_cleanup_last_run_timestamp_seconds"),
+            cleanup_last_duration: gauge("drover_cleanup_last_duration_seconds"),
+            cleanup_tables,
             handle,
         };
         // Registered series appear in the output only once touched.
@@ -92,8 +163,17 @@ impl Metrics {
             &metrics.slow_consumer_disconnects,
             &metrics.auth_failures,
             &metrics.bad_input,
+            &metrics.events_refused,
+            &metrics.cleanup_runs,
+            &metrics.cleanup_purges_scheduled,
         ] {
             counter.increment(0);
+        }
+        metrics.cleanup_last_run.increment(0.0);
+        metrics.cleanup_last_duration.increment(0.0);
+        for (_, deleted, kept) in &metrics.cleanup_tables {
+            deleted.increment(0);
+            kept.increment(0.0);
         }
         metrics
     }

@@ -138,6 +138,42 @@ pub const DEFINITIONS: &[Definition] = &[
         description: "Seconds of missed pings after which a reconnecting agent (and its hosts) become `disconnected`.",
     },
     Definition {
+        name: "container.event.max.size",
+        default: "150",
+        min: 1,
+        description: "Container (and service) events a host may have waiting to be handled; more posts are refused with 409 `TooManyContainerEvents`.",
+    },
+    Definition {
+        name: "task.table.cleanup.schedule",
+        default: "3600",
+        min: 1,
+        description: "Seconds between runs of the `table.cleanup` job (the first run comes `min(15 s, this)` after start; a change reschedules the next run at once).",
+    },
+    Definition {
+        name: "cleanup.query_limit.rows",
+        default: "1000",
+        min: 1,
+        description: "Rows deleted per statement by `table.cleanup`.",
+    },
+    Definition {
+        name: "events.purge.after.seconds",
+        default: "43200",
+        min: 0,
+        description: "Age (by `created`) after which `table.cleanup` deletes container and service events.",
+    },
+    Definition {
+        name: "process_instance.purge.after.seconds",
+        default: "3600",
+        min: 0,
+        description: "Age (by end time) after which `table.cleanup` deletes finished processes and their executions; unfinished ones are never deleted (the engine's max age ends them).",
+    },
+    Definition {
+        name: "main_tables.purge.after.seconds",
+        default: "172800",
+        min: 0,
+        description: "Age (by `removed`) after which `table.cleanup` deletes purged containers, volumes, hosts, agents, stacks, services and removed keys; removed resources are purged through the engine first, and rows still referenced are kept.",
+    },
+    Definition {
         name: "resource.change.interval.millis",
         default: "1000",
         min: 1,
@@ -160,6 +196,7 @@ pub enum Source {
 #[derive(Debug, Clone)]
 pub struct Settings {
     inner: Arc<RwLock<Inner>>,
+    version: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 #[derive(Debug)]
@@ -212,6 +249,7 @@ impl Settings {
                 overrides: by_name,
                 stored,
             })),
+            version: Arc::new(tokio::sync::watch::Sender::new(0)),
         })
     }
 
@@ -265,7 +303,15 @@ impl Settings {
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         inner.stored.insert(def.name.to_owned(), value.to_owned());
+        drop(inner);
+        self.version.send_modify(|version| *version += 1);
         Ok(())
+    }
+
+    /// A receiver that sees a new version whenever a stored value changes, for tasks that
+    /// sleep on a setting (the clean-up job's interval).
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.version.subscribe()
     }
 
     /// Forgets a stored value (after the store has deleted it).
@@ -275,6 +321,8 @@ impl Settings {
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         inner.stored.remove(name);
+        drop(inner);
+        self.version.send_modify(|version| *version += 1);
     }
 }
 

@@ -6,6 +6,8 @@ use drover_engine::EngineHandle;
 
 use crate::auth::KeyCache;
 use crate::changes::Changes;
+use crate::cleanup::Cleanup;
+use crate::container_events::EventWorker;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::settings::Settings;
@@ -29,4 +31,8 @@ pub struct AppState {
     pub engine: EngineHandle,
     /// `state.change` / `resource.change` publication.
     pub changes: Changes,
+    /// The `table.cleanup` job (runs on demand too).
+    pub cleanup: Cleanup,
+    /// Wakes the worker that handles posted container and service events.
+    pub events: EventWorker,
 }

@@ -18,7 +18,8 @@ pub use model::{
     Account, AccountKind, Credential, CredentialKind, NewKey, NewResource, Resource, ResourceKind,
 };
 pub use store::{
-    Backend, Bootstrap, ExecutionRecord, ExecutionRow, Filter, FilterOp, FilterValue, Finish,
+    Backend, Bootstrap, CLEANUP_STEPS, CleanupAge, CleanupStep, EventFilter, EventKind,
+    EventRecord, HostLookup, NewContainerEvent, NewServiceEvent, PostEventError, StepResult, ExecutionRecord, ExecutionRow, Filter, FilterOp, FilterValue, Finish,
     ListQuery, NewProcess, Page, ProcessFilter, ProcessInstance, ProcessSummary, Registered,
     ScheduleError, Scheduled, Store, StoreOptions,
 };

@@ -96,8 +96,16 @@ macro_rules! write_tx {
     };
 }
 
+mod cleanup;
+mod events;
 mod process;
 mod resource;
+
+pub use cleanup::{CLEANUP_STEPS, CleanupAge, CleanupStep, StepResult};
+pub use events::{
+    EventFilter, EventKind, EventRecord, HostLookup, NewContainerEvent, NewServiceEvent,
+    PostEventError,
+};
 
 pub use process::{
     ExecutionRecord, ExecutionRow, Finish, NewProcess, ProcessFilter, ProcessInstance,

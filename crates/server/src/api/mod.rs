@@ -2,6 +2,7 @@
 
 mod accounts;
 mod apikeys;
+mod events;
 mod processes;
 mod publish;
 mod register;
@@ -44,6 +45,7 @@ pub fn router(state: AppState) -> Router {
         .merge(apikeys::routes())
         .merge(accounts::routes())
         .merge(processes::routes())
+        .merge(events::routes())
         .merge(register::routes())
         .merge(schemas::routes())
         .merge(settings::routes())

@@ -185,6 +185,108 @@ fn all(base: &str) -> Vec<Value> {
         none(),
         none(),
     ));
+    let eq = |names: &[&str]| -> Map<String, Value> {
+        names
+            .iter()
+            .map(|name| ((*name).to_owned(), json!({"modifiers": ["eq"]})))
+            .collect()
+    };
+    out.push(schema_json(
+        base,
+        "containerEvent",
+        "containerevents",
+        &["GET", "POST"],
+        &["GET"],
+        fields(&[
+            ("id", "string", false),
+            ("state", "enum", false),
+            ("created", "date", false),
+            ("hostId", "reference[host]", true),
+            ("externalId", "string", true),
+            ("externalStatus", "string", true),
+            ("externalFrom", "string", true),
+            ("externalTimestamp", "int", true),
+            ("reportedHostUuid", "string", true),
+            ("dockerInspect", "json", true),
+            ("instanceId", "reference[container]", false),
+            ("data", "json", true),
+        ]),
+        none(),
+        eq(&[
+            "state",
+            "hostId",
+            "externalId",
+            "externalStatus",
+            "reportedHostUuid",
+        ]),
+    ));
+    out.push(schema_json(
+        base,
+        "serviceEvent",
+        "serviceevents",
+        &["GET", "POST"],
+        &["GET"],
+        fields(&[
+            ("id", "string", false),
+            ("state", "enum", false),
+            ("created", "date", false),
+            ("hostId", "reference[host]", true),
+            ("instanceId", "reference[container]", true),
+            ("healthcheckUuid", "string", true),
+            ("reportedHealth", "string", true),
+            ("externalTimestamp", "int", true),
+            ("reportedHostUuid", "string", true),
+            ("description", "string", true),
+            ("data", "json", true),
+        ]),
+        none(),
+        eq(&[
+            "state",
+            "hostId",
+            "instanceId",
+            "healthcheckUuid",
+            "reportedHealth",
+        ]),
+    ));
+    out.push(schema_json(
+        base,
+        "setting",
+        "settings",
+        &["GET"],
+        &["GET", "PUT", "DELETE"],
+        fields(&[
+            ("id", "string", false),
+            ("name", "string", false),
+            ("value", "string", false),
+            ("activeValue", "string", false),
+            ("defaultValue", "string", false),
+            ("inDb", "boolean", false),
+            ("source", "string", false),
+            ("description", "string", false),
+        ]),
+        none(),
+        none(),
+    ));
+    let mut cleanup_actions = Map::new();
+    cleanup_actions.insert(
+        "run".into(),
+        json!({"input": null, "output": "cleanupReport"}),
+    );
+    out.push(schema_json(
+        base,
+        "cleanup",
+        "cleanup",
+        &["GET"],
+        &[],
+        fields(&[
+            ("id", "string", false),
+            ("nextRun", "date", false),
+            ("lastRun", "json", false),
+            ("settings", "json", false),
+        ]),
+        cleanup_actions,
+        none(),
+    ));
     out.push(schema_json(
         base,
         "subscribe",

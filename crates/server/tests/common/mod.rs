@@ -16,6 +16,8 @@ pub struct TestServer {
     pub server: Server,
     pub admin: Client,
     pub url: String,
+    /// PostgreSQL URL and schema, when on PostgreSQL.
+    pub postgres: Option<(String, String)>,
     _dir: tempfile::TempDir,
 }
 
@@ -71,9 +73,9 @@ impl TestServer {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        if let Some((url, schema)) = postgres {
-            config.database_url = Some(url);
-            config.database_schema = Some(schema);
+        if let Some((url, schema)) = &postgres {
+            config.database_url = Some(url.clone());
+            config.database_schema = Some(schema.clone());
         }
         let server = Server::start(listener, config)
             .await
@@ -84,7 +86,36 @@ impl TestServer {
             server,
             admin,
             url,
+            postgres,
             _dir: dir,
+        }
+    }
+
+    /// Runs one SQL statement on the server's database through a connection of its own
+    /// (tests use it to age rows; nothing in the server is bypassed for what is asserted).
+    pub async fn sql(&self, statement: &str) -> u64 {
+        use sqlx::Connection;
+        let statement = sqlx::AssertSqlSafe(statement.to_owned());
+        match &self.postgres {
+            Some((url, schema)) => {
+                let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+                sqlx::query(sqlx::AssertSqlSafe(format!("SET search_path TO {schema}")))
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+                let done = sqlx::query(statement).execute(&mut conn).await.unwrap();
+                done.rows_affected()
+            }
+            None => {
+                let options = sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(self._dir.path().join("drover.db"))
+                    .busy_timeout(std::time::Duration::from_secs(10));
+                let mut conn = sqlx::SqliteConnection::connect_with(&options)
+                    .await
+                    .unwrap();
+                let done = sqlx::query(statement).execute(&mut conn).await.unwrap();
+                done.rows_affected()
+            }
         }
     }
 

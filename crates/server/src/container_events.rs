@@ -1,0 +1,176 @@
+//! The event worker: handles the container and service events agents post.
+//!
+//! A posted event is stored `requested` and the worker is woken. It claims events in the
+//! order posted (`creating`), reconciles the instance each one names and marks it `created`
+//! with what it did in `data.result`:
+//! - container event `start`: a `stopped` instance becomes `running`;
+//! - `stop`, `die`, `kill`, `oom`, `destroy`: a `running` instance becomes `stopped`;
+//! - service event: the instance's `healthState` becomes the reported health.
+//!
+//! A report never overrides a process: an instance a process holds, or whose last process
+//! ended after the event arrived, is left as it is. Events left `creating` by a server that
+//! stopped are handled again at start (every step is idempotent).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_proto::ids;
+use drover_store::{EventKind, EventRecord};
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::state::AppState;
+
+/// Events claimed at once.
+const BATCH: i64 = 100;
+/// Longest sleep when nothing woke the worker (a post on another node, say).
+const IDLE: Duration = Duration::from_secs(1);
+
+/// Wakes the worker. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct EventWorker {
+    wake: Arc<Notify>,
+}
+
+impl EventWorker {
+    /// Tells the worker an event is waiting.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+}
+
+/// Runs the worker until shutdown.
+pub async fn run(state: AppState, shutdown: CancellationToken) {
+    for kind in [EventKind::Container, EventKind::Service] {
+        match state.store.requeue_events(kind).await {
+            Ok(0) => {}
+            Ok(count) => tracing::info!(
+                count,
+                table = kind.table(),
+                "events left half-handled are handled again"
+            ),
+            Err(error) => tracing::warn!(%error, "requeueing events failed"),
+        }
+    }
+    let wake = state.events.wake.clone();
+    loop {
+        let mut busy = false;
+        for kind in [EventKind::Container, EventKind::Service] {
+            match state.store.claim_events(kind, BATCH).await {
+                Ok(events) => {
+                    busy |= events.len() as i64 == BATCH;
+                    for event in events {
+                        handle(&state, event).await;
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "claiming events failed"),
+            }
+        }
+        if busy {
+            continue;
+        }
+        tokio::select! {
+            () = wake.notified() => {}
+            () = tokio::time::sleep(IDLE) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn handle(state: &AppState, event: EventRecord) {
+    let result = match event.kind {
+        EventKind::Container => reconcile_container(state, &event).await,
+        EventKind::Service => reconcile_health(state, &event).await,
+    };
+    let result = result.unwrap_or_else(|error| {
+        tracing::warn!(%error, event = event.id, "handling an event failed; it is recorded as failed");
+        json!({"action": "failed", "error": error.to_string()})
+    });
+    let mut data = event.data.clone();
+    if !data.is_object() {
+        data = json!({});
+    }
+    data["result"] = result;
+    if let Err(error) = state.store.finish_event(event.kind, event.id, &data).await {
+        tracing::warn!(%error, event = event.id, "marking an event handled failed; it is handled again at the next start");
+    }
+}
+
+async fn reconcile_container(
+    state: &AppState,
+    event: &EventRecord,
+) -> Result<Value, drover_store::Error> {
+    let Some(host_id) = event.host_id else {
+        return Ok(json!({"action": "none", "reason": "no host"}));
+    };
+    let external_id = event.external_id.as_deref().unwrap_or("");
+    let named = ids::parse("container", external_id);
+    let Some(instance) = state
+        .store
+        .instance_on_host(host_id, named, external_id)
+        .await?
+    else {
+        return Ok(json!({"action": "none", "reason": "no container with that id on this host"}));
+    };
+    let container = ids::format("container", instance.id);
+    let status = event.external_status.as_deref().unwrap_or("");
+    let (from, to): (&[&str], &str) = match status {
+        "start" => (&["stopped"], "running"),
+        "stop" | "die" | "kill" | "oom" | "destroy" => (&["running"], "stopped"),
+        _ => {
+            return Ok(
+                json!({"action": "none", "instanceId": container, "reason": format!("status {status:?} changes nothing")}),
+            );
+        }
+    };
+    match state
+        .store
+        .settle_instance(instance.id, from, to, event.created)
+        .await?
+    {
+        Some(moved) => {
+            tracing::info!(%container, status, state = to, "container event reconciled");
+            state.changes.changed(&moved, Some(&instance.state));
+            Ok(json!({"action": to, "instanceId": container, "previousState": instance.state}))
+        }
+        None => Ok(json!({
+            "action": "none",
+            "instanceId": container,
+            "reason": format!("{container} is {} or a process holds it", instance.state),
+        })),
+    }
+}
+
+async fn reconcile_health(
+    state: &AppState,
+    event: &EventRecord,
+) -> Result<Value, drover_store::Error> {
+    let (Some(host_id), Some(instance_id)) = (event.host_id, event.instance_id) else {
+        return Ok(json!({"action": "none", "reason": "no instance"}));
+    };
+    let Some(instance) = state
+        .store
+        .instance_on_host(host_id, Some(instance_id), "")
+        .await?
+    else {
+        return Ok(json!({"action": "none", "reason": "no such container on this host"}));
+    };
+    let container = ids::format("container", instance.id);
+    let health = event.reported_health.clone().unwrap_or_default();
+    let mut fields = serde_json::Map::new();
+    fields.insert("healthState".into(), json!(health));
+    match state
+        .store
+        .merge_instance_data(instance.id, &fields)
+        .await?
+    {
+        Some(changed) => {
+            state.changes.changed(&changed, Some(&changed.state));
+            Ok(json!({"action": "healthState", "instanceId": container, "healthState": health}))
+        }
+        None => {
+            Ok(json!({"action": "none", "instanceId": container, "reason": "health unchanged"}))
+        }
+    }
+}
