@@ -366,6 +366,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_setting_is_documented_in_the_readme() {
+        let readme = include_str!("../../../README.md");
+        for def in DEFINITIONS {
+            let row = format!("| `{}` | {} |", def.name, def.default);
+            assert!(readme.contains(&row), "README.md has no row {row}");
+        }
+    }
+
+    #[test]
     fn precedence_is_stored_then_environment_then_default() {
         let settings = Settings::new(
             &[("api.sub.ping.interval.millis".into(), "700".into())],
