@@ -6,7 +6,7 @@
 //! spec, its pid (and the process's start time, so a reused pid is not mistaken for it), its
 //! logs and its exit status. A restarted agent adopts the processes that still run.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -110,6 +110,22 @@ pub struct LocalDriver {
     server_url: String,
     /// Per-instance locks: one operation on an instance at a time.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Where exits the driver did not cause are reported (the agent posts them as container
+    /// events, so the server learns of a death at once rather than at the next ping).
+    exits: Option<tokio::sync::mpsc::Sender<Exit>>,
+    /// Instances being stopped by the driver: their exit is expected, not reported.
+    stopping: Arc<Mutex<HashSet<String>>>,
+}
+
+/// An instance's process ended on its own (or was killed by someone other than the driver).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exit {
+    /// The instance's API id.
+    pub id: String,
+    /// Its exit code (-1 when killed by a signal).
+    pub code: i32,
+    /// When (epoch seconds).
+    pub at: i64,
 }
 
 impl LocalDriver {
@@ -121,7 +137,22 @@ impl LocalDriver {
             root: state_dir,
             server_url,
             locks: Mutex::new(HashMap::new()),
+            exits: None,
+            stopping: Arc::new(Mutex::new(HashSet::new())),
         })
+    }
+
+    /// Reports exits the driver did not cause on `exits` (dropped, and logged, when it is
+    /// full: the ping's instance report catches them anyway).
+    pub fn with_exit_reports(mut self, exits: tokio::sync::mpsc::Sender<Exit>) -> LocalDriver {
+        self.exits = Some(exits);
+        self
+    }
+
+    fn stopping(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.stopping
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn dir(&self, id: &str) -> Result<PathBuf, DriverError> {
@@ -191,6 +222,7 @@ impl Driver for LocalDriver {
             serde_json::to_vec_pretty(spec).unwrap_or_default(),
         )?;
         let _ = std::fs::remove_file(dir.join("exit"));
+        self.stopping().remove(&spec.id);
         let stdout = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -231,11 +263,34 @@ impl Driver for LocalDriver {
         // Supervise: record the exit status when it ends.
         let exit_path = dir.join("exit");
         let id = spec.id.clone();
+        let exits = self.exits.clone();
+        let stopping = self.stopping.clone();
         tokio::spawn(async move {
             let status = child.wait().await;
             let code = status.ok().and_then(|status| status.code()).unwrap_or(-1);
-            tracing::info!(instance = %id, code, "instance process exited");
             let _ = std::fs::write(exit_path, code.to_string());
+            // Consumed here: the driver's own stop marks the instance before it signals.
+            let expected = stopping
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .remove(&id);
+            tracing::info!(instance = %id, code, expected, "instance process exited");
+            if !expected && let Some(exits) = exits {
+                let at = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs() as i64)
+                    .unwrap_or(0);
+                if exits
+                    .try_send(Exit {
+                        id: id.clone(),
+                        code,
+                        at,
+                    })
+                    .is_err()
+                {
+                    tracing::warn!(instance = %id, "exit report queue full; the next ping reports it");
+                }
+            }
         });
         // Re-check.
         match self.inspect(&spec.id) {
@@ -254,6 +309,7 @@ impl Driver for LocalDriver {
             return Ok(self.inspect(id));
         };
         let target = Pid::from_raw(-(pid as i32));
+        self.stopping().insert(id.to_owned());
         // The whole process group: the instance and whatever it started.
         let _ = kill(target, Signal::SIGTERM);
         let deadline = tokio::time::Instant::now() + grace;

@@ -59,11 +59,18 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> anyhow::Result
     let identity = identity::establish(&args).await?;
     tracing::info!(agent = %identity.agent_id, url = %identity.url, "agent identity");
     let client = Client::new(&identity.url, &identity.access_key, &identity.secret_key)?;
-    let driver = Arc::new(driver::LocalDriver::new(
-        args.state_dir.clone(),
-        identity.url.clone(),
-    )?);
+    let (exits, exit_reports) = tokio::sync::mpsc::channel(EXIT_QUEUE);
+    let driver = Arc::new(
+        driver::LocalDriver::new(args.state_dir.clone(), identity.url.clone())?
+            .with_exit_reports(exits),
+    );
     driver.adopt().await;
+    let reporter = tokio::spawn(report_exits(
+        client.clone(),
+        identity.host_key.clone(),
+        exit_reports,
+        shutdown.clone(),
+    ));
     let agent = Arc::new(handlers::Agent::new(driver, client.clone()));
     let mut builder = RouterBuilder::new(client)
         .agent_id(identity.agent_id.clone())
@@ -83,7 +90,56 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> anyhow::Result
     if let Some(health) = health {
         health.abort();
     }
+    reporter.abort();
     result.map_err(Into::into)
+}
+
+/// Exits waiting to be reported; past it they are left to the next ping.
+const EXIT_QUEUE: usize = 256;
+
+/// Posts each unexpected exit as a container event (`die`), so the server stops the container
+/// at once. A report that cannot be delivered after a few tries is dropped: the next ping's
+/// instance report tells the server the same.
+async fn report_exits(
+    client: Client,
+    host_key: String,
+    mut exits: tokio::sync::mpsc::Receiver<driver::Exit>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let exit = tokio::select! {
+            exit = exits.recv() => match exit { Some(exit) => exit, None => return },
+            () = shutdown.cancelled() => return,
+        };
+        let mut body = serde_json::json!({
+            "externalId": exit.id,
+            "externalStatus": "die",
+            "externalFrom": "drover-agent",
+            "externalTimestamp": exit.at,
+            "data": {"exitCode": exit.code},
+        });
+        if !host_key.is_empty() {
+            body["reportedHostUuid"] = serde_json::json!(host_key);
+        }
+        for attempt in 1..=3u64 {
+            match client.post("containerevents", &body).await {
+                Ok(_) => break,
+                // Refused (not our host, too many pending): trying again will not help.
+                Err(drover_client::Error::Api {
+                    status,
+                    code,
+                    message,
+                }) if status < 500 => {
+                    tracing::warn!(instance = %exit.id, status, %code, %message, "container event refused");
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(instance = %exit.id, %error, attempt, "posting a container event failed");
+                    tokio::time::sleep(std::time::Duration::from_secs(attempt)).await;
+                }
+            }
+        }
+    }
 }
 
 async fn serve_health(

@@ -252,6 +252,15 @@ async fn a_killed_process_is_noticed_and_its_container_stops() {
         .unwrap();
     let path = format!("containers/{}", created["id"].as_str().unwrap());
     wait_state(&harness.admin, &path, "running").await;
+    // Pings now come every 10 minutes: only the agent's container event can tell the server.
+    harness
+        .admin
+        .put(
+            "settings/agent.ping.interval.millis",
+            &json!({"value": "600000"}),
+        )
+        .await
+        .unwrap();
     let pid: i32 = read_when_there(&work.path().join("pid.out"))
         .await
         .trim()
@@ -264,13 +273,46 @@ async fn a_killed_process_is_noticed_and_its_container_stops() {
     .unwrap();
     wait_state(&harness.admin, &path, "stopped").await;
     let events = harness
-        .server
-        .state
-        .store
-        .count_rows("container_event")
+        .admin
+        .get(&format!(
+            "containerevents?externalId={}&externalStatus=die",
+            created["id"].as_str().unwrap()
+        ))
         .await
         .unwrap();
-    assert!(events >= 1, "the death is recorded as a container event");
+    let event = &events["data"][0];
+    assert_eq!(event["externalFrom"], "drover-agent", "{events:#}");
+    assert_eq!(
+        event["data"]["exitCode"], -1,
+        "killed by a signal: {events:#}"
+    );
+    assert_eq!(event["data"]["result"]["action"], "stopped", "{events:#}");
+
+    // A stop by drover is not reported as a death.
+    harness
+        .admin
+        .post(&format!("{path}?action=start"), &json!({}))
+        .await
+        .unwrap();
+    wait_state(&harness.admin, &path, "running").await;
+    harness
+        .admin
+        .post(&format!("{path}?action=stop"), &json!({}))
+        .await
+        .unwrap();
+    wait_state(&harness.admin, &path, "stopped").await;
+    harness
+        .admin
+        .post(&format!("{path}?action=start"), &json!({}))
+        .await
+        .unwrap();
+    wait_state(&harness.admin, &path, "running").await;
+    let all = harness.admin.get("containerevents").await.unwrap();
+    assert_eq!(
+        all["data"].as_array().unwrap().len(),
+        1,
+        "only the kill was reported: {all:#}"
+    );
 }
 
 #[tokio::test]
