@@ -484,7 +484,10 @@ pub async fn purge(args: ListArgs) -> anyhow::Result<()> {
         .collect();
     println!(
         "{}",
-        table(&["TABLE", "DELETED", "KEPT (REFERENCED)", "AGE SETTING"], data)
+        table(
+            &["TABLE", "DELETED", "KEPT (REFERENCED)", "AGE SETTING"],
+            data
+        )
     );
     eprintln!(
         "{} rows deleted, {} kept; {} purge processes scheduled, {} overdue processes ended, in {} ms",
