@@ -699,3 +699,62 @@ async fn container_and_service_events_reconcile_the_instance() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_removed_agent_loses_its_keys_and_is_deleted_with_its_account() {
+    for server in servers(&[("api.auth.cache.millis", "0")]).await {
+        let (host_id, agent_client, agent) =
+            host_with_agent(&server, "host-gone", TestAgent::always_ok()).await;
+        let agent_path = format!("agents/1ag{}", agent.agent_id);
+        agent_client.get("containerevents").await.unwrap();
+        let credentials_before = server
+            .server
+            .state
+            .store
+            .count_rows("credential")
+            .await
+            .unwrap();
+
+        server
+            .admin
+            .delete(&format!("hosts/{host_id}"))
+            .await
+            .unwrap();
+        server.admin.delete(&agent_path).await.unwrap();
+        wait_state(&server.admin, &agent_path, "removed").await;
+        match agent_client.get("containerevents").await {
+            Err(Error::Api { status: 401, .. }) => {}
+            other => panic!("a removed agent's key must stop working: {other:?}"),
+        }
+
+        run_cleanup(&server).await;
+        wait_state(&server.admin, &agent_path, "purged").await;
+        for table in ["host", "agent"] {
+            server
+                .sql(&format!(
+                    "UPDATE {table} SET removed = removed - {} WHERE removed IS NOT NULL",
+                    49 * HOUR_MS
+                ))
+                .await;
+        }
+        let report = run_cleanup(&server).await;
+        assert_eq!(table(&report, "host")["deleted"], 1, "{report:#}");
+        assert_eq!(table(&report, "agent")["deleted"], 1, "{report:#}");
+        match server.admin.get(&agent_path).await {
+            Err(Error::Api { status: 404, .. }) => {}
+            other => panic!("the agent should be deleted: {other:?}"),
+        }
+        let credentials_after = server
+            .server
+            .state
+            .store
+            .count_rows("credential")
+            .await
+            .unwrap();
+        assert_eq!(
+            credentials_after,
+            credentials_before - 1,
+            "the agent's key went with it"
+        );
+    }
+}

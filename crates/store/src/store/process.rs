@@ -543,6 +543,13 @@ impl Store {
                             query = query.bind(*host_id);
                         }
                         let moved = query.execute(&mut *tx).await?.rows_affected();
+                        // A removed agent's keys stop working with it.
+                        if moved > 0 && kind == ResourceKind::Agent && done_state == "removed" {
+                            sqlx::query(
+                                "UPDATE credential SET state = 'removed', removed = $1 WHERE state = 'active' \
+                                 AND account_id IN (SELECT id FROM account WHERE agent_id = $2 AND kind = 'agent')")
+                                .bind(now).bind(process.resource_id).execute(&mut *tx).await?;
+                        }
                         if moved > 0 && let Some((name, next_transitioning, next_data)) = next {
                             let move_sql = format!("UPDATE {table} SET state = $1, transitioning = 'yes' WHERE id = $2");
                             sqlx::query(AssertSqlSafe(move_sql)).bind(next_transitioning).bind(process.resource_id)
