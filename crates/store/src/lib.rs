@@ -19,9 +19,10 @@ pub use model::{
 };
 pub use store::{
     Backend, Bootstrap, CLEANUP_STEPS, CleanupAge, CleanupStep, EventFilter, EventKind,
-    EventRecord, HostLookup, NewContainerEvent, NewServiceEvent, PostEventError, StepResult, ExecutionRecord, ExecutionRow, Filter, FilterOp, FilterValue, Finish,
-    ListQuery, NewProcess, Page, ProcessFilter, ProcessInstance, ProcessSummary, Registered,
-    ScheduleError, Scheduled, Store, StoreOptions,
+    EventRecord, ExecutionRecord, ExecutionRow, Filter, FilterOp, FilterValue, Finish, HostLookup,
+    ListQuery, NewContainerEvent, NewProcess, NewServiceEvent, Page, PostEventError, ProcessFilter,
+    ProcessInstance, ProcessSummary, Registered, ScheduleError, Scheduled, StepResult, Store,
+    StoreOptions,
 };
 
 /// What the store can fail with.

@@ -144,8 +144,10 @@ impl Store {
             "DELETE FROM {table} WHERE id IN (SELECT t.id FROM {table} t WHERE {}{keep} ORDER BY t.id LIMIT $2)",
             step.old
         );
-        Ok(dispatch!(self, pool => sqlx::query(AssertSqlSafe(sql.as_str()))
-            .bind(cutoff).bind(batch).execute(pool).await?.rows_affected()))
+        Ok(
+            dispatch!(self, pool => sqlx::query(AssertSqlSafe(sql.as_str()))
+            .bind(cutoff).bind(batch).execute(pool).await?.rows_affected()),
+        )
     }
 
     /// An agent's own account and its keys go with it (nothing else references them).
@@ -195,8 +197,10 @@ impl Store {
             "SELECT id FROM {} WHERE state = 'removed' AND id > $1 ORDER BY id LIMIT $2",
             kind.table()
         );
-        Ok(dispatch!(self, pool => sqlx::query_scalar(AssertSqlSafe(sql.as_str()))
-            .bind(after).bind(limit).fetch_all(pool).await?))
+        Ok(
+            dispatch!(self, pool => sqlx::query_scalar(AssertSqlSafe(sql.as_str()))
+            .bind(after).bind(limit).fetch_all(pool).await?),
+        )
     }
 
     /// Makes processes older than `max_age_ms` that no lease holds ready now, so the engine

@@ -233,7 +233,9 @@ impl Store {
         match row {
             Some(row) => Ok(row.into_record(EventKind::Container)),
             None => Err(PostEventError::TooMany {
-                pending: self.pending_events(EventKind::Container, new.host_id).await?,
+                pending: self
+                    .pending_events(EventKind::Container, new.host_id)
+                    .await?,
                 limit: max_pending,
             }),
         }
@@ -274,7 +276,9 @@ impl Store {
             "SELECT COUNT(*) FROM {} WHERE host_id = $1 AND state IN ('requested', 'creating')",
             kind.table()
         );
-        Ok(dispatch!(self, pool => sqlx::query_scalar(AssertSqlSafe(sql.as_str())).bind(host_id).fetch_one(pool).await?))
+        Ok(
+            dispatch!(self, pool => sqlx::query_scalar(AssertSqlSafe(sql.as_str())).bind(host_id).fetch_one(pool).await?),
+        )
     }
 
     /// Claims up to `limit` `requested` events, oldest first, moving them to `creating`.
@@ -291,7 +295,8 @@ impl Store {
         );
         let rows: Vec<EventRow> = dispatch!(self, pool => sqlx::query_as(AssertSqlSafe(sql.as_str()))
             .bind(limit).fetch_all(pool).await?);
-        let mut events: Vec<EventRecord> = rows.into_iter().map(|row| row.into_record(kind)).collect();
+        let mut events: Vec<EventRecord> =
+            rows.into_iter().map(|row| row.into_record(kind)).collect();
         // RETURNING gives no order guarantee; a host's events are handled in the order posted.
         events.sort_by_key(|event| event.id);
         Ok(events)
@@ -303,7 +308,9 @@ impl Store {
             "UPDATE {} SET state = 'requested' WHERE state = 'creating'",
             kind.table()
         );
-        Ok(dispatch!(self, pool => sqlx::query(AssertSqlSafe(sql.as_str())).execute(pool).await?.rows_affected()))
+        Ok(
+            dispatch!(self, pool => sqlx::query(AssertSqlSafe(sql.as_str())).execute(pool).await?.rows_affected()),
+        )
     }
 
     /// Marks an event handled, recording what its reconciliation did in `data.result`.
@@ -354,7 +361,8 @@ impl Store {
             let base = sqlx::query_as(AssertSqlSafe(sql.as_str())).bind(filter.marker.unwrap_or(0)).bind(limit + 1);
             bind_values!(base, &values).fetch_all(pool).await?
         });
-        let mut data: Vec<EventRecord> = rows.into_iter().map(|row| row.into_record(kind)).collect();
+        let mut data: Vec<EventRecord> =
+            rows.into_iter().map(|row| row.into_record(kind)).collect();
         let next_marker = if data.len() as i64 > limit {
             data.truncate(limit as usize);
             data.last().map(|event| event.id)
@@ -393,7 +401,8 @@ impl Store {
         to: &str,
         reported_at: i64,
     ) -> Result<Option<Resource>> {
-        let placeholders: Vec<String> = (0..from.len()).map(|idx| format!("${}", idx + 4)).collect();
+        let placeholders: Vec<String> =
+            (0..from.len()).map(|idx| format!("${}", idx + 4)).collect();
         let sql = format!(
             "UPDATE instance SET state = $1, transitioning = 'no', transitioning_message = NULL \
              WHERE id = $2 AND removed IS NULL AND state IN ({}) AND NOT EXISTS (SELECT 1 FROM process_instance p \
