@@ -206,21 +206,97 @@ pub fn parse_basic(header: &str) -> Option<(String, String)> {
 
 /// Authenticates a request from its parts.
 pub async fn authenticate(state: &AppState, parts: &Parts) -> Result<Arc<Principal>, ApiError> {
+    let header = parts.headers.get(AUTHORIZATION).ok_or_else(|| {
+        state.metrics.auth_failures.increment(1);
+        ApiError::unauthorized("an API key is required (HTTP Basic auth)")
+    })?;
+    let (access_key, secret_key) = header.to_str().ok().and_then(parse_basic).ok_or_else(|| {
+        state.metrics.auth_failures.increment(1);
+        ApiError::unauthorized(
+            "malformed Authorization header: expected Basic base64(accessKey:secretKey)",
+        )
+    })?;
+    verify_key(state, &access_key, &secret_key).await
+}
+
+/// The WebSocket subprotocol a browser offers beside its credentials (see
+/// [`authenticate_socket`]); the server selects it, so the handshake completes.
+pub const WS_PROTOCOL: &str = "drover.v1";
+
+/// The subprotocol that carries credentials: `drover.basic.<base64url(accessKey:secretKey)>`,
+/// unpadded (`=` is not allowed in a protocol name).
+pub const WS_CREDENTIALS_PREFIX: &str = "drover.basic.";
+
+/// Finds the credentials in a `Sec-WebSocket-Protocol` header, and whether [`WS_PROTOCOL`] was
+/// offered too. `None` when no protocol carries credentials.
+pub fn parse_protocol_credentials(header: &str) -> Option<(Option<(String, String)>, bool)> {
+    let protocols: Vec<&str> = header.split(',').map(str::trim).collect();
+    let encoded = protocols
+        .iter()
+        .find_map(|protocol| protocol.strip_prefix(WS_CREDENTIALS_PREFIX))?;
+    let credentials = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(encoded.trim_end_matches('='))
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .and_then(|text| {
+            let (access, secret) = text.split_once(':')?;
+            Some((access.to_owned(), secret.to_owned()))
+        });
+    Some((credentials, protocols.contains(&WS_PROTOCOL)))
+}
+
+/// Authenticates a WebSocket handshake: HTTP Basic as everywhere, or, for browsers (whose
+/// WebSocket API cannot set `Authorization`), the same key in `Sec-WebSocket-Protocol` as
+/// `drover.basic.<base64url(accessKey:secretKey)>` offered together with [`WS_PROTOCOL`],
+/// which the server echoes. This is how Kubernetes takes bearer tokens from browsers; the key
+/// never goes into the URL, where access logs and browser history would keep it.
+pub async fn authenticate_socket(
+    state: &AppState,
+    parts: &Parts,
+) -> Result<Arc<Principal>, ApiError> {
+    if parts.headers.contains_key(AUTHORIZATION) {
+        return authenticate(state, parts).await;
+    }
+    let offered = parts
+        .headers
+        .get_all(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(",");
+    match parse_protocol_credentials(&offered) {
+        None => authenticate(state, parts).await,
+        Some((None, _)) => {
+            state.metrics.auth_failures.increment(1);
+            Err(ApiError::unauthorized(
+                "malformed credentials protocol: expected drover.basic.<base64url(accessKey:secretKey)>",
+            ))
+        }
+        Some((Some(_), false)) => {
+            state.metrics.bad_input.increment(1);
+            Err(ApiError::bad_request(format!(
+                "a WebSocket that sends its key as a subprotocol must offer {WS_PROTOCOL:?} too, which the server selects"
+            )))
+        }
+        Some((Some((access_key, secret_key)), true)) => {
+            verify_key(state, &access_key, &secret_key).await
+        }
+    }
+}
+
+async fn verify_key(
+    state: &AppState,
+    access_key: &str,
+    secret_key: &str,
+) -> Result<Arc<Principal>, ApiError> {
     let refuse = |message: &str| {
         state.metrics.auth_failures.increment(1);
         ApiError::unauthorized(message)
     };
-    let header = parts
-        .headers
-        .get(AUTHORIZATION)
-        .ok_or_else(|| refuse("an API key is required (HTTP Basic auth)"))?;
-    let (access_key, secret_key) = header.to_str().ok().and_then(parse_basic).ok_or_else(|| {
-        refuse("malformed Authorization header: expected Basic base64(accessKey:secretKey)")
-    })?;
     let max_age = Duration::from_millis(state.settings.uint("api.auth.cache.millis"));
     let principal = state
         .keys
-        .verify(&state.store, &access_key, &secret_key, max_age)
+        .verify(&state.store, access_key, secret_key, max_age)
         .await?;
     let principal = principal.ok_or_else(|| refuse("invalid API key"))?;
     // A registration token may only register agents (issue: registration); it is no API key.
@@ -242,6 +318,21 @@ impl FromRequestParts<AppState> for Auth {
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
         authenticate(state, parts).await.map(Auth)
+    }
+}
+
+/// The authenticated caller of a WebSocket handshake (see [`authenticate_socket`]).
+#[derive(Debug, Clone)]
+pub struct SocketAuth(pub Arc<Principal>);
+
+impl FromRequestParts<AppState> for SocketAuth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        authenticate_socket(state, parts).await.map(SocketAuth)
     }
 }
 
@@ -344,6 +435,27 @@ mod tests {
             Qualifier::Agent(4)
         );
         assert!(admin.may_publish("anything"));
+    }
+
+    #[test]
+    fn protocol_credentials_parse() {
+        // base64url("AK:S/K?") without padding: "/" and "?" make "+"/"/" in plain base64.
+        let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("AK:S/K?>");
+        assert!(!encoded.contains('='));
+        let header = format!("drover.v1, drover.basic.{encoded}");
+        assert_eq!(
+            parse_protocol_credentials(&header),
+            Some((Some(("AK".into(), "S/K?>".into())), true))
+        );
+        assert_eq!(
+            parse_protocol_credentials(&format!("drover.basic.{encoded}")),
+            Some((Some(("AK".into(), "S/K?>".into())), false))
+        );
+        assert_eq!(
+            parse_protocol_credentials("drover.v1, drover.basic.!!"),
+            Some((None, true))
+        );
+        assert_eq!(parse_protocol_credentials("drover.v1, chat"), None);
     }
 
     #[test]

@@ -133,6 +133,7 @@ impl Bus for EngineBus {
         timeout: Duration,
         on_progress: Box<dyn FnMut(&Event) + Send>,
     ) -> Result<Event, CallFailure> {
+        self.hub.publish(&process_call_hint(&request));
         self.hub
             .call(request, timeout, on_progress)
             .await
@@ -146,6 +147,24 @@ impl Bus for EngineBus {
     fn changed(&self, resource: &Resource, previous_state: Option<&str>) {
         self.changes.changed(resource, previous_state);
     }
+}
+
+/// `process.change`: a process attempt is calling an agent, published raw (processes are for
+/// admins) just before the call. `state.change` tells when an attempt ends, but nothing else
+/// tells when a claimed process starts its work, which is what a live Running view needs.
+/// Carries the resource, the process name and the command; no reply.
+pub const PROCESS_CHANGE: &str = "process.change";
+
+fn process_call_hint(request: &Event) -> Event {
+    let mut hint = Event::new(PROCESS_CHANGE);
+    hint.resource_type.clone_from(&request.resource_type);
+    hint.resource_id.clone_from(&request.resource_id);
+    hint.data = Some(json!({
+        "phase": "calling",
+        "processName": request.data.as_ref().and_then(|data| data.get("processName")),
+        "command": names::base(request.name()),
+    }));
+    hint
 }
 
 impl drover_engine::Tunables for Settings {

@@ -143,6 +143,7 @@ async fn handle_result(
         return;
     };
     misses.remove(&agent_id);
+    announce_ping(state, agent_id);
     let resources: Vec<Value> = reply
         .data
         .as_ref()
@@ -203,6 +204,19 @@ async fn handle_result(
     if reports_instances && (reports_trouble || seen.answers % RECONCILE_EVERY == 1) {
         reconcile(state, agent_id, result.sent_at, &resources).await;
     }
+}
+
+/// `agent.ping`: an agent answered a ping, published raw (for admins) with the time in
+/// `data.lastPing`, so a live view shows each agent's last answer. The stored `last_ping` is
+/// written at most every minute (a healthy agent's ping costs no database write); this costs a
+/// lookup in the hub when no one listens.
+pub const AGENT_PING: &str = "agent.ping";
+
+fn announce_ping(state: &AppState, agent_id: i64) {
+    let event = Event::new(AGENT_PING)
+        .with_resource("agent", ids::format("agent", agent_id))
+        .with_data(json!({ "lastPing": now_millis() }));
+    state.hub.publish(&event);
 }
 
 /// Moves an agent and its hosts between ping states, announcing the change.

@@ -17,7 +17,7 @@ use futures_util::SinkExt;
 
 use serde_json::json;
 
-use crate::auth::Auth;
+use crate::auth::{SocketAuth, WS_PROTOCOL};
 use crate::error::ApiError;
 use crate::hub::{CloseReason, Subscription};
 use crate::state::AppState;
@@ -59,7 +59,7 @@ fn parse_query(raw: Option<&str>) -> Result<SubscribeQuery, ApiError> {
 /// `GET /v1/subscribe`.
 pub async fn subscribe(
     State(state): State<AppState>,
-    auth: Auth,
+    auth: SocketAuth,
     RawQuery(query): RawQuery,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
@@ -69,7 +69,7 @@ pub async fn subscribe(
 /// `GET /v1/projects/{id}/subscribe`.
 pub async fn subscribe_project(
     State(state): State<AppState>,
-    auth: Auth,
+    auth: SocketAuth,
     Path(project): Path<String>,
     RawQuery(query): RawQuery,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -80,7 +80,7 @@ pub async fn subscribe_project(
 
 async fn start(
     state: AppState,
-    Auth(principal): Auth,
+    SocketAuth(principal): SocketAuth,
     project: Option<i64>,
     query: Option<String>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -124,6 +124,8 @@ async fn start(
     let max_body = state.settings.uint("api.max.body.bytes") as usize;
     let logout_account = principal.account.id;
     Ok(upgrade
+        // A browser that sent its key as a subprotocol offered this one too; echo it.
+        .protocols([WS_PROTOCOL])
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
         .max_write_buffer_size(max_body.saturating_mul(4).max(1 << 20))

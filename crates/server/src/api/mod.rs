@@ -12,6 +12,7 @@ mod root;
 pub mod schema;
 mod schemas;
 mod settings;
+mod ui;
 
 use std::time::Duration;
 
@@ -50,6 +51,7 @@ pub fn router(state: AppState) -> Router {
         .merge(schemas::routes())
         .merge(settings::routes())
         .merge(resources::routes())
+        .merge(ui::routes())
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(not_found)

@@ -1,0 +1,460 @@
+//! What the web UI needs from the server: its pages and assets at `/` without shadowing the
+//! API, a WebSocket login a browser can send (the key as a subprotocol, never in the URL), and
+//! the hint events of a live view (`process.change`, `agent.ping`).
+
+mod common;
+
+use std::time::Duration;
+
+use base64::Engine;
+use common::agent::{Answer, TestAgent};
+use common::{ADMIN_ACCESS, ADMIN_SECRET, TestServer};
+use drover_client::{Event, Subscribe};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+fn http() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+fn protocol_credentials(access: &str, secret: &str) -> String {
+    format!(
+        "drover.basic.{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{access}:{secret}"))
+    )
+}
+
+/// A WebSocket handshake to `/v1/subscribe` with this `Sec-WebSocket-Protocol` header (if any)
+/// and no `Authorization`, as a browser sends it.
+async fn browser_socket(
+    server: &TestServer,
+    names: &[&str],
+    protocols: Option<&str>,
+) -> Result<
+    (
+        tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+        tungstenite::handshake::client::Response,
+    ),
+    tungstenite::Error,
+> {
+    let query: Vec<String> = names.iter().map(|n| format!("eventNames={n}")).collect();
+    let url = format!(
+        "{}/v1/subscribe?{}",
+        server.url.replacen("http", "ws", 1),
+        query.join("&")
+    );
+    let mut request = url.into_client_request().unwrap();
+    if let Some(protocols) = protocols {
+        request.headers_mut().insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_str(protocols).unwrap(),
+        );
+    }
+    tokio_tungstenite::connect_async(request).await
+}
+
+async fn next_text<S>(socket: &mut S) -> Value
+where
+    S: futures_util::Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+{
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), socket.next())
+            .await
+            .expect("a message within 10 s")
+            .expect("an open socket")
+            .expect("a readable socket");
+        if let Message::Text(text) = message {
+            return serde_json::from_str(&text).unwrap();
+        }
+    }
+}
+
+fn refused_status(error: tungstenite::Error) -> (u16, Value) {
+    match error {
+        tungstenite::Error::Http(response) => {
+            let body = response
+                .body()
+                .as_ref()
+                .map(|bytes| serde_json::from_slice(bytes).unwrap_or(Value::Null))
+                .unwrap_or(Value::Null);
+            (response.status().as_u16(), body)
+        }
+        other => panic!("expected an HTTP refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_ui_is_served_at_the_root_without_shadowing_the_api() {
+    let server = TestServer::start().await;
+    let client = http();
+
+    for path in [
+        "/",
+        "/processes",
+        "/processes/1pi7",
+        "/containers",
+        "/login",
+    ] {
+        let response = client
+            .get(format!("{}{path}", server.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        let headers = response.headers().clone();
+        assert_eq!(
+            headers["content-type"], "text/html; charset=utf-8",
+            "{path}"
+        );
+        let csp = headers["content-security-policy"].to_str().unwrap();
+        assert!(csp.contains("default-src 'self'") && csp.contains("frame-ancestors 'none'"));
+        let body = response.text().await.unwrap();
+        assert!(
+            body.contains(r#"src="/assets/js/main.js""#),
+            "{path}: {body}"
+        );
+    }
+
+    let css = client
+        .get(format!("{}/assets/app.css", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(css.status(), 200);
+    assert_eq!(css.headers()["content-type"], "text/css; charset=utf-8");
+    assert_eq!(css.headers()["cache-control"], "no-cache");
+    let etag = css.headers()["etag"].to_str().unwrap().to_owned();
+    let again = client
+        .get(format!("{}/assets/app.css", server.url))
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 304);
+    let module = client
+        .get(format!("{}/assets/js/main.js", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        module.headers()["content-type"],
+        "text/javascript; charset=utf-8"
+    );
+
+    // Unknown assets and unknown paths are 404s with the API's error body, not the page.
+    for path in ["/assets/nope.js", "/nope", "/processesx", "/v1/nope"] {
+        let response = client
+            .get(format!("{}{path}", server.url))
+            .basic_auth(ADMIN_ACCESS, Some(ADMIN_SECRET))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 404, "{path}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["type"], "error", "{path}");
+    }
+    // The API, health and metrics keep their own answers.
+    let api = client
+        .get(format!("{}/v1/containers", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(api.status(), 401);
+    let root = client
+        .get(format!("{}/v1", server.url))
+        .basic_auth(ADMIN_ACCESS, Some(ADMIN_SECRET))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(root.json::<Value>().await.unwrap()["type"], "apiVersion");
+    let health = client
+        .get(format!("{}/healthz", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.text().await.unwrap(), "ok\n");
+    let metrics = client
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("drover_"), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_browser_subscribes_with_its_key_in_a_subprotocol() {
+    let server = TestServer::start().await;
+    let protocols = format!(
+        "drover.v1, {}",
+        protocol_credentials(ADMIN_ACCESS, ADMIN_SECRET)
+    );
+    let (mut socket, response) = browser_socket(&server, &["hello.ui"], Some(&protocols))
+        .await
+        .expect("the handshake succeeds");
+    // The server selects the real protocol, never echoes the credentials.
+    assert_eq!(response.headers()["sec-websocket-protocol"], "drover.v1");
+    assert_eq!(next_text(&mut socket).await["name"], "ping");
+    server
+        .admin
+        .publish(&Event::new("hello.ui").with_data(json!({"n": 1})))
+        .await
+        .unwrap();
+    let event = next_text(&mut socket).await;
+    assert_eq!(event["name"], "hello.ui");
+    assert_eq!(event["data"], json!({"n": 1}));
+
+    // A project key subscribes in its own project's scope, as over Basic auth: it does not
+    // receive the raw name an admin publishes.
+    let (access, secret) = project_key(&server).await;
+    let protocols = format!("drover.v1, {}", protocol_credentials(&access, &secret));
+    let (mut project_socket, _) = browser_socket(&server, &["hello.ui"], Some(&protocols))
+        .await
+        .expect("a project key subscribes");
+    assert_eq!(next_text(&mut project_socket).await["name"], "ping");
+    server.admin.publish(&Event::new("hello.ui")).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), project_socket.next())
+            .await
+            .is_err(),
+        "a project key received a raw event"
+    );
+}
+
+/// A new project and the access and secret key of a key of it.
+async fn project_key(server: &TestServer) -> (String, String) {
+    let project = server
+        .admin
+        .post("projects", &json!({"name": "ui-project"}))
+        .await
+        .unwrap();
+    let key = server
+        .admin
+        .post(
+            &format!("projects/{}/apikeys", project["id"].as_str().unwrap()),
+            &json!({}),
+        )
+        .await
+        .unwrap();
+    (
+        key["publicValue"].as_str().unwrap().to_owned(),
+        key["secretValue"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn subprotocol_credentials_are_checked_like_basic_auth() {
+    let server = TestServer::start().await;
+    let failures_before = server.metric("drover_auth_failures_total");
+
+    let wrong = format!(
+        "drover.v1, {}",
+        protocol_credentials(ADMIN_ACCESS, "not-the-secret")
+    );
+    let (status, body) = refused_status(
+        browser_socket(&server, &["x"], Some(&wrong))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(status, 401);
+    assert_eq!(body["message"], "invalid API key");
+
+    let malformed = "drover.v1, drover.basic.!!!";
+    let (status, _) = refused_status(
+        browser_socket(&server, &["x"], Some(malformed))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(status, 401);
+
+    // Credentials without the protocol the server can select would fail in the browser
+    // after the fact; the server says so instead.
+    let alone = protocol_credentials(ADMIN_ACCESS, ADMIN_SECRET);
+    let (status, body) = refused_status(
+        browser_socket(&server, &["x"], Some(&alone))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(status, 400);
+    assert!(body["message"].as_str().unwrap().contains("drover.v1"));
+
+    // No credentials at all: the usual 401.
+    let (status, _) = refused_status(
+        browser_socket(&server, &["x"], Some("drover.v1"))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(status, 401);
+    assert!(server.metric("drover_auth_failures_total") >= failures_before + 3.0);
+
+    // The subprotocol is for the WebSocket only: REST still wants Basic auth.
+    let rest = http()
+        .get(format!("{}/v1/containers", server.url))
+        .header(
+            "sec-websocket-protocol",
+            format!(
+                "drover.v1, {}",
+                protocol_credentials(ADMIN_ACCESS, ADMIN_SECRET)
+            ),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rest.status(), 401);
+
+    // Basic-auth clients are unchanged: no subprotocol is selected for them.
+    let mut stream = server
+        .admin
+        .subscribe(Subscribe::names(["x"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(5), stream.next_event())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+            .name(),
+        "ping"
+    );
+}
+
+/// A host with an active agent answering as `policy` says.
+async fn host_with_agent(server: &TestServer, policy: common::agent::Policy) -> TestAgent {
+    let (agent_id, agent_client) = server.agent(server.default_project(), "ui-host").await;
+    let agent = TestAgent::start(agent_client, agent_id, policy).await;
+    let host = server
+        .admin
+        .post(
+            "hosts",
+            &json!({"name": "ui-host", "agentId": format!("1ag{agent_id}")}),
+        )
+        .await
+        .unwrap();
+    let path = format!("hosts/{}", host["id"].as_str().unwrap());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while server.admin.get(&path).await.unwrap()["state"] != "active" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the host never became active"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    agent
+}
+
+async fn next_event(stream: &mut drover_client::EventStream) -> Event {
+    tokio::time::timeout(Duration::from_secs(10), stream.next_non_ping())
+        .await
+        .expect("an event within 10 s")
+        .expect("a readable stream")
+        .expect("an open stream")
+}
+
+#[tokio::test]
+async fn every_attempt_that_calls_an_agent_announces_process_change() {
+    let server = TestServer::start_with(&[
+        ("eventing.timeout.millis", "2000"),
+        ("process.retry_max_wait.millis", "50"),
+        ("process.poll.millis", "50"),
+    ])
+    .await;
+    // The first start fails, the second succeeds: two attempts, two announcements.
+    let _agent = host_with_agent(
+        &server,
+        std::sync::Arc::new(|request: &Event, n| {
+            if request.name() == "compute.instance.activate" && n == 0 {
+                Answer::Error("first start fails".into())
+            } else {
+                Answer::Ok
+            }
+        }),
+    )
+    .await;
+    let mut stream = server
+        .admin
+        .subscribe(Subscribe::names(["process.change"]))
+        .await
+        .unwrap();
+    let container = server
+        .admin
+        .post(
+            "containers",
+            &json!({"name": "ui-c", "command": ["sleep", "1"]}),
+        )
+        .await
+        .unwrap();
+    let id = container["id"].as_str().unwrap();
+    for attempt in 1..=2 {
+        let event = next_event(&mut stream).await;
+        assert_eq!(event.name(), "process.change", "attempt {attempt}");
+        assert_eq!(event.resource_type.as_deref(), Some("container"));
+        assert_eq!(event.resource_id.as_deref(), Some(id));
+        let data = event.data.unwrap();
+        assert_eq!(data["processName"], "instance.start");
+        assert_eq!(data["command"], "compute.instance.activate");
+        assert_eq!(data["phase"], "calling");
+    }
+    // A project key never sees it: processes are for admins.
+    let (_project, project_client) = server.project("ui-other").await;
+    let mut project_stream = project_client
+        .subscribe(Subscribe::names(["process.change"]))
+        .await
+        .unwrap();
+    server
+        .admin
+        .post(&format!("containers/{id}?action=stop"), &json!({}))
+        .await
+        .ok();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), project_stream.next_non_ping())
+            .await
+            .is_err(),
+        "a project key received a process.change"
+    );
+}
+
+#[tokio::test]
+async fn agent_ping_tells_when_an_agent_last_answered() {
+    let server = TestServer::start_with(&[("agent.ping.interval.millis", "50")]).await;
+    let agent = host_with_agent(&server, TestAgent::always_ok()).await;
+    let mut stream = server
+        .admin
+        .subscribe(Subscribe::names(["agent.ping"]))
+        .await
+        .unwrap();
+    let before = drover_proto::event::now_millis();
+    let first = next_event(&mut stream).await;
+    assert_eq!(first.name(), "agent.ping");
+    assert_eq!(first.resource_type.as_deref(), Some("agent"));
+    assert_eq!(
+        first.resource_id.as_deref(),
+        Some(format!("1ag{}", agent.agent_id).as_str())
+    );
+    let second = next_event(&mut stream).await;
+    let (t1, t2) = (
+        first.data.unwrap()["lastPing"].as_i64().unwrap(),
+        second.data.unwrap()["lastPing"].as_i64().unwrap(),
+    );
+    assert!(t1 >= before - 1000 && t2 >= t1, "{t1} {t2}");
+    // A dead agent answers nothing, so nothing is announced.
+    drop(agent);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    while tokio::time::timeout(Duration::from_millis(10), stream.next_non_ping())
+        .await
+        .is_ok()
+    {}
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), stream.next_non_ping())
+            .await
+            .is_err(),
+        "agent.ping without an answer"
+    );
+}
