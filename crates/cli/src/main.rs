@@ -134,7 +134,10 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
             path.display()
         );
     }
-    eprintln!("drover listening on http://{}/v1", server.addr);
+    eprintln!(
+        "drover listening on http://{0}/v1 (web UI: http://{0}/)",
+        server.addr
+    );
     let token = server.shutdown_token();
     tokio::spawn(async move {
         shutdown_signal().await;
@@ -267,6 +270,8 @@ async fn up(args: ServerArgs) -> anyhow::Result<()> {
             "Admin key: the one you set with DROVER_ADMIN_ACCESS_KEY / DROVER_ADMIN_SECRET_KEY"
         ),
     }
+    eprintln!();
+    eprintln!("Web UI: {url}/ (log in with the admin key above)");
     eprintln!();
     eprintln!("Try, in another terminal after the export above:");
     eprintln!("  drover run --name hello --wait -- sleep 600");

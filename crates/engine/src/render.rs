@@ -16,6 +16,8 @@ pub const RESERVED: &[&str] = &[
     "created",
     "createdTS",
     "removed",
+    "lastPing",
+    "lastPingTS",
     "transitioning",
     "transitioningMessage",
     "transitioningProgress",
@@ -54,6 +56,10 @@ pub fn resource_json(resource: &Resource) -> Map<String, Value> {
     out.insert("created".into(), json!(rfc3339(resource.created)));
     out.insert("createdTS".into(), json!(resource.created));
     out.insert("removed".into(), json!(resource.removed.map(rfc3339)));
+    if resource.kind == ResourceKind::Agent {
+        out.insert("lastPing".into(), json!(resource.last_ping.map(rfc3339)));
+        out.insert("lastPingTS".into(), json!(resource.last_ping));
+    }
     out.insert("transitioning".into(), json!(resource.transitioning));
     out.insert(
         "transitioningMessage".into(),

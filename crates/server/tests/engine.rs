@@ -693,6 +693,11 @@ async fn registration_activation_and_the_ping_monitor() {
         })
         .await;
         assert_eq!(host["cpus"], 2);
+        // The monitor records when the agent answered.
+        wait_for(&server.admin, &agent_path, "lastPing", |a| {
+            a["lastPing"].is_string() && a["lastPingTS"].as_i64().unwrap_or(0) > 0
+        })
+        .await;
         // Registering the same host again is the same agent, with a new key.
         let again = registrar
             .post("register", &json!({"key": "host-uuid-1", "name": "box"}))

@@ -266,6 +266,9 @@ pub struct Resource {
     pub service_id: Option<i64>,
     /// Its instance (volumes).
     pub instance_id: Option<i64>,
+    /// Agents: when the ping monitor last recorded an answer (written when the agent's state
+    /// changes and at most about once a minute otherwise).
+    pub last_ping: Option<i64>,
 }
 
 /// A resource to create.

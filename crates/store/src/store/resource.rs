@@ -29,6 +29,11 @@ pub(super) fn select_list(kind: ResourceKind, alias: &str) -> String {
             out.push_str(&format!(", CAST(NULL AS BIGINT) AS {column}"));
         }
     }
+    if kind == ResourceKind::Agent {
+        out.push_str(&format!(", {alias}.last_ping"));
+    } else {
+        out.push_str(", CAST(NULL AS BIGINT) AS last_ping");
+    }
     out
 }
 
@@ -52,6 +57,7 @@ pub(super) struct ResourceRow {
     stack_id: Option<i64>,
     service_id: Option<i64>,
     instance_id: Option<i64>,
+    last_ping: Option<i64>,
 }
 
 impl ResourceRow {
@@ -89,6 +95,7 @@ impl ResourceRow {
             stack_id: self.stack_id,
             service_id: self.service_id,
             instance_id: self.instance_id,
+            last_ping: self.last_ping,
         })
     }
 }
