@@ -134,10 +134,8 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
             path.display()
         );
     }
-    eprintln!(
-        "drover listening on http://{0}/v1 (web UI: http://{0}/)",
-        server.addr
-    );
+    eprintln!("drover listening on http://{}/v1", server.addr);
+    eprintln!("web UI at http://{}/", server.addr);
     let token = server.shutdown_token();
     tokio::spawn(async move {
         shutdown_signal().await;
