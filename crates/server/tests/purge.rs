@@ -6,52 +6,13 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use common::TestServer;
 use common::agent::{Answer, TestAgent};
+use common::{TestServer, servers, wait_for, wait_state};
 use drover_client::{Client, Error};
 use serde_json::{Value, json};
 
-const FAST: &[(&str, &str)] = &[
-    ("eventing.timeout.millis", "300"),
-    ("process.retry_max_wait.millis", "100"),
-    ("process.poll.millis", "50"),
-    ("resource.change.interval.millis", "20"),
-];
-
 const HOUR_MS: i64 = 3_600_000;
-
-async fn servers(extra: &[(&str, &str)]) -> Vec<TestServer> {
-    let settings: Vec<(&str, &str)> = FAST.iter().chain(extra.iter()).copied().collect();
-    let mut out = vec![TestServer::start_with(&settings).await];
-    if let Some(server) = TestServer::start_postgres_with(&settings).await {
-        out.push(server);
-    }
-    out
-}
-
-async fn wait_for(client: &Client, path: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let resource = client.get(path).await.unwrap();
-        if done(&resource) {
-            return resource;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}; last: {resource:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn wait_state(client: &Client, path: &str, state: &str) -> Value {
-    wait_for(client, path, state, |r| {
-        r["state"] == state && r["transitioning"] == "no"
-    })
-    .await
-}
 
 /// A host with its agent, both active: `(host id, agent client, test agent)`.
 async fn host_with_agent(

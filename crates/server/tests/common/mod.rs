@@ -7,6 +7,8 @@ use std::sync::Once;
 
 use drover_client::Client;
 use drover_server::{Config, Server};
+use serde_json::Value;
+use std::time::Duration;
 
 pub const ADMIN_ACCESS: &str = "TESTADMINACCESSKEY01";
 pub const ADMIN_SECRET: &str = "test-admin-secret-key-0123456789abcdefgh";
@@ -173,4 +175,52 @@ impl TestServer {
             .map(|value| value.trim().parse().unwrap())
             .unwrap_or_else(|| panic!("metric {name} not found in:\n{text}"))
     }
+}
+
+/// Fast retries for tests: a lost request is resent after about 300 ms.
+pub const FAST: &[(&str, &str)] = &[
+    ("eventing.timeout.millis", "300"),
+    ("process.retry_max_wait.millis", "100"),
+    ("process.poll.millis", "50"),
+    ("resource.change.interval.millis", "20"),
+];
+
+/// A server on SQLite and, when `DROVER_TEST_POSTGRES_URL` is set, one on PostgreSQL, with
+/// [`FAST`] and `extra` settings.
+pub async fn servers(extra: &[(&str, &str)]) -> Vec<TestServer> {
+    let settings: Vec<(&str, &str)> = FAST.iter().chain(extra.iter()).copied().collect();
+    let mut out = vec![TestServer::start_with(&settings).await];
+    if let Some(server) = TestServer::start_postgres_with(&settings).await {
+        out.push(server);
+    }
+    out
+}
+
+/// Polls a resource until `done` holds (at most 20 s), returning it.
+pub async fn wait_for(
+    client: &Client,
+    path: &str,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let resource = client.get(path).await.unwrap();
+        if done(&resource) {
+            return resource;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}; last: {resource:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls a resource until it is in `state` and not transitioning.
+pub async fn wait_state(client: &Client, path: &str, state: &str) -> Value {
+    wait_for(client, path, state, |r| {
+        r["state"] == state && r["transitioning"] == "no"
+    })
+    .await
 }
