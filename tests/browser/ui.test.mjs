@@ -101,6 +101,8 @@ test('a container started from the UI shows its process in Running, then in Done
   await page.getByRole('tab', { name: /Done/ }).click();
   const done = page.locator(`#process-panel tr[data-process="instance.start"]`).filter({ has: page.locator(`a.id:text-is("${ids.web}")`) });
   await done.locator('.badge', { hasText: 'SUCCESS' }).waitFor();
+  // The Done tab counts what ended (processSummary's done), updated live too.
+  await page.getByRole('tab', { name: /Done \([1-9]\d*\)/ }).waitFor();
   assert.equal(await page.evaluate(() => window.noReloadMark), 'still here');
   await screenshot(page, 'processes-done');
 });

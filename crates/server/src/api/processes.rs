@@ -350,6 +350,7 @@ async fn summary(
                 "running": row.running,
                 "ready": row.ready,
                 "delay": row.delayed,
+                "done": row.done,
             })
         })
         .collect();

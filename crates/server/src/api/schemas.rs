@@ -158,6 +158,7 @@ fn all(base: &str) -> Vec<Value> {
             ("running", "int", false),
             ("ready", "int", false),
             ("delay", "int", false),
+            ("done", "int", false),
         ]),
         none(),
         none(),

@@ -290,6 +290,8 @@ pub struct ProcessSummary {
     pub ready: i64,
     /// Waiting for `run_after` (backing off).
     pub delayed: i64,
+    /// Ended and not yet purged (`process_instance.purge.after.seconds`).
+    pub done: i64,
 }
 
 fn with_meta(data: Map<String, Value>, previous_state: &str, transitioning: &str) -> String {
@@ -673,15 +675,16 @@ impl Store {
         Ok(Page { data, next_marker })
     }
 
-    /// Running / ready / delayed counts of pending processes, per process name.
+    /// Running / ready / delayed counts of pending processes, and ended ones, per process name.
     pub async fn process_summary(&self) -> Result<Vec<ProcessSummary>> {
         let now = now_millis();
         Ok(dispatch!(self, pool => sqlx::query_as(
             "SELECT process_name, \
-             SUM(CASE WHEN lease_expires >= $1 THEN 1 ELSE 0 END) AS running, \
-             SUM(CASE WHEN (lease_expires IS NULL OR lease_expires < $1) AND run_after <= $1 THEN 1 ELSE 0 END) AS ready, \
-             SUM(CASE WHEN (lease_expires IS NULL OR lease_expires < $1) AND run_after > $1 THEN 1 ELSE 0 END) AS delayed \
-             FROM process_instance WHERE end_time IS NULL GROUP BY process_name ORDER BY process_name")
+             SUM(CASE WHEN end_time IS NULL AND lease_expires >= $1 THEN 1 ELSE 0 END) AS running, \
+             SUM(CASE WHEN end_time IS NULL AND (lease_expires IS NULL OR lease_expires < $1) AND run_after <= $1 THEN 1 ELSE 0 END) AS ready, \
+             SUM(CASE WHEN end_time IS NULL AND (lease_expires IS NULL OR lease_expires < $1) AND run_after > $1 THEN 1 ELSE 0 END) AS delayed, \
+             SUM(CASE WHEN end_time IS NOT NULL THEN 1 ELSE 0 END) AS done \
+             FROM process_instance GROUP BY process_name ORDER BY process_name")
             .bind(now).fetch_all(pool).await?))
     }
 

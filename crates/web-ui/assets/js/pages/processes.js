@@ -177,12 +177,13 @@ export function mount(root, { navigate }) {
   }
 
   function render(fresh) {
-    const totals = { running: 0, ready: 0, delayed: 0 };
+    const totals = { running: 0, ready: 0, delayed: 0, done: 0 };
     const known = new Set();
     for (const row of state.summary) {
       totals.running += row.running || 0;
       totals.ready += row.ready || 0;
       totals.delayed += row.delay || 0;
+      totals.done += row.done || 0;
       known.add(row.processName);
     }
     for (const row of state.rows) known.add(row.processName);
@@ -212,8 +213,9 @@ export function mount(root, { navigate }) {
     }
     more.hidden = !state.next;
 
-    replace(summaryBody, state.summary.length
-      ? state.summary.map((row) => h('tr', null,
+    const unfinished = state.summary.filter((row) => row.running || row.ready || row.delay);
+    replace(summaryBody, unfinished.length
+      ? unfinished.map((row) => h('tr', null,
         h('td', null, h('a', { href: `/processes?name=${encodeURIComponent(row.processName)}`, class: 'mono',
           onclick: (e) => { e.preventDefault(); nameInput.value = row.processName; state.name = row.processName; state.pages = 1; syncUrl(); load(); } }, row.processName)),
         h('td', { class: 'num' }, row.running ? badge('running', String(row.running), 'blue') : '0'),
