@@ -36,6 +36,16 @@ impl Principal {
         self.account.kind.is_privileged()
     }
 
+    /// Checks that the caller is an admin or service account; `what` completes the refusal
+    /// ("processes are visible to admins only").
+    pub fn require_privileged(&self, what: &str) -> Result<(), ApiError> {
+        if self.is_privileged() {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(what.to_owned()))
+        }
+    }
+
     /// Checks that the caller may act in a project: privileged accounts in every project,
     /// others in their own only.
     pub fn check_project(&self, project_id: i64) -> Result<(), ApiError> {

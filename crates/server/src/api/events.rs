@@ -547,11 +547,7 @@ async fn get_service(
 }
 
 fn admin(principal: &Principal) -> Result<(), ApiError> {
-    if principal.is_privileged() {
-        Ok(())
-    } else {
-        Err(ApiError::forbidden("the clean-up job is for admins"))
-    }
+    principal.require_privileged("the clean-up job is for admins")
 }
 
 fn cleanup_json(base: &str, state: &AppState) -> Value {

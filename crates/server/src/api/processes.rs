@@ -25,11 +25,7 @@ pub(super) fn routes() -> Router<AppState> {
 }
 
 fn admin(principal: &Principal) -> Result<(), ApiError> {
-    if principal.is_privileged() {
-        Ok(())
-    } else {
-        Err(ApiError::forbidden("processes are visible to admins only"))
-    }
+    principal.require_privileged("processes are visible to admins only")
 }
 
 /// `running`, `delayed`, `ready` or `done`, as the Processes view groups them.

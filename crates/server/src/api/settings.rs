@@ -23,11 +23,7 @@ pub(super) fn routes() -> Router<AppState> {
 }
 
 fn admin(principal: &Principal) -> Result<(), ApiError> {
-    if principal.is_privileged() {
-        Ok(())
-    } else {
-        Err(ApiError::forbidden("settings are for admins"))
-    }
+    principal.require_privileged("settings are for admins")
 }
 
 fn render(base: &str, state: &AppState, name: &str) -> Option<Value> {
