@@ -493,3 +493,48 @@ async fn an_agent_key_is_refused_another_projects_resources() {
         other => panic!("expected a 403, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn drover_purge_runs_the_cleanup_now_and_prints_its_report() {
+    let harness = Harness::start().await;
+    let host = harness
+        .admin
+        .post("hosts", &json!({"name": "to-remove"}))
+        .await
+        .unwrap();
+    let path = format!("hosts/{}", host["id"].as_str().unwrap());
+    wait_state(&harness.admin, &path, "active").await;
+    harness.admin.delete(&path).await.unwrap();
+    wait_state(&harness.admin, &path, "removed").await;
+
+    let run = |args: &'static [&'static str], secret: &'static str| {
+        let url = harness.url.clone();
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_drover"))
+                .args(args)
+                .env("CATTLE_URL", url)
+                .env("CATTLE_ACCESS_KEY", ACCESS)
+                .env("CATTLE_SECRET_KEY", secret)
+                .output()
+                .unwrap()
+        })
+    };
+    let output = run(&["purge", "--json"], SECRET).await.unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["type"], "cleanupReport");
+    assert_eq!(report["purgesScheduled"], 1, "{report:#}");
+    wait_state(&harness.admin, &path, "purged").await;
+
+    let table = run(&["purge"], SECRET).await.unwrap();
+    assert!(table.status.success(), "{table:?}");
+    let stdout = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        stdout.contains("TABLE") && stdout.contains("container_event") && stdout.contains("host"),
+        "{stdout}"
+    );
+    let refused = run(&["purge"], "wrong-secret-wrong-secret-wrong-secret-00")
+        .await
+        .unwrap();
+    assert!(!refused.status.success(), "a wrong key fails: {refused:?}");
+}
