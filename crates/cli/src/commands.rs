@@ -365,7 +365,7 @@ pub async fn ps(args: PsArgs) -> anyhow::Result<()> {
     let path = if args.all {
         "containers?limit=1000"
     } else {
-        "containers?state_ne=removed&limit=1000"
+        "containers?state_ne=removed&state_ne=purging&state_ne=purged&limit=1000"
     };
     let containers = client.get(path).await?;
     if args.json {
@@ -416,7 +416,9 @@ async fn resolve(client: &Client, target: &str) -> anyhow::Result<Value> {
         .append_pair("name", target)
         .finish();
     let found = client
-        .get(&format!("containers?{query}&state_ne=removed"))
+        .get(&format!(
+            "containers?{query}&state_ne=removed&state_ne=purging&state_ne=purged"
+        ))
         .await?;
     let matches: Vec<&Value> = rows(&found).collect();
     match matches.as_slice() {
@@ -505,7 +507,9 @@ pub async fn purge(args: ListArgs) -> anyhow::Result<()> {
 
 pub async fn hosts(args: ListArgs) -> anyhow::Result<()> {
     let client = args.connection.client()?;
-    let hosts = client.get("hosts?state_ne=removed").await?;
+    let hosts = client
+        .get("hosts?state_ne=removed&state_ne=purging&state_ne=purged")
+        .await?;
     if args.json {
         println!("{hosts}");
         return Ok(());

@@ -238,6 +238,17 @@ async fn old_rows_are_deleted_young_ones_kept_and_removed_resources_purged_first
             "purged",
         )
         .await;
+        // What `drover ps` lists: neither removed nor purged ones.
+        let live = server
+            .admin
+            .get("containers?state_ne=removed&state_ne=purging&state_ne=purged")
+            .await
+            .unwrap();
+        let mut live = ids(&live);
+        live.sort();
+        let mut expected = vec![old_container.clone(), young_container.clone()];
+        expected.sort();
+        assert_eq!(live, expected);
         // The live containers are untouched.
         wait_state(
             &server.admin,
