@@ -131,10 +131,21 @@ async fn a_process_survives_kill_9_of_the_server_on_postgresql() {
     .unwrap();
 }
 
+/// A server child process that is killed when dropped, also when a test fails halfway.
+struct ServerProcess(Child);
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 async fn survive_kill_9(database_url: Option<&str>) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
-    let (mut first, url) = start_server(dir.path(), database_url);
+    let (first, url) = start_server(dir.path(), database_url);
+    let mut first = ServerProcess(first);
     let admin = Client::new(&url, ACCESS, SECRET).unwrap();
 
     // An agent and its host (the agent's key is made in the same database).
@@ -190,12 +201,13 @@ async fn survive_kill_9(database_url: Option<&str>) {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    first.kill().unwrap();
-    first.wait().unwrap();
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
     agent.abort();
 
     // Restart on the same data directory; the agent reconnects and now answers.
-    let (mut second, url) = start_server(dir.path(), database_url);
+    let (second, url) = start_server(dir.path(), database_url);
+    let _second = ServerProcess(second);
     let admin = Client::new(&url, ACCESS, SECRET).unwrap();
     answer.store(true, Ordering::SeqCst);
     let agent = spawn_agent(
@@ -236,6 +248,4 @@ async fn survive_kill_9(database_url: Option<&str>) {
         .collect();
     assert_eq!(done.len(), 1, "{executions:#}");
     agent.abort();
-    second.kill().unwrap();
-    second.wait().unwrap();
 }
