@@ -24,34 +24,24 @@
 //!     --database-url postgres://postgres@127.0.0.1:5432/postgres
 //! ```
 
-use std::collections::{HashMap, HashSet};
-use std::net::{SocketAddr, TcpListener};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
-use drover_client::{Client, Event, EventStream, Subscribe};
+use drover_bench::harness::{
+    ACCESS_KEY, AgentStats, CpuMeter, CpuSplit, Latency, PgDatabase, PgStats, SECRET_KEY,
+    ServerChild, ServerOptions, clock_ticks_per_second, drover_bin, loadavg, metric, ms,
+    print_machine, raise_nofile, rss_kib, start_agents, wait_active, wait_quiet,
+};
+use drover_client::{Client, Subscribe};
 use serde_json::{Value, json};
-use tokio::process::{Child, Command};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-
-/// The admin key given to the server under test.
-const ACCESS_KEY: &str = "BENCHENGINEACCESS0001";
-/// Its secret.
-const SECRET_KEY: &str = "bench-engine-secret-0123456789abcdefghijklmnopqrs";
-
-/// What a simulated agent subscribes to.
-const AGENT_EVENTS: &[&str] = &[
-    "compute.instance.activate",
-    "compute.instance.deactivate",
-    "compute.instance.remove",
-    "ping",
-];
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -143,7 +133,7 @@ async fn run(args: &Args) -> Result<()> {
     let bin = drover_bin(args.drover_bin.as_deref())?;
     print_machine();
     let database = match &args.database_url {
-        Some(url) => Some(PgDatabase::create(url)?),
+        Some(url) => Some(PgDatabase::create(url, "drover_bench")?),
         None => None,
     };
     let backend = if database.is_some() {
@@ -164,7 +154,14 @@ async fn run(args: &Args) -> Result<()> {
         args.idle_containers
     );
     let timeout = Duration::from_secs(args.timeout_seconds.max(1));
-    let server = ServerChild::start(&bin, args, database, timeout).await?;
+    let options = ServerOptions {
+        log: args.server_log.clone(),
+        threads: args.server_threads,
+        queue: args.server_queue,
+        env: Vec::new(),
+        dir_prefix: "drover-bench-engine-".into(),
+    };
+    let server = ServerChild::start(&bin, &options, database, timeout).await?;
     println!("  server pid {} on {}", server.pid, server.addr);
     let result = bench(&server, args, backend, timeout).await;
     if result.is_err() {
@@ -185,7 +182,15 @@ async fn bench(server: &ServerChild, args: &Args, backend: &str, timeout: Durati
         .context("the registration token has no `token`")?
         .to_owned();
     let stats = Arc::new(AgentStats::default());
-    let (agents, agent_tasks) = start_agents(&url, &token, args, stats.clone(), timeout).await?;
+    let (agents, agent_tasks) = start_agents(
+        &url,
+        &token,
+        args.agents,
+        args.register_concurrency,
+        stats.clone(),
+        timeout,
+    )
+    .await?;
     wait_active(&admin, &agents, timeout).await?;
     println!(
         "  {} agents registered, subscribed and active (hosts active) in {:.1} s",
@@ -643,297 +648,6 @@ impl Seen {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Simulated agents.
-
-/// A registered agent.
-#[derive(Debug, Clone)]
-struct Agent {
-    agent_id: String,
-    host_id: String,
-}
-
-/// The agents' tasks, aborted when dropped.
-#[derive(Debug)]
-struct AgentTasks(Vec<tokio::task::JoinHandle<()>>);
-
-impl Drop for AgentTasks {
-    fn drop(&mut self) {
-        for task in &self.0 {
-            task.abort();
-        }
-    }
-}
-
-#[derive(Debug, Default)]
-struct AgentStats {
-    requests: AtomicU64,
-    pings: AtomicU64,
-    reply_errors: AtomicU64,
-    closed: AtomicUsize,
-    first_error: Mutex<Option<String>>,
-}
-
-impl AgentStats {
-    fn error(&self, error: impl std::fmt::Display) {
-        self.reply_errors.fetch_add(1, Ordering::Relaxed);
-        let mut first = self.first_error.lock().expect("not poisoned");
-        if first.is_none() {
-            *first = Some(error.to_string());
-        }
-    }
-}
-
-/// Registers `args.agents` agents (a few at a time) and starts each one's subscriber as soon
-/// as it is registered, so that its activation ping finds it.
-async fn start_agents(
-    url: &str,
-    token: &str,
-    args: &Args,
-    stats: Arc<AgentStats>,
-    timeout: Duration,
-) -> Result<(Vec<Agent>, AgentTasks)> {
-    let (access, secret) = token
-        .split_once(':')
-        .context("a registration token is ACCESS:SECRET")?;
-    let registrar = Client::new(url, access, secret)?;
-    let permits = Arc::new(Semaphore::new(args.register_concurrency.max(1)));
-    let mut starting = JoinSet::new();
-    let run_id = std::process::id();
-    for i in 0..args.agents {
-        let (registrar, permits, url, stats) = (
-            registrar.clone(),
-            permits.clone(),
-            url.to_owned(),
-            stats.clone(),
-        );
-        starting.spawn(async move {
-            let _permit = permits.acquire_owned().await?;
-            let registered = registrar
-                .post(
-                    "register",
-                    &json!({"key": format!("bench-{run_id}-{i}"), "name": format!("bench-{i}")}),
-                )
-                .await
-                .context("POST /v1/register")?;
-            let field = |name: &str| {
-                registered[name]
-                    .as_str()
-                    .map(str::to_owned)
-                    .with_context(|| format!("the registration has no {name}: {registered}"))
-            };
-            let agent = Agent {
-                agent_id: field("agentId")?,
-                host_id: field("hostId")?,
-            };
-            let client = Client::new(&url, &field("accessKey")?, &field("secretKey")?)?;
-            let stream = client
-                .subscribe(Subscribe::names(AGENT_EVENTS.iter().copied()))
-                .await
-                .context("agent subscription")?;
-            let (ready_tx, ready_rx) = oneshot::channel();
-            let task = tokio::spawn(run_agent(client, stream, stats, ready_tx));
-            // The first frame (the server's hello `ping`) means the subscription is live.
-            match tokio::time::timeout(Duration::from_secs(30), ready_rx).await {
-                Ok(Ok(())) => anyhow::Ok((agent, task)),
-                _ => {
-                    task.abort();
-                    bail!("agent {} got no first event", agent.agent_id)
-                }
-            }
-        });
-    }
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut agents = Vec::with_capacity(args.agents);
-    let mut tasks = AgentTasks(Vec::with_capacity(args.agents));
-    while let Some(joined) = tokio::time::timeout_at(deadline, starting.join_next())
-        .await
-        .map_err(|_| anyhow!("registering agents timed out after {} s", timeout.as_secs()))?
-    {
-        let (agent, task) = joined??;
-        agents.push(agent);
-        tasks.0.push(task);
-    }
-    Ok((agents, tasks))
-}
-
-/// One simulated agent: answers every request with `replyTo` at once. Ping replies report the
-/// containers it was asked to start as running, as a real agent does (an agent that reports
-/// none would have the ping monitor stop them all).
-async fn run_agent(
-    client: Client,
-    mut stream: EventStream,
-    stats: Arc<AgentStats>,
-    ready: oneshot::Sender<()>,
-) {
-    let mut ready = Some(ready);
-    let mut instances: HashSet<String> = HashSet::new();
-    loop {
-        let event = match stream.next_event().await {
-            Ok(Some(event)) => event,
-            Ok(None) => {
-                stats.closed.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            Err(error) => {
-                stats.closed.fetch_add(1, Ordering::Relaxed);
-                stats.error(format!("agent socket: {error}"));
-                return;
-            }
-        };
-        if let Some(ready) = ready.take() {
-            let _ = ready.send(());
-        }
-        if event.reply_to.is_none() {
-            continue;
-        }
-        let data = match event.name() {
-            "ping" => {
-                stats.pings.fetch_add(1, Ordering::Relaxed);
-                let resources: Vec<Value> = instances
-                    .iter()
-                    .map(|id| json!({"type": "instance", "id": id, "state": "running"}))
-                    .collect();
-                json!({ "resources": resources })
-            }
-            name => {
-                stats.requests.fetch_add(1, Ordering::Relaxed);
-                if let Some(id) = event.resource_id.clone() {
-                    if name == "compute.instance.activate" {
-                        instances.insert(id);
-                    } else {
-                        instances.remove(&id);
-                    }
-                }
-                json!({"instance": {"externalId": "x"}})
-            }
-        };
-        let (client, stats) = (client.clone(), stats.clone());
-        tokio::spawn(async move { reply(&client, &event, data, &stats).await });
-    }
-}
-
-async fn reply(client: &Client, request: &Event, data: Value, stats: &AgentStats) {
-    if let Err(error) = client.reply(request, data).await {
-        stats.error(format!("reply to {}: {error}", request.name()));
-    }
-}
-
-/// Every item of a collection, following `pagination.next` (at most 1000 pages).
-async fn list_all(admin: &Client, path: &str) -> Result<Vec<Value>> {
-    let mut out = Vec::new();
-    let mut next = Some(format!("{path}?limit=1000"));
-    for _ in 0..1000 {
-        let Some(page) = next.take() else { break };
-        let body = admin.get(&page).await?;
-        if let Some(data) = body["data"].as_array() {
-            out.extend(data.iter().cloned());
-        }
-        next = body["pagination"]["next"].as_str().map(str::to_owned);
-    }
-    Ok(out)
-}
-
-/// Waits until every agent and its host are `active` (GET /v1/agents, /v1/hosts).
-async fn wait_active(admin: &Client, agents: &[Agent], timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    let agent_ids: HashSet<&str> = agents.iter().map(|a| a.agent_id.as_str()).collect();
-    let host_ids: HashSet<&str> = agents.iter().map(|a| a.host_id.as_str()).collect();
-    let count = |items: &[Value], ids: &HashSet<&str>| {
-        items
-            .iter()
-            .filter(|item| {
-                item["state"] == "active"
-                    && item["transitioning"] == "no"
-                    && item["id"].as_str().is_some_and(|id| ids.contains(id))
-            })
-            .count()
-    };
-    loop {
-        let active_agents = count(&list_all(admin, "agents").await?, &agent_ids);
-        let active_hosts = count(&list_all(admin, "hosts").await?, &host_ids);
-        if active_agents == agent_ids.len() && active_hosts == host_ids.len() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "after {} s only {active_agents} of {} agents and {active_hosts} of {} hosts are active",
-                timeout.as_secs(),
-                agent_ids.len(),
-                host_ids.len()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The server child and its database.
-
-/// A PostgreSQL database made for one run; dropped (`WITH (FORCE)`) when this is dropped.
-#[derive(Debug)]
-struct PgDatabase {
-    admin_url: String,
-    name: String,
-    /// The URL the server connects to.
-    url: String,
-}
-
-impl PgDatabase {
-    fn create(url: &str) -> Result<PgDatabase> {
-        let name = format!("drover_bench_{}", std::process::id());
-        let admin_url = with_database(url, "postgres")?;
-        psql(
-            &admin_url,
-            &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
-        )?;
-        psql(&admin_url, &format!("CREATE DATABASE {name}"))?;
-        println!("  PostgreSQL database {name} created");
-        Ok(PgDatabase {
-            url: with_database(url, &name)?,
-            admin_url,
-            name,
-        })
-    }
-}
-
-/// PostgreSQL's counters: this database's commits, and the cluster's WAL syncs and bytes.
-#[derive(Debug, Clone, Copy)]
-struct PgStats {
-    commits: f64,
-    wal_syncs: f64,
-    wal_bytes: f64,
-}
-
-impl PgDatabase {
-    fn stats(&self) -> Option<PgStats> {
-        let sql = format!(
-            "SELECT (SELECT xact_commit FROM pg_stat_database WHERE datname = '{}'), wal_sync, wal_bytes FROM pg_stat_wal",
-            self.name
-        );
-        let output = std::process::Command::new("psql")
-            .arg(&self.admin_url)
-            .args(["-Atq", "-F", " ", "-c", &sql])
-            .env("PGCONNECT_TIMEOUT", "10")
-            .stdin(Stdio::null())
-            .output()
-            .ok()?;
-        let text = String::from_utf8(output.stdout).ok()?;
-        let values: Vec<f64> = text
-            .split_whitespace()
-            .filter_map(|v| v.parse().ok())
-            .collect();
-        match values[..] {
-            [commits, wal_syncs, wal_bytes] => Some(PgStats {
-                commits,
-                wal_syncs,
-                wal_bytes,
-            }),
-            _ => None,
-        }
-    }
-}
-
 /// Prints PostgreSQL's commits and WAL syncs per container start over a phase (after waiting
 /// for the server's idle connections to flush their statistics).
 async fn pg_report(server: &ServerChild, before: Option<PgStats>, containers: usize) {
@@ -951,207 +665,6 @@ async fn pg_report(server: &ServerChild, before: Option<PgStats>, containers: us
         (after.wal_syncs - before.wal_syncs) / n,
         (after.wal_bytes - before.wal_bytes) / n / 1024.0
     );
-}
-
-impl Drop for PgDatabase {
-    fn drop(&mut self) {
-        match psql(
-            &self.admin_url,
-            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
-        ) {
-            Ok(()) => println!("  PostgreSQL database {} dropped", self.name),
-            Err(error) => eprintln!("warning: dropping database {}: {error:#}", self.name),
-        }
-    }
-}
-
-/// Runs one SQL statement with `psql` (bounded by `statement_timeout` of 60 s).
-fn psql(url: &str, sql: &str) -> Result<()> {
-    let output = std::process::Command::new("psql")
-        .arg(url)
-        .args(["-v", "ON_ERROR_STOP=1", "-Atq", "-c", sql])
-        .env("PGOPTIONS", "-c statement_timeout=60000")
-        .env("PGCONNECT_TIMEOUT", "10")
-        .stdin(Stdio::null())
-        .output()
-        .context("run psql (is the PostgreSQL client installed?)")?;
-    if !output.status.success() {
-        bail!(
-            "psql {sql:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-/// `url` with its database (path) replaced by `database`, query kept.
-fn with_database(url: &str, database: &str) -> Result<String> {
-    let (scheme, rest) = url
-        .split_once("://")
-        .context("a database URL looks like postgres://user@host:port/db")?;
-    let (before_query, query) = match rest.split_once('?') {
-        Some((before, query)) => (before, Some(query)),
-        None => (rest, None),
-    };
-    let authority = before_query.split('/').next().unwrap_or(before_query);
-    Ok(match query {
-        Some(query) => format!("{scheme}://{authority}/{database}?{query}"),
-        None => format!("{scheme}://{authority}/{database}"),
-    })
-}
-
-/// The server under test. Its process is killed when this is dropped (also on error), then
-/// its database is dropped.
-#[derive(Debug)]
-struct ServerChild {
-    child: Child,
-    pid: u32,
-    addr: SocketAddr,
-    /// Data directory and log; removed on drop.
-    dir: tempfile::TempDir,
-    database: Option<PgDatabase>,
-}
-
-impl ServerChild {
-    async fn start(
-        bin: &Path,
-        args: &Args,
-        database: Option<PgDatabase>,
-        timeout: Duration,
-    ) -> Result<ServerChild> {
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let dir = tempfile::Builder::new()
-            .prefix("drover-bench-engine-")
-            .tempdir()?;
-        let log = std::fs::File::create(dir.path().join("server.log"))?;
-        let mut command = Command::new(bin);
-        command
-            .arg("server")
-            .arg("--listen")
-            .arg(addr.to_string())
-            .arg("--data-dir")
-            .arg(dir.path())
-            .env("DROVER_ADMIN_ACCESS_KEY", ACCESS_KEY)
-            .env("DROVER_ADMIN_SECRET_KEY", SECRET_KEY)
-            .env("DROVER_LOG", &args.server_log)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true);
-        if let Some(database) = &database {
-            command.arg("--database-url").arg(&database.url);
-        }
-        if let Some(threads) = args.server_threads {
-            command.env("TOKIO_WORKER_THREADS", threads.to_string());
-        }
-        if let Some(queue) = args.server_queue {
-            command.env("DROVER_SUBSCRIBE_MAX_QUEUED_MESSAGES", queue.to_string());
-        }
-        let child = command.spawn().context("spawn drover server")?;
-        let pid = child.id().context("child pid")?;
-        let mut server = ServerChild {
-            child,
-            pid,
-            addr,
-            dir,
-            database,
-        };
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .build()?;
-        let deadline = Instant::now() + timeout.min(Duration::from_secs(60));
-        loop {
-            if let Some(status) = server.child.try_wait()? {
-                bail!(
-                    "drover server exited early ({status}); log:\n{}",
-                    server.log_tail()
-                );
-            }
-            if let Ok(response) = http
-                .get(format!("{}/healthz", server.http_url()))
-                .send()
-                .await
-                && response.status().is_success()
-            {
-                return Ok(server);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "drover did not answer /healthz in time; log:\n{}",
-                    server.log_tail()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn http_url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-
-    /// Kills the server, waits for it (bounded), then drops its database.
-    async fn stop(mut self, keep_log: Option<&Path>) {
-        let _ = self.child.start_kill();
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
-        if let Some(path) = keep_log
-            && let Err(error) = std::fs::copy(self.dir.path().join("server.log"), path)
-        {
-            eprintln!(
-                "warning: copying the server log to {}: {error}",
-                path.display()
-            );
-        }
-        drop(self.database.take());
-    }
-}
-
-fn drover_bin(given: Option<&Path>) -> Result<PathBuf> {
-    if let Some(path) = given {
-        return Ok(path.to_owned());
-    }
-    let beside = std::env::current_exe()?.with_file_name("drover");
-    if beside.exists() {
-        return Ok(beside);
-    }
-    let relative = PathBuf::from("target/release/drover");
-    if relative.exists() {
-        return Ok(relative);
-    }
-    bail!("no drover binary: run `cargo build --release -p drover` or pass --drover-bin")
-}
-
-fn raise_nofile() -> u64 {
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) => limit,
-        Err(error) => {
-            eprintln!("warning: could not raise the open-files limit: {error}");
-            rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(0, |(soft, _)| soft)
-        }
-    }
-}
-
-/// A value on the server's `/metrics`.
-async fn metric(url: &str, name: &str) -> Option<f64> {
-    let text = reqwest::get(format!("{url}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines().find_map(|line| {
-        line.strip_prefix(name)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1284,166 +797,6 @@ impl PerfStat {
     }
 }
 
-/// Resident memory of a process in KiB.
-fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS line")
-}
-
-/// utime + stime of a process in clock ticks ("self" adds the children it waited for).
-fn cpu_ticks(who: &str) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{who}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
-    Some(field(11)? + field(12)?)
-}
-
-/// stime alone (kernel time) of a process, in clock ticks.
-fn system_ticks(who: &str) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{who}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split_whitespace().nth(12)?.parse().ok()
-}
-
-fn clock_ticks_per_second() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|out| String::from_utf8(out.stdout).ok())
-        .and_then(|text| text.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// Busy and total jiffies of the whole machine.
-fn machine_ticks() -> Option<(u64, u64)> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let fields: Vec<u64> = stat
-        .lines()
-        .next()?
-        .split_whitespace()
-        .skip(1)
-        .take(8)
-        .filter_map(|field| field.parse().ok())
-        .collect();
-    let [user, nice, system, idle, iowait, irq, softirq, steal] = fields[..] else {
-        return None;
-    };
-    let busy = user + nice + system + irq + softirq + steal;
-    Some((busy, busy + idle + iowait))
-}
-
-/// CPU over an interval, in percent of one core.
-#[derive(Debug, Clone, Copy, Default)]
-struct CpuSplit {
-    server: f64,
-    /// The server's kernel (system) time, part of `server`.
-    server_system: f64,
-    bench: f64,
-    /// PostgreSQL's processes (part of `other`).
-    postgres: f64,
-    other: f64,
-    capacity: f64,
-}
-
-impl std::fmt::Display for CpuSplit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "server {:.0}% (kernel {:.0}%) + bench {:.0}% + rest of machine {:.0}% of one core ({:.0}% = all cores)",
-            self.server, self.server_system, self.bench, self.other, self.capacity
-        )?;
-        if self.postgres >= 0.5 {
-            write!(f, "; PostgreSQL processes {:.0}% of it", self.postgres)?;
-        }
-        Ok(())
-    }
-}
-
-#[derive(Debug)]
-struct CpuMeter {
-    pid: String,
-    start: Instant,
-    server: u64,
-    server_system: u64,
-    bench: u64,
-    postgres: u64,
-    machine: Option<(u64, u64)>,
-}
-
-impl CpuMeter {
-    fn start(pid: u32) -> CpuMeter {
-        let pid = pid.to_string();
-        CpuMeter {
-            server: cpu_ticks(&pid).unwrap_or(0),
-            server_system: system_ticks(&pid).unwrap_or(0),
-            bench: cpu_ticks("self").unwrap_or(0),
-            postgres: postgres_ticks(),
-            machine: machine_ticks(),
-            start: Instant::now(),
-            pid,
-        }
-    }
-
-    fn stop(&self) -> CpuSplit {
-        let wall = self.start.elapsed().as_secs_f64().max(1e-9);
-        let hz = clock_ticks_per_second();
-        let pct = |now: Option<u64>, then: u64| {
-            now.map_or(0.0, |now| {
-                now.saturating_sub(then) as f64 / hz / wall * 100.0
-            })
-        };
-        let server = pct(cpu_ticks(&self.pid), self.server);
-        let bench = pct(cpu_ticks("self"), self.bench);
-        let postgres = pct(Some(postgres_ticks()), self.postgres);
-        let server_system = pct(system_ticks(&self.pid), self.server_system);
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-        let machine = match (self.machine, machine_ticks()) {
-            (Some((busy0, total0)), Some((busy1, total1))) if total1 > total0 => {
-                (busy1 - busy0) as f64 / (total1 - total0) as f64 * cores * 100.0
-            }
-            _ => server + bench,
-        };
-        CpuSplit {
-            server,
-            server_system,
-            bench,
-            postgres,
-            other: (machine - server - bench).max(0.0),
-            capacity: cores * 100.0,
-        }
-    }
-}
-
-/// CPU ticks of every process named `postgres` (those that exit meanwhile are missed).
-fn postgres_ticks() -> u64 {
-    let Ok(processes) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    let mut total = 0;
-    for process in processes.flatten().take(100_000) {
-        let name = process.file_name();
-        let Some(pid) = name
-            .to_str()
-            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        if stat.contains("(postgres)") {
-            total += cpu_ticks(pid).unwrap_or(0);
-        }
-    }
-    total
-}
-
 /// CPU ticks and context switches of each thread of a process, by thread id.
 fn thread_readings(pid: u32) -> HashMap<u64, (String, u64, u64)> {
     let mut out = HashMap::new();
@@ -1519,142 +872,5 @@ impl ThreadMeter {
             })
             .collect::<Vec<_>>()
             .join("; ")
-    }
-}
-
-/// Waits (at most `limit`) until the rest of the machine — everything but the server and this
-/// bench — uses under 15% of one core over a second; warns and goes on if it never does.
-async fn wait_quiet(pid: u32, limit: Duration) {
-    if limit.is_zero() {
-        return;
-    }
-    let started = Instant::now();
-    let mut told = false;
-    loop {
-        let meter = CpuMeter::start(pid);
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let other = meter.stop().other;
-        if other < 15.0 {
-            if told {
-                println!("    quiet after {:.0} s", started.elapsed().as_secs_f64());
-            }
-            return;
-        }
-        if started.elapsed() >= limit {
-            println!(
-                "    WARNING: other processes still use {other:.0}% of a core after {} s; measuring anyway",
-                limit.as_secs()
-            );
-            return;
-        }
-        if !told {
-            println!(
-                "    waiting for a quiet machine (other processes use {other:.0}% of a core) …"
-            );
-            told = true;
-        }
-    }
-}
-
-/// `/proc/loadavg`'s 1-minute figure.
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|text| text.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "?".into())
-}
-
-fn print_machine() {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find_map(|line| line.strip_prefix("model name"))
-        .and_then(|rest| rest.split_once(':'))
-        .map_or("?", |(_, model)| model.trim());
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let memory = meminfo
-        .lines()
-        .find_map(|line| line.strip_prefix("MemTotal:"))
-        .map_or("?", str::trim);
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    println!(
-        "machine: {} cores, {model}, {memory} memory, kernel {}; load average {}",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        kernel.trim(),
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .trim()
-    );
-}
-
-/// Percentiles of a sample.
-#[derive(Debug, Clone, Copy, Default)]
-struct Latency {
-    count: usize,
-    p50: Duration,
-    p99: Duration,
-    max: Duration,
-}
-
-impl Latency {
-    fn of(mut samples: Vec<Duration>) -> Latency {
-        if samples.is_empty() {
-            return Latency::default();
-        }
-        samples.sort_unstable();
-        let at = |q: f64| {
-            let idx = ((samples.len() as f64 - 1.0) * q).round() as usize;
-            samples[idx.min(samples.len() - 1)]
-        };
-        Latency {
-            count: samples.len(),
-            p50: at(0.50),
-            p99: at(0.99),
-            max: at(1.0),
-        }
-    }
-}
-
-impl std::fmt::Display for Latency {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "p50 {} p99 {} max {} ({} samples)",
-            ms(self.p50),
-            ms(self.p99),
-            ms(self.max),
-            self.count
-        )
-    }
-}
-
-fn ms(duration: Duration) -> String {
-    format!("{:.2} ms", duration.as_secs_f64() * 1000.0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn replaces_the_database_of_a_url() {
-        assert_eq!(
-            with_database("postgres://postgres@127.0.0.1:5432", "x").unwrap(),
-            "postgres://postgres@127.0.0.1:5432/x"
-        );
-        assert_eq!(
-            with_database("postgres://u:p@h:1/db?sslmode=disable", "x").unwrap(),
-            "postgres://u:p@h:1/x?sslmode=disable"
-        );
-        assert!(with_database("nonsense", "x").is_err());
-    }
-
-    #[test]
-    fn percentiles() {
-        let samples = (1..=100).map(Duration::from_millis).collect();
-        let latency = Latency::of(samples);
-        assert_eq!(latency.p50, Duration::from_millis(51));
-        assert_eq!(latency.p99, Duration::from_millis(99));
-        assert_eq!(latency.max, Duration::from_millis(100));
     }
 }
