@@ -191,7 +191,7 @@ impl<D: Driver> Agent<D> {
             .and_then(|volume| volume.get("id"))
             .and_then(Value::as_str)
             .map(str::to_owned)
-            .or(event.resource_id.clone())
+            .or(event.resource_id)
             .ok_or("the request names no volume")?;
         let path = self
             .driver
@@ -203,10 +203,7 @@ impl<D: Driver> Agent<D> {
     }
 
     async fn volume_remove(&self, event: Event, _context: Context) -> HandlerResult {
-        let id = event
-            .resource_id
-            .clone()
-            .ok_or("the request names no volume")?;
+        let id = event.resource_id.ok_or("the request names no volume")?;
         self.driver
             .volume_remove(&id)
             .map_err(|error| error.to_string())?;

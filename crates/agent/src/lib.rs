@@ -78,14 +78,13 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> anyhow::Result
     builder = handlers::register(builder, agent);
     let router = builder.build();
     let connections = router.connections();
-    let health = match args.health_port {
-        Some(port) => Some(tokio::spawn(serve_health(
+    let health = args.health_port.map(|port| {
+        tokio::spawn(serve_health(
             SocketAddr::from(([0, 0, 0, 0], port)),
             connections,
             shutdown.clone(),
-        ))),
-        None => None,
-    };
+        ))
+    });
     let result = router.run(shutdown.clone()).await;
     if let Some(health) = health {
         health.abort();

@@ -540,7 +540,7 @@ mod tests {
                 let mut stray = request.reply().unwrap();
                 stray.previous_ids = vec!["someone-else".into()];
                 hub.publish(&stray);
-                hub.publish(&request.reply().unwrap().clone());
+                hub.publish(&request.reply().unwrap());
                 let second = agent_in.recv().await.unwrap();
                 let mut error = second.reply().unwrap();
                 error.transitioning = Some(Transitioning::Error);
