@@ -9,7 +9,10 @@
 //! 3. deletes, in batches of `cleanup.query_limit.rows`, events older than
 //!    `events.purge.after.seconds`, finished processes older than
 //!    `process_instance.purge.after.seconds` and purged resources removed longer than
-//!    `main_tables.purge.after.seconds`, keeping (and counting) rows still referenced.
+//!    `main_tables.purge.after.seconds`, keeping (and counting) rows still referenced;
+//! 4. on PostgreSQL with autovacuum off, `VACUUM (ANALYZE)`s the tables it cleans, or their
+//!    files would grow without bound (the space of deleted rows is reused only after a
+//!    vacuum; see BENCHMARKS.md, "Store size under load").
 //!
 //! Settings are read at the start of each run, so a change applies to the next run; a change
 //! of the interval reschedules the next run at once. Runs never overlap.
@@ -69,6 +72,8 @@ pub struct TableReport {
     pub deleted: u64,
     /// Old rows kept because they are referenced.
     pub kept: u64,
+    /// Whether the run vacuumed the table (PostgreSQL with autovacuum off).
+    pub vacuumed: bool,
 }
 
 /// The job's shared handle: serializes runs and remembers the last one.
@@ -317,7 +322,18 @@ async fn clean(state: &AppState, report: &mut Report) -> Result<(), drover_store
             cutoff,
             deleted,
             kept,
+            vacuumed: false,
         });
+    }
+
+    // 4. Without autovacuum, PostgreSQL reuses the space of deleted and updated rows only
+    //    after a VACUUM: every table the job cleans (processes and resources are updated
+    //    between clean-ups too, agents and hosts at every ping change).
+    if store.autovacuum_off().await? {
+        for (step, table) in CLEANUP_STEPS.iter().zip(report.tables.iter_mut()) {
+            store.vacuum(step).await?;
+            table.vacuumed = true;
+        }
     }
     Ok(())
 }

@@ -140,6 +140,12 @@ impl Server {
             source,
         })?;
         let store = Store::connect(&config.store_options()).await?;
+        if store.autovacuum_off().await? {
+            tracing::warn!(
+                "PostgreSQL autovacuum is off: table.cleanup vacuums the tables it cleans at \
+                 every run; other tables grow until vacuumed"
+            );
+        }
         let admin_key = match (&config.admin_access_key, &config.admin_secret_key) {
             (Some(access), Some(secret)) => Some((access.as_str(), secret.as_str())),
             (None, None) => None,

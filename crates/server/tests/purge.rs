@@ -369,6 +369,31 @@ async fn the_interval_setting_reschedules_the_job_without_a_restart() {
     }
 }
 
+#[tokio::test]
+async fn without_autovacuum_every_run_vacuums_the_tables_it_cleans() {
+    for server in servers(&[]).await {
+        // SQLite reuses the pages of deleted rows; PostgreSQL only after a VACUUM, which
+        // drover leaves to autovacuum unless the cluster has it off (as this machine's has).
+        let autovacuum_off = server.postgres.is_some()
+            && server.pg_text("SHOW autovacuum").await.as_deref() == Some("off");
+        let report = run_cleanup(&server).await;
+        for table in report["tables"].as_array().unwrap() {
+            assert_eq!(table["vacuumed"], autovacuum_off, "{report:#}");
+        }
+        if autovacuum_off {
+            for name in ["container_event", "process_instance", "instance", "agent"] {
+                let last = server
+                    .pg_text(&format!(
+                        "SELECT last_vacuum::text FROM pg_stat_user_tables \
+                         WHERE schemaname = current_schema() AND relname = '{name}'"
+                    ))
+                    .await;
+                assert!(last.is_some(), "{name} was not vacuumed");
+            }
+        }
+    }
+}
+
 fn chrono_millis(text: &str) -> i64 {
     chrono::DateTime::parse_from_rfc3339(text)
         .unwrap()

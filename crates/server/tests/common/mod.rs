@@ -121,6 +121,23 @@ impl TestServer {
         }
     }
 
+    /// The first column of the first row of a query, as text (`NULL` → `None`): PostgreSQL
+    /// only (tests use it to read PostgreSQL's own statistics).
+    pub async fn pg_text(&self, query: &str) -> Option<String> {
+        use sqlx::{Connection, Row};
+        let (url, schema) = self.postgres.as_ref().expect("a server on PostgreSQL");
+        let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("SET search_path TO {schema}")))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let row = sqlx::query(sqlx::AssertSqlSafe(query.to_owned()))
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        row.try_get::<Option<String>, _>(0).unwrap()
+    }
+
     pub fn client(&self, access: &str, secret: &str) -> Client {
         Client::new(&self.url, access, secret).unwrap()
     }

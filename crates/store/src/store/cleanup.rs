@@ -222,6 +222,31 @@ impl Store {
             .bind(up_to).fetch_one(pool).await?))
     }
 
+    /// Whether PostgreSQL's autovacuum is off for this server (`SHOW autovacuum`); always
+    /// `false` on SQLite, which reuses the pages of deleted rows itself.
+    pub async fn autovacuum_off(&self) -> Result<bool> {
+        Ok(match &self.pool {
+            Pool::Sqlite(_) => false,
+            Pool::Postgres(pool) => {
+                let value: String = sqlx::query_scalar("SHOW autovacuum")
+                    .fetch_one(pool)
+                    .await?;
+                value.eq_ignore_ascii_case("off")
+            }
+        })
+    }
+
+    /// `VACUUM (ANALYZE)` of one step's table (PostgreSQL; nothing on SQLite), so that the
+    /// space of deleted rows is reused when autovacuum does not run.
+    pub async fn vacuum(&self, step: &CleanupStep) -> Result<()> {
+        if let Pool::Postgres(pool) = &self.pool {
+            // VACUUM cannot run in a transaction or a prepared statement: the simple protocol.
+            let sql = format!("VACUUM (ANALYZE) {}", step.table);
+            sqlx::raw_sql(AssertSqlSafe(sql)).execute(pool).await?;
+        }
+        Ok(())
+    }
+
     /// The on-disk size of the database in bytes (SQLite: pages in use; PostgreSQL: the
     /// current schema's tables and indexes).
     pub async fn database_size(&self) -> Result<i64> {
