@@ -113,7 +113,7 @@ struct Args {
     max_growth: f64,
     /// PostgreSQL only: the bench runs `VACUUM` on its database every this many seconds, on a
     /// connection of its own, as autovacuum would (0: never). For servers where autovacuum is
-    /// off: drover deletes rows but does not vacuum.
+    /// off: drover's table.cleanup vacuums only the tables it cleans, at its own interval.
     #[arg(long, default_value_t = 0)]
     vacuum_seconds: u64,
     /// PostgreSQL server to run on (a database `drover_bench_soak_<pid>` is created on it and
@@ -300,7 +300,7 @@ async fn soak(
         println!("  PostgreSQL autovacuum: {autovacuum}");
         if autovacuum != "on" && args.vacuum_seconds == 0 {
             println!(
-                "  NOTE: autovacuum is off on this PostgreSQL server and drover does not VACUUM: the space of deleted rows is not reclaimed (--vacuum-seconds 60 has the bench vacuum its database as autovacuum would)"
+                "  NOTE: autovacuum is off on this PostgreSQL server: drover's table.cleanup vacuums the tables it cleans at every run (--vacuum-seconds 60 has the bench vacuum the whole database as autovacuum would)"
             );
         }
     }
