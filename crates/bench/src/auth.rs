@@ -114,7 +114,7 @@ pub async fn auth(args: &AuthArgs) -> Result<AuthResult> {
         })
     }
     .await;
-    server.stop().await;
+    server.stop(None).await;
     result
 }
 

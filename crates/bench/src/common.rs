@@ -1,17 +1,24 @@
-//! What every benchmark shares: child servers, free ports, CPU and memory readings, percentiles.
+//! What the event-bus benchmarks share: the servers under test (drover through [`harness`], or
+//! nats-server), free ports, CPU readings, percentiles.
+//!
+//! [`harness`]: drover_bench::harness
 
 use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use drover_bench::harness::{
+    ServerOptions, clock_ticks_per_second, cores, cpu_ticks, cpu_ticks_with_children, machine_busy,
+    machine_ticks, quantile,
+};
 use tokio::process::{Child, Command};
 
-/// The admin key the bench gives the drover server it starts.
-pub const ACCESS_KEY: &str = "BENCHACCESSKEY0000001";
-/// Its secret.
-pub const SECRET_KEY: &str = "bench-secret-key-0123456789abcdefghijklmnopqrstuv";
+/// The drover server the bench starts, its admin key, and the readings the benches use.
+pub use drover_bench::harness::{
+    ACCESS_KEY, SECRET_KEY, ServerChild, drover_bin, rss_kib, wait_perf,
+};
 
 /// The event name every benchmark publishes and subscribes to.
 pub const EVENT_NAME: &str = "bench.event";
@@ -22,59 +29,20 @@ pub fn free_port() -> Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-/// Raises the open-files soft limit to the hard limit; child processes inherit it.
-pub fn raise_nofile() -> u64 {
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) => limit,
-        Err(error) => {
-            eprintln!("warning: could not raise the open-files limit: {error}");
-            rlimit::getrlimit(rlimit::Resource::NOFILE)
-                .map(|(soft, _)| soft)
-                .unwrap_or(0)
-        }
-    }
-}
-
-/// A server process started by the bench. Killed when dropped, so an error anywhere still
-/// stops it.
+/// `nats-server` started by the bench. Killed when dropped, so an error anywhere still stops
+/// it.
 #[derive(Debug)]
-pub struct ServerChild {
+pub struct NatsChild {
     child: Child,
     /// Its process id.
     pub pid: u32,
     /// Where it listens.
     pub addr: SocketAddr,
-    /// Its data directory and log (removed on drop).
+    /// Its log (removed on drop).
     dir: tempfile::TempDir,
-    /// What it is, for messages.
-    pub what: &'static str,
 }
 
-impl ServerChild {
-    /// `http://127.0.0.1:port`.
-    pub fn http_url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// The last lines of the child's log, for error messages.
-    pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-
-    /// Fails if the child has exited.
-    pub fn check_alive(&mut self) -> Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!(
-                "{} exited early ({status}); its log ends with:\n{}",
-                self.what,
-                self.log_tail()
-            );
-        }
-        Ok(())
-    }
-
+impl NatsChild {
     /// Kills the child and waits for it (bounded).
     pub async fn stop(mut self) {
         let _ = self.child.start_kill();
@@ -82,113 +50,56 @@ impl ServerChild {
     }
 }
 
-fn spawn_logged(mut command: Command, dir: &Path) -> Result<Child> {
-    let log = std::fs::File::create(dir.join("server.log"))?;
-    command
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .kill_on_drop(true);
-    command.spawn().context("spawn server")
-}
-
-/// Where `drover` is: next to this binary (both in `target/release`), else the given path.
-pub fn drover_bin(given: Option<&Path>) -> Result<PathBuf> {
-    if let Some(path) = given {
-        return Ok(path.to_owned());
-    }
-    let beside = std::env::current_exe()?.with_file_name("drover");
-    if beside.exists() {
-        return Ok(beside);
-    }
-    let relative = PathBuf::from("target/release/drover");
-    if relative.exists() {
-        return Ok(relative);
-    }
-    bail!("no drover binary: run `cargo build --release -p drover` or pass --drover-bin")
-}
-
 /// Starts `drover server` on a free loopback port with a fresh data directory and the bench's
-/// admin key, and waits for `GET /healthz`.
+/// admin key (with `--server-threads`, and `queue` as its subscriber queue), and waits (at most
+/// 30 s) for `GET /healthz`.
 pub async fn start_drover(bin: &Path, queue: Option<u64>) -> Result<ServerChild> {
-    let port = free_port()?;
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let dir = tempfile::Builder::new().prefix("drover-bench-").tempdir()?;
-    let mut command = Command::new(bin);
-    command
-        .arg("server")
-        .arg("--listen")
-        .arg(addr.to_string())
-        .arg("--data-dir")
-        .arg(dir.path())
-        .env("DROVER_ADMIN_ACCESS_KEY", ACCESS_KEY)
-        .env("DROVER_ADMIN_SECRET_KEY", SECRET_KEY)
-        .env("DROVER_LOG", "warn");
-    if let Some(queue) = queue {
-        command.env("DROVER_SUBSCRIBE_MAX_QUEUED_MESSAGES", queue.to_string());
-    }
-    if let Some(threads) = server_threads() {
-        command.env("TOKIO_WORKER_THREADS", threads.to_string());
-    }
-    let child = spawn_logged(command, dir.path())?;
-    let pid = child.id().context("child pid")?;
-    let mut server = ServerChild {
-        child,
-        pid,
-        addr,
-        dir,
-        what: "drover server",
+    let options = ServerOptions {
+        threads: server_threads(),
+        queue,
+        ..ServerOptions::default()
     };
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        server.check_alive()?;
-        if let Ok(response) = http
-            .get(format!("{}/healthz", server.http_url()))
-            .send()
-            .await
-            && response.status().is_success()
-        {
-            return Ok(server);
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "drover did not answer /healthz within 30 s; log:\n{}",
-                server.log_tail()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    ServerChild::start(bin, &options, None, Duration::from_secs(30)).await
 }
 
 /// Starts `nats-server -a 127.0.0.1 -p PORT` and waits until it accepts connections.
-pub async fn start_nats(bin: &Path) -> Result<ServerChild> {
+pub async fn start_nats(bin: &Path) -> Result<NatsChild> {
     let port = free_port()?;
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let dir = tempfile::Builder::new().prefix("nats-bench-").tempdir()?;
+    let log = std::fs::File::create(dir.path().join("server.log"))?;
     let mut command = Command::new(bin);
     command
         .arg("-a")
         .arg("127.0.0.1")
         .arg("-p")
-        .arg(port.to_string());
+        .arg(port.to_string())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true);
     if let Some(threads) = server_threads() {
         command.env("GOMAXPROCS", threads.to_string());
     }
-    let child = spawn_logged(command, dir.path())?;
+    let child = command.spawn().context("spawn server")?;
     let pid = child.id().context("child pid")?;
-    let mut server = ServerChild {
+    let mut server = NatsChild {
         child,
         pid,
         addr,
         dir,
-        what: "nats-server",
     };
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        server.check_alive()?;
+        if let Some(status) = server.child.try_wait()? {
+            let log =
+                std::fs::read_to_string(server.dir.path().join("server.log")).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            bail!(
+                "nats-server exited early ({status}); its log ends with:\n{}",
+                lines[lines.len().saturating_sub(20)..].join("\n")
+            );
+        }
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
             return Ok(server);
         }
@@ -197,61 +108,6 @@ pub async fn start_nats(bin: &Path) -> Result<ServerChild> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// Resident memory of a process in KiB (`VmRSS` of `/proc/<pid>/status`).
-pub fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS line")
-}
-
-/// CPU time (user + system) of a process so far, in clock ticks. `who` is a pid or "self".
-fn cpu_ticks(who: &str) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{who}/stat")).ok()?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the state;
-    // cutime and cstime (children waited for, such as wrk) follow.
-    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
-    let own = field(11)? + field(12)?;
-    Some(if who == "self" {
-        own + field(13)? + field(14)?
-    } else {
-        own
-    })
-}
-
-fn clock_ticks_per_second() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|out| String::from_utf8(out.stdout).ok())
-        .and_then(|text| text.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// Busy and total jiffies of the whole machine (first line of `/proc/stat`).
-fn machine_ticks() -> Option<(u64, u64)> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let fields: Vec<u64> = stat
-        .lines()
-        .next()?
-        .split_whitespace()
-        .skip(1)
-        .take(8)
-        .filter_map(|field| field.parse().ok())
-        .collect();
-    let [user, nice, system, idle, iowait, irq, softirq, steal] = fields[..] else {
-        return None;
-    };
-    let busy = user + nice + system + irq + softirq + steal;
-    Some((busy, busy + idle + iowait))
 }
 
 /// CPU used over an interval, in percent of one core (100% = one core busy).
@@ -307,7 +163,6 @@ pub async fn wait_quiet() {
     if limit == 0 {
         return;
     }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let start = Instant::now();
     let mut told = false;
     loop {
@@ -318,7 +173,7 @@ pub async fn wait_quiet() {
         let Some((busy1, total1)) = machine_ticks() else {
             return;
         };
-        let busy = (busy1 - busy0) as f64 / (total1 - total0).max(1) as f64 * cores * 100.0;
+        let busy = machine_busy((busy0, total0), (busy1, total1)).unwrap_or(0.0);
         if busy < 15.0 {
             if told {
                 println!(
@@ -367,7 +222,7 @@ impl CpuMeter {
         let pid = pid.to_string();
         CpuMeter {
             server: cpu_ticks(&pid).unwrap_or(0),
-            bench: cpu_ticks("self").unwrap_or(0),
+            bench: cpu_ticks_with_children("self").unwrap_or(0),
             machine: machine_ticks(),
             start: Instant::now(),
             pid,
@@ -384,24 +239,23 @@ impl CpuMeter {
             })
         };
         let server = pct(cpu_ticks(&self.pid), self.server);
-        let bench = pct(cpu_ticks("self"), self.bench);
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-        let machine = match (self.machine, machine_ticks()) {
-            (Some((busy0, total0)), Some((busy1, total1))) if total1 > total0 => {
-                (busy1 - busy0) as f64 / (total1 - total0) as f64 * cores * 100.0
-            }
-            _ => server + bench,
-        };
+        let bench = pct(cpu_ticks_with_children("self"), self.bench);
+        let machine = self
+            .machine
+            .zip(machine_ticks())
+            .and_then(|(before, after)| machine_busy(before, after))
+            .unwrap_or(server + bench);
         CpuSplit {
             server,
             bench,
             other: (machine - server - bench).max(0.0),
-            capacity: cores * 100.0,
+            capacity: cores() * 100.0,
         }
     }
 }
 
-/// Starts `perf record` on a process for `seconds`, if asked to; the caller waits on it.
+/// Starts `perf record` on a process for `seconds`, if asked to; the caller waits on it with
+/// [`wait_perf`].
 pub fn start_perf(out: Option<&Path>, pid: u32, seconds: f64) -> Option<std::process::Child> {
     let out = out?;
     let child = std::process::Command::new("perf")
@@ -418,23 +272,6 @@ pub fn start_perf(out: Option<&Path>, pid: u32, seconds: f64) -> Option<std::pro
             None
         }
     }
-}
-
-/// Waits (bounded) for a `perf record` started by [`start_perf`].
-pub async fn finish_perf(child: Option<std::process::Child>, out: Option<&Path>) {
-    let Some(mut child) = child else { return };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            if let Some(out) = out {
-                println!("  perf profile of the server: {}", out.display());
-            }
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// Latency percentiles of a sample, in microseconds.
@@ -459,10 +296,7 @@ impl Latency {
             return Latency::default();
         }
         samples.sort_unstable();
-        let at = |q: f64| {
-            let idx = ((samples.len() as f64 - 1.0) * q).round() as usize;
-            samples[idx.min(samples.len() - 1)] as f64 / 1000.0
-        };
+        let at = |q: f64| quantile(&samples, q) as f64 / 1000.0;
         Latency {
             count: samples.len(),
             p50_us: at(0.50),

@@ -205,7 +205,7 @@ pub async fn fanout(args: &FanoutArgs) -> Result<FanoutResult> {
     let server = common::start_drover(&bin, args.server_queue).await?;
     println!("  server pid {} on {}", server.pid, server.addr);
     let result = fanout_on(&server, args).await;
-    server.stop().await;
+    server.stop(None).await;
     result
 }
 
@@ -249,7 +249,7 @@ async fn fanout_on(server: &ServerChild, args: &FanoutArgs) -> Result<FanoutResu
         server.pid,
     )
     .await;
-    common::finish_perf(perf, args.perf_record.as_deref()).await;
+    common::wait_perf(perf, args.perf_record.as_deref(), "").await;
     let phases = phases?;
     println!(
         "  server RSS with {} subscribers: {} MiB",
@@ -321,6 +321,6 @@ pub async fn idle_memory(args: &IdleArgs) -> Result<IdleResult> {
         Ok(result)
     }
     .await;
-    server.stop().await;
+    server.stop(None).await;
     result
 }

@@ -1,11 +1,13 @@
-//! What the process-engine and soak benchmarks share: the `drover server` under test as a child
-//! process (embedded SQLite in a temporary data directory, or a fresh PostgreSQL database made
-//! for the run and dropped after it), simulated agents that answer `compute.instance.*` requests
-//! and pings at once, and readings of CPU, memory and the machine from `/proc`.
+//! What the process-engine, agents and soak benchmarks share: a bench binary's start (runtime,
+//! open-files limit), the `drover server` under test as a child process (embedded SQLite in a
+//! temporary data directory, or a fresh PostgreSQL database made for the run and dropped after
+//! it), simulated agents that answer `compute.instance.*` requests and pings at once, readings
+//! of CPU, memory and the machine from `/proc`, and `perf record` of the server. The event-bus
+//! benchmarks (`drover-bench`) use its `/proc` readers.
 //!
 //! Every wait here is bounded; the server is killed when its handle is dropped, also on error.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -32,6 +34,74 @@ pub const AGENT_EVENTS: &[&str] = &[
     "compute.instance.remove",
     "ping",
 ];
+
+// ---------------------------------------------------------------------------------------------
+// A bench binary's start.
+
+/// The flags for the server under test and this bench's runtime that every bench binary of
+/// `src/bin/` has (`#[command(flatten)]` in its own).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerArgs {
+    /// The drover binary (default: `drover` beside this binary, else target/release/drover).
+    #[arg(long)]
+    pub drover_bin: Option<PathBuf>,
+    /// TOKIO_WORKER_THREADS for the server (default: one per core).
+    #[arg(long)]
+    pub server_threads: Option<usize>,
+    /// Worker threads of this bench (default: one per core).
+    #[arg(long)]
+    pub bench_threads: Option<usize>,
+    /// DROVER_LOG for the server (e.g. `warn,sqlx::query=debug` to log every statement).
+    #[arg(long, default_value = "warn")]
+    pub server_log: String,
+    /// Copy the server's log here when it stops.
+    #[arg(long)]
+    pub keep_log: Option<PathBuf>,
+}
+
+impl ServerArgs {
+    /// Where `drover` is ([`drover_bin`]).
+    pub fn drover_bin(&self) -> Result<PathBuf> {
+        drover_bin(self.drover_bin.as_deref())
+    }
+
+    /// The server's options from these flags, its data directory named `dir_prefix…`.
+    pub fn options(&self, dir_prefix: &str) -> ServerOptions {
+        ServerOptions {
+            log: self.server_log.clone(),
+            threads: self.server_threads,
+            dir_prefix: dir_prefix.into(),
+            ..ServerOptions::default()
+        }
+    }
+}
+
+/// What a bench binary does first: installs rustls's ring provider (for the HTTP clients) and
+/// raises the open-files soft limit ([`raise_nofile`]), which it returns.
+pub fn init() -> u64 {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    raise_nofile()
+}
+
+/// Runs `bench` on a multi-threaded tokio runtime with `threads` workers (default: one per
+/// core) until it ends or Ctrl-C interrupts it, then shuts the runtime down (waiting at most
+/// 5 s for its tasks).
+pub fn block_on<T>(threads: Option<usize>, bench: impl Future<Output = Result<T>>) -> Result<T> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = threads {
+        builder.worker_threads(threads.max(1));
+    }
+    let runtime = builder.enable_all().build().context("tokio runtime")?;
+    let result = runtime.block_on(async {
+        tokio::select! {
+            result = bench => result,
+            _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
+        }
+    });
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    result
+}
+
 // ---------------------------------------------------------------------------------------------
 // Simulated agents.
 
@@ -624,13 +694,31 @@ pub fn rss_kib(pid: u32) -> Result<u64> {
         .context("no VmRSS line")
 }
 
-/// utime + stime of a process in clock ticks ("self" adds the children it waited for).
+/// utime + stime of a process in clock ticks. `who` is a pid or "self".
 pub fn cpu_ticks(who: &str) -> Option<u64> {
+    process_ticks(who, false)
+}
+
+/// utime + stime of a process and cutime + cstime of the children it waited for (such as
+/// wrk), in clock ticks.
+pub fn cpu_ticks_with_children(who: &str) -> Option<u64> {
+    process_ticks(who, true)
+}
+
+fn process_ticks(who: &str, children: bool) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{who}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces: utime and
+    // stime are fields 14 and 15 of the whole line, 11 and 12 after the state; cutime and
+    // cstime follow.
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
-    Some(field(11)? + field(12)?)
+    let own = field(11)? + field(12)?;
+    Some(if children {
+        own + field(13)? + field(14)?
+    } else {
+        own
+    })
 }
 
 /// stime alone (kernel time) of a process, in clock ticks.
@@ -669,6 +757,19 @@ pub fn machine_ticks() -> Option<(u64, u64)> {
     Some((busy, busy + idle + iowait))
 }
 
+/// The machine's cores (1 if unknown).
+pub fn cores() -> f64 {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) as f64
+}
+
+/// The whole machine's busy CPU between two [`machine_ticks`] readings, in percent of one core
+/// (`None` if no time passed between them).
+pub fn machine_busy(before: (u64, u64), after: (u64, u64)) -> Option<f64> {
+    let ((busy0, total0), (busy1, total1)) = (before, after);
+    (total1 > total0)
+        .then(|| busy1.saturating_sub(busy0) as f64 / (total1 - total0) as f64 * cores() * 100.0)
+}
+
 /// CPU over an interval, in percent of one core.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuSplit {
@@ -700,6 +801,13 @@ impl std::fmt::Display for CpuSplit {
     }
 }
 
+impl CpuSplit {
+    /// The rest of the machine without PostgreSQL's processes.
+    pub fn rest_but_postgres(&self) -> f64 {
+        (self.other - self.postgres).max(0.0)
+    }
+}
+
 /// CPU readings at a start, for [`CpuMeter::stop`].
 #[derive(Debug)]
 pub struct CpuMeter {
@@ -727,6 +835,11 @@ impl CpuMeter {
         }
     }
 
+    /// The time since [`CpuMeter::start`].
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+
     /// The split since [`CpuMeter::start`].
     pub fn stop(&self) -> CpuSplit {
         let wall = self.start.elapsed().as_secs_f64().max(1e-9);
@@ -740,20 +853,18 @@ impl CpuMeter {
         let bench = pct(cpu_ticks("self"), self.bench);
         let postgres = pct(Some(postgres_ticks()), self.postgres);
         let server_system = pct(system_ticks(&self.pid), self.server_system);
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-        let machine = match (self.machine, machine_ticks()) {
-            (Some((busy0, total0)), Some((busy1, total1))) if total1 > total0 => {
-                (busy1 - busy0) as f64 / (total1 - total0) as f64 * cores * 100.0
-            }
-            _ => server + bench,
-        };
+        let machine = self
+            .machine
+            .zip(machine_ticks())
+            .and_then(|(before, after)| machine_busy(before, after))
+            .unwrap_or(server + bench);
         CpuSplit {
             server,
             server_system,
             bench,
             postgres,
             other: (machine - server - bench).max(0.0),
-            capacity: cores * 100.0,
+            capacity: cores() * 100.0,
         }
     }
 }
@@ -785,6 +896,15 @@ pub fn postgres_ticks() -> u64 {
 /// Waits (at most `limit`) until the rest of the machine — everything but the server and this
 /// bench — uses under 15% of one core over a second; warns and goes on if it never does.
 pub async fn wait_quiet(pid: u32, limit: Duration) {
+    wait_quiet_by(pid, limit, |cpu| cpu.other).await;
+}
+
+/// [`wait_quiet`], with PostgreSQL's processes not counted as the rest of the machine either.
+pub async fn wait_quiet_but_postgres(pid: u32, limit: Duration) {
+    wait_quiet_by(pid, limit, CpuSplit::rest_but_postgres).await;
+}
+
+async fn wait_quiet_by(pid: u32, limit: Duration, rest: fn(&CpuSplit) -> f64) {
     if limit.is_zero() {
         return;
     }
@@ -793,7 +913,7 @@ pub async fn wait_quiet(pid: u32, limit: Duration) {
     loop {
         let meter = CpuMeter::start(pid);
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let other = meter.stop().other;
+        let other = rest(&meter.stop());
         if other < 15.0 {
             if told {
                 println!("    quiet after {:.0} s", started.elapsed().as_secs_f64());
@@ -814,6 +934,142 @@ pub async fn wait_quiet(pid: u32, limit: Duration) {
             told = true;
         }
     }
+}
+
+/// CPU ticks and context switches of each thread of a process, by thread id.
+fn thread_readings(pid: u32) -> HashMap<u64, (String, u64, u64)> {
+    let mut out = HashMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten().take(10_000) {
+        let Some(tid) = task
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_owned();
+        let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+        let ticks = field(11).unwrap_or(0) + field(12).unwrap_or(0);
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let switches: u64 = status
+            .lines()
+            .filter(|line| line.contains("ctxt_switches:"))
+            .filter_map(|line| line.split(':').nth(1)?.trim().parse::<u64>().ok())
+            .sum();
+        out.insert(tid, (name, ticks, switches));
+    }
+    out
+}
+
+/// The server's CPU and context switches over an interval, per thread name.
+#[derive(Debug)]
+pub struct ThreadMeter {
+    pid: u32,
+    start: Instant,
+    before: HashMap<u64, (String, u64, u64)>,
+}
+
+impl ThreadMeter {
+    /// Readings of every thread of `pid` now.
+    pub fn start(pid: u32) -> ThreadMeter {
+        ThreadMeter {
+            pid,
+            start: Instant::now(),
+            before: thread_readings(pid),
+        }
+    }
+
+    /// `name ×threads: CPU % of one core, context switches/s`, busiest first, the CPU with
+    /// `decimals` decimals.
+    pub fn stop(&self, decimals: usize) -> String {
+        let wall = self.start.elapsed().as_secs_f64().max(1e-9);
+        let hz = clock_ticks_per_second();
+        let mut by_name: HashMap<String, (f64, u64, usize)> = HashMap::new();
+        for (tid, (name, ticks, switches)) in thread_readings(self.pid) {
+            let (ticks0, switches0) = self.before.get(&tid).map_or((0, 0), |(_, t, s)| (*t, *s));
+            let entry = by_name.entry(name).or_default();
+            entry.0 += ticks.saturating_sub(ticks0) as f64 / hz / wall * 100.0;
+            entry.1 += switches.saturating_sub(switches0);
+            entry.2 += 1;
+        }
+        let mut rows: Vec<_> = by_name.into_iter().collect();
+        rows.sort_by(|a, b| b.1.0.total_cmp(&a.1.0));
+        rows.iter()
+            .map(|(name, (cpu, switches, threads))| {
+                format!(
+                    "{name} ×{threads}: {cpu:.decimals$}% CPU, {:.0} context switches/s",
+                    *switches as f64 / wall
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+/// Starts a flat `perf record -e cpu-clock` of process `pid` into `out`, if given; stop it with
+/// [`finish_perf`].
+pub fn start_perf(out: Option<&Path>, pid: u32) -> Option<std::process::Child> {
+    let out = out?;
+    let child = std::process::Command::new("perf")
+        .args([
+            "record",
+            "-e",
+            "cpu-clock",
+            "-F",
+            "999",
+            "-p",
+            &pid.to_string(),
+            "-o",
+        ])
+        .arg(out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    match child {
+        Ok(child) => Some(child),
+        Err(error) => {
+            eprintln!("warning: perf record did not start: {error}");
+            None
+        }
+    }
+}
+
+/// Stops `perf record` with SIGINT (so it writes its file) and waits for it ([`wait_perf`]).
+pub async fn finish_perf(child: Option<std::process::Child>, out: Option<&Path>, during: &str) {
+    if let Some(child) = &child {
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status();
+    }
+    wait_perf(child, out, during).await;
+}
+
+/// Waits (at most 30 s, then kills it) for `perf record` to end; then says where the profile
+/// is, `during` what (such as " during the throughput phase").
+pub async fn wait_perf(child: Option<std::process::Child>, out: Option<&Path>, during: &str) {
+    let Some(mut child) = child else { return };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            if let Some(out) = out {
+                println!("  perf profile of the server{during}: {}", out.display());
+            }
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// `/proc/loadavg`'s 1-minute figure.
@@ -868,10 +1124,7 @@ impl Latency {
             return Latency::default();
         }
         samples.sort_unstable();
-        let at = |q: f64| {
-            let idx = ((samples.len() as f64 - 1.0) * q).round() as usize;
-            samples[idx.min(samples.len() - 1)]
-        };
+        let at = |q: f64| quantile(&samples, q);
         Latency {
             count: samples.len(),
             p50: at(0.50),
@@ -879,6 +1132,12 @@ impl Latency {
             max: at(1.0),
         }
     }
+}
+
+/// The `q` quantile (0 to 1) of sorted, non-empty `samples`, by nearest rank.
+pub fn quantile<T: Copy>(sorted: &[T], q: f64) -> T {
+    let idx = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
 }
 
 impl std::fmt::Display for Latency {

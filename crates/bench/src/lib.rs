@@ -1,6 +1,7 @@
 //! `drover-bench`'s library: what its benchmark binaries share.
 //!
-//! The `drover-bench` binary (`src/main.rs`) has its own modules for the event-bus benchmarks;
-//! the process-engine and soak benchmarks (`src/bin/`) share [`harness`].
+//! The `drover-bench` binary (`src/main.rs`) has its own modules for the event-bus benchmarks
+//! and uses [`harness`]'s start and `/proc` readers; the process-engine, agents and soak
+//! benchmarks (`src/bin/`) share all of [`harness`].
 
 pub mod harness;

@@ -23,6 +23,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
+use drover_bench::harness;
 
 use crate::fleet::{Mode, PhaseLimits, PhaseResult};
 
@@ -145,26 +146,17 @@ struct AllArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let _ = rustls::crypto::ring::default_provider().install_default();
     common::QUIET_WAIT_SECS.store(cli.quiet_wait, std::sync::atomic::Ordering::Relaxed);
-    let nofile = common::raise_nofile();
+    let nofile = harness::init();
     println!("open-files soft limit: {nofile} (servers started by the bench inherit it)");
     if let Some(threads) = cli.server_threads {
         common::SERVER_THREADS.store(threads, std::sync::atomic::Ordering::Relaxed);
         println!("server worker threads: {threads}");
     }
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(threads) = cli.bench_threads {
-        builder.worker_threads(threads.max(1));
         println!("bench worker threads: {threads}");
     }
-    let runtime = builder.enable_all().build()?;
-    runtime.block_on(async move {
-        tokio::select! {
-            result = run(cli.command) => result,
-            _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
-        }
-    })
+    harness::block_on(cli.bench_threads, run(cli.command))
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {

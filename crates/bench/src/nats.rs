@@ -9,7 +9,7 @@ use futures_util::StreamExt;
 use tokio::sync::Semaphore;
 
 use crate::LoadArgs;
-use crate::common::{self, EVENT_NAME, ServerChild};
+use crate::common::{self, EVENT_NAME, NatsChild};
 use crate::fleet::{Fleet, Member, PhaseResult, Publish};
 
 /// `nats` options.
@@ -101,7 +101,7 @@ pub async fn nats(args: &NatsArgs) -> Result<NatsResult> {
     result
 }
 
-async fn nats_on(server: &ServerChild, args: &NatsArgs) -> Result<NatsResult> {
+async fn nats_on(server: &NatsChild, args: &NatsArgs) -> Result<NatsResult> {
     let load = &args.load;
     let epoch = Instant::now();
     let url = format!("nats://{}", server.addr);

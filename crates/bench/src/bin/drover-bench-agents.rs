@@ -23,30 +23,26 @@
 //! ```
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use clap::Parser;
+use drover_bench::harness::{
+    self, ACCESS_KEY, CpuMeter, PgDatabase, SECRET_KEY, ServerArgs, ServerChild, ThreadMeter,
+    finish_perf, list_all, loadavg, print_machine, rss_kib, start_perf, wait_quiet_but_postgres,
+};
 use drover_client::{Client, Event, Subscribe};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use tokio::process::{Child, Command};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::http::header::AUTHORIZATION;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-
-/// The admin key given to the server under test.
-const ACCESS_KEY: &str = "BENCHAGENTSACCESS0001";
-/// Its secret.
-const SECRET_KEY: &str = "bench-agents-secret-0123456789abcdefghijklmnopqrs";
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -79,15 +75,8 @@ struct Args {
     /// and dropped afterwards). Default: the embedded SQLite.
     #[arg(long)]
     database_url: Option<String>,
-    /// The drover binary (default: `drover` beside this binary, else target/release/drover).
-    #[arg(long)]
-    drover_bin: Option<PathBuf>,
-    /// TOKIO_WORKER_THREADS for the server (default: one per core).
-    #[arg(long)]
-    server_threads: Option<usize>,
-    /// Worker threads of this bench (default: one per core).
-    #[arg(long)]
-    bench_threads: Option<usize>,
+    #[command(flatten)]
+    server: ServerArgs,
     /// Record a flat `perf record -e cpu-clock` profile of the server during the measurement.
     #[arg(long)]
     perf_record: Option<PathBuf>,
@@ -95,12 +84,6 @@ struct Args {
     /// be quiet (under 15% of one core); 0 measures at once.
     #[arg(long, default_value_t = 120)]
     quiet_wait: u64,
-    /// DROVER_LOG for the server (e.g. `warn,sqlx::query=debug` to log every statement).
-    #[arg(long, default_value = "warn")]
-    server_log: String,
-    /// Copy the server's log here when it stops.
-    #[arg(long)]
-    keep_log: Option<PathBuf>,
     /// Bound on the other waits (server start, agents active), in seconds.
     #[arg(long, default_value_t = 600)]
     timeout_seconds: u64,
@@ -108,8 +91,7 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let nofile = raise_nofile();
+    let nofile = harness::init();
     println!("open-files soft limit: {nofile} (the server inherits it)");
     if (nofile as usize) < args.agents + 200 {
         eprintln!(
@@ -118,26 +100,14 @@ fn main() -> Result<()> {
             args.agents + 200
         );
     }
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = args.bench_threads {
-        builder.worker_threads(threads.max(1));
-    }
-    let runtime = builder.enable_all().build()?;
-    let result = runtime.block_on(async {
-        tokio::select! {
-            result = run(&args) => result,
-            _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
-        }
-    });
-    runtime.shutdown_timeout(Duration::from_secs(5));
-    result
+    harness::block_on(args.server.bench_threads, run(&args))
 }
 
 async fn run(args: &Args) -> Result<()> {
-    let bin = drover_bin(args.drover_bin.as_deref())?;
+    let bin = args.server.drover_bin()?;
     print_machine();
     let database = match &args.database_url {
-        Some(url) => Some(PgDatabase::create(url)?),
+        Some(url) => Some(PgDatabase::create(url, "drover_bench_agents")?),
         None => None,
     };
     let backend = if database.is_some() {
@@ -150,13 +120,14 @@ async fn run(args: &Args) -> Result<()> {
         args.agents, args.seconds, args.settle_seconds
     );
     let timeout = Duration::from_secs(args.timeout_seconds.max(1));
-    let server = ServerChild::start(&bin, args, database, timeout).await?;
+    let options = args.server.options("drover-bench-agents-");
+    let server = ServerChild::start(&bin, &options, database, timeout).await?;
     println!("  server pid {} on {}", server.pid, server.addr);
     let result = bench(&server, args, backend, timeout).await;
     if result.is_err() {
         eprintln!("server log tail:\n{}", server.log_tail());
     }
-    server.stop(args.keep_log.as_deref()).await;
+    server.stop(args.server.keep_log.as_deref()).await;
     result
 }
 
@@ -297,7 +268,7 @@ async fn bench(server: &ServerChild, args: &Args, backend: &str, timeout: Durati
             () = tokio::time::sleep_until(settle_until) => {}
         }
     }
-    wait_quiet(server.pid, Duration::from_secs(args.quiet_wait)).await;
+    wait_quiet_but_postgres(server.pid, Duration::from_secs(args.quiet_wait)).await;
     let load_before = loadavg();
     states.left_active = 0;
     let pings0 = shared.stats.pings_answered.load(Ordering::Relaxed);
@@ -319,15 +290,15 @@ async fn bench(server: &ServerChild, args: &Args, backend: &str, timeout: Durati
         }
     }
     let cpu = meter.stop();
-    let thread_split = threads.stop();
-    let wall = meter.start.elapsed().as_secs_f64();
+    let thread_split = threads.stop(1);
+    let wall = meter.elapsed().as_secs_f64();
     let pings = shared.stats.pings_answered.load(Ordering::Relaxed) - pings0;
     let reply_errors = shared.stats.reply_errors.load(Ordering::Relaxed) - errors0;
     let keepalive = shared.stats.keepalive_pings.load(Ordering::Relaxed) - keepalive0;
     let rss_after = rss_kib(server.pid)?;
     let bench_rss_after = rss_kib(std::process::id()).unwrap_or(0);
     let load_after = loadavg();
-    finish_perf(perf, args.perf_record.as_deref()).await;
+    finish_perf(perf, args.perf_record.as_deref(), "").await;
 
     // Everyone still active, by the API.
     let (api_agents, api_hosts) = count_active(&admin).await?;
@@ -338,8 +309,13 @@ async fn bench(server: &ServerChild, args: &Args, backend: &str, timeout: Durati
     let bench_per_agent_kib =
         bench_rss_after.saturating_sub(bench_rss_before) as f64 / agents as f64;
     println!(
-        "    server CPU {:.1}% of one core ({cpu}); server threads: {thread_split}",
-        cpu.server
+        "    server CPU {:.1}% of one core (server {:.1}% + bench {:.1}% + PostgreSQL {:.1}% + rest of machine {:.1}% of one core ({:.0}% = all cores)); server threads: {thread_split}",
+        cpu.server,
+        cpu.server,
+        cpu.bench,
+        cpu.postgres,
+        cpu.rest_but_postgres(),
+        cpu.capacity
     );
     println!(
         "    server VmRSS {rss_before} KiB → {rss_active} KiB when all were active → {rss_after} KiB after the measurement: {per_agent_kib:.1} KiB per agent (bench: {bench_per_agent_kib:.1} KiB per agent)"
@@ -386,7 +362,7 @@ async fn bench(server: &ServerChild, args: &Args, backend: &str, timeout: Durati
         not_active_agents + not_active_hosts,
         cpu.bench,
         cpu.postgres,
-        cpu.other,
+        cpu.rest_but_postgres(),
     );
     drop(registered);
     Ok(())
@@ -746,568 +722,6 @@ async fn count_active(admin: &Client) -> Result<(usize, usize)> {
     ))
 }
 
-/// Every item of a collection, following `pagination.next` (at most 1000 pages).
-async fn list_all(admin: &Client, path: &str) -> Result<Vec<Value>> {
-    let mut out = Vec::new();
-    let mut next = Some(format!("{path}?limit=1000"));
-    for _ in 0..1000 {
-        let Some(page) = next.take() else { break };
-        let body = admin.get(&page).await?;
-        if let Some(data) = body["data"].as_array() {
-            out.extend(data.iter().cloned());
-        }
-        next = body["pagination"]["next"].as_str().map(str::to_owned);
-    }
-    Ok(out)
-}
-
-// ---------------------------------------------------------------------------------------------
-// The server child and its database.
-
-/// A PostgreSQL database made for one run; dropped (`WITH (FORCE)`) when this is dropped.
-#[derive(Debug)]
-struct PgDatabase {
-    admin_url: String,
-    name: String,
-    /// The URL the server connects to.
-    url: String,
-}
-
-impl PgDatabase {
-    fn create(url: &str) -> Result<PgDatabase> {
-        let name = format!("drover_bench_agents_{}", std::process::id());
-        let admin_url = with_database(url, "postgres")?;
-        psql(
-            &admin_url,
-            &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
-        )?;
-        psql(&admin_url, &format!("CREATE DATABASE {name}"))?;
-        println!("  PostgreSQL database {name} created");
-        Ok(PgDatabase {
-            url: with_database(url, &name)?,
-            admin_url,
-            name,
-        })
-    }
-}
-
-impl Drop for PgDatabase {
-    fn drop(&mut self) {
-        match psql(
-            &self.admin_url,
-            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
-        ) {
-            Ok(()) => println!("  PostgreSQL database {} dropped", self.name),
-            Err(error) => eprintln!("warning: dropping database {}: {error:#}", self.name),
-        }
-    }
-}
-
-/// Runs one SQL statement with `psql` (bounded by `statement_timeout` of 60 s).
-fn psql(url: &str, sql: &str) -> Result<()> {
-    let output = std::process::Command::new("psql")
-        .arg(url)
-        .args(["-v", "ON_ERROR_STOP=1", "-Atq", "-c", sql])
-        .env("PGOPTIONS", "-c statement_timeout=60000")
-        .env("PGCONNECT_TIMEOUT", "10")
-        .stdin(Stdio::null())
-        .output()
-        .context("run psql (is the PostgreSQL client installed?)")?;
-    if !output.status.success() {
-        bail!(
-            "psql {sql:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-/// `url` with its database (path) replaced by `database`, query kept.
-fn with_database(url: &str, database: &str) -> Result<String> {
-    let (scheme, rest) = url
-        .split_once("://")
-        .context("a database URL looks like postgres://user@host:port/db")?;
-    let (before_query, query) = match rest.split_once('?') {
-        Some((before, query)) => (before, Some(query)),
-        None => (rest, None),
-    };
-    let authority = before_query.split('/').next().unwrap_or(before_query);
-    Ok(match query {
-        Some(query) => format!("{scheme}://{authority}/{database}?{query}"),
-        None => format!("{scheme}://{authority}/{database}"),
-    })
-}
-
-/// The server under test. Its process is killed when this is dropped (also on error), then
-/// its database is dropped.
-#[derive(Debug)]
-struct ServerChild {
-    child: Child,
-    pid: u32,
-    addr: SocketAddr,
-    /// Data directory and log; removed on drop.
-    dir: tempfile::TempDir,
-    database: Option<PgDatabase>,
-}
-
-impl ServerChild {
-    async fn start(
-        bin: &Path,
-        args: &Args,
-        database: Option<PgDatabase>,
-        timeout: Duration,
-    ) -> Result<ServerChild> {
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let dir = tempfile::Builder::new()
-            .prefix("drover-bench-agents-")
-            .tempdir()?;
-        let log = std::fs::File::create(dir.path().join("server.log"))?;
-        let mut command = Command::new(bin);
-        command
-            .arg("server")
-            .arg("--listen")
-            .arg(addr.to_string())
-            .arg("--data-dir")
-            .arg(dir.path())
-            .env("DROVER_ADMIN_ACCESS_KEY", ACCESS_KEY)
-            .env("DROVER_ADMIN_SECRET_KEY", SECRET_KEY)
-            .env("DROVER_LOG", &args.server_log)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true);
-        if let Some(database) = &database {
-            command.arg("--database-url").arg(&database.url);
-        }
-        if let Some(threads) = args.server_threads {
-            command.env("TOKIO_WORKER_THREADS", threads.to_string());
-        }
-        let child = command.spawn().context("spawn drover server")?;
-        let pid = child.id().context("child pid")?;
-        let mut server = ServerChild {
-            child,
-            pid,
-            addr,
-            dir,
-            database,
-        };
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .build()?;
-        let deadline = Instant::now() + timeout.min(Duration::from_secs(60));
-        loop {
-            if let Some(status) = server.child.try_wait()? {
-                bail!(
-                    "drover server exited early ({status}); log:\n{}",
-                    server.log_tail()
-                );
-            }
-            if let Ok(response) = http
-                .get(format!("{}/healthz", server.http_url()))
-                .send()
-                .await
-                && response.status().is_success()
-            {
-                return Ok(server);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "drover did not answer /healthz in time; log:\n{}",
-                    server.log_tail()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn http_url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-
-    /// Kills the server, waits for it (bounded), then drops its database.
-    async fn stop(mut self, keep_log: Option<&Path>) {
-        let _ = self.child.start_kill();
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
-        if let Some(path) = keep_log
-            && let Err(error) = std::fs::copy(self.dir.path().join("server.log"), path)
-        {
-            eprintln!(
-                "warning: copying the server log to {}: {error}",
-                path.display()
-            );
-        }
-        drop(self.database.take());
-    }
-}
-
-fn drover_bin(given: Option<&Path>) -> Result<PathBuf> {
-    if let Some(path) = given {
-        return Ok(path.to_owned());
-    }
-    let beside = std::env::current_exe()?.with_file_name("drover");
-    if beside.exists() {
-        return Ok(beside);
-    }
-    let relative = PathBuf::from("target/release/drover");
-    if relative.exists() {
-        return Ok(relative);
-    }
-    bail!("no drover binary: run `cargo build --release -p drover` or pass --drover-bin")
-}
-
-fn raise_nofile() -> u64 {
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) => limit,
-        Err(error) => {
-            eprintln!("warning: could not raise the open-files limit: {error}");
-            rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(0, |(soft, _)| soft)
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// perf, CPU, memory, machine.
-
-fn start_perf(out: Option<&Path>, pid: u32) -> Option<std::process::Child> {
-    let out = out?;
-    let child = std::process::Command::new("perf")
-        .args([
-            "record",
-            "-e",
-            "cpu-clock",
-            "-F",
-            "999",
-            "-p",
-            &pid.to_string(),
-            "-o",
-        ])
-        .arg(out)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
-    match child {
-        Ok(child) => Some(child),
-        Err(error) => {
-            eprintln!("warning: perf record did not start: {error}");
-            None
-        }
-    }
-}
-
-/// Stops `perf record` with SIGINT (so it writes its file) and waits for it (bounded).
-async fn finish_perf(child: Option<std::process::Child>, out: Option<&Path>) {
-    let Some(mut child) = child else { return };
-    let _ = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            if let Some(out) = out {
-                println!("  perf profile of the server: {}", out.display());
-            }
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-/// Resident memory of a process in KiB.
-fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS line")
-}
-
-/// utime + stime of a process in clock ticks.
-fn cpu_ticks(who: &str) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{who}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
-    Some(field(11)? + field(12)?)
-}
-
-/// CPU ticks of every process named `postgres` (those that exit meanwhile are missed).
-fn postgres_ticks() -> u64 {
-    let Ok(processes) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    let mut total = 0;
-    for process in processes.flatten().take(100_000) {
-        let name = process.file_name();
-        let Some(pid) = name
-            .to_str()
-            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        if stat.contains("(postgres)") {
-            total += cpu_ticks(pid).unwrap_or(0);
-        }
-    }
-    total
-}
-
-fn clock_ticks_per_second() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|out| String::from_utf8(out.stdout).ok())
-        .and_then(|text| text.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// Busy and total jiffies of the whole machine.
-fn machine_ticks() -> Option<(u64, u64)> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let fields: Vec<u64> = stat
-        .lines()
-        .next()?
-        .split_whitespace()
-        .skip(1)
-        .take(8)
-        .filter_map(|field| field.parse().ok())
-        .collect();
-    let [user, nice, system, idle, iowait, irq, softirq, steal] = fields[..] else {
-        return None;
-    };
-    let busy = user + nice + system + irq + softirq + steal;
-    Some((busy, busy + idle + iowait))
-}
-
-/// CPU over an interval, in percent of one core.
-#[derive(Debug, Clone, Copy, Default)]
-struct CpuSplit {
-    server: f64,
-    bench: f64,
-    /// PostgreSQL's processes (not in `other`).
-    postgres: f64,
-    /// Everything else on the machine.
-    other: f64,
-    capacity: f64,
-}
-
-impl std::fmt::Display for CpuSplit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "server {:.1}% + bench {:.1}% + PostgreSQL {:.1}% + rest of machine {:.1}% of one core ({:.0}% = all cores)",
-            self.server, self.bench, self.postgres, self.other, self.capacity
-        )
-    }
-}
-
-#[derive(Debug)]
-struct CpuMeter {
-    pid: String,
-    start: Instant,
-    server: u64,
-    bench: u64,
-    postgres: u64,
-    machine: Option<(u64, u64)>,
-}
-
-impl CpuMeter {
-    fn start(pid: u32) -> CpuMeter {
-        let pid = pid.to_string();
-        CpuMeter {
-            server: cpu_ticks(&pid).unwrap_or(0),
-            bench: cpu_ticks("self").unwrap_or(0),
-            postgres: postgres_ticks(),
-            machine: machine_ticks(),
-            start: Instant::now(),
-            pid,
-        }
-    }
-
-    fn stop(&self) -> CpuSplit {
-        let wall = self.start.elapsed().as_secs_f64().max(1e-9);
-        let hz = clock_ticks_per_second();
-        let pct = |now: Option<u64>, then: u64| {
-            now.map_or(0.0, |now| {
-                now.saturating_sub(then) as f64 / hz / wall * 100.0
-            })
-        };
-        let server = pct(cpu_ticks(&self.pid), self.server);
-        let bench = pct(cpu_ticks("self"), self.bench);
-        let postgres = pct(Some(postgres_ticks()), self.postgres);
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-        let machine = match (self.machine, machine_ticks()) {
-            (Some((busy0, total0)), Some((busy1, total1))) if total1 > total0 => {
-                (busy1 - busy0) as f64 / (total1 - total0) as f64 * cores * 100.0
-            }
-            _ => server + bench,
-        };
-        CpuSplit {
-            server,
-            bench,
-            postgres,
-            other: (machine - server - bench - postgres).max(0.0),
-            capacity: cores * 100.0,
-        }
-    }
-}
-
-/// CPU ticks and context switches of each thread of a process, by thread id.
-fn thread_readings(pid: u32) -> HashMap<u64, (String, u64, u64)> {
-    let mut out = HashMap::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return out;
-    };
-    for task in tasks.flatten().take(10_000) {
-        let Some(tid) = task
-            .file_name()
-            .to_str()
-            .and_then(|t| t.parse::<u64>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
-            continue;
-        };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let name = stat[open + 1..close].to_owned();
-        let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
-        let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
-        let ticks = field(11).unwrap_or(0) + field(12).unwrap_or(0);
-        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-        let switches: u64 = status
-            .lines()
-            .filter(|line| line.contains("ctxt_switches:"))
-            .filter_map(|line| line.split(':').nth(1)?.trim().parse::<u64>().ok())
-            .sum();
-        out.insert(tid, (name, ticks, switches));
-    }
-    out
-}
-
-/// The server's CPU and context switches over an interval, per thread name.
-#[derive(Debug)]
-struct ThreadMeter {
-    pid: u32,
-    start: Instant,
-    before: HashMap<u64, (String, u64, u64)>,
-}
-
-impl ThreadMeter {
-    fn start(pid: u32) -> ThreadMeter {
-        ThreadMeter {
-            pid,
-            start: Instant::now(),
-            before: thread_readings(pid),
-        }
-    }
-
-    /// `name ×threads: CPU % of one core, context switches/s`, busiest first.
-    fn stop(&self) -> String {
-        let wall = self.start.elapsed().as_secs_f64().max(1e-9);
-        let hz = clock_ticks_per_second();
-        let mut by_name: HashMap<String, (f64, u64, usize)> = HashMap::new();
-        for (tid, (name, ticks, switches)) in thread_readings(self.pid) {
-            let (ticks0, switches0) = self.before.get(&tid).map_or((0, 0), |(_, t, s)| (*t, *s));
-            let entry = by_name.entry(name).or_default();
-            entry.0 += ticks.saturating_sub(ticks0) as f64 / hz / wall * 100.0;
-            entry.1 += switches.saturating_sub(switches0);
-            entry.2 += 1;
-        }
-        let mut rows: Vec<_> = by_name.into_iter().collect();
-        rows.sort_by(|a, b| b.1.0.total_cmp(&a.1.0));
-        rows.iter()
-            .map(|(name, (cpu, switches, threads))| {
-                format!(
-                    "{name} ×{threads}: {cpu:.1}% CPU, {:.0} context switches/s",
-                    *switches as f64 / wall
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("; ")
-    }
-}
-
-/// Waits (at most `limit`) until the rest of the machine — everything but the server, this
-/// bench and PostgreSQL — uses under 15% of one core over a second; warns and goes on if it never does.
-async fn wait_quiet(pid: u32, limit: Duration) {
-    if limit.is_zero() {
-        return;
-    }
-    let started = Instant::now();
-    let mut told = false;
-    loop {
-        let meter = CpuMeter::start(pid);
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let other = meter.stop().other;
-        if other < 15.0 {
-            if told {
-                println!("    quiet after {:.0} s", started.elapsed().as_secs_f64());
-            }
-            return;
-        }
-        if started.elapsed() >= limit {
-            println!(
-                "    WARNING: other processes still use {other:.0}% of a core after {} s; measuring anyway",
-                limit.as_secs()
-            );
-            return;
-        }
-        if !told {
-            println!(
-                "    waiting for a quiet machine (other processes use {other:.0}% of a core) …"
-            );
-            told = true;
-        }
-    }
-}
-
-/// `/proc/loadavg`'s 1-minute figure.
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|text| text.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "?".into())
-}
-
-fn print_machine() {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find_map(|line| line.strip_prefix("model name"))
-        .and_then(|rest| rest.split_once(':'))
-        .map_or("?", |(_, model)| model.trim());
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let memory = meminfo
-        .lines()
-        .find_map(|line| line.strip_prefix("MemTotal:"))
-        .map_or("?", str::trim);
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    println!(
-        "machine: {} cores, {model}, {memory} memory, kernel {}; load average {}",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        kernel.trim(),
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .trim()
-    );
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1321,13 +735,5 @@ mod tests {
         );
         assert_eq!(basic_auth("a", "b"), "Basic YTpi");
         assert_eq!(basic_auth("ab", "c"), "Basic YWI6Yw==");
-    }
-
-    #[test]
-    fn replaces_the_database_of_a_url() {
-        assert_eq!(
-            with_database("postgres://postgres@127.0.0.1:5432", "x").unwrap(),
-            "postgres://postgres@127.0.0.1:5432/x"
-        );
     }
 }

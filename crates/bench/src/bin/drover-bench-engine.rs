@@ -25,7 +25,7 @@
 //! ```
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,9 +34,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
 use drover_bench::harness::{
-    ACCESS_KEY, AgentStats, CpuMeter, CpuSplit, Latency, PgDatabase, PgStats, SECRET_KEY,
-    ServerChild, ServerOptions, clock_ticks_per_second, drover_bin, loadavg, metric, ms,
-    print_machine, raise_nofile, rss_kib, start_agents, wait_active, wait_quiet,
+    self, ACCESS_KEY, AgentStats, CpuMeter, CpuSplit, Latency, PgDatabase, PgStats, SECRET_KEY,
+    ServerArgs, ServerChild, ServerOptions, ThreadMeter, finish_perf, loadavg, metric, ms,
+    print_machine, rss_kib, start_agents, start_perf, wait_active, wait_quiet,
 };
 use drover_client::{Client, Subscribe};
 use serde_json::{Value, json};
@@ -73,15 +73,8 @@ struct Args {
     /// Registrations in flight at once.
     #[arg(long, default_value_t = 8)]
     register_concurrency: usize,
-    /// The drover binary (default: `drover` beside this binary, else target/release/drover).
-    #[arg(long)]
-    drover_bin: Option<PathBuf>,
-    /// TOKIO_WORKER_THREADS for the server (default: one per core).
-    #[arg(long)]
-    server_threads: Option<usize>,
-    /// Worker threads of this bench (default: one per core).
-    #[arg(long)]
-    bench_threads: Option<usize>,
+    #[command(flatten)]
+    server: ServerArgs,
     /// DROVER_SUBSCRIBE_MAX_QUEUED_MESSAGES for the server (default: its own, 1000).
     #[arg(long)]
     server_queue: Option<u64>,
@@ -101,36 +94,17 @@ struct Args {
     /// tracepoints.
     #[arg(long)]
     perf_stat: bool,
-    /// DROVER_LOG for the server (e.g. `warn,sqlx::query=debug` to log every statement).
-    #[arg(long, default_value = "warn")]
-    server_log: String,
-    /// Copy the server's log here when it stops.
-    #[arg(long)]
-    keep_log: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let nofile = raise_nofile();
+    let nofile = harness::init();
     println!("open-files soft limit: {nofile}");
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = args.bench_threads {
-        builder.worker_threads(threads.max(1));
-    }
-    let runtime = builder.enable_all().build()?;
-    let result = runtime.block_on(async {
-        tokio::select! {
-            result = run(&args) => result,
-            _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
-        }
-    });
-    runtime.shutdown_timeout(Duration::from_secs(5));
-    result
+    harness::block_on(args.server.bench_threads, run(&args))
 }
 
 async fn run(args: &Args) -> Result<()> {
-    let bin = drover_bin(args.drover_bin.as_deref())?;
+    let bin = args.server.drover_bin()?;
     print_machine();
     let database = match &args.database_url {
         Some(url) => Some(PgDatabase::create(url, "drover_bench")?),
@@ -155,11 +129,8 @@ async fn run(args: &Args) -> Result<()> {
     );
     let timeout = Duration::from_secs(args.timeout_seconds.max(1));
     let options = ServerOptions {
-        log: args.server_log.clone(),
-        threads: args.server_threads,
         queue: args.server_queue,
-        env: Vec::new(),
-        dir_prefix: "drover-bench-engine-".into(),
+        ..args.server.options("drover-bench-engine-")
     };
     let server = ServerChild::start(&bin, &options, database, timeout).await?;
     println!("  server pid {} on {}", server.pid, server.addr);
@@ -167,7 +138,7 @@ async fn run(args: &Args) -> Result<()> {
     if result.is_err() {
         eprintln!("server log tail:\n{}", server.log_tail());
     }
-    server.stop(args.keep_log.as_deref()).await;
+    server.stop(args.server.keep_log.as_deref()).await;
     result
 }
 
@@ -220,7 +191,12 @@ async fn bench(server: &ServerChild, args: &Args, backend: &str, timeout: Durati
             timeout,
         )
         .await;
-        finish_perf(perf, args.perf_record.as_deref()).await;
+        finish_perf(
+            perf,
+            args.perf_record.as_deref(),
+            " during the throughput phase",
+        )
+        .await;
         if let Some(stat) = stat {
             stat.stop(args.containers).await;
         }
@@ -432,7 +408,7 @@ async fn throughput(
         }
     }
     let cpu = meter.stop();
-    let threads = threads.stop();
+    let threads = threads.stop(0);
     let load_after = loadavg();
     while tasks.join_next().await.is_some() {}
     if let Some(error) = errors.first() {
@@ -547,7 +523,7 @@ async fn idle(
         row.cpu,
         row.server_cpu_ms_per_start()
     );
-    println!("    server threads: {}", threads.stop());
+    println!("    server threads: {}", threads.stop(0));
     Ok(row)
 }
 
@@ -668,56 +644,7 @@ async fn pg_report(server: &ServerChild, before: Option<PgStats>, containers: us
 }
 
 // ---------------------------------------------------------------------------------------------
-// perf, CPU, memory, machine.
-
-fn start_perf(out: Option<&Path>, pid: u32) -> Option<std::process::Child> {
-    let out = out?;
-    let child = std::process::Command::new("perf")
-        .args([
-            "record",
-            "-e",
-            "cpu-clock",
-            "-F",
-            "999",
-            "-p",
-            &pid.to_string(),
-            "-o",
-        ])
-        .arg(out)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
-    match child {
-        Ok(child) => Some(child),
-        Err(error) => {
-            eprintln!("warning: perf record did not start: {error}");
-            None
-        }
-    }
-}
-
-/// Stops `perf record` with SIGINT (so it writes its file) and waits for it (bounded).
-async fn finish_perf(child: Option<std::process::Child>, out: Option<&Path>) {
-    let Some(mut child) = child else { return };
-    let _ = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            if let Some(out) = out {
-                println!(
-                    "  perf profile of the server during the throughput phase: {}",
-                    out.display()
-                );
-            }
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
+// perf stat.
 
 /// System calls and context switches of the server, counted by `perf stat` tracepoints.
 #[derive(Debug)]
@@ -794,83 +721,5 @@ impl PerfStat {
         } else {
             println!("    per container start (perf stat): {}", counts.join(", "));
         }
-    }
-}
-
-/// CPU ticks and context switches of each thread of a process, by thread id.
-fn thread_readings(pid: u32) -> HashMap<u64, (String, u64, u64)> {
-    let mut out = HashMap::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return out;
-    };
-    for task in tasks.flatten().take(10_000) {
-        let Some(tid) = task
-            .file_name()
-            .to_str()
-            .and_then(|t| t.parse::<u64>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
-            continue;
-        };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let name = stat[open + 1..close].to_owned();
-        let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
-        let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
-        let ticks = field(11).unwrap_or(0) + field(12).unwrap_or(0);
-        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-        let switches: u64 = status
-            .lines()
-            .filter(|line| line.contains("ctxt_switches:"))
-            .filter_map(|line| line.split(':').nth(1)?.trim().parse::<u64>().ok())
-            .sum();
-        out.insert(tid, (name, ticks, switches));
-    }
-    out
-}
-
-/// The server's CPU and context switches over an interval, per thread name.
-#[derive(Debug)]
-struct ThreadMeter {
-    pid: u32,
-    start: Instant,
-    before: HashMap<u64, (String, u64, u64)>,
-}
-
-impl ThreadMeter {
-    fn start(pid: u32) -> ThreadMeter {
-        ThreadMeter {
-            pid,
-            start: Instant::now(),
-            before: thread_readings(pid),
-        }
-    }
-
-    /// `name: CPU % of one core (threads), context switches/s`, busiest first.
-    fn stop(&self) -> String {
-        let wall = self.start.elapsed().as_secs_f64().max(1e-9);
-        let hz = clock_ticks_per_second();
-        let mut by_name: HashMap<String, (f64, u64, usize)> = HashMap::new();
-        for (tid, (name, ticks, switches)) in thread_readings(self.pid) {
-            let (ticks0, switches0) = self.before.get(&tid).map_or((0, 0), |(_, t, s)| (*t, *s));
-            let entry = by_name.entry(name).or_default();
-            entry.0 += ticks.saturating_sub(ticks0) as f64 / hz / wall * 100.0;
-            entry.1 += switches.saturating_sub(switches0);
-            entry.2 += 1;
-        }
-        let mut rows: Vec<_> = by_name.into_iter().collect();
-        rows.sort_by(|a, b| b.1.0.total_cmp(&a.1.0));
-        rows.iter()
-            .map(|(name, (cpu, switches, threads))| {
-                format!(
-                    "{name} ×{threads}: {cpu:.0}% CPU, {:.0} context switches/s",
-                    *switches as f64 / wall
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("; ")
     }
 }

@@ -48,12 +48,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use clap::Parser;
 use drover_bench::harness::{
-    ACCESS_KEY, Agent, AgentStats, CpuMeter, CpuSplit, Latency, PgDatabase, SECRET_KEY,
-    ServerChild, ServerOptions, drover_bin, ms, print_machine, raise_nofile, rss_kib, start_agents,
-    wait_active, wait_quiet,
+    self, ACCESS_KEY, Agent, AgentStats, CpuMeter, CpuSplit, Latency, PgDatabase, SECRET_KEY,
+    ServerArgs, ServerChild, ServerOptions, ms, print_machine, rss_kib, start_agents, wait_active,
+    wait_quiet,
 };
 use drover_client::{Client, Subscribe};
 use serde_json::json;
@@ -124,21 +124,8 @@ struct Args {
     /// Registrations in flight at once.
     #[arg(long, default_value_t = 8)]
     register_concurrency: usize,
-    /// The drover binary (default: `drover` beside this binary, else target/release/drover).
-    #[arg(long)]
-    drover_bin: Option<PathBuf>,
-    /// TOKIO_WORKER_THREADS for the server (default: one per core).
-    #[arg(long)]
-    server_threads: Option<usize>,
-    /// Worker threads of this bench (default: one per core).
-    #[arg(long)]
-    bench_threads: Option<usize>,
-    /// DROVER_LOG for the server.
-    #[arg(long, default_value = "warn")]
-    server_log: String,
-    /// Copy the server's log here when it stops.
-    #[arg(long)]
-    keep_log: Option<PathBuf>,
+    #[command(flatten)]
+    server: ServerArgs,
     /// Write the samples as CSV here.
     #[arg(long)]
     csv: Option<PathBuf>,
@@ -170,27 +157,8 @@ const TABLES: &[&str] = &[
 
 fn main() {
     let args = Args::parse();
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    raise_nofile();
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = args.bench_threads {
-        builder.worker_threads(threads.max(1));
-    }
-    let runtime = match builder.enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("error: tokio runtime: {error}");
-            std::process::exit(1);
-        }
-    };
-    let result = runtime.block_on(async {
-        tokio::select! {
-            result = run(&args) => result,
-            _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
-        }
-    });
-    runtime.shutdown_timeout(Duration::from_secs(5));
-    match result {
+    harness::init();
+    match harness::block_on(args.server.bench_threads, run(&args)) {
         Ok(Verdict::Bounded) => {}
         Ok(Verdict::Growing) => std::process::exit(2),
         Err(error) => {
@@ -211,7 +179,7 @@ async fn run(args: &Args) -> Result<Verdict> {
     if args.rate <= 0.0 || args.lifetime_seconds < 0.0 || args.sample_seconds == 0 {
         bail!("--rate and --sample-seconds must be positive, --lifetime-seconds not negative");
     }
-    let bin = drover_bin(args.drover_bin.as_deref())?;
+    let bin = args.server.drover_bin()?;
     print_machine();
     let database = match &args.database_url {
         Some(url) => Some(PgDatabase::create(url, "drover_bench_soak")?),
@@ -232,11 +200,8 @@ async fn run(args: &Args) -> Result<Verdict> {
         env.push(setting("cleanup.query_limit.rows", batch));
     }
     let options = ServerOptions {
-        log: args.server_log.clone(),
-        threads: args.server_threads,
-        queue: None,
         env,
-        dir_prefix: "drover-bench-soak-".into(),
+        ..args.server.options("drover-bench-soak-")
     };
     let timeout = Duration::from_secs(args.timeout_seconds.max(1));
     println!(
@@ -268,7 +233,7 @@ async fn run(args: &Args) -> Result<Verdict> {
     if result.is_err() {
         eprintln!("server log tail:\n{}", server.log_tail());
     }
-    server.stop(args.keep_log.as_deref()).await;
+    server.stop(args.server.keep_log.as_deref()).await;
     result
 }
 
