@@ -9,9 +9,9 @@
 //! 3. deletes, in batches of `cleanup.query_limit.rows`, events older than
 //!    `events.purge.after.seconds`, finished processes older than
 //!    `process_instance.purge.after.seconds` and purged resources removed longer than
-//!    `main_tables.purge.after.seconds`, keeping (and counting) rows still referenced;
-//! 4. on PostgreSQL with autovacuum off, `VACUUM (ANALYZE)`s the tables it cleans, or their
-//!    files would grow without bound (the space of deleted rows is reused only after a
+//!    `main_tables.purge.after.seconds`, keeping (and counting) rows still referenced; on
+//!    PostgreSQL with autovacuum off it `VACUUM (ANALYZE)`s each table after its deletes, or
+//!    the files would grow without bound (the space of deleted rows is reused only after a
 //!    vacuum; see BENCHMARKS.md, "Store size under load").
 //!
 //! Settings are read at the start of each run, so a change applies to the next run; a change
@@ -299,7 +299,11 @@ async fn clean(state: &AppState, report: &mut Report) -> Result<(), drover_store
         }
     }
 
-    // 3. Delete what is old enough, children before parents.
+    // 3. Delete what is old enough, children before parents. Without autovacuum, PostgreSQL
+    //    reuses the space of deleted and updated rows only after a VACUUM, so each table is
+    //    vacuumed after its deletes (all of them: processes and resources are updated between
+    //    clean-ups too, agents and hosts at every ping change).
+    let vacuum = store.autovacuum_off().await?;
     for step in CLEANUP_STEPS {
         let setting = age_setting(step.age);
         let cutoff = now_millis() - settings.int(setting).saturating_mul(1000);
@@ -316,24 +320,17 @@ async fn clean(state: &AppState, report: &mut Report) -> Result<(), drover_store
         }
         let kept = store.cleanup_kept(step, cutoff).await?;
         report.kept += kept;
+        if vacuum {
+            store.vacuum(step).await?;
+        }
         report.tables.push(TableReport {
             table: step.table,
             setting,
             cutoff,
             deleted,
             kept,
-            vacuumed: false,
+            vacuumed: vacuum,
         });
-    }
-
-    // 4. Without autovacuum, PostgreSQL reuses the space of deleted and updated rows only
-    //    after a VACUUM: every table the job cleans (processes and resources are updated
-    //    between clean-ups too, agents and hosts at every ping change).
-    if store.autovacuum_off().await? {
-        for (step, table) in CLEANUP_STEPS.iter().zip(report.tables.iter_mut()) {
-            store.vacuum(step).await?;
-            table.vacuumed = true;
-        }
     }
     Ok(())
 }

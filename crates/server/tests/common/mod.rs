@@ -98,44 +98,49 @@ impl TestServer {
     pub async fn sql(&self, statement: &str) -> u64 {
         use sqlx::Connection;
         let statement = sqlx::AssertSqlSafe(statement.to_owned());
-        match &self.postgres {
-            Some((url, schema)) => {
-                let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
-                sqlx::query(sqlx::AssertSqlSafe(format!("SET search_path TO {schema}")))
-                    .execute(&mut conn)
-                    .await
-                    .unwrap();
-                let done = sqlx::query(statement).execute(&mut conn).await.unwrap();
-                done.rows_affected()
-            }
-            None => {
-                let options = sqlx::sqlite::SqliteConnectOptions::new()
-                    .filename(self._dir.path().join("drover.db"))
-                    .busy_timeout(std::time::Duration::from_secs(10));
-                let mut conn = sqlx::SqliteConnection::connect_with(&options)
-                    .await
-                    .unwrap();
-                let done = sqlx::query(statement).execute(&mut conn).await.unwrap();
-                done.rows_affected()
-            }
+        if self.postgres.is_some() {
+            let mut conn = self.pg_connection().await;
+            return sqlx::query(statement)
+                .execute(&mut conn)
+                .await
+                .unwrap()
+                .rows_affected();
         }
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(self._dir.path().join("drover.db"))
+            .busy_timeout(std::time::Duration::from_secs(10));
+        let mut conn = sqlx::SqliteConnection::connect_with(&options)
+            .await
+            .unwrap();
+        sqlx::query(statement)
+            .execute(&mut conn)
+            .await
+            .unwrap()
+            .rows_affected()
     }
 
     /// The first column of the first row of a query, as text (`NULL` → `None`): PostgreSQL
     /// only (tests use it to read PostgreSQL's own statistics).
     pub async fn pg_text(&self, query: &str) -> Option<String> {
-        use sqlx::{Connection, Row};
+        use sqlx::Row;
+        let mut conn = self.pg_connection().await;
+        let row = sqlx::query(sqlx::AssertSqlSafe(query.to_owned()))
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        row.try_get::<Option<String>, _>(0).unwrap()
+    }
+
+    /// A connection of the test's own to the server's PostgreSQL schema.
+    async fn pg_connection(&self) -> sqlx::PgConnection {
+        use sqlx::Connection;
         let (url, schema) = self.postgres.as_ref().expect("a server on PostgreSQL");
         let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
         sqlx::query(sqlx::AssertSqlSafe(format!("SET search_path TO {schema}")))
             .execute(&mut conn)
             .await
             .unwrap();
-        let row = sqlx::query(sqlx::AssertSqlSafe(query.to_owned()))
-            .fetch_one(&mut conn)
-            .await
-            .unwrap();
-        row.try_get::<Option<String>, _>(0).unwrap()
+        conn
     }
 
     pub fn client(&self, access: &str, secret: &str) -> Client {
