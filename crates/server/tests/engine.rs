@@ -687,16 +687,19 @@ async fn registration_activation_and_the_ping_monitor() {
             .unwrap()
             .insert(id.clone(), "stopped".into());
         wait_state(&server.admin, &format!("containers/{id}"), "stopped").await;
-        assert!(
-            server
-                .server
-                .state
-                .store
-                .count_rows("container_event")
-                .await
-                .unwrap()
-                >= 1
-        );
+        // The monitor records a `die` event for it (a statement after the state change, so the
+        // state may be visible first).
+        wait_for(
+            &server.admin,
+            &format!("containerevents?externalId={id}&externalStatus=die"),
+            "the monitor's die event",
+            |events| {
+                events["data"]
+                    .as_array()
+                    .is_some_and(|data| data.len() == 1)
+            },
+        )
+        .await;
 
         // Silence: reconnecting, then disconnected; the host follows. An answer brings it back.
         drop(agent);
