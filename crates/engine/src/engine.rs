@@ -410,7 +410,25 @@ impl<B: Bus, T: Tunables> Engine<B, T> {
                     .and_then(Value::as_str)
                     .and_then(|text| ids::parse("host", text));
                 let host = match requested {
-                    Some(host) => Some(host),
+                    // The API resolved the reference in the resource's project; a host that
+                    // moved or a row written around the API is refused here too.
+                    Some(host) => {
+                        let owner = self
+                            .store
+                            .get_resource(ResourceKind::Host, host)
+                            .await?
+                            .map(|row| row.account_id);
+                        if owner != Some(resource.account_id) {
+                            return Err(AttemptError::new(
+                                "INVALID_HOST",
+                                format!(
+                                    "requested host {} is not a host of this project",
+                                    ids::format("host", host)
+                                ),
+                            ));
+                        }
+                        Some(host)
+                    }
                     None => self
                         .store
                         .pick_host(resource.account_id)

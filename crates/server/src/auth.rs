@@ -17,6 +17,7 @@ use drover_store::secret::{self, SecretHash};
 use drover_store::{Account, AccountKind, Credential, CredentialKind, Store};
 
 use crate::error::ApiError;
+use crate::hub::Origin;
 use crate::state::AppState;
 
 /// Who is calling: the key's account.
@@ -108,6 +109,20 @@ impl Principal {
                 Ok(Qualifier::Account(project))
             }
         }
+    }
+
+    /// Who the caller is as a publisher: the scope its published names are qualified into
+    /// (the same as its subscriptions') and what replies it may give. Admin and service keys
+    /// publish raw and may answer any call.
+    pub fn origin(&self) -> Result<Origin, ApiError> {
+        if self.is_privileged() {
+            return Ok(Origin::PRIVILEGED);
+        }
+        Ok(Origin {
+            scope: self.subscription_scope(None, None)?,
+            agent: self.account.agent_id,
+            project: self.account.default_project(),
+        })
     }
 
     /// Whether the caller may publish an event of this name: privileged accounts any name,

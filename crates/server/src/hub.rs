@@ -11,8 +11,17 @@
 //!   The resulting text is shared by reference count among all sockets.
 //! - Each socket has a bounded queue. A publish never waits on a subscriber: when a queue is
 //!   full the copy is dropped, the subscriber is disconnected as a slow consumer and counted.
-//! - Server-side calls (`call`) wait for replies matched on `previousIds[0]` only, through the
-//!   node's own reply name.
+//! - Server-side calls (`call`) wait for replies matched on `previousIds[0]`, through the
+//!   node's own reply name. A reply completes a call only when its publisher is the principal
+//!   the request was addressed to (`;agent=<id>`: that agent; `;account=<id>`: a key of that
+//!   project; a raw name: admin and service keys), or an admin/service key; any other reply is
+//!   dropped and counted, and the call keeps waiting.
+//! - What a client publishes is scoped like what it subscribes to ([`Origin`]): a non-privileged
+//!   publisher's `;…` suffix is discarded, and the event reaches the subscribers of its own scope
+//!   and the privileged (raw) subscribers of the plain name, never another scope.
+//! - A request is sent again as soon as a new socket subscribes to its name (an agent that
+//!   reconnects: the first copy reached nobody, or a socket that is gone), within the same
+//!   deadline.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -21,8 +30,9 @@ use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 use drover_proto::event::{REPLY_PREFIX, Transitioning};
+use drover_proto::names::Qualifier;
 use drover_proto::{Event, names};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
@@ -125,8 +135,10 @@ struct Inner {
     metrics: Metrics,
     /// The name replies to this node's calls are sent to.
     reply_name: String,
-    /// Calls waiting for replies, by request id.
-    calls: Mutex<HashMap<String, mpsc::Sender<Event>>>,
+    /// Calls waiting for replies, by request id, with whom they may be answered by.
+    calls: Mutex<HashMap<String, (Qualifier, mpsc::Sender<Event>)>>,
+    /// Woken whenever names gain targets: a request that reached nobody is sent again.
+    subscribed: Notify,
     /// The parent of every subscriber's closer: cancelled on shutdown.
     shutdown: CancellationToken,
 }
@@ -156,6 +168,52 @@ pub enum CallError {
     Shutdown,
 }
 
+/// Who published an event: the scope its names are qualified into and what it may answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    /// `Raw` for the server itself and for admin and service keys; otherwise the scope the
+    /// key's subscriptions get (`;agent=<id>` or `;account=<project>`).
+    pub scope: Qualifier,
+    /// The agent the key is, for agent keys.
+    pub agent: Option<i64>,
+    /// The project the key acts in, if any.
+    pub project: Option<i64>,
+}
+
+impl Origin {
+    /// The server itself, and admin and service keys: names as given, any reply accepted.
+    pub const PRIVILEGED: Origin = Origin {
+        scope: Qualifier::Raw,
+        agent: None,
+        project: None,
+    };
+
+    /// Whether a reply from this origin may complete a call addressed to `addressee`.
+    pub fn may_answer(&self, addressee: Qualifier) -> bool {
+        match (self.scope, addressee) {
+            (Qualifier::Raw, _) => true,
+            (_, Qualifier::Agent(agent)) => self.agent == Some(agent),
+            (_, Qualifier::Account(project)) => self.project == Some(project),
+            (_, Qualifier::Raw) => false,
+        }
+    }
+}
+
+/// Whom a request is addressed to, read off its name's qualifier.
+pub fn addressee(name: &str) -> Qualifier {
+    let Some((_, suffix)) = name.split_once(names::SEPARATOR) else {
+        return Qualifier::Raw;
+    };
+    let parse = |prefix: &str| suffix.strip_prefix(prefix).and_then(|id| id.parse().ok());
+    if let Some(agent) = parse("agent=") {
+        Qualifier::Agent(agent)
+    } else if let Some(project) = parse("account=") {
+        Qualifier::Account(project)
+    } else {
+        Qualifier::Raw
+    }
+}
+
 impl Hub {
     /// A new hub whose subscribers close when `shutdown` is cancelled.
     pub fn new(metrics: Metrics, shutdown: CancellationToken) -> Hub {
@@ -166,6 +224,7 @@ impl Hub {
                 metrics,
                 reply_name: format!("{REPLY_PREFIX}{}", rand::random::<u64>() >> 1),
                 calls: Mutex::new(HashMap::new()),
+                subscribed: Notify::new(),
                 shutdown,
             }),
         };
@@ -271,13 +330,33 @@ impl Hub {
         for (name, target) in targets {
             Arc::make_mut(topics.entry(name).or_default()).push(target);
         }
+        drop(topics);
+        self.inner.subscribed.notify_waiters();
     }
 
-    /// Delivers an event to every subscriber of its exact name; returns how many copies were
-    /// queued. Never waits on a subscriber.
+    /// Delivers an event from the server itself to every subscriber of its exact name; returns
+    /// how many copies were queued. Never waits on a subscriber.
     pub fn publish(&self, event: &Event) -> usize {
-        let name = event.name();
+        self.publish_from(event, &Origin::PRIVILEGED)
+    }
+
+    /// Delivers an event a client published. A privileged origin's name is routed as given;
+    /// any other origin's `;…` suffix is discarded and the event goes to the subscribers of its
+    /// own scope (`<name>;agent=<id>` or `<name>;account=<project>`) and to the raw (privileged)
+    /// subscribers of the plain name, where the server's own reply name is too.
+    pub fn publish_from(&self, event: &Event, origin: &Origin) -> usize {
         self.inner.metrics.events_published.increment(1);
+        match origin.scope {
+            Qualifier::Raw => self.route(event, event.name(), origin),
+            scope => {
+                let base = names::base(event.name());
+                self.route(event, base, origin) + self.route(event, &scope.qualify(base), origin)
+            }
+        }
+    }
+
+    /// Delivers `event` to the targets of `name`, under which raw subscribers receive it.
+    fn route(&self, event: &Event, name: &str, origin: &Origin) -> usize {
         let targets = {
             let topics = self
                 .inner
@@ -301,7 +380,7 @@ impl Hub {
                             event.to_json_with_name(names::base(name)).into()
                         })
                     } else {
-                        full_text.get_or_insert_with(|| event.to_json().into())
+                        full_text.get_or_insert_with(|| event.to_json_with_name(name).into())
                     };
                     match subscriber.tx.try_send(text.clone()) {
                         Ok(()) => delivered += 1,
@@ -326,7 +405,7 @@ impl Hub {
                     }
                 }
                 Target::Replies => {
-                    if self.deliver_reply(event) {
+                    if self.deliver_reply(event, origin) {
                         delivered += 1;
                     }
                 }
@@ -342,7 +421,7 @@ impl Hub {
         delivered
     }
 
-    fn deliver_reply(&self, event: &Event) -> bool {
+    fn deliver_reply(&self, event: &Event, origin: &Origin) -> bool {
         let Some(key) = event.reply_key() else {
             return false;
         };
@@ -352,9 +431,34 @@ impl Hub {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         match calls.get(key) {
-            Some(tx) => tx.try_send(event.clone()).is_ok(),
+            Some((addressee, tx)) if origin.may_answer(*addressee) => {
+                tx.try_send(event.clone()).is_ok()
+            }
+            Some(_) => {
+                self.inner.metrics.replies_rejected.increment(1);
+                false
+            }
             None => false,
         }
+    }
+
+    /// The id of the newest socket subscribed to `name` (ids grow), 0 when there is none.
+    fn newest_socket(&self, name: &str) -> u64 {
+        let topics = self
+            .inner
+            .topics
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        topics
+            .get(name)
+            .into_iter()
+            .flat_map(|targets| targets.iter())
+            .filter_map(|target| match target {
+                Target::Socket(subscriber) => Some(subscriber.id),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0)
     }
 
     /// The name this node's calls ask replies to be sent to.
@@ -383,15 +487,32 @@ impl Hub {
             .calls
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(request_id.clone(), tx);
+            .insert(request_id.clone(), (addressee(request.name()), tx));
         let _guard = CallGuard {
             hub: self,
             request_id: &request_id,
         };
+        // Armed before the first send, so a subscription racing it is not missed.
+        let mut subscribed = std::pin::pin!(self.inner.subscribed.notified());
+        subscribed.as_mut().enable();
+        let mut newest = self.newest_socket(request.name());
         self.publish(&request);
         let mut deadline = tokio::time::Instant::now() + timeout;
         loop {
             tokio::select! {
+                () = &mut subscribed => {
+                    subscribed.set(self.inner.subscribed.notified());
+                    subscribed.as_mut().enable();
+                    // A socket that subscribed to the name since the last send (the agent came
+                    // back) gets the request again; the first copy may be in a dead socket or
+                    // nowhere. Agents' handlers are idempotent, so a second copy is harmless.
+                    let now = self.newest_socket(request.name());
+                    if now > newest {
+                        newest = now;
+                        self.publish(&request);
+                        self.inner.metrics.requests_resent.increment(1);
+                    }
+                }
                 reply = rx.recv() => {
                     let Some(reply) = reply else { return Err(CallError::Shutdown) };
                     match reply.transitioning {
@@ -569,5 +690,128 @@ mod tests {
             .unwrap_err();
         assert_eq!(timeout, CallError::Timeout(Duration::from_millis(20)));
         assert!(hub.inner.calls.lock().unwrap().is_empty());
+    }
+
+    fn agent_origin(agent: i64, project: i64) -> Origin {
+        Origin {
+            scope: Qualifier::Agent(agent),
+            agent: Some(agent),
+            project: Some(project),
+        }
+    }
+
+    #[tokio::test]
+    async fn only_the_addressee_or_a_privileged_key_completes_a_call() {
+        let hub = hub();
+        let mut agent_in = hub.listen(&["compute.instance.activate;agent=1"], 8);
+        let responder = {
+            let hub = hub.clone();
+            tokio::spawn(async move {
+                let request = agent_in.recv().await.unwrap();
+                let mut forged = request.reply().unwrap();
+                forged.data = Some(serde_json::json!({"externalId": "stolen"}));
+                // Another agent of the same project, a project key, another project's agent.
+                assert_eq!(hub.publish_from(&forged, &agent_origin(2, 1)), 0);
+                let project = Origin {
+                    scope: Qualifier::Account(1),
+                    agent: None,
+                    project: Some(1),
+                };
+                assert_eq!(hub.publish_from(&forged, &project), 0);
+                assert_eq!(hub.publish_from(&forged, &agent_origin(7, 9)), 0);
+                // A forged suffix on the reply name changes nothing.
+                let mut suffixed = forged.clone();
+                suffixed.name = Some(format!("{};agent=1", forged.name()));
+                assert_eq!(hub.publish_from(&suffixed, &agent_origin(2, 1)), 0);
+                let mut genuine = request.reply().unwrap();
+                genuine.data = Some(serde_json::json!({"externalId": "mine"}));
+                assert_eq!(hub.publish_from(&genuine, &agent_origin(1, 1)), 1);
+                request
+            })
+        };
+        let reply = hub
+            .call(
+                Event::new("compute.instance.activate;agent=1"),
+                Duration::from_secs(5),
+                |_| {},
+            )
+            .await
+            .unwrap();
+        responder.await.unwrap();
+        assert_eq!(reply.data, Some(serde_json::json!({"externalId": "mine"})));
+        assert!(
+            hub.inner
+                .metrics
+                .render()
+                .contains("drover_replies_rejected_total 4"),
+            "{}",
+            hub.inner.metrics.render()
+        );
+        // An admin or service key may answer any call.
+        let mut agent_in = hub.listen(&["ping;agent=3"], 8);
+        let admin = {
+            let hub = hub.clone();
+            tokio::spawn(async move {
+                let request = agent_in.recv().await.unwrap();
+                hub.publish_from(&request.reply().unwrap(), &Origin::PRIVILEGED)
+            })
+        };
+        hub.call(Event::new("ping;agent=3"), Duration::from_secs(5), |_| {})
+            .await
+            .unwrap();
+        assert_eq!(admin.await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_client_publishes_in_its_own_scope_only() {
+        let hub = hub();
+        let mut own = hub.subscribe(vec!["reply.x;account=1".into()], true, 8, None);
+        let mut other = hub.subscribe(vec!["reply.x;account=9".into()], true, 8, None);
+        let mut raw = hub.subscribe(vec!["reply.x".into()], false, 8, None);
+        let project = Origin {
+            scope: Qualifier::Account(1),
+            agent: None,
+            project: Some(1),
+        };
+        let event = Event::new("reply.x;account=9");
+        assert_eq!(hub.publish_from(&event, &project), 2);
+        let got: Event = serde_json::from_str(own.rx.recv().await.unwrap().as_str()).unwrap();
+        assert_eq!(got.name(), "reply.x");
+        let got: Event = serde_json::from_str(raw.rx.recv().await.unwrap().as_str()).unwrap();
+        assert_eq!(got.name(), "reply.x", "the forged suffix is not delivered");
+        assert!(other.rx.try_recv().is_err());
+        // A privileged publisher addresses any scope.
+        assert_eq!(hub.publish(&event), 1);
+        other.rx.recv().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_request_is_sent_again_when_its_agent_subscribes() {
+        let hub = hub();
+        let call = {
+            let hub = hub.clone();
+            tokio::spawn(async move {
+                hub.call(Event::new("ping;agent=4"), Duration::from_secs(30), |_| {})
+                    .await
+            })
+        };
+        // Wait until the call is waiting (it reached nobody), then the agent subscribes.
+        while hub.inner.calls.lock().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let mut agent = hub.subscribe(vec!["ping;agent=4".into()], true, 8, None);
+        let text = tokio::time::timeout(Duration::from_secs(5), agent.rx.recv())
+            .await
+            .expect("the request is sent again at once, not after the reply timeout")
+            .unwrap();
+        let request: Event = serde_json::from_str(text.as_str()).unwrap();
+        hub.publish_from(&request.reply().unwrap(), &agent_origin(4, 1));
+        call.await.unwrap().unwrap();
+        assert!(
+            hub.inner
+                .metrics
+                .render()
+                .contains("drover_requests_resent_total 1")
+        );
     }
 }

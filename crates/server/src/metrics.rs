@@ -28,6 +28,10 @@ pub struct Metrics {
     pub bad_input: Counter,
     /// Container and service events refused (wrong host, too many pending).
     pub events_refused: Counter,
+    /// Replies dropped because their publisher was not the principal the call was addressed to.
+    pub replies_rejected: Counter,
+    /// Requests sent again because they reached no subscriber and one has subscribed since.
+    pub requests_resent: Counter,
     /// Runs of `table.cleanup`.
     pub cleanup_runs: Counter,
     /// Purge processes `table.cleanup` scheduled for removed resources.
@@ -89,6 +93,14 @@ impl Metrics {
                 "Container and service events refused (not the agent's host, too many pending).",
             ),
             (
+                "drover_replies_rejected_total",
+                "Replies dropped: their publisher is not the principal the request was addressed to.",
+            ),
+            (
+                "drover_requests_resent_total",
+                "Requests that reached no subscriber, sent again when one subscribed.",
+            ),
+            (
                 "drover_cleanup_runs_total",
                 "Runs of the table.cleanup job.",
             ),
@@ -146,6 +158,8 @@ impl Metrics {
             auth_failures: counter("drover_auth_failures_total"),
             bad_input: counter("drover_bad_input_total"),
             events_refused: counter("drover_events_refused_total"),
+            replies_rejected: counter("drover_replies_rejected_total"),
+            requests_resent: counter("drover_requests_resent_total"),
             cleanup_runs: counter("drover_cleanup_runs_total"),
             cleanup_purges_scheduled: counter("drover_cleanup_purges_scheduled_total"),
             cleanup_last_run: gauge("drover_cleanup_last_run_timestamp_seconds"),
@@ -164,6 +178,8 @@ impl Metrics {
             &metrics.auth_failures,
             &metrics.bad_input,
             &metrics.events_refused,
+            &metrics.replies_rejected,
+            &metrics.requests_resent,
             &metrics.cleanup_runs,
             &metrics.cleanup_purges_scheduled,
         ] {

@@ -141,6 +141,12 @@ async fn start(
         }))
 }
 
+/// The keep-alive `ping` event, as the original's agents expect it.
+fn ping_message() -> Message {
+    let ping = Event::new("ping").with_data(json!({"options": {}, "resources": []}));
+    Message::Text(ping.to_json().into())
+}
+
 async fn serve(
     mut socket: WebSocket,
     state: AppState,
@@ -157,12 +163,22 @@ async fn serve(
     let mut pings_sent: u64 = 0;
     let subscriber = subscription.subscriber.clone();
     tracing::debug!(?qualifier, "subscriber connected");
+    // The protocol's first frame is a `ping`, at once, before anything the hub queued the moment
+    // the socket subscribed (a request resent to an agent that came back): the ticker's first
+    // tick is not ready until the timer driver turns, so it is not left to the race below.
+    let mut greeted = false;
     let close: Option<(u16, String)> = loop {
         // Every write is raced against the hub's close request and bounded in time, so a peer
         // that stops reading can never hold this task (or its queue) forever.
         let written = tokio::select! {
             biased;
             () = subscriber.closed() => break close_frame(&mut socket, &state, &subscriber).await,
+            () = std::future::ready(()), if !greeted => {
+                greeted = true;
+                ticker.reset();
+                pings_sent += 1;
+                bounded(&subscriber, write_timeout, socket.send(ping_message())).await
+            }
             first = subscription.rx.recv() => {
                 let Some(first) = first else { break None };
                 let batch = write_batch(&mut socket, first, &mut subscription.rx);
@@ -174,8 +190,7 @@ async fn serve(
                         "subscription reached its lifetime of {max_pings} pings (api.sub.max.pings); reconnect")));
                 }
                 pings_sent += 1;
-                let ping = Event::new("ping").with_data(json!({"options": {}, "resources": []}));
-                bounded(&subscriber, write_timeout, socket.send(Message::Text(ping.to_json().into()))).await
+                bounded(&subscriber, write_timeout, socket.send(ping_message())).await
             }
             incoming = socket.recv() => match incoming {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break None,

@@ -29,7 +29,7 @@ async fn publish_project(
     publish(State(state), auth, body).await
 }
 
-/// Validates and delivers one event; answers 201 with it.
+/// Validates and delivers one event in the caller's scope; answers 201 with it.
 async fn publish(
     State(state): State<AppState>,
     Auth(principal): Auth,
@@ -53,10 +53,13 @@ async fn publish(
             principal.account.kind
         )));
     }
+    let origin = principal.origin()?;
     if !principal.is_privileged() {
-        // As in the original, ordinary callers do not start calls of their own.
+        // As in the original, ordinary callers do not start calls of their own; and the name
+        // goes out in the caller's own scope, whatever suffix it carried.
         event.reply_to = None;
         event.timeout_millis = None;
+        event.name = Some(names::base(&name).to_owned());
     }
     event
         .id
@@ -64,7 +67,7 @@ async fn publish(
     event
         .time
         .get_or_insert_with(drover_proto::event::now_millis);
-    state.hub.publish(&event);
+    state.hub.publish_from(&event, &origin);
     let mut body = serde_json::to_value(&event).map_err(ApiError::internal)?;
     if let Value::Object(fields) = &mut body {
         fields.insert("type".into(), Value::String("publish".into()));

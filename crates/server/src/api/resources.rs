@@ -294,6 +294,71 @@ fn check_type(field: &schema::Field, value: &Value) -> Result<(), ApiError> {
     }
 }
 
+/// Resolves every reference a request body carries (`requestedHostId`, `agentId`, `stackId`,
+/// `serviceId`, `instanceId`, … and those inside a service's `launchConfig`) within the
+/// project the request acts in: each must name a resource of that project that is not
+/// removed. Create, update and every action go through here, so no body can point a resource
+/// at another project's host, stack or agent. A reference to what the caller cannot see reads
+/// as not found, exactly as a `GET` of it would.
+pub(crate) async fn resolve_references(
+    state: &AppState,
+    project: i64,
+    schema: &TypeSchema,
+    body: &Map<String, Value>,
+) -> Result<(), ApiError> {
+    for (key, value) in body {
+        if key == "launchConfig"
+            && let Value::Object(config) = value
+        {
+            let containers = schema::of_kind(ResourceKind::Instance);
+            Box::pin(resolve_references(state, project, containers, config)).await?;
+            continue;
+        }
+        let Some(field) = schema::field(schema, key) else {
+            continue;
+        };
+        let Some(target) = field
+            .kind
+            .strip_prefix("reference[")
+            .and_then(|rest| rest.strip_suffix(']'))
+        else {
+            continue;
+        };
+        let Some(id) = reference(field, value)? else {
+            continue;
+        };
+        let Some(kind) = schema::RESOURCE_TYPES
+            .iter()
+            .find(|candidate| candidate.id == target)
+            .and_then(|candidate| candidate.kind)
+        else {
+            // accountId and the like are never taken from a body.
+            continue;
+        };
+        let text = value.as_str().unwrap_or_default();
+        let resource = state.store.get_resource(kind, id).await?;
+        match resource {
+            Some(resource) if resource.account_id == Some(project) => {
+                if matches!(resource.state.as_str(), "removed" | "purging" | "purged") {
+                    return Err(ApiError::invalid(
+                        "InvalidReference",
+                        field.name,
+                        format!("{target} {text} is {}", resource.state),
+                    ));
+                }
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    "InvalidReference",
+                    field.name,
+                    format!("no {target} {text:?} in this project"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn reference(field: &schema::Field, value: &Value) -> Result<Option<i64>, ApiError> {
     let Some(text) = value.as_str() else {
         return Ok(None);
@@ -337,6 +402,7 @@ async fn create(
     }
     let kind = schema.kind.expect("resource type");
     let project = scope(&state, &principal, &params).await?;
+    resolve_references(&state, project, schema, &body).await?;
     let mut new = NewResource {
         sub_kind: schema.id.to_owned(),
         account_id: Some(project),
@@ -486,6 +552,8 @@ async fn action(
         }
     };
     let resource = target(&state, &principal, &params, "POST").await?;
+    let project = resource.account_id.unwrap_or(state.default_project.id);
+    resolve_references(&state, project, schema::of_kind(resource.kind), &data).await?;
     let resource = schedule(&state, &resource, &action, data).await?;
     Ok((
         StatusCode::ACCEPTED,
@@ -554,6 +622,8 @@ async fn update(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let schema = schema_of(&params)?;
     let resource = target(&state, &principal, &params, "PUT").await?;
+    let project = resource.account_id.unwrap_or(state.default_project.id);
+    resolve_references(&state, project, schema, &body).await?;
     let mut data = resource.data.clone();
     let (mut name, mut description) = (None, None);
     for (key, value) in &body {
