@@ -328,7 +328,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(host) = &args.host {
         body["requestedHostId"] = json!(host);
     }
-    let created = client.post("containers", &body).await?;
+    let created = client.create("containers", &body).await?;
     let id = text(&created, "id");
     eprintln!("{id} created");
     let result = if args.wait {

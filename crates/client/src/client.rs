@@ -6,6 +6,9 @@ use serde_json::Value;
 
 use crate::{Error, Result};
 
+/// The header that makes a create safe to retry.
+pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
+
 /// A client of one drover server, authenticated with one key. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -106,6 +109,44 @@ impl Client {
     /// `POST` JSON to a path under `/v1` (or an absolute link).
     pub async fn post(&self, path: &str, body: &Value) -> Result<Value> {
         self.send(self.http.post(self.url(path)).json(body)).await
+    }
+
+    /// Creates a resource (`POST` to a collection) safely under retries: the request carries an
+    /// `Idempotency-Key` the client makes up, and a connection error or a `502`/`503`/`504` is
+    /// retried with the same key (up to 5 sends, with jittered backoff). The server answers a
+    /// repeated key with the resource the first send created, so a create that committed
+    /// although its answer was lost never makes a second resource.
+    pub async fn create(&self, path: &str, body: &Value) -> Result<Value> {
+        const SENDS: u32 = 5;
+        let key = uuid::Uuid::new_v4().simple().to_string();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let request = self
+                .http
+                .post(self.url(path))
+                .header(IDEMPOTENCY_KEY, &key)
+                .json(body);
+            let retryable = match self.send(request).await {
+                Err(Error::Http(error))
+                    if error.is_connect() || error.is_timeout() || error.is_request() =>
+                {
+                    Error::Http(error)
+                }
+                Err(
+                    error @ Error::Api {
+                        status: 502..=504, ..
+                    },
+                ) => error,
+                other => return other,
+            };
+            if attempt >= SENDS {
+                return Err(retryable);
+            }
+            let backoff = 100u64 << attempt.min(5);
+            let jitter = (uuid::Uuid::new_v4().as_u128() % u128::from(backoff)) as u64;
+            tokio::time::sleep(std::time::Duration::from_millis(backoff + jitter)).await;
+        }
     }
 
     /// `PUT` JSON to a path under `/v1` (or an absolute link).

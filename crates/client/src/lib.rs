@@ -71,7 +71,7 @@ pub mod router;
 mod subscribe;
 
 pub use change::ResourceChange;
-pub use client::Client;
+pub use client::{Client, IDEMPOTENCY_KEY};
 pub use drover_proto::{Event, Transitioning};
 pub use router::{Context, HandlerResult, Router, RouterBuilder};
 pub use subscribe::{EventStream, Frame, Subscribe};
