@@ -186,7 +186,7 @@ async fn keys_of(server: &TestServer, project: &str, project_key: Client) -> (Ke
         .await
         .unwrap();
     let request = wait_seen(&agent, env_container["id"].as_str().unwrap()).await;
-    let data = request.data.clone().unwrap_or_default();
+    let data = request.data.unwrap_or_default();
     let environment = server.client(
         find_str(&data, "CATTLE_ACCESS_KEY").expect("the environment key is injected"),
         find_str(&data, "CATTLE_SECRET_KEY").unwrap(),
@@ -375,7 +375,7 @@ async fn every_key_kind_reaches_only_what_the_policy_table_allows() {
                 for (method, result) in attempts {
                     let got = status(&result);
                     // 405: the method does not exist on that type for anyone, whatever the id.
-                    if !matches!(got, 403 | 404 | 405) {
+                    if !matches!(got, 403..=405) {
                         wrong.push(format!(
                             "{method} on project B's {kind} {id} as {}: {got}",
                             KINDS[k]
