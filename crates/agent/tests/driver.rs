@@ -63,6 +63,34 @@ fn marked(marker: &str) -> Vec<u32> {
     out
 }
 
+/// Waits until `count` processes carry the marker (a process just spawned shows its
+/// environment only once its exec is through) and returns them.
+async fn wait_marked(marker: &str, count: usize) -> Vec<u32> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = marked(marker);
+        if found.len() >= count {
+            return found;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{found:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn pgid_of(pid: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit(')')
+                .next()?
+                .split_whitespace()
+                .nth(2)?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
 /// Kills every process carrying the marker when the test ends, passed or failed.
 struct Reaper(String);
 
@@ -106,6 +134,7 @@ async fn a_process_started_but_not_recorded_is_adopted_not_started_again() {
     let first = driver(state.path());
     let spec = spec("1i7", &marker, &["sleep", "600"]);
     let pid = running_pid(first.start(&spec).await.unwrap());
+    wait_marked(&marker, 1).await;
     // As if the agent was killed after spawning, before writing the pid file.
     std::fs::remove_file(state.path().join("instances/1i7/pid")).unwrap();
     drop(first);
@@ -144,6 +173,7 @@ async fn another_agents_processes_are_neither_adopted_nor_stopped() {
     let a = running_pid(first.start(&spec).await.unwrap());
     let b = running_pid(second.start(&spec).await.unwrap());
     assert_ne!(a, b, "the second agent started its own process");
+    wait_marked(&marker, 2).await;
     driver(two.path()).adopt().await;
     assert_eq!(marked(&marker), {
         let mut both = vec![a, b];
@@ -176,7 +206,7 @@ async fn a_restarted_agent_stops_a_second_process_of_an_instance() {
         .process_group(0)
         .spawn()
         .unwrap();
-    assert_eq!(marked(&marker).len(), 2);
+    wait_marked(&marker, 2).await;
     driver(state.path()).adopt().await;
     assert_eq!(marked(&marker), vec![pid], "the recorded one is kept");
     let _ = extra.wait();
@@ -200,9 +230,10 @@ async fn a_stop_ends_every_process_of_the_instance_even_outside_its_group() {
             "trap '' TERM; setsid sleep 600 & exec sleep 600",
         ],
     );
-    running_pid(driver.start(&spec).await.unwrap());
+    let leader = running_pid(driver.start(&spec).await.unwrap());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while marked(&marker).len() < 2 {
+    // Until the shell has exec'd: the leader and the one in its own session.
+    while marked(&marker).len() != 2 || marked(&marker).iter().all(|pid| pgid_of(*pid) == leader) {
         assert!(
             tokio::time::Instant::now() < deadline,
             "{:?}",

@@ -80,7 +80,10 @@ impl Harness {
         if let Some(fault) = fault {
             command.env("DROVER_AGENT_FAULT", fault);
         }
-        AgentProcess(command.spawn().expect("start drover agent"))
+        AgentProcess(
+            command.spawn().expect("start drover agent"),
+            self.agent_dir(),
+        )
     }
 
     async fn wait_agent_active(&self) {
@@ -99,7 +102,8 @@ impl Harness {
     }
 }
 
-struct AgentProcess(Child);
+/// The agent child and its state directory.
+struct AgentProcess(Child, PathBuf);
 
 impl AgentProcess {
     fn kill(&mut self) {
@@ -109,8 +113,23 @@ impl AgentProcess {
 }
 
 impl Drop for AgentProcess {
+    /// Kills the agent, then every process it started (they carry its driver key in
+    /// `DROVER_INSTANCE`), by pid and by the process group each leads: instances outlive
+    /// their agent by design, and a test leaves nothing running, passed or failed.
     fn drop(&mut self) {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
         self.kill();
+        let Ok(key) = std::fs::read_to_string(self.1.join("driver-key")) else {
+            return;
+        };
+        let wanted = format!("DROVER_INSTANCE={}/", key.trim());
+        for (pid, pgid) in processes_with(|entry| entry.starts_with(wanted.as_bytes())) {
+            if pgid == pid {
+                let _ = kill(Pid::from_raw(-pgid), Signal::SIGKILL);
+            }
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
     }
 }
 
@@ -369,10 +388,9 @@ fn unique_marker(name: &str) -> String {
     format!("{name}-{}-{nanos}", std::process::id())
 }
 
-/// Live (non-zombie) processes on the host whose environment holds `TEST_MARK=<marker>`,
-/// with their process groups.
-fn marked_processes(marker: &str) -> Vec<(i32, i32)> {
-    let wanted = format!("TEST_MARK={marker}");
+/// Live (non-zombie) processes on the host with an environment entry that `matches`, with
+/// their process groups.
+fn processes_with(matches: impl Fn(&[u8]) -> bool) -> Vec<(i32, i32)> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Some(pid) = entry
@@ -385,7 +403,7 @@ fn marked_processes(marker: &str) -> Vec<(i32, i32)> {
         let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
             continue;
         };
-        if !environ.split(|b| *b == 0).any(|e| e == wanted.as_bytes()) || !pid_alive(pid) {
+        if !environ.split(|b| *b == 0).any(&matches) || !pid_alive(pid) {
             continue;
         }
         let pgid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -403,6 +421,12 @@ fn marked_processes(marker: &str) -> Vec<(i32, i32)> {
     }
     out.sort_unstable();
     out
+}
+
+/// Live processes whose environment holds `TEST_MARK=<marker>`, with their process groups.
+fn marked_processes(marker: &str) -> Vec<(i32, i32)> {
+    let wanted = format!("TEST_MARK={marker}");
+    processes_with(|entry| entry == wanted.as_bytes())
 }
 
 fn marked_pids(marker: &str) -> Vec<i32> {
@@ -460,6 +484,11 @@ async fn an_agent_killed_between_starting_and_recording_a_process_never_runs_it_
     .expect("the agent dies at its fault point")
     .unwrap();
     assert_eq!(status.signal(), Some(9), "killed: {status:?}");
+    // (A process shows its environment once its exec is through.)
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while marked_pids(&marker).is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let orphan = marked_pids(&marker);
     assert_eq!(orphan.len(), 1, "the process was started: {orphan:?}");
     let instance_dir = harness.agent_dir().join("instances").join(&id);
