@@ -5,10 +5,20 @@
 //! Instances outlive the agent: each has a directory under `<state>/instances/<id>` with its
 //! spec, its pid (and the process's start time, so a reused pid is not mistaken for it), its
 //! logs and its exit status. A restarted agent adopts the processes that still run.
+//!
+//! Exactly once: every process the driver starts carries [`MARKER_VAR`]
+//! (`<driver key>/<instance id>/<start token>`) in its environment, which its descendants
+//! inherit, and the start token is written to `start.json` before the process is spawned. The
+//! driver key is made once per state directory, so two agents on one machine never take each
+//! other's processes. A start, and a restarted agent, scan `/proc` for the instance's
+//! processes: one that runs is adopted (even when the agent was killed before it wrote the pid
+//! file), any other is stopped, and a new process is started only when none runs. A stop stops
+//! every process that carries the instance's marker, in whatever process group, and waits
+//! until they are gone.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -96,10 +106,41 @@ pub trait Driver: Send + Sync + 'static {
     fn volume_remove(&self, id: &str) -> Result<(), DriverError>;
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+/// The environment variable that marks every process the driver starts (and, by
+/// inheritance, its descendants): `<driver key>/<instance id>/<start token>`.
+pub const MARKER_VAR: &str = "DROVER_INSTANCE";
+
+/// How long processes left by another start of an instance get to end after SIGTERM.
+const EXTRA_GRACE: Duration = Duration::from_secs(5);
+/// How long processes get to disappear after SIGKILL before a stop fails.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+/// How often a stop looks again whether the processes are gone.
+const STOP_POLL: Duration = Duration::from_millis(25);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct PidRecord {
     pid: u32,
     start_time: u64,
+    /// The start token in the process's marker (absent in records of older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    token: Option<String>,
+}
+
+/// What the driver is about to start, written before it spawns the process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StartRecord {
+    token: String,
+    /// Epoch milliseconds.
+    at: u64,
+}
+
+/// A live process that carries this driver's marker for an instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Marked {
+    pid: u32,
+    pgid: u32,
+    start_time: u64,
+    token: String,
 }
 
 /// Runs instances as local processes.
@@ -115,6 +156,8 @@ pub struct LocalDriver {
     exits: Option<tokio::sync::mpsc::Sender<Exit>>,
     /// Instances being stopped by the driver: their exit is expected, not reported.
     stopping: Arc<Mutex<HashSet<String>>>,
+    /// This driver's key in the marker of every process it starts (kept in the state directory).
+    key: String,
 }
 
 /// An instance's process ended on its own (or was killed by someone other than the driver).
@@ -133,7 +176,9 @@ impl LocalDriver {
     pub fn new(state_dir: PathBuf, server_url: String) -> std::io::Result<LocalDriver> {
         std::fs::create_dir_all(state_dir.join("instances"))?;
         std::fs::create_dir_all(state_dir.join("volumes"))?;
+        let key = driver_key(&state_dir)?;
         Ok(LocalDriver {
+            key,
             root: state_dir,
             server_url,
             locks: Mutex::new(HashMap::new()),
@@ -171,11 +216,178 @@ impl LocalDriver {
             .clone()
     }
 
-    /// Reports what survived a restart of the agent (processes keep running without it).
+    /// This driver's key (the first part of [`MARKER_VAR`] in its processes).
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Takes over what survived a restart of the agent (processes keep running without it):
+    /// scans the host for this driver's processes, adopts one per instance (also one the
+    /// agent was killed before recording), stops the others, and stops every process of an
+    /// instance that no longer exists here.
     pub async fn adopt(&self) {
-        for (id, status) in self.list() {
-            tracing::info!(instance = %id, state = status.name(), "found instance from an earlier run");
+        let mut found: BTreeMap<String, Vec<Marked>> = BTreeMap::new();
+        for (id, process) in scan(&self.key, None) {
+            found.entry(id).or_default().push(process);
         }
+        for (id, _) in self.list() {
+            found.entry(id).or_default();
+        }
+        for (id, processes) in found {
+            let lock = self.lock(&id);
+            let _guard = lock.lock().await;
+            let known = self.dir(&id).is_ok_and(|dir| dir.exists());
+            if !known {
+                if processes.is_empty() {
+                    continue;
+                }
+                tracing::warn!(instance = %id, processes = processes.len(), "stopping processes of an instance this host no longer has");
+                if let Err(error) = self.terminate(&id, None, EXTRA_GRACE).await {
+                    tracing::error!(instance = %id, %error, "cannot stop them");
+                }
+                continue;
+            }
+            match self.settle(&id, processes).await {
+                Ok(_) => {
+                    let status = self.inspect(&id);
+                    tracing::info!(instance = %id, state = status.name(), "found instance from an earlier run");
+                }
+                Err(error) => {
+                    tracing::error!(instance = %id, %error, "cannot settle an instance from an earlier run")
+                }
+            }
+        }
+    }
+
+    /// Given the instance's marked processes on the host, keeps one started process (the one
+    /// on record, else the latest start's, else the oldest) and stops every other; records
+    /// the one kept and returns it. Called with the instance's lock held.
+    async fn settle(&self, id: &str, found: Vec<Marked>) -> Result<Option<PidRecord>, DriverError> {
+        let recorded = self.live_pid_record(id);
+        let keep = match &recorded {
+            Some(record) => Some(record.clone()),
+            None => {
+                let intended = self.start_record(id).map(|start| start.token);
+                let leaders: Vec<&Marked> = found.iter().filter(|m| m.pid == m.pgid).collect();
+                leaders
+                    .iter()
+                    .find(|m| intended.as_deref() == Some(m.token.as_str()))
+                    .or_else(|| leaders.iter().min_by_key(|m| m.start_time))
+                    .map(|m| PidRecord {
+                        pid: m.pid,
+                        start_time: m.start_time,
+                        token: Some(m.token.clone()),
+                    })
+            }
+        };
+        if found.iter().any(|m| !spared(m, keep.as_ref())) {
+            tracing::warn!(instance = %id, kept = ?keep.as_ref().map(|k| k.pid), "stopping processes another start of this instance left");
+            self.terminate(id, keep.as_ref(), EXTRA_GRACE).await?;
+        }
+        if let Some(keep) = &keep
+            && recorded.as_ref() != Some(keep)
+        {
+            tracing::warn!(instance = %id, pid = keep.pid, "adopting a process that was started but not recorded");
+            std::fs::write(
+                self.dir(id)?.join("pid"),
+                serde_json::to_vec(keep).unwrap_or_default(),
+            )?;
+        }
+        Ok(keep)
+    }
+
+    /// The instance's live processes, but those of `spare` (the adopted start); without
+    /// `spare`, also the recorded process (an older agent's, unmarked).
+    fn targets(&self, id: &str, spare: Option<&PidRecord>) -> Vec<Marked> {
+        let mut out: Vec<Marked> = scan(&self.key, Some(id))
+            .into_iter()
+            .map(|(_, m)| m)
+            .filter(|m| !spared(m, spare))
+            .collect();
+        if spare.is_none()
+            && let Some(record) = self.live_pid_record(id)
+            && !out.iter().any(|m| m.pid == record.pid)
+            && let Some(stat) = proc_stat(record.pid)
+        {
+            out.push(Marked {
+                pid: record.pid,
+                pgid: stat.pgid,
+                start_time: stat.start_time,
+                token: record.token.unwrap_or_default(),
+            });
+        }
+        out
+    }
+
+    /// Ends the instance's processes (but `spare`'s): SIGTERM, up to `grace` to end, then
+    /// SIGKILL, and waits until they are gone; fails if some outlive that.
+    async fn terminate(
+        &self,
+        id: &str,
+        spare: Option<&PidRecord>,
+        grace: Duration,
+    ) -> Result<(), DriverError> {
+        let recorded_leader = self.pid_record(id).map(|record| record.pid);
+        let mut current = self.targets(id, spare);
+        if current.is_empty() {
+            return Ok(());
+        }
+        signal_all(&current, recorded_leader, Signal::SIGTERM);
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            current = self.targets(id, spare);
+            if current.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(STOP_POLL).await;
+        }
+        let deadline = tokio::time::Instant::now() + KILL_WAIT;
+        loop {
+            // Again each time: what they forked meanwhile goes too.
+            signal_all(&current, recorded_leader, Signal::SIGKILL);
+            tokio::time::sleep(STOP_POLL).await;
+            current = self.targets(id, spare);
+            if current.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let pids: Vec<u32> = current.iter().map(|m| m.pid).collect();
+                return Err(DriverError::Io(std::io::Error::other(format!(
+                    "processes {pids:?} of instance {id} are still alive after SIGKILL"
+                ))));
+            }
+        }
+    }
+
+    /// The pid record, if its process still runs.
+    fn live_pid_record(&self, id: &str) -> Option<PidRecord> {
+        self.pid_record(id).filter(|record| {
+            process_start_time(record.pid)
+                .is_some_and(|start| record.start_time == 0 || start == record.start_time)
+        })
+    }
+
+    fn start_record(&self, id: &str) -> Option<StartRecord> {
+        let text = std::fs::read_to_string(self.dir(id).ok()?.join("start.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    async fn stop_locked(&self, id: &str, grace: Duration) -> Result<InstanceStatus, DriverError> {
+        self.dir(id)?;
+        if self.targets(id, None).is_empty() {
+            return Ok(self.inspect(id));
+        }
+        self.stopping().insert(id.to_owned());
+        // Every process of the instance, in whatever process group: what it started too.
+        self.terminate(id, None, grace).await?;
+        let _ = std::fs::remove_file(self.dir(id)?.join("pid"));
+        Ok(match self.inspect(id) {
+            InstanceStatus::Missing => InstanceStatus::Stopped { exit_code: None },
+            other => other,
+        })
     }
 
     fn pid_record(&self, id: &str) -> Option<PidRecord> {
@@ -192,15 +404,136 @@ impl LocalDriver {
     }
 }
 
-/// The start time of a live, non-zombie process (field 22 of `/proc/<pid>/stat`).
-fn process_start_time(pid: u32) -> Option<u64> {
+/// This driver's key, made once per state directory.
+fn driver_key(state_dir: &Path) -> std::io::Result<String> {
+    let path = state_dir.join("driver-key");
+    if let Ok(key) = std::fs::read_to_string(&path)
+        && !key.trim().is_empty()
+    {
+        return Ok(key.trim().to_owned());
+    }
+    let key = uuid::Uuid::new_v4().simple().to_string();
+    let partial = state_dir.join("driver-key.partial");
+    std::fs::write(&partial, &key)?;
+    std::fs::rename(&partial, &path)?;
+    Ok(key)
+}
+
+/// What the driver reads of `/proc/<pid>/stat`.
+#[derive(Debug, Clone, Copy)]
+struct ProcStat {
+    pgid: u32,
+    start_time: u64,
+}
+
+/// A live, non-zombie process's group and start time (fields 5 and 22 of `/proc/<pid>/stat`).
+fn proc_stat(pid: u32) -> Option<ProcStat> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after_name = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = after_name.split_whitespace().collect();
     if fields.first() == Some(&"Z") || fields.first() == Some(&"X") {
         return None;
     }
-    fields.get(19)?.parse().ok()
+    Some(ProcStat {
+        pgid: fields.get(2)?.parse().ok()?,
+        start_time: fields.get(19)?.parse().ok()?,
+    })
+}
+
+/// The start time of a live, non-zombie process.
+fn process_start_time(pid: u32) -> Option<u64> {
+    proc_stat(pid).map(|stat| stat.start_time)
+}
+
+/// The value of [`MARKER_VAR`] in a process's environment (readable for the agent's own
+/// user's processes).
+fn marker_of(pid: u32) -> Option<String> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let prefix = format!("{MARKER_VAR}=");
+    environ
+        .split(|byte| *byte == 0)
+        .find_map(|entry| entry.strip_prefix(prefix.as_bytes()))
+        .and_then(|value| String::from_utf8(value.to_vec()).ok())
+}
+
+/// Every live process on the host that carries `key`'s marker (for instance `only`, or any),
+/// with its instance id. Never the agent itself.
+fn scan(key: &str, only: Option<&str>) -> Vec<(String, Marked)> {
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Some(marker) = marker_of(pid) else {
+            continue;
+        };
+        let Some((id, token)) = marker
+            .strip_prefix(key)
+            .and_then(|rest| rest.strip_prefix('/'))
+            .and_then(|rest| rest.split_once('/'))
+        else {
+            continue;
+        };
+        if only.is_some_and(|only| only != id) {
+            continue;
+        }
+        let Some(stat) = proc_stat(pid) else {
+            continue;
+        };
+        out.push((
+            id.to_owned(),
+            Marked {
+                pid,
+                pgid: stat.pgid,
+                start_time: stat.start_time,
+                token: token.to_owned(),
+            },
+        ));
+    }
+    out
+}
+
+/// Whether a process belongs to the start that is kept.
+fn spared(process: &Marked, spare: Option<&PidRecord>) -> bool {
+    spare.is_some_and(|spare| {
+        process.pid == spare.pid
+            || process.pgid == spare.pid
+            || spare.token.as_deref() == Some(process.token.as_str())
+    })
+}
+
+/// Signals each process, and each process group that is the instance's: one led by one of the
+/// processes, or, once its leader has gone, the recorded process's. Never the agent's own group.
+fn signal_all(processes: &[Marked], recorded_leader: Option<u32>, signal: Signal) {
+    let own_group = nix::unistd::getpgrp().as_raw() as u32;
+    let mut groups = HashSet::new();
+    for process in processes {
+        let leads = processes.iter().any(|m| m.pid == process.pgid);
+        let recorded = recorded_leader == Some(process.pgid) && proc_stat(process.pgid).is_none();
+        if (leads || recorded) && process.pgid > 1 && process.pgid != own_group {
+            groups.insert(process.pgid);
+        }
+    }
+    for group in groups {
+        let _ = kill(Pid::from_raw(-(group as i32)), signal);
+    }
+    for process in processes {
+        // Not if the pid has meanwhile gone to another process.
+        if process_start_time(process.pid) == Some(process.start_time) {
+            let _ = kill(Pid::from_raw(process.pid as i32), signal);
+        }
+    }
 }
 
 impl Driver for LocalDriver {
@@ -217,12 +550,41 @@ impl Driver for LocalDriver {
             .ok_or_else(|| DriverError::Invalid("no command".into()))?;
         let dir = self.dir(&spec.id)?;
         std::fs::create_dir_all(&dir)?;
+        // A process of this instance may run unrecorded (the agent was killed after starting
+        // it): adopt it rather than start a second one; stop what another start left.
+        if let Some(adopted) = self
+            .settle(
+                &spec.id,
+                scan(&self.key, Some(&spec.id))
+                    .into_iter()
+                    .map(|(_, process)| process)
+                    .collect(),
+            )
+            .await?
+        {
+            return Ok(InstanceStatus::Running { pid: adopted.pid });
+        }
         std::fs::write(
             dir.join("spec.json"),
             serde_json::to_vec_pretty(spec).unwrap_or_default(),
         )?;
         let _ = std::fs::remove_file(dir.join("exit"));
+        let _ = std::fs::remove_file(dir.join("pid"));
         self.stopping().remove(&spec.id);
+        // What is about to start, before it starts.
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        std::fs::write(
+            dir.join("start.json"),
+            serde_json::to_vec(&StartRecord {
+                token: token.clone(),
+                at,
+            })
+            .unwrap_or_default(),
+        )?;
         let stdout = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -249,16 +611,24 @@ impl Driver for LocalDriver {
         if let Some(working_dir) = &spec.working_dir {
             command.current_dir(working_dir);
         }
+        // The marker, set last so that the spec's environment cannot replace it.
+        command.env(MARKER_VAR, format!("{}/{}/{token}", self.key, spec.id));
         let mut child = command
             .spawn()
             .map_err(|error| DriverError::Invalid(format!("cannot run {program:?}: {error}")))?;
         let pid = child
             .id()
             .ok_or_else(|| DriverError::Invalid("the process exited at once".into()))?;
+        crate::fault_point("crash-after-spawn");
         let start_time = process_start_time(pid).unwrap_or(0);
         std::fs::write(
             dir.join("pid"),
-            serde_json::to_vec(&PidRecord { pid, start_time }).unwrap_or_default(),
+            serde_json::to_vec(&PidRecord {
+                pid,
+                start_time,
+                token: Some(token),
+            })
+            .unwrap_or_default(),
         )?;
         // Supervise: record the exit status when it ends.
         let exit_path = dir.join("exit");
@@ -305,40 +675,13 @@ impl Driver for LocalDriver {
     async fn stop(&self, id: &str, grace: Duration) -> Result<InstanceStatus, DriverError> {
         let lock = self.lock(id);
         let _guard = lock.lock().await;
-        let InstanceStatus::Running { pid } = self.inspect(id) else {
-            return Ok(self.inspect(id));
-        };
-        let target = Pid::from_raw(-(pid as i32));
-        self.stopping().insert(id.to_owned());
-        // The whole process group: the instance and whatever it started.
-        let _ = kill(target, Signal::SIGTERM);
-        let deadline = tokio::time::Instant::now() + grace;
-        while tokio::time::Instant::now() < deadline {
-            if !matches!(self.inspect(id), InstanceStatus::Running { .. }) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        if matches!(self.inspect(id), InstanceStatus::Running { .. }) {
-            let _ = kill(target, Signal::SIGKILL);
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-            while matches!(self.inspect(id), InstanceStatus::Running { .. })
-                && tokio::time::Instant::now() < deadline
-            {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        let _ = std::fs::remove_file(self.dir(id)?.join("pid"));
-        Ok(match self.inspect(id) {
-            InstanceStatus::Missing => InstanceStatus::Stopped { exit_code: None },
-            other => other,
-        })
+        self.stop_locked(id, grace).await
     }
 
     async fn remove(&self, id: &str) -> Result<(), DriverError> {
-        self.stop(id, Duration::from_secs(10)).await?;
         let lock = self.lock(id);
         let _guard = lock.lock().await;
+        self.stop_locked(id, Duration::from_secs(10)).await?;
         match std::fs::remove_dir_all(self.dir(id)?) {
             Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error.into()),
             _ => Ok(()),
@@ -352,10 +695,7 @@ impl Driver for LocalDriver {
         if !dir.exists() {
             return InstanceStatus::Missing;
         }
-        if let Some(record) = self.pid_record(id)
-            && process_start_time(record.pid)
-                .is_some_and(|start| record.start_time == 0 || start == record.start_time)
-        {
+        if let Some(record) = self.live_pid_record(id) {
             return InstanceStatus::Running { pid: record.pid };
         }
         InstanceStatus::Stopped {

@@ -135,7 +135,7 @@ impl<D: Driver> Agent<D> {
             .start(&spec)
             .await
             .map_err(|error| error.to_string())?;
-        fault_point("exit-before-reply");
+        crate::fault_point("exit-before-reply");
         tracing::info!(instance = %spec.id, state = status.name(), "activated");
         Ok(Some(json!({"instance": report(status)})))
     }
@@ -232,16 +232,6 @@ impl<D: Driver> Agent<D> {
             resources.push(json!({"type": "instance", "id": id, "state": status.name()}));
         }
         Ok(Some(json!({"resources": resources})))
-    }
-}
-
-/// Fault injection for the failure tests: with `DROVER_AGENT_FAULT=<point>` the agent dies
-/// abruptly (exit code 137, as if killed) when it reaches that point. Never set in
-/// production; `drover agent --help` does not list it.
-fn fault_point(point: &str) {
-    if std::env::var("DROVER_AGENT_FAULT").is_ok_and(|fault| fault == point) {
-        tracing::warn!(point, "DROVER_AGENT_FAULT: exiting abruptly");
-        std::process::exit(137);
     }
 }
 

@@ -93,6 +93,20 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> anyhow::Result
     result.map_err(Into::into)
 }
 
+/// Fault injection, for tests only: with `DROVER_AGENT_FAULT=<point>` the agent kills itself
+/// with SIGKILL (no clean-up, nothing flushed, as `kill -9` would) when it reaches that point.
+/// The points: `crash-after-spawn` (an instance's process started, not yet recorded) and
+/// `exit-before-reply` (an instance started and recorded, the reply not yet sent). Off unless
+/// the variable is set; never set it in production (`drover agent --help` does not list it).
+pub(crate) fn fault_point(point: &str) {
+    if std::env::var("DROVER_AGENT_FAULT").is_ok_and(|fault| fault == point) {
+        tracing::warn!(point, "DROVER_AGENT_FAULT: killing the agent");
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGKILL);
+        // SIGKILL cannot be caught; should it somehow not be delivered, still never go on.
+        std::process::abort();
+    }
+}
+
 /// Exits waiting to be reported; past it they are left to the next ping.
 const EXIT_QUEUE: usize = 256;
 

@@ -1,6 +1,7 @@
 //! The host agent end to end: the real server (in this process) and the real `drover agent`
 //! binary as a child process, running real local processes.
 
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -79,7 +80,10 @@ impl Harness {
         if let Some(fault) = fault {
             command.env("DROVER_AGENT_FAULT", fault);
         }
-        AgentProcess(command.spawn().expect("start drover agent"))
+        AgentProcess(
+            command.spawn().expect("start drover agent"),
+            self.agent_dir(),
+        )
     }
 
     async fn wait_agent_active(&self) {
@@ -98,7 +102,8 @@ impl Harness {
     }
 }
 
-struct AgentProcess(Child);
+/// The agent child and its state directory.
+struct AgentProcess(Child, PathBuf);
 
 impl AgentProcess {
     fn kill(&mut self) {
@@ -108,8 +113,23 @@ impl AgentProcess {
 }
 
 impl Drop for AgentProcess {
+    /// Kills the agent, then every process it started (they carry its driver key in
+    /// `DROVER_INSTANCE`), by pid and by the process group each leads: instances outlive
+    /// their agent by design, and a test leaves nothing running, passed or failed.
     fn drop(&mut self) {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
         self.kill();
+        let Ok(key) = std::fs::read_to_string(self.1.join("driver-key")) else {
+            return;
+        };
+        let wanted = format!("DROVER_INSTANCE={}/", key.trim());
+        for (pid, pgid) in processes_with(|entry| entry.starts_with(wanted.as_bytes())) {
+            if pgid == pid {
+                let _ = kill(Pid::from_raw(-pgid), Signal::SIGKILL);
+            }
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
     }
 }
 
@@ -341,7 +361,7 @@ async fn an_agent_killed_mid_process_finishes_it_after_restart_without_running_i
     .await
     .expect("the agent exits at its fault point")
     .unwrap();
-    assert_eq!(status.code(), Some(137));
+    assert_eq!(status.signal(), Some(9), "killed: {status:?}");
     assert_eq!(harness.admin.get(&path).await.unwrap()["state"], "starting");
     // Restarted, the same agent adopts the process and answers the resent request.
     let _agent = harness.start_agent(None);
@@ -355,6 +375,187 @@ async fn an_agent_killed_mid_process_finishes_it_after_restart_without_running_i
         1,
         "a restart is the same agent"
     );
+    harness.admin.delete(&path).await.unwrap();
+    wait_state(&harness.admin, &path, "removed").await;
+}
+
+/// A marker for one test's processes (in their environment), unique on the machine.
+fn unique_marker(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{name}-{}-{nanos}", std::process::id())
+}
+
+/// Live (non-zombie) processes on the host with an environment entry that `matches`, with
+/// their process groups.
+fn processes_with(matches: impl Fn(&[u8]) -> bool) -> Vec<(i32, i32)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        if !environ.split(|b| *b == 0).any(&matches) || !pid_alive(pid) {
+            continue;
+        }
+        let pgid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                stat.rsplit(')')
+                    .next()?
+                    .split_whitespace()
+                    .nth(2)?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(pid);
+        out.push((pid, pgid));
+    }
+    out.sort_unstable();
+    out
+}
+
+/// Live processes whose environment holds `TEST_MARK=<marker>`, with their process groups.
+fn marked_processes(marker: &str) -> Vec<(i32, i32)> {
+    let wanted = format!("TEST_MARK={marker}");
+    processes_with(|entry| entry == wanted.as_bytes())
+}
+
+fn marked_pids(marker: &str) -> Vec<i32> {
+    marked_processes(marker)
+        .into_iter()
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// Kills, when the test ends (passed or failed), every process carrying the test's marker,
+/// and the process group each leads.
+struct Reaper(String);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        for (pid, pgid) in marked_processes(&self.0) {
+            if pgid == pid {
+                let _ = kill(Pid::from_raw(-pgid), Signal::SIGKILL);
+            }
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_agent_killed_between_starting_and_recording_a_process_never_runs_it_twice() {
+    let harness = Harness::start().await;
+    let marker = unique_marker("once");
+    let _reaper = Reaper(marker.clone());
+    let mut agent = harness.start_agent(Some("crash-after-spawn"));
+    harness.wait_agent_active().await;
+    let created = harness
+        .admin
+        .post(
+            "containers",
+            &json!({"name": "exactly-once", "command": ["sleep", "600"],
+                    "environment": {"TEST_MARK": marker}}),
+        )
+        .await
+        .unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    let path = format!("containers/{id}");
+    // The agent starts the process, then kills itself before it records it.
+    let status = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || {
+            let status = agent.0.wait().unwrap();
+            std::mem::forget(agent);
+            status
+        }),
+    )
+    .await
+    .expect("the agent dies at its fault point")
+    .unwrap();
+    assert_eq!(status.signal(), Some(9), "killed: {status:?}");
+    // (A process shows its environment once its exec is through.)
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while marked_pids(&marker).is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let orphan = marked_pids(&marker);
+    assert_eq!(orphan.len(), 1, "the process was started: {orphan:?}");
+    let instance_dir = harness.agent_dir().join("instances").join(&id);
+    assert!(
+        instance_dir.join("start.json").exists() && !instance_dir.join("pid").exists(),
+        "killed after recording the intent, before recording the pid"
+    );
+
+    // Restarted without the fault, the agent finds the process instead of starting another.
+    let _agent = harness.start_agent(None);
+    let running = wait_state(&harness.admin, &path, "running").await;
+    assert_eq!(
+        marked_pids(&marker),
+        orphan,
+        "exactly one process of the container, the one started before the kill"
+    );
+    assert_eq!(running["externalId"], format!("pid:{}", orphan[0]));
+
+    harness.admin.delete(&path).await.unwrap();
+    wait_state(&harness.admin, &path, "removed").await;
+    assert_eq!(
+        marked_pids(&marker),
+        Vec::<i32>::new(),
+        "none left after remove"
+    );
+}
+
+#[tokio::test]
+async fn a_stop_ends_every_process_of_a_container_even_one_that_left_its_group() {
+    let harness = Harness::start().await;
+    let marker = unique_marker("group");
+    let _reaper = Reaper(marker.clone());
+    let _agent = harness.start_agent(None);
+    harness.wait_agent_active().await;
+    let created = harness
+        .admin
+        .post(
+            "containers",
+            &json!({"name": "escaper",
+                    "command": ["sh", "-c", "setsid sleep 600 & exec sleep 600"],
+                    "environment": {"TEST_MARK": marker}}),
+        )
+        .await
+        .unwrap();
+    let path = format!("containers/{}", created["id"].as_str().unwrap());
+    wait_state(&harness.admin, &path, "running").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while marked_processes(&marker).len() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            marked_processes(&marker)
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let groups: std::collections::BTreeSet<i32> = marked_processes(&marker)
+        .into_iter()
+        .map(|(_, pgid)| pgid)
+        .collect();
+    assert_eq!(groups.len(), 2, "one process left the container's group");
+    harness
+        .admin
+        .post(&format!("{path}?action=stop"), &json!({}))
+        .await
+        .unwrap();
+    wait_state(&harness.admin, &path, "stopped").await;
+    assert_eq!(marked_processes(&marker), Vec::new(), "stop ends them all");
     harness.admin.delete(&path).await.unwrap();
     wait_state(&harness.admin, &path, "removed").await;
 }
