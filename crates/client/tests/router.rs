@@ -566,7 +566,7 @@ async fn a_handshake_that_never_completes_times_out_and_is_retried() {
         let waited = *ended - *accepted;
         assert!(
             waited >= timeout / 2 && waited < Duration::from_secs(5),
-            "an attempt was left after {waited:?} (handshake timeout {timeout:?})"
+            "an attempt was closed after {waited:?}; the handshake timeout is {timeout:?}"
         );
     }
     assert_eq!(*running.connections.borrow(), 0);
