@@ -8,7 +8,9 @@ use std::time::Duration;
 use base64::Engine;
 use drover_client::{Event, Subscribe};
 use drover_test_support::agent::{Answer, Policy, TestAgent};
-use drover_test_support::{ADMIN_ACCESS, ADMIN_SECRET, TestServer, next_event, wait_state, within};
+use drover_test_support::{
+    ADMIN_ACCESS, ADMIN_SECRET, TestServer, next_event, wait_for, wait_state, within,
+};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -464,10 +466,8 @@ async fn agent_ping_tells_when_an_agent_last_answered() {
     // Three more pings reach it and go unanswered (the monitor pings an agent again only once
     // it has handled the previous ping's result), then a marker: nothing but the marker may come.
     let pinged = agent.pings.load(Ordering::SeqCst);
-    within("three more unanswered pings", async {
-        while agent.pings.load(Ordering::SeqCst) < pinged + 3 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    wait_for("three more unanswered pings", || async {
+        (agent.pings.load(Ordering::SeqCst) >= pinged + 3).then_some(())
     })
     .await;
     let marker = Event::new("test.marker");

@@ -82,7 +82,8 @@ pub async fn wait_state(client: &Client, path: &str, state: &str) -> Value {
 /// subscribes to `state.change` and `resource.change` first, then reads the resource, and
 /// reads it again on each event about it (any event, for a collection), with no polling. The
 /// failure shows the last state seen. `client` must be able to see the changes: an admin key
-/// (raw `state.change`) or a project key (its project's `resource.change`).
+/// (raw `state.change`) or a project key (its project's `resource.change`). The wait's own
+/// subscription counts in `drover_connections` until the server sees it close.
 pub async fn wait_change(
     client: &Client,
     path: &str,
