@@ -3,65 +3,58 @@
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use drover_client::{Client, Error, Subscribe};
-use drover_server::{Config, Server};
+use drover_test_support::process::DroverProcess;
+use drover_test_support::{ADMIN_ACCESS, ADMIN_SECRET, TestServer, wait_for, wait_state};
 use serde_json::{Value, json};
 
-const ACCESS: &str = "AGENTTESTADMINKEY001";
-const SECRET: &str = "agent-test-admin-secret-0123456789abcdef";
-
+/// A real server with quick pings and retries, a registration token, and a state directory
+/// for `drover agent`.
 struct Harness {
-    server: Server,
-    admin: Client,
+    server: TestServer,
+    admin: drover_client::Client,
     url: String,
-    dir: tempfile::TempDir,
+    agent_dir: tempfile::TempDir,
     token: String,
 }
 
 impl Harness {
     async fn start() -> Harness {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = Config::new(dir.path().join("server"));
-        config.admin_access_key = Some(ACCESS.into());
-        config.admin_secret_key = Some(SECRET.into());
-        config.settings = [
+        let server = TestServer::start_with(&[
             ("agent.ping.interval.millis", "100"),
             ("agent.activate.ping.timeout.millis", "300"),
             ("eventing.timeout.millis", "1000"),
             ("process.retry_max_wait.millis", "300"),
             ("process.poll.millis", "50"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server = Server::start(listener, config).await.unwrap();
-        let url = format!("http://{}", server.addr);
-        let admin = Client::new(&url, ACCESS, SECRET).unwrap();
-        let token = admin.post("registrationtokens", &json!({})).await.unwrap()["token"]
+        ])
+        .await;
+        let token = server
+            .admin
+            .post("registrationtokens", &json!({}))
+            .await
+            .unwrap()["token"]
             .as_str()
             .unwrap()
             .to_owned();
         Harness {
+            admin: server.admin.clone(),
+            url: server.url.clone(),
             server,
-            admin,
-            url,
-            dir,
+            agent_dir: tempfile::tempdir().unwrap(),
             token,
         }
     }
 
     fn agent_dir(&self) -> PathBuf {
-        self.dir.path().join("agent")
+        self.agent_dir.path().to_owned()
     }
 
     /// Starts `drover agent` with the registration token; `fault` sets DROVER_AGENT_FAULT.
     fn start_agent(&self, fault: Option<&str>) -> AgentProcess {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_drover"));
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_drover"));
         command
             .args([
                 "agent",
@@ -80,20 +73,20 @@ impl Harness {
         if let Some(fault) = fault {
             command.env("DROVER_AGENT_FAULT", fault);
         }
-        AgentProcess(
-            command.spawn().expect("start drover agent"),
-            self.agent_dir(),
-        )
+        AgentProcess {
+            process: DroverProcess::spawn(command),
+            dir: self.agent_dir(),
+        }
     }
 
     async fn wait_agent_active(&self) {
-        wait_for(&self.admin, "agents", "an active agent", |agents| {
+        drover_test_support::wait_change(&self.admin, "agents", "an active agent", |agents| {
             agents["data"]
                 .as_array()
                 .is_some_and(|data| data.iter().any(|agent| agent["state"] == "active"))
         })
         .await;
-        wait_for(&self.admin, "hosts", "an active host", |hosts| {
+        drover_test_support::wait_change(&self.admin, "hosts", "an active host", |hosts| {
             hosts["data"]
                 .as_array()
                 .is_some_and(|data| data.iter().any(|host| host["state"] == "active"))
@@ -103,13 +96,9 @@ impl Harness {
 }
 
 /// The agent child and its state directory.
-struct AgentProcess(Child, PathBuf);
-
-impl AgentProcess {
-    fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+struct AgentProcess {
+    process: DroverProcess,
+    dir: PathBuf,
 }
 
 impl Drop for AgentProcess {
@@ -119,8 +108,8 @@ impl Drop for AgentProcess {
     fn drop(&mut self) {
         use nix::sys::signal::{Signal, kill};
         use nix::unistd::Pid;
-        self.kill();
-        let Ok(key) = std::fs::read_to_string(self.1.join("driver-key")) else {
+        let _ = self.process.child_mut().start_kill();
+        let Ok(key) = std::fs::read_to_string(self.dir.join("driver-key")) else {
             return;
         };
         let wanted = format!("DROVER_INSTANCE={}/", key.trim());
@@ -133,45 +122,14 @@ impl Drop for AgentProcess {
     }
 }
 
-async fn wait_for(client: &Client, path: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(value) = client.get(path).await
-            && done(&value)
-        {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what} on {path}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-async fn wait_state(client: &Client, path: &str, state: &str) -> Value {
-    wait_for(client, path, state, |r| {
-        r["state"] == state && r["transitioning"] == "no"
-    })
-    .await
-}
-
 /// Waits until a file exists and returns its text.
 async fn read_when_there(path: &Path) -> String {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(text) = std::fs::read_to_string(path)
-            && !text.is_empty()
-        {
-            return text;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    wait_for(&format!("{} to appear", path.display()), || async {
+        std::fs::read_to_string(path)
+            .ok()
+            .filter(|text| !text.is_empty())
+    })
+    .await
 }
 
 fn pid_alive(pid: i32) -> bool {
@@ -350,17 +308,9 @@ async fn an_agent_killed_mid_process_finishes_it_after_restart_without_running_i
     let path = format!("containers/{}", created["id"].as_str().unwrap());
     // The agent starts the process, then dies before it can reply.
     read_when_there(&work.path().join("runs.log")).await;
-    let status = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio::task::spawn_blocking(move || {
-            let status = agent.0.wait().unwrap();
-            std::mem::forget(agent);
-            status
-        }),
-    )
-    .await
-    .expect("the agent exits at its fault point")
-    .unwrap();
+    // The agent exits at its fault point; what it started stays for the restarted agent.
+    let status = agent.process.exited(Duration::from_secs(30)).await;
+    std::mem::forget(agent);
     assert_eq!(status.signal(), Some(9), "killed: {status:?}");
     assert_eq!(harness.admin.get(&path).await.unwrap()["state"], "starting");
     // Restarted, the same agent adopts the process and answers the resent request.
@@ -472,17 +422,8 @@ async fn an_agent_killed_between_starting_and_recording_a_process_never_runs_it_
     let id = created["id"].as_str().unwrap().to_owned();
     let path = format!("containers/{id}");
     // The agent starts the process, then kills itself before it records it.
-    let status = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio::task::spawn_blocking(move || {
-            let status = agent.0.wait().unwrap();
-            std::mem::forget(agent);
-            status
-        }),
-    )
-    .await
-    .expect("the agent dies at its fault point")
-    .unwrap();
+    let status = agent.process.exited(Duration::from_secs(30)).await;
+    std::mem::forget(agent);
     assert_eq!(status.signal(), Some(9), "killed: {status:?}");
     // (A process shows its environment once its exec is through.)
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -714,20 +655,20 @@ async fn drover_purge_runs_the_cleanup_now_and_prints_its_report() {
             Command::new(env!("CARGO_BIN_EXE_drover"))
                 .args(args)
                 .env("CATTLE_URL", url)
-                .env("CATTLE_ACCESS_KEY", ACCESS)
+                .env("CATTLE_ACCESS_KEY", ADMIN_ACCESS)
                 .env("CATTLE_SECRET_KEY", secret)
                 .output()
                 .unwrap()
         })
     };
-    let output = run(&["purge", "--json"], SECRET).await.unwrap();
+    let output = run(&["purge", "--json"], ADMIN_SECRET).await.unwrap();
     assert!(output.status.success(), "{output:?}");
     let report: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(report["type"], "cleanupReport");
     assert_eq!(report["purgesScheduled"], 1, "{report:#}");
     wait_state(&harness.admin, &path, "purged").await;
 
-    let table = run(&["purge"], SECRET).await.unwrap();
+    let table = run(&["purge"], ADMIN_SECRET).await.unwrap();
     assert!(table.status.success(), "{table:?}");
     let stdout = String::from_utf8_lossy(&table.stdout);
     assert!(

@@ -1,103 +1,40 @@
 //! The event router end to end: a real server, real sockets, real replies.
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use drover_client::{Client, Event, RouterBuilder};
 use drover_server::hub::CallError;
-use drover_server::{Config, Server};
+use drover_test_support::{ADMIN_ACCESS, TestServer, wait_for, within};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-const ADMIN_ACCESS: &str = "TESTADMINACCESSKEY01";
-const ADMIN_SECRET: &str = "test-admin-secret-key-0123456789abcdefgh";
-/// The bound on every wait: a broken router fails the test instead of hanging it.
-const WAIT: Duration = Duration::from_secs(20);
-
-/// Awaits `future`, failing the test after [`WAIT`].
-async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT, future)
-        .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-}
-
-/// A server on its own data directory, with the admin key set.
-struct TestServer {
-    server: Server,
-    admin: Client,
-    url: String,
-    dir: tempfile::TempDir,
-}
-
-/// A client of a fake server (the crypto provider is installed by whoever comes first).
+/// A client of a fake server.
 fn fake_client(url: &str) -> Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    drover_test_support::init();
     Client::new(url, "a", "b").unwrap()
 }
 
-async fn start_on(listener: TcpListener, dir: &Path) -> Server {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut config = Config::new(dir);
-    config.admin_access_key = Some(ADMIN_ACCESS.into());
-    config.admin_secret_key = Some(ADMIN_SECRET.into());
-    Server::start(listener, config)
-        .await
-        .expect("server starts")
+/// A new agent in the default project and a client with its agent key.
+async fn agent(server: &TestServer, name: &str) -> (i64, Client) {
+    server.agent(server.default_project(), name).await
 }
 
-impl TestServer {
-    async fn start() -> TestServer {
-        let dir = tempfile::tempdir().unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server = start_on(listener, dir.path()).await;
-        let url = format!("http://{}", server.addr);
-        TestServer {
-            admin: Client::new(&url, ADMIN_ACCESS, ADMIN_SECRET).unwrap(),
-            server,
-            url,
-            dir,
-        }
-    }
-
-    /// A new agent in the default project and a client with its agent key.
-    async fn agent(&self, name: &str) -> (i64, Client) {
-        let (agent_id, _, key) = self
+/// Calls an agent through the hub, as the engine does, and returns the reply.
+async fn call(server: &TestServer, event: Event) -> Result<Event, CallError> {
+    within(
+        "a reply",
+        server
             .server
             .state
-            .store
-            .create_agent(self.server.state.default_project.id, name, None)
-            .await
-            .unwrap();
-        let client = Client::new(&self.url, &key.credential.public_value, &key.secret_value);
-        (agent_id, client.unwrap())
-    }
-
-    /// Calls an agent through the hub, as the engine does, and returns the reply.
-    async fn call(&self, event: Event) -> Result<Event, CallError> {
-        within(
-            "a reply",
-            self.server
-                .state
-                .hub
-                .call(event, Duration::from_secs(10), |_| {}),
-        )
-        .await
-    }
-
-    /// The value of a counter or gauge on `/metrics`.
-    fn metric(&self, name: &str) -> f64 {
-        let text = self.server.state.metrics.render();
-        text.lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-            .map(|value| value.trim().parse().unwrap())
-            .unwrap_or_else(|| panic!("metric {name} not found"))
-    }
+            .hub
+            .call(event, Duration::from_secs(10), |_| {}),
+    )
+    .await
 }
 
 /// A router running in a task until the test stops it.
@@ -154,7 +91,7 @@ async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
 #[tokio::test]
 async fn a_handlers_result_is_the_reply_the_caller_gets() {
     let server = TestServer::start().await;
-    let (agent_id, agent) = server.agent("host-a").await;
+    let (agent_id, agent) = agent(&server, "host-a").await;
     let mut running = Running::start(router(agent).on(
         "compute.instance.activate",
         |event, context| async move {
@@ -202,7 +139,7 @@ async fn a_handlers_result_is_the_reply_the_caller_gets() {
 #[tokio::test]
 async fn errors_and_panics_become_error_replies() {
     let server = TestServer::start().await;
-    let (agent_id, agent) = server.agent("host-a").await;
+    let (agent_id, agent) = agent(&server, "host-a").await;
     let mut running = Running::start(
         router(agent)
             .on("storage.volume.activate", |_, _| async {
@@ -214,17 +151,17 @@ async fn errors_and_panics_become_error_replies() {
     );
     running.connected(1).await;
 
-    let failed = server
-        .call(Event::new(format!(
-            "storage.volume.activate;agent={agent_id}"
-        )))
-        .await;
+    let failed = call(
+        &server,
+        Event::new(format!("storage.volume.activate;agent={agent_id}")),
+    )
+    .await;
     assert_eq!(failed, Err(CallError::ErrorReply("disk full".into())));
-    let panicked = server
-        .call(Event::new(format!(
-            "storage.volume.remove;agent={agent_id}"
-        )))
-        .await;
+    let panicked = call(
+        &server,
+        Event::new(format!("storage.volume.remove;agent={agent_id}")),
+    )
+    .await;
     match panicked {
         Err(CallError::ErrorReply(message)) => {
             assert!(
@@ -234,14 +171,14 @@ async fn errors_and_panics_become_error_replies() {
         }
         other => panic!("expected an error reply, got {other:?}"),
     }
-    // The router survived both.
-    assert!(
-        server
-            .call(Event::new(format!(
-                "storage.volume.activate;agent={agent_id}"
-            )))
-            .await
-            .is_err()
+    // The router survived both: it still answers (a dead router would time out).
+    assert_eq!(
+        call(
+            &server,
+            Event::new(format!("storage.volume.activate;agent={agent_id}"))
+        )
+        .await,
+        Err(CallError::ErrorReply("disk full".into()))
     );
     running.stop().await;
 }
@@ -249,7 +186,7 @@ async fn errors_and_panics_become_error_replies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_resource_is_handled_in_order_while_others_proceed() {
     let server = TestServer::start().await;
-    let (agent_id, agent) = server.agent("host-a").await;
+    let (agent_id, agent) = agent(&server, "host-a").await;
     let (tx, mut rx) = mpsc::unbounded_channel::<String>();
     let gate = Arc::new(Semaphore::new(0));
     let mut running = Running::start(router(agent).on("work", {
@@ -332,7 +269,7 @@ async fn one_resource_is_handled_in_order_while_others_proceed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_applies_backpressure_and_drops_nothing() {
     let server = TestServer::start().await;
-    let (agent_id, agent) = server.agent("host-a").await;
+    let (agent_id, agent) = agent(&server, "host-a").await;
     let (tx, mut rx) = mpsc::unbounded_channel::<i64>();
     let gate = Arc::new(Semaphore::new(0));
     let mut running = Running::start(router(agent).workers(1).queue_capacity(2).on("work", {
@@ -375,7 +312,7 @@ async fn a_full_queue_applies_backpressure_and_drops_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pings_with_reply_to_are_answered_even_while_every_worker_is_busy() {
     let server = TestServer::start().await;
-    let (agent_id, agent) = server.agent("host-a").await;
+    let (agent_id, agent) = agent(&server, "host-a").await;
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
     let gate = Arc::new(Semaphore::new(0));
     let mut running = Running::start(router(agent).workers(1).on("work", {
@@ -398,10 +335,12 @@ async fn pings_with_reply_to_are_answered_even_while_every_worker_is_busy() {
         .unwrap();
     recv(&mut rx).await;
 
-    let reply = server
-        .call(Event::new(format!("ping;agent={agent_id}")).with_resource("agent", "1ag1"))
-        .await
-        .unwrap();
+    let reply = call(
+        &server,
+        Event::new(format!("ping;agent={agent_id}")).with_resource("agent", "1ag1"),
+    )
+    .await
+    .unwrap();
     assert_eq!(reply.data, Some(json!({})));
     assert_eq!(reply.previous_names, vec!["ping".to_owned()]);
     gate.add_permits(1);
@@ -411,7 +350,7 @@ async fn pings_with_reply_to_are_answered_even_while_every_worker_is_busy() {
 #[tokio::test]
 async fn a_registered_ping_handler_answers_pings() {
     let server = TestServer::start().await;
-    let (agent_id, agent) = server.agent("host-a").await;
+    let (agent_id, agent) = agent(&server, "host-a").await;
     let pinged = Arc::new(AtomicUsize::new(0));
     let mut running = Running::start(router(agent).on("ping", {
         let pinged = pinged.clone();
@@ -427,8 +366,7 @@ async fn a_registered_ping_handler_answers_pings() {
         }
     }));
     running.connected(1).await;
-    let reply = server
-        .call(Event::new(format!("ping;agent={agent_id}")))
+    let reply = call(&server, Event::new(format!("ping;agent={agent_id}")))
         .await
         .unwrap();
     assert_eq!(
@@ -493,7 +431,7 @@ async fn resource_change_callbacks_get_the_resource() {
 async fn the_router_resubscribes_after_the_server_restarts() {
     let first = TestServer::start().await;
     let addr: SocketAddr = first.server.addr;
-    let (agent_id, agent) = first.agent("host-a").await;
+    let (agent_id, agent) = agent(&first, "host-a").await;
     let handled = Arc::new(AtomicUsize::new(0));
     let mut running = Running::start(router(agent).on("config.update", {
         let handled = handled.clone();
@@ -504,35 +442,16 @@ async fn the_router_resubscribes_after_the_server_restarts() {
     }));
     running.connected(1).await;
     let request = || Event::new(format!("config.update;agent={agent_id}"));
-    let reply = first
-        .call(request().with_data(json!({"n": 1})))
+    let reply = call(&first, request().with_data(json!({"n": 1})))
         .await
         .unwrap();
     assert_eq!(reply.data, Some(json!({"seen": {"n": 1}})));
 
     // Stop the server, then start another on the same address and data directory.
-    let TestServer { server, dir, .. } = first;
-    within("the server to stop", server.stop()).await;
-    let listener = within("the address to be free again", async {
-        loop {
-            match TcpListener::bind(addr).await {
-                Ok(listener) => break listener,
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-    })
-    .await;
-    let server = start_on(listener, dir.path()).await;
-    let second = TestServer {
-        url: format!("http://{addr}"),
-        admin: Client::new(&format!("http://{addr}"), ADMIN_ACCESS, ADMIN_SECRET).unwrap(),
-        server,
-        dir,
-    };
+    let second = first.restart().await;
     assert_eq!(second.server.addr, addr);
     running.connected(2).await;
-    let reply = second
-        .call(request().with_data(json!({"n": 2})))
+    let reply = call(&second, request().with_data(json!({"n": 2})))
         .await
         .unwrap();
     assert_eq!(reply.data, Some(json!({"seen": {"n": 2}})));
@@ -540,10 +459,8 @@ async fn the_router_resubscribes_after_the_server_restarts() {
     assert_eq!(second.metric("drover_connections"), 1.0);
     running.stop().await;
     // Shutdown closed the socket: the server sees it go.
-    within("the server to see the socket close", async {
-        while second.metric("drover_connections") > 0.0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    wait_for("the server to see the socket close", || async {
+        (second.metric("drover_connections") == 0.0).then_some(())
     })
     .await;
 }
@@ -551,12 +468,10 @@ async fn the_router_resubscribes_after_the_server_restarts() {
 #[tokio::test]
 async fn a_refused_subscription_is_retried() {
     let server = TestServer::start().await;
-    let wrong = Client::new(&server.url, ADMIN_ACCESS, "not-the-secret").unwrap();
+    let wrong = server.client(ADMIN_ACCESS, "not-the-secret");
     let running = Running::start(router(wrong).on("x", |_, _| async { Ok(None) }));
-    within("three refused attempts", async {
-        while server.metric("drover_auth_failures_total") < 3.0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    wait_for("three refused attempts", || async {
+        (server.metric("drover_auth_failures_total") >= 3.0).then_some(())
     })
     .await;
     assert_eq!(*running.connections.borrow(), 0);
@@ -612,32 +527,48 @@ async fn a_server_that_stops_answering_pings_is_left_and_reconnected() {
 
 #[tokio::test]
 async fn a_handshake_that_never_completes_times_out_and_is_retried() {
-    // Accepts TCP connections and never answers the upgrade.
+    // Accepts TCP connections and never answers the upgrade; reports, per connection, when it
+    // was accepted and when the client closed it.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let accepted = Arc::new(AtomicUsize::new(0));
     let (tx, mut rx) = mpsc::unbounded_channel();
-    tokio::spawn({
-        let accepted = accepted.clone();
-        async move {
-            let mut held = Vec::new();
-            while let Ok((tcp, _)) = listener.accept().await {
-                held.push(tcp);
-                accepted.fetch_add(1, Ordering::SeqCst);
-                let _ = tx.send(());
-            }
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let accepted = tokio::time::Instant::now();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut buffer = [0u8; 4096];
+                // The upgrade request, then nothing until the client gives up and closes.
+                while let Ok(n) = tcp.read(&mut buffer).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                let _ = tx.send((accepted, tokio::time::Instant::now()));
+            });
         }
     });
+    let timeout = Duration::from_millis(200);
     let client = fake_client(&url);
     let running = Running::start(
         router(client)
-            .handshake_timeout(Duration::from_millis(200))
+            .handshake_timeout(timeout)
             .on("x", |_, _| async { Ok(None) }),
     );
+    // Three attempts, each closed by the client once its handshake timed out: not at once
+    // (the client waited for the answer), and not never (a hung handshake is left).
+    let mut closed = Vec::new();
     for _ in 0..3 {
-        recv(&mut rx).await;
+        closed.push(recv(&mut rx).await);
     }
-    assert!(accepted.load(Ordering::SeqCst) >= 3);
+    for (accepted, ended) in &closed {
+        let waited = *ended - *accepted;
+        assert!(
+            waited >= timeout / 2 && waited < Duration::from_secs(5),
+            "an attempt was closed after {waited:?}; the handshake timeout is {timeout:?}"
+        );
+    }
     assert_eq!(*running.connections.borrow(), 0);
     running.stop().await;
 }
@@ -645,7 +576,7 @@ async fn a_handshake_that_never_completes_times_out_and_is_retried() {
 #[tokio::test]
 async fn shutdown_is_prompt_even_with_a_handler_running() {
     let server = TestServer::start().await;
-    let (agent_id, agent) = server.agent("host-a").await;
+    let (agent_id, agent) = agent(&server, "host-a").await;
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
     let mut running = Running::start(router(agent).shutdown_grace(Duration::from_millis(200)).on(
         "stuck",

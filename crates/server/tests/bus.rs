@@ -1,22 +1,12 @@
 //! The event bus end to end: a real server, real WebSocket and HTTP clients.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{ADMIN_ACCESS, ADMIN_SECRET, TestServer};
 use drover_client::{Error, Event, Subscribe, Transitioning};
 use drover_proto::ids;
+use drover_test_support::next_event as next;
+use drover_test_support::{ADMIN_ACCESS, ADMIN_SECRET, TestServer};
 use serde_json::json;
-
-/// Waits for the next non-ping event, failing the test after 10 s instead of hanging.
-async fn next(stream: &mut drover_client::EventStream) -> Event {
-    tokio::time::timeout(Duration::from_secs(10), stream.next_non_ping())
-        .await
-        .expect("an event within 10 s")
-        .expect("a readable stream")
-        .expect("an open stream")
-}
 
 #[tokio::test]
 async fn subscribe_gets_an_immediate_ping_then_published_events() {
@@ -54,14 +44,36 @@ async fn pings_repeat_at_the_configured_interval() {
         .subscribe(Subscribe::names(["x"]))
         .await
         .unwrap();
-    for _ in 0..3 {
-        let ping = tokio::time::timeout(Duration::from_secs(5), stream.next_event())
+    assert_ping_interval(&mut stream, Duration::from_millis(50)).await;
+}
+
+/// Reads the immediate ping and three more: they must come about `interval` apart, far
+/// sooner than the 5 s default (so a setting that is not applied fails) and not sooner than
+/// the interval (so a timer that fires too often fails).
+async fn assert_ping_interval(stream: &mut drover_client::EventStream, interval: Duration) {
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.next_event())
+        .await
+        .expect("the immediate ping")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.name(), "ping");
+    let started = tokio::time::Instant::now();
+    // Three intervals take 150 ms at 50 ms; 2 s is a wide margin for a loaded machine and
+    // still well under one default interval.
+    let limit = Duration::from_secs(2);
+    for n in 1..=3 {
+        let ping = tokio::time::timeout_at(started + limit, stream.next_event())
             .await
-            .unwrap()
+            .unwrap_or_else(|_| panic!("ping #{n} after the first did not come within {limit:?}"))
             .unwrap()
             .unwrap();
         assert_eq!(ping.name(), "ping");
     }
+    let took = started.elapsed();
+    assert!(
+        took >= interval * 2,
+        "three pings took {took:?}, less than two intervals of {interval:?}"
+    );
 }
 
 #[tokio::test]
@@ -76,16 +88,20 @@ async fn subscription_closes_after_its_lifetime_of_pings() {
         .subscribe(Subscribe::names(["x"]))
         .await
         .unwrap();
+    // Three pings 20 ms apart: closed well within 2 s (the 5 s default interval would not be).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut pings = 0;
     let error = loop {
-        match tokio::time::timeout(Duration::from_secs(5), stream.next_event())
+        match tokio::time::timeout_at(deadline, stream.next_event())
             .await
-            .unwrap()
+            .expect("closed within 2 s")
         {
-            Ok(Some(_)) => continue,
+            Ok(Some(_)) => pings += 1,
             Ok(None) => panic!("closed without a reason"),
             Err(error) => break error,
         }
     };
+    assert_eq!(pings, 3, "its lifetime is api.sub.max.pings pings");
     match error {
         Error::Closed { code, reason } => {
             assert_eq!(code, 1000);
@@ -308,7 +324,8 @@ async fn wrong_keys_get_401_on_every_endpoint() {
         response.headers()["www-authenticate"],
         "Basic realm=\"drover\""
     );
-    assert!(server.metric("drover_auth_failures_total") >= 7.0);
+    // Six refused requests with a key, one without.
+    assert_eq!(server.metric("drover_auth_failures_total"), 7.0);
 }
 
 #[tokio::test]
@@ -399,7 +416,11 @@ async fn malformed_events_get_clear_errors_and_change_nothing() {
     let marker = Event::new("marker");
     server.admin.publish(&marker).await.unwrap();
     assert_eq!(next(&mut stream).await.id, marker.id);
-    assert!(server.metric("drover_bad_input_total") >= 7.0);
+    assert_eq!(
+        server.metric("drover_bad_input_total"),
+        7.0,
+        "every case is counted"
+    );
 }
 
 #[tokio::test]
@@ -647,8 +668,7 @@ async fn health_and_metrics_are_served() {
 
 #[tokio::test]
 async fn the_bus_works_on_postgresql() {
-    let Some(server) = TestServer::start_postgres().await else {
-        eprintln!("DROVER_TEST_POSTGRES_URL is not set: PostgreSQL part skipped (.ci/run sets it)");
+    let Some(server) = TestServer::builder().postgres().try_start().await else {
         return;
     };
     assert_eq!(
@@ -704,14 +724,7 @@ async fn settings_change_without_a_restart_and_bad_values_are_refused() {
         .subscribe(Subscribe::names(["x"]))
         .await
         .unwrap();
-    for _ in 0..3 {
-        let ping = tokio::time::timeout(Duration::from_secs(5), stream.next_event())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert_eq!(ping.name(), "ping");
-    }
+    assert_ping_interval(&mut stream, Duration::from_millis(40)).await;
     for (body, code) in [
         (json!({"value": "0"}), "InvalidOption"),
         (json!({"value": "soon"}), "InvalidOption"),

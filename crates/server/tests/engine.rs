@@ -1,35 +1,13 @@
 //! The process engine end to end: the real server, a real WebSocket test agent, the real API.
 //! Each test runs on SQLite and, when `DROVER_TEST_POSTGRES_URL` is set, on PostgreSQL.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::agent::{Answer, TestAgent};
-use common::{FAST, TestServer, servers, wait_for, wait_state};
 use drover_client::{Client, Error, Subscribe};
+use drover_test_support::agent::{Answer, Policy, TestAgent};
+use drover_test_support::{FAST, TestServer, poll, servers, wait_change, wait_state};
 use serde_json::{Value, json};
-
-/// A host with an agent, both active, and the agent's test client started with `policy`.
-async fn host_with_agent(
-    server: &TestServer,
-    policy: common::agent::Policy,
-) -> (String, TestAgent) {
-    let (agent_id, agent_client) = server.agent(server.default_project(), "host-1").await;
-    let host = server
-        .admin
-        .post(
-            "hosts",
-            &json!({"name": "host-1", "agentId": format!("1ag{agent_id}")}),
-        )
-        .await
-        .unwrap();
-    let host_path = format!("hosts/{}", host["id"].as_str().unwrap());
-    wait_state(&server.admin, &host_path, "active").await;
-    let agent = TestAgent::start(agent_client, agent_id, policy).await;
-    (host["id"].as_str().unwrap().to_owned(), agent)
-}
 
 fn container_body(name: &str) -> Value {
     json!({"name": name, "command": ["sleep", "1000"], "environment": {"A": "1"}, "labels": {"l": "v"}})
@@ -38,7 +16,9 @@ fn container_body(name: &str) -> Value {
 #[tokio::test]
 async fn container_and_volume_go_through_their_lifecycle() {
     for server in servers(&[]).await {
-        let (host_id, agent) = host_with_agent(&server, TestAgent::always_ok()).await;
+        let (host_id, _, agent) = server
+            .host_with_agent("host-1", TestAgent::always_ok())
+            .await;
         let created = server
             .admin
             .post("containers", &container_body("web"))
@@ -141,14 +121,14 @@ async fn container_and_volume_go_through_their_lifecycle() {
 #[tokio::test]
 async fn a_dropped_request_is_resent_and_completes() {
     for server in servers(&[]).await {
-        let policy: common::agent::Policy = Arc::new(|request, n| {
+        let policy: Policy = Arc::new(|request, n| {
             if request.name() == "compute.instance.activate" && n < 2 {
                 Answer::Ignore
             } else {
                 Answer::Ok
             }
         });
-        let (_, agent) = host_with_agent(&server, policy).await;
+        let (_, _, agent) = server.host_with_agent("host-1", policy).await;
         let created = server
             .admin
             .post("containers", &container_body("lossy"))
@@ -193,21 +173,21 @@ async fn a_dropped_request_is_resent_and_completes() {
 #[tokio::test]
 async fn error_replies_are_retried_then_the_container_goes_to_error() {
     for server in servers(&[("process.max_attempts", "3")]).await {
-        let policy: common::agent::Policy = Arc::new(|request, _| {
+        let policy: Policy = Arc::new(|request, _| {
             if request.name() == "compute.instance.activate" {
                 Answer::Error("image not found: nope".into())
             } else {
                 Answer::Ok
             }
         });
-        let (_, agent) = host_with_agent(&server, policy).await;
+        let (_, _, agent) = server.host_with_agent("host-1", policy).await;
         let created = server
             .admin
             .post("containers", &container_body("broken"))
             .await
             .unwrap();
         let path = format!("containers/{}", created["id"].as_str().unwrap());
-        let failed = wait_for(&server.admin, &path, "error", |r| r["state"] == "error").await;
+        let failed = wait_change(&server.admin, &path, "error", |r| r["state"] == "error").await;
         assert_eq!(failed["transitioning"], "error");
         let message = failed["transitioningMessage"].as_str().unwrap();
         assert!(
@@ -235,21 +215,21 @@ async fn error_replies_are_retried_then_the_container_goes_to_error() {
 async fn a_second_action_on_a_locked_resource_gets_409_and_remove_always_works() {
     for server in servers(&[]).await {
         // The agent never answers starts: the container is stuck in starting.
-        let policy: common::agent::Policy = Arc::new(|request, _| {
+        let policy: Policy = Arc::new(|request, _| {
             if request.name() == "compute.instance.activate" {
                 Answer::Ignore
             } else {
                 Answer::Ok
             }
         });
-        let (_, agent) = host_with_agent(&server, policy).await;
+        let (_, _, agent) = server.host_with_agent("host-1", policy).await;
         let created = server
             .admin
             .post("containers", &container_body("stuck"))
             .await
             .unwrap();
         let path = format!("containers/{}", created["id"].as_str().unwrap());
-        wait_for(&server.admin, &path, "starting", |r| {
+        wait_change(&server.admin, &path, "starting", |r| {
             r["state"] == "starting"
         })
         .await;
@@ -316,14 +296,14 @@ async fn process_summary_and_filters_show_what_waits_and_why() {
     ])
     .await
     {
-        let policy: common::agent::Policy = Arc::new(|request, _| {
+        let policy: Policy = Arc::new(|request, _| {
             if request.name() == "compute.instance.activate" {
                 Answer::Ignore
             } else {
                 Answer::Ok
             }
         });
-        let (_, _agent) = host_with_agent(&server, policy).await;
+        let (_, _, _agent) = server.host_with_agent("host-1", policy).await;
         let created = server
             .admin
             .post("containers", &container_body("waits"))
@@ -331,7 +311,7 @@ async fn process_summary_and_filters_show_what_waits_and_why() {
             .unwrap();
         let id = created["id"].as_str().unwrap();
         // After a timed-out attempt the start is delayed, with its reason on record.
-        let delayed = wait_for(
+        let delayed = poll(
             &server.admin,
             "processinstances?state=delayed",
             "a delayed process",
@@ -384,7 +364,7 @@ async fn process_summary_and_filters_show_what_waits_and_why() {
             .await
             .unwrap();
         assert_eq!(canceled["result"], "CANCELED");
-        let container = wait_for(
+        let container = wait_change(
             &server.admin,
             &format!("containers/{id}"),
             "back to stopped",
@@ -404,7 +384,9 @@ async fn process_summary_and_filters_show_what_waits_and_why() {
 #[tokio::test]
 async fn resource_change_reaches_the_projects_subscribers_only() {
     for server in servers(&[]).await {
-        let (_, _agent) = host_with_agent(&server, TestAgent::always_ok()).await;
+        let (_, _, _agent) = server
+            .host_with_agent("host-1", TestAgent::always_ok())
+            .await;
         let (_, other_project) = server.project("other").await;
         let project_key = server
             .admin
@@ -486,7 +468,9 @@ async fn theirs_marker(_server: &TestServer, other: &Client) -> String {
 #[tokio::test]
 async fn schemas_let_a_generic_client_drive_a_container() {
     let server = TestServer::start_with(FAST).await;
-    let (_, _agent) = host_with_agent(&server, TestAgent::always_ok()).await;
+    let (_, _, _agent) = server
+        .host_with_agent("host-1", TestAgent::always_ok())
+        .await;
     let root = server.admin.get("").await.unwrap();
     let schemas = server
         .admin
@@ -522,19 +506,19 @@ async fn schemas_let_a_generic_client_drive_a_container() {
         .await
         .unwrap();
     let self_link = created["links"]["self"].as_str().unwrap().to_owned();
-    let running = wait_for(&server.admin, &self_link, "running", |r| {
+    let running = wait_change(&server.admin, &self_link, "running", |r| {
         r["transitioning"] == "no"
     })
     .await;
     let stop = running["actions"]["stop"].as_str().unwrap();
     server.admin.post(stop, &json!({})).await.unwrap();
-    let stopped = wait_for(&server.admin, &self_link, "stopped", |r| {
+    let stopped = wait_change(&server.admin, &self_link, "stopped", |r| {
         r["transitioning"] == "no"
     })
     .await;
     assert_eq!(stopped["state"], "stopped");
     server.admin.delete(&self_link).await.unwrap();
-    wait_for(&server.admin, &self_link, "removed", |r| {
+    wait_change(&server.admin, &self_link, "removed", |r| {
         r["state"] == "removed"
     })
     .await;
@@ -586,7 +570,10 @@ async fn schemas_let_a_generic_client_drive_a_container() {
     assert_eq!(scoped["data"].as_array().unwrap().len(), 1);
     let response = reqwest::Client::new()
         .get(format!("{}/v1/containers", server.url))
-        .basic_auth(common::ADMIN_ACCESS, Some(common::ADMIN_SECRET))
+        .basic_auth(
+            drover_test_support::ADMIN_ACCESS,
+            Some(drover_test_support::ADMIN_SECRET),
+        )
         .send()
         .await
         .unwrap();
@@ -655,13 +642,13 @@ async fn registration_activation_and_the_ping_monitor() {
         let agent = TestAgent::start(agent_client.clone(), agent_id, TestAgent::always_ok()).await;
         // agent.create → agent.activate pings the agent until it answers.
         wait_state(&server.admin, &agent_path, "active").await;
-        let host = wait_for(&server.admin, &host_path, "host facts", |h| {
+        let host = poll(&server.admin, &host_path, "host facts", |h| {
             h["state"] == "active" && h["hostname"] == "test-host"
         })
         .await;
         assert_eq!(host["cpus"], 2);
         // The monitor records when the agent answered.
-        wait_for(&server.admin, &agent_path, "lastPing", |a| {
+        poll(&server.admin, &agent_path, "lastPing", |a| {
             a["lastPing"].is_string() && a["lastPingTS"].as_i64().unwrap_or(0) > 0
         })
         .await;
@@ -689,7 +676,7 @@ async fn registration_activation_and_the_ping_monitor() {
         wait_state(&server.admin, &format!("containers/{id}"), "stopped").await;
         // The monitor records a `die` event for it (a statement after the state change, so the
         // state may be visible first).
-        wait_for(
+        poll(
             &server.admin,
             &format!("containerevents?externalId={id}&externalStatus=die"),
             "the monitor's die event",
@@ -703,15 +690,15 @@ async fn registration_activation_and_the_ping_monitor() {
 
         // Silence: reconnecting, then disconnected; the host follows. An answer brings it back.
         drop(agent);
-        wait_for(&server.admin, &agent_path, "reconnecting", |a| {
+        wait_change(&server.admin, &agent_path, "reconnecting", |a| {
             a["state"] == "reconnecting"
         })
         .await;
-        wait_for(&server.admin, &host_path, "host reconnecting", |h| {
+        wait_change(&server.admin, &host_path, "host reconnecting", |h| {
             h["state"] == "reconnecting" || h["state"] == "disconnected"
         })
         .await;
-        wait_for(&server.admin, &agent_path, "disconnected", |a| {
+        wait_change(&server.admin, &agent_path, "disconnected", |a| {
             a["state"] == "disconnected"
         })
         .await;
@@ -720,11 +707,11 @@ async fn registration_activation_and_the_ping_monitor() {
             again["secretKey"].as_str().unwrap(),
         );
         let _agent = TestAgent::start(new_client, agent_id, TestAgent::always_ok()).await;
-        wait_for(&server.admin, &agent_path, "active again", |a| {
+        wait_change(&server.admin, &agent_path, "active again", |a| {
             a["state"] == "active"
         })
         .await;
-        wait_for(&server.admin, &host_path, "host active again", |h| {
+        wait_change(&server.admin, &host_path, "host active again", |h| {
             h["state"] == "active"
         })
         .await;

@@ -2,13 +2,11 @@
 //! `DROVER_TEST_POSTGRES_URL` is set, on PostgreSQL. Every test first shows the legitimate path
 //! works, so a refusal is the isolation and not a broken setup.
 
-mod common;
-
 use std::time::Duration;
 
-use common::agent::{Answer, TestAgent};
-use common::{TestServer, servers, wait_for, wait_state};
 use drover_client::{Client, Error, Event, Subscribe};
+use drover_test_support::agent::{Answer, Policy, TestAgent};
+use drover_test_support::{TestServer, poll, servers, wait_state};
 use serde_json::{Value, json};
 
 /// A host with an agent in `project`, both active, and the agent's test client started with
@@ -17,7 +15,7 @@ async fn host_in(
     server: &TestServer,
     project: i64,
     name: &str,
-    policy: common::agent::Policy,
+    policy: Policy,
 ) -> (String, TestAgent, Client) {
     let (agent_id, agent_client) = server.agent(project, name).await;
     let host = server
@@ -314,7 +312,7 @@ async fn a_request_is_resent_as_soon_as_its_agent_subscribes_again() {
         let started = tokio::time::Instant::now();
         let agent = TestAgent::start(agent_client.clone(), agent_id, TestAgent::always_ok()).await;
         let path = format!("containers/{}", first["id"].as_str().unwrap());
-        wait_for(&server.admin, &path, "running", |c| c["state"] == "running").await;
+        poll(&server.admin, &path, "running", |c| c["state"] == "running").await;
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "the request waited {:?}, not a resend on subscribe",
@@ -348,7 +346,7 @@ async fn a_request_is_resent_as_soon_as_its_agent_subscribes_again() {
         let started = tokio::time::Instant::now();
         let _agent = TestAgent::start(agent_client, agent_id, TestAgent::always_ok()).await;
         let path = format!("containers/{}", second["id"].as_str().unwrap());
-        wait_for(&server.admin, &path, "running", |c| c["state"] == "running").await;
+        poll(&server.admin, &path, "running", |c| c["state"] == "running").await;
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "the request waited {:?} after the agent came back",

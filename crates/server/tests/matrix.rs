@@ -8,15 +8,13 @@
 //! links of `GET /v1` and every schema of `/v1/schemas`): an endpoint or a reference field that
 //! the tables do not cover fails the test, so a new one cannot ship without a line here.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::agent::{Answer, TestAgent};
-use common::{TestServer, servers, wait_state};
 use drover_client::{Client, Error, Event, Subscribe};
+use drover_test_support::agent::{Answer, TestAgent};
+use drover_test_support::{TestServer, servers, wait_state};
 use serde_json::{Value, json};
 
 /// The kinds of key, in the order of every row's columns.

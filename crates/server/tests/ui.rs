@@ -2,14 +2,15 @@
 //! API, a WebSocket login a browser can send (the key as a subprotocol, never in the URL), and
 //! the hint events of a live view (`process.change`, `agent.ping`).
 
-mod common;
-
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use base64::Engine;
-use common::agent::{Answer, TestAgent};
-use common::{ADMIN_ACCESS, ADMIN_SECRET, TestServer};
 use drover_client::{Event, Subscribe};
+use drover_test_support::agent::{Answer, Policy, TestAgent};
+use drover_test_support::{
+    ADMIN_ACCESS, ADMIN_SECRET, TestServer, next_event, wait_for, wait_state, within,
+};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -213,40 +214,34 @@ async fn a_browser_subscribes_with_its_key_in_a_subprotocol() {
 
     // A project key subscribes in its own project's scope, as over Basic auth: it does not
     // receive the raw name an admin publishes.
-    let (access, secret) = project_key(&server).await;
+    let (project, access, secret) = server.project_key("ui-project").await;
     let protocols = format!("drover.v1, {}", protocol_credentials(&access, &secret));
     let (mut project_socket, _) = browser_socket(&server, &["hello.ui"], Some(&protocols))
         .await
         .expect("a project key subscribes");
     assert_eq!(next_text(&mut project_socket).await["name"], "ping");
     server.admin.publish(&Event::new("hello.ui")).await.unwrap();
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), project_socket.next())
-            .await
-            .is_err(),
-        "a project key received a raw event"
-    );
-}
-
-/// A new project and the access and secret key of a key of it.
-async fn project_key(server: &TestServer) -> (String, String) {
-    let project = server
+    // Then one for its project: the first event it gets must be that one (a raw event
+    // delivered to it would come first).
+    let numeric = drover_proto::ids::parse("project", &project).unwrap();
+    server
         .admin
-        .post("projects", &json!({"name": "ui-project"}))
-        .await
-        .unwrap();
-    let key = server
-        .admin
-        .post(
-            &format!("projects/{}/apikeys", project["id"].as_str().unwrap()),
-            &json!({}),
+        .publish(
+            &Event::new(format!("hello.ui;account={numeric}")).with_data(json!({"mine": true})),
         )
         .await
         .unwrap();
-    (
-        key["publicValue"].as_str().unwrap().to_owned(),
-        key["secretValue"].as_str().unwrap().to_owned(),
-    )
+    let event = loop {
+        let event = next_text(&mut project_socket).await;
+        if event["name"] != "ping" {
+            break event;
+        }
+    };
+    assert_eq!(
+        event["data"],
+        json!({"mine": true}),
+        "a project key received a raw event: {event}"
+    );
 }
 
 #[tokio::test]
@@ -292,7 +287,10 @@ async fn subprotocol_credentials_are_checked_like_basic_auth() {
             .unwrap_err(),
     );
     assert_eq!(status, 401);
-    assert!(server.metric("drover_auth_failures_total") >= failures_before + 3.0);
+    assert_eq!(
+        server.metric("drover_auth_failures_total"),
+        failures_before + 3.0
+    );
 
     // The subprotocol is for the WebSocket only: REST still wants Basic auth.
     let rest = http()
@@ -327,35 +325,8 @@ async fn subprotocol_credentials_are_checked_like_basic_auth() {
 }
 
 /// A host with an active agent answering as `policy` says.
-async fn host_with_agent(server: &TestServer, policy: common::agent::Policy) -> TestAgent {
-    let (agent_id, agent_client) = server.agent(server.default_project(), "ui-host").await;
-    let agent = TestAgent::start(agent_client, agent_id, policy).await;
-    let host = server
-        .admin
-        .post(
-            "hosts",
-            &json!({"name": "ui-host", "agentId": format!("1ag{agent_id}")}),
-        )
-        .await
-        .unwrap();
-    let path = format!("hosts/{}", host["id"].as_str().unwrap());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while server.admin.get(&path).await.unwrap()["state"] != "active" {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the host never became active"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    agent
-}
-
-async fn next_event(stream: &mut drover_client::EventStream) -> Event {
-    tokio::time::timeout(Duration::from_secs(10), stream.next_non_ping())
-        .await
-        .expect("an event within 10 s")
-        .expect("a readable stream")
-        .expect("an open stream")
+async fn host_with_agent(server: &TestServer, policy: Policy) -> TestAgent {
+    server.host_with_agent("ui-host", policy).await.2
 }
 
 #[tokio::test]
@@ -403,58 +374,113 @@ async fn every_attempt_that_calls_an_agent_announces_process_change() {
         assert_eq!(data["phase"], "calling");
     }
     // A project key never sees it: processes are for admins.
-    let (_project, project_client) = server.project("ui-other").await;
+    let (project, project_client) = server.project("ui-other").await;
     let mut project_stream = project_client
         .subscribe(Subscribe::names(["process.change"]))
         .await
         .unwrap();
-    server
-        .admin
-        .post(&format!("containers/{id}?action=stop"), &json!({}))
-        .await
-        .ok();
-    assert!(
-        tokio::time::timeout(Duration::from_millis(500), project_stream.next_non_ping())
+    assert_eq!(
+        within("the first ping", project_stream.next_event())
             .await
-            .is_err(),
-        "a project key received a process.change"
+            .unwrap()
+            .unwrap()
+            .name(),
+        "ping"
+    );
+    let path = format!("containers/{id}");
+    wait_state(&server.admin, &path, "running").await;
+    let stopping = server
+        .admin
+        .post(&format!("{path}?action=stop"), &json!({}))
+        .await
+        .expect("the stop is accepted");
+    assert_eq!(stopping["state"], "stopping");
+    // The stop's attempt is announced (to the admin) ...
+    let event = next_event(&mut stream).await;
+    assert_eq!(event.resource_id.as_deref(), Some(id));
+    let data = event.data.unwrap();
+    assert_eq!(data["processName"], "instance.stop");
+    assert_eq!(data["command"], "compute.instance.deactivate");
+    wait_state(&server.admin, &path, "stopped").await;
+    // ... and not to the project: the first event its stream gets is one published to its
+    // project after the announcement.
+    let numeric = drover_proto::ids::parse("project", &project).unwrap();
+    let marker = Event::new(format!("process.change;account={numeric}"));
+    server.admin.publish(&marker).await.unwrap();
+    let got = next_event(&mut project_stream).await;
+    assert_eq!(
+        got.id, marker.id,
+        "a project key received a process.change: {got:?}"
     );
 }
 
 #[tokio::test]
 async fn agent_ping_tells_when_an_agent_last_answered() {
-    let server = TestServer::start_with(&[("agent.ping.interval.millis", "50")]).await;
+    let server = TestServer::start_with(&[
+        ("agent.ping.interval.millis", "50"),
+        ("agent.ping.timeout.millis", "100"),
+        ("agent.ping.reconnect.after.failed.count", "2"),
+    ])
+    .await;
     let agent = host_with_agent(&server, TestAgent::always_ok()).await;
+    let agent_ref = format!("1ag{}", agent.agent_id);
     let mut stream = server
         .admin
-        .subscribe(Subscribe::names(["agent.ping"]))
+        .subscribe(Subscribe::names([
+            "agent.ping",
+            "state.change",
+            "test.marker",
+        ]))
         .await
         .unwrap();
     let before = drover_proto::event::now_millis();
-    let first = next_event(&mut stream).await;
-    assert_eq!(first.name(), "agent.ping");
+    let next_ping = async |stream: &mut drover_client::EventStream| loop {
+        let event = next_event(stream).await;
+        if event.name() == "agent.ping" {
+            break event;
+        }
+    };
+    let first = next_ping(&mut stream).await;
     assert_eq!(first.resource_type.as_deref(), Some("agent"));
-    assert_eq!(
-        first.resource_id.as_deref(),
-        Some(format!("1ag{}", agent.agent_id).as_str())
-    );
-    let second = next_event(&mut stream).await;
+    assert_eq!(first.resource_id.as_deref(), Some(agent_ref.as_str()));
+    let second = next_ping(&mut stream).await;
     let (t1, t2) = (
         first.data.unwrap()["lastPing"].as_i64().unwrap(),
         second.data.unwrap()["lastPing"].as_i64().unwrap(),
     );
     assert!(t1 >= before - 1000 && t2 >= t1, "{t1} {t2}");
-    // A dead agent answers nothing, so nothing is announced.
-    drop(agent);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    while tokio::time::timeout(Duration::from_millis(10), stream.next_non_ping())
-        .await
-        .is_ok()
-    {}
-    assert!(
-        tokio::time::timeout(Duration::from_millis(500), stream.next_non_ping())
-            .await
-            .is_err(),
-        "agent.ping without an answer"
-    );
+
+    // A silent agent (connected and pinged, answering nothing) is not announced. Misses move
+    // it to reconnecting; any announcement of an answer from before the silence comes before
+    // that change on this stream.
+    agent.answer_pings.store(false, Ordering::SeqCst);
+    loop {
+        let event = next_event(&mut stream).await;
+        if event.name() == "state.change"
+            && event.resource_id.as_deref() == Some(agent_ref.as_str())
+            && event.data.as_ref().unwrap()["state"] == "reconnecting"
+        {
+            break;
+        }
+    }
+    // Three more pings reach it and go unanswered (the monitor pings an agent again only once
+    // it has handled the previous ping's result), then a marker: nothing but the marker may come.
+    let pinged = agent.pings.load(Ordering::SeqCst);
+    wait_for("three more unanswered pings", || async {
+        (agent.pings.load(Ordering::SeqCst) >= pinged + 3).then_some(())
+    })
+    .await;
+    let marker = Event::new("test.marker");
+    server.admin.publish(&marker).await.unwrap();
+    loop {
+        let event = next_event(&mut stream).await;
+        assert_ne!(
+            event.name(),
+            "agent.ping",
+            "agent.ping without an answer: {event:?}"
+        );
+        if event.id == marker.id {
+            break;
+        }
+    }
 }

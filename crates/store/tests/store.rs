@@ -1,59 +1,137 @@
 //! The store's behaviour, checked on SQLite and, when `DROVER_TEST_POSTGRES_URL` is set, on
-//! PostgreSQL too (`.ci/run` sets it). Each PostgreSQL test works in a schema of its own.
+//! PostgreSQL too (`.ci/run` sets it; with `CI` set and no URL the tests fail). Each
+//! PostgreSQL test works in a schema of its own.
 
 use drover_store::{AccountKind, CredentialKind, Store, StoreOptions, secret};
+use drover_test_support::postgres::Schema;
+use sqlx::{Connection, Row};
 
-/// The stores to run a test on: a fresh SQLite file, and a fresh PostgreSQL schema if configured.
-async fn stores() -> Vec<(Store, Option<tempfile::TempDir>)> {
+/// A store under test and where its data is, to read it raw.
+struct TestStore {
+    store: Store,
+    place: Place,
+}
+
+enum Place {
+    Sqlite(tempfile::TempDir),
+    Postgres(Schema),
+}
+
+/// The stores to run a test on: a fresh SQLite file, and a fresh PostgreSQL schema (when
+/// `DROVER_TEST_POSTGRES_URL` is set; else a `SKIP` line, or a panic in CI).
+async fn stores() -> Vec<TestStore> {
     let dir = tempfile::tempdir().unwrap();
     let sqlite = Store::connect(&StoreOptions::sqlite_file(&dir.path().join("drover.db")))
         .await
         .unwrap();
-    let mut out = vec![(sqlite, Some(dir))];
-    if let Ok(url) = std::env::var("DROVER_TEST_POSTGRES_URL") {
-        let schema = format!("t_{}", uuid_like());
-        let admin = sqlx_connect(&url).await;
-        sqlx_execute(&admin, &format!("CREATE SCHEMA {schema}")).await;
+    let mut out = vec![TestStore {
+        store: sqlite,
+        place: Place::Sqlite(dir),
+    }];
+    if let Some(schema) = Schema::create("t", "a store test").await {
         let options = StoreOptions {
-            pg_schema: Some(schema),
-            ..StoreOptions::url(url)
+            pg_schema: Some(schema.name.clone()),
+            ..StoreOptions::url(schema.url.clone())
         };
-        out.push((
-            Store::connect(&options)
+        out.push(TestStore {
+            store: Store::connect(&options)
                 .await
                 .expect("PostgreSQL must be reachable when configured"),
-            None,
-        ));
+            place: Place::Postgres(schema),
+        });
     }
     out
 }
 
-fn uuid_like() -> String {
-    secret::new_access_key().to_lowercase()
+impl TestStore {
+    /// Every row of every table of the store, each as `table: the row's columns as text`, read
+    /// with a connection of the test's own.
+    async fn dump(&self) -> Vec<String> {
+        let mut rows = Vec::new();
+        match &self.place {
+            Place::Sqlite(dir) => {
+                let options = sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(dir.path().join("drover.db"))
+                    .read_only(true);
+                let mut conn = sqlx::SqliteConnection::connect_with(&options)
+                    .await
+                    .unwrap();
+                let tables: Vec<String> =
+                    sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table'")
+                        .fetch_all(&mut conn)
+                        .await
+                        .unwrap();
+                for table in tables {
+                    let columns: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "PRAGMA table_info(\"{table}\")"
+                    )))
+                    .fetch_all(&mut conn)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|row| row.get::<String, _>("name"))
+                    .collect();
+                    // quote() renders every value: text, numbers, NULL, and blobs as X'hex'.
+                    let select = columns
+                        .iter()
+                        .map(|column| format!("quote(\"{column}\")"))
+                        .collect::<Vec<_>>()
+                        .join(" || ',' || ");
+                    let values: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                        "SELECT {select} FROM \"{table}\""
+                    )))
+                    .fetch_all(&mut conn)
+                    .await
+                    .unwrap();
+                    rows.extend(values.into_iter().map(|row| format!("{table}: {row}")));
+                }
+            }
+            Place::Postgres(schema) => {
+                let mut conn = schema.connect().await;
+                let tables: Vec<String> = sqlx::query_scalar(
+                    "SELECT table_name::text FROM information_schema.tables \
+                     WHERE table_schema = $1 AND table_type = 'BASE TABLE'",
+                )
+                .bind(&schema.name)
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
+                for table in tables {
+                    // A row cast to text renders every column (bytea as \\x hex).
+                    let values: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                        "SELECT t::text FROM \"{table}\" t"
+                    )))
+                    .fetch_all(&mut conn)
+                    .await
+                    .unwrap();
+                    rows.extend(values.into_iter().map(|row| format!("{table}: {row}")));
+                }
+            }
+        }
+        rows
+    }
 }
 
-async fn sqlx_connect(url: &str) -> sqlx_pg::PgPool {
-    sqlx_pg::PgPool::connect(url)
-        .await
-        .expect("connect to PostgreSQL")
-}
-
-async fn sqlx_execute(pool: &sqlx_pg::PgPool, sql: &str) {
-    sqlx_pg::query(sqlx_pg::AssertSqlSafe(sql.to_owned()))
-        .execute(pool)
-        .await
-        .unwrap();
-}
-
-mod sqlx_pg {
-    pub use sqlx::AssertSqlSafe;
-    pub use sqlx::postgres::PgPool;
-    pub use sqlx::query;
+/// Fails if `secret` appears in any stored row, as text or hex.
+async fn assert_not_stored(store: &TestStore, secret: &str) {
+    let hex: String = secret.bytes().map(|b| format!("{b:02x}")).collect();
+    let rows = store.dump().await;
+    assert!(
+        rows.iter().any(|row| row.starts_with("credential: ")),
+        "the dump reads the credential table: {rows:#?}"
+    );
+    for row in rows {
+        assert!(
+            !row.contains(secret) && !row.to_lowercase().contains(&hex),
+            "the plain secret is stored: {row}"
+        );
+    }
 }
 
 #[tokio::test]
 async fn bootstrap_creates_admin_project_and_one_key() {
-    for (store, _dir) in stores().await {
+    for test_store in stores().await {
+        let store = &test_store.store;
         let first = store.bootstrap(None).await.unwrap();
         assert_eq!(first.admin.kind, AccountKind::Admin);
         assert_eq!(first.default_project.name.as_deref(), Some("Default"));
@@ -68,6 +146,7 @@ async fn bootstrap_creates_admin_project_and_one_key() {
         assert_eq!(account.id, first.admin.id);
         assert_eq!(credential.kind, CredentialKind::ApiKey);
         assert!(secret::verify(&key.secret_value, &digest));
+        assert_not_stored(&test_store, &key.secret_value).await;
         // A second start finds everything in place and generates nothing.
         let second = store.bootstrap(None).await.unwrap();
         assert_eq!(second.admin.id, first.admin.id);
@@ -78,7 +157,8 @@ async fn bootstrap_creates_admin_project_and_one_key() {
 
 #[tokio::test]
 async fn configured_admin_key_is_stored_hashed_and_replaced_on_change() {
-    for (store, _dir) in stores().await {
+    for test_store in stores().await {
+        let store = &test_store.store;
         store
             .bootstrap(Some(("ADMINKEY", "first-secret")))
             .await
@@ -92,16 +172,16 @@ async fn configured_admin_key_is_stored_hashed_and_replaced_on_change() {
         let (_, digest, _) = store.lookup_key("ADMINKEY").await.unwrap().unwrap();
         assert!(secret::verify("second-secret", &digest));
         assert!(!secret::verify("first-secret", &digest));
-        // Nothing stores the plain secret.
-        for key in store.list_keys(None).await.unwrap() {
-            assert_ne!(key.public_value, "first-secret");
-        }
+        // Nothing stores the plain secret, in any table or column.
+        assert_not_stored(&test_store, "first-secret").await;
+        assert_not_stored(&test_store, "second-secret").await;
     }
 }
 
 #[tokio::test]
 async fn removed_keys_and_unknown_keys_do_not_authenticate() {
-    for (store, _dir) in stores().await {
+    for test_store in stores().await {
+        let store = &test_store.store;
         let boot = store.bootstrap(None).await.unwrap();
         let key = store
             .create_key(
@@ -133,7 +213,8 @@ async fn removed_keys_and_unknown_keys_do_not_authenticate() {
 
 #[tokio::test]
 async fn agents_get_their_own_account_and_agent_key() {
-    for (store, _dir) in stores().await {
+    for test_store in stores().await {
+        let store = &test_store.store;
         let boot = store.bootstrap(None).await.unwrap();
         let (agent_id, account, key) = store
             .create_agent(boot.default_project.id, "host-1", None)
@@ -149,13 +230,15 @@ async fn agents_get_their_own_account_and_agent_key() {
             .unwrap()
             .unwrap();
         assert_eq!(looked_up.agent_id, Some(agent_id));
+        assert_not_stored(&test_store, &key.secret_value).await;
         assert_eq!(store.count_rows("agent").await.unwrap(), 1);
     }
 }
 
 #[tokio::test]
 async fn settings_round_trip() {
-    for (store, _dir) in stores().await {
+    for test_store in stores().await {
+        let store = &test_store.store;
         store
             .put_setting("api.sub.ping.interval.millis", "1000")
             .await
@@ -186,7 +269,8 @@ async fn settings_round_trip() {
 
 #[tokio::test]
 async fn every_table_of_the_schema_exists() {
-    for (store, _dir) in stores().await {
+    for test_store in stores().await {
+        let store = &test_store.store;
         for table in [
             "account",
             "credential",

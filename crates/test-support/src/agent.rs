@@ -2,7 +2,7 @@
 //! the way a test tells it to.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use drover_client::{Client, Event, Subscribe, Transitioning};
 use serde_json::{Value, json};
@@ -19,8 +19,10 @@ pub enum Answer {
     Error(String),
 }
 
+/// How a [`TestAgent`] answers each request: given the request and how many came before it.
 pub type Policy = Arc<dyn Fn(&Event, usize) -> Answer + Send + Sync>;
 
+/// The commands a [`TestAgent`] subscribes to (and `ping`).
 pub const COMMANDS: &[&str] = &[
     "compute.instance.activate",
     "compute.instance.deactivate",
@@ -29,14 +31,32 @@ pub const COMMANDS: &[&str] = &[
     "storage.volume.remove",
 ];
 
-/// A running test agent.
+/// A running test agent; it disconnects when dropped.
 pub struct TestAgent {
+    /// Its agent's numeric id.
     pub agent_id: i64,
     /// What the agent reports in ping replies: container id → state.
     pub instances: Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
+    /// Every request it got (pings apart), in order.
     pub seen: Arc<Mutex<Vec<Event>>>,
+    /// How many requests it got (pings apart).
     pub count: Arc<AtomicUsize>,
+    /// Whether it answers the ping monitor's pings (on by default); off, it stays connected
+    /// and silent, like a hung agent.
+    pub answer_pings: Arc<AtomicBool>,
+    /// How many pings with a reply address it received (answered or not).
+    pub pings: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for TestAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestAgent")
+            .field("agent_id", &self.agent_id)
+            .field("count", &self.count)
+            .field("pings", &self.pings)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Drop for TestAgent {
@@ -58,13 +78,21 @@ impl TestAgent {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let count = Arc::new(AtomicUsize::new(0));
         let instances = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+        let answer_pings = Arc::new(AtomicBool::new(true));
+        let pings = Arc::new(AtomicUsize::new(0));
         let task = {
             let seen = seen.clone();
             let count = count.clone();
             let instances = instances.clone();
+            let answer_pings = answer_pings.clone();
+            let pings = pings.clone();
             tokio::spawn(async move {
                 while let Ok(Some(request)) = stream.next_non_ping().await {
                     if request.name() == "ping" {
+                        pings.fetch_add(1, Ordering::SeqCst);
+                        if !answer_pings.load(Ordering::SeqCst) {
+                            continue;
+                        }
                         let mut resources =
                             vec![json!({"type": "host", "hostname": "test-host", "cpus": 2})];
                         for (id, state) in instances.lock().unwrap().iter() {
@@ -107,14 +135,18 @@ impl TestAgent {
             instances,
             seen,
             count,
+            answer_pings,
+            pings,
             task,
         }
     }
 
+    /// A policy that answers every request with success.
     pub fn always_ok() -> Policy {
         Arc::new(|_, _| Answer::Ok)
     }
 
+    /// How many requests named `name` it got.
     pub async fn requests_named(&self, name: &str) -> usize {
         self.seen
             .lock()
@@ -152,5 +184,25 @@ async fn answer_request(client: &Client, request: &Event, answer: Answer) {
                 .await
                 .unwrap();
         }
+    }
+}
+
+impl crate::TestServer {
+    /// A host named `name` in the default project with its agent, the host active, and a
+    /// [`TestAgent`] answering as `policy` says: `(host id, agent client, test agent)`.
+    pub async fn host_with_agent(&self, name: &str, policy: Policy) -> (String, Client, TestAgent) {
+        let (agent_id, agent_client) = self.agent(self.default_project(), name).await;
+        let host = self
+            .admin
+            .post(
+                "hosts",
+                &json!({"name": name, "agentId": format!("1ag{agent_id}")}),
+            )
+            .await
+            .unwrap();
+        let host_id = host["id"].as_str().unwrap().to_owned();
+        crate::wait_state(&self.admin, &format!("hosts/{host_id}"), "active").await;
+        let agent = TestAgent::start(agent_client.clone(), agent_id, policy).await;
+        (host_id, agent_client, agent)
     }
 }
