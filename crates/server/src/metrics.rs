@@ -28,6 +28,10 @@ pub struct Metrics {
     pub bad_input: Counter,
     /// Container and service events refused (wrong host, too many pending).
     pub events_refused: Counter,
+    /// Subscribe upgrades refused at `api.sub.max.connections`.
+    pub subscribe_refused: Counter,
+    /// Subscriber sockets closed with 1009 for a frame or message over the limit.
+    pub oversized_messages: Counter,
     /// Runs of `table.cleanup`.
     pub cleanup_runs: Counter,
     /// Purge processes `table.cleanup` scheduled for removed resources.
@@ -93,6 +97,14 @@ impl Metrics {
                 "Runs of the table.cleanup job.",
             ),
             (
+                "drover_subscribe_refused_total",
+                "Subscribe upgrades refused with 503 at api.sub.max.connections.",
+            ),
+            (
+                "drover_oversized_messages_total",
+                "Subscriber sockets closed with 1009 for a frame or message over api.max.body.bytes.",
+            ),
+            (
                 "drover_cleanup_purges_scheduled_total",
                 "Purge processes table.cleanup scheduled for removed resources.",
             ),
@@ -146,6 +158,8 @@ impl Metrics {
             auth_failures: counter("drover_auth_failures_total"),
             bad_input: counter("drover_bad_input_total"),
             events_refused: counter("drover_events_refused_total"),
+            subscribe_refused: counter("drover_subscribe_refused_total"),
+            oversized_messages: counter("drover_oversized_messages_total"),
             cleanup_runs: counter("drover_cleanup_runs_total"),
             cleanup_purges_scheduled: counter("drover_cleanup_purges_scheduled_total"),
             cleanup_last_run: gauge("drover_cleanup_last_run_timestamp_seconds"),
@@ -164,6 +178,8 @@ impl Metrics {
             &metrics.auth_failures,
             &metrics.bad_input,
             &metrics.events_refused,
+            &metrics.subscribe_refused,
+            &metrics.oversized_messages,
             &metrics.cleanup_runs,
             &metrics.cleanup_purges_scheduled,
         ] {
