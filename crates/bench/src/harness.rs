@@ -506,6 +506,9 @@ pub struct ServerOptions {
     pub env: Vec<(String, String)>,
     /// Prefix of the temporary data directory's name.
     pub dir_prefix: String,
+    /// The server's open-files limit (soft and hard, set with `prlimit`); default: this
+    /// process's.
+    pub nofile: Option<u64>,
 }
 
 impl ServerChild {
@@ -527,7 +530,18 @@ impl ServerChild {
         };
         let dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
         let log = std::fs::File::create(dir.path().join("server.log"))?;
-        let mut command = Command::new(bin);
+        let mut command = match options.nofile {
+            // prlimit sets the limit and then executes the server: the pid is the server's.
+            Some(nofile) => {
+                let mut command = Command::new("prlimit");
+                command
+                    .arg(format!("--nofile={nofile}:{nofile}"))
+                    .arg("--")
+                    .arg(bin);
+                command
+            }
+            None => Command::new(bin),
+        };
         command
             .arg("server")
             .arg("--listen")

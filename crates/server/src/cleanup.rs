@@ -94,6 +94,7 @@ fn age_setting(age: CleanupAge) -> &'static str {
         CleanupAge::Events => "events.purge.after.seconds",
         CleanupAge::Processes => "process_instance.purge.after.seconds",
         CleanupAge::MainTables => "main_tables.purge.after.seconds",
+        CleanupAge::IdempotencyKeys => "api.idempotency.ttl.seconds",
     }
 }
 

@@ -191,6 +191,9 @@ impl Server {
             };
             format!("http://{host}")
         });
+        let (subscriber_slots, open_files) =
+            ws::Slots::from_nofile(settings.uint("api.sub.max.connections"));
+        let header_timeout = Duration::from_millis(settings.uint("api.http.header.timeout.millis"));
         let state = AppState {
             hub,
             store,
@@ -202,6 +205,7 @@ impl Server {
             changes: changes.clone(),
             cleanup: cleanup::Cleanup::default(),
             events: container_events::EventWorker::default(),
+            subscriber_slots,
         };
         let engine_task = tokio::spawn(engine.run());
         let monitor_task = tokio::spawn(monitor::run(state.clone(), shutdown.child_token()));
@@ -218,19 +222,7 @@ impl Server {
         let serve_shutdown = shutdown.clone();
         let serve_state = state.clone();
         let task = tokio::spawn(async move {
-            let result = axum::serve(
-                // Batches are formed in the application (ws.rs); Nagle's delay on top only
-                // adds latency.
-                axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                    let _ = tcp.set_nodelay(true);
-                }),
-                app.into_make_service(),
-            )
-            .with_graceful_shutdown(async move { serve_shutdown.cancelled().await })
-            .await;
-            if let Err(error) = result {
-                tracing::error!(%error, "server stopped with an error");
-            }
+            serve(listener, app, header_timeout, serve_shutdown).await;
             serve_state.hub.close_all();
             let _ = engine_task.await;
             let _ = monitor_task.await;
@@ -244,7 +236,13 @@ impl Server {
             }
             serve_state.store.close().await;
         });
-        tracing::info!(%addr, backend = ?state.store.backend(), "drover server listening");
+        tracing::info!(
+            %addr,
+            backend = ?state.store.backend(),
+            open_files,
+            max_subscribers = ws::connection_limit(&state),
+            "drover server listening"
+        );
         Ok(Server {
             addr,
             state,
@@ -270,6 +268,73 @@ impl Server {
     pub async fn wait(self) {
         let _ = self.task.await;
     }
+}
+
+/// Serves HTTP/1.1 on `listener` until `shutdown`, then lets open requests finish.
+///
+/// Like `axum::serve`, plus what it cannot set: a connection whose request headers are not
+/// complete within `header_timeout` (from its start, or from its previous response) is closed,
+/// so slow or idle clients do not keep descriptors.
+async fn serve(
+    listener: TcpListener,
+    app: axum::Router,
+    header_timeout: Duration,
+    shutdown: CancellationToken,
+) {
+    let connections = tokio_util::task::TaskTracker::new();
+    loop {
+        let tcp = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _peer)) => tcp,
+                Err(error) if is_connection_error(&error) => continue,
+                Err(error) => {
+                    // Out of descriptors (EMFILE) and the like: wait for some to be freed.
+                    tracing::error!(%error, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        // Batches are formed in the application (ws.rs); Nagle's delay on top only adds
+        // latency.
+        let _ = tcp.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let connection = builder
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(error) = result {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
+}
+
+/// Accept errors that concern one connection only (the next accept is fine).
+fn is_connection_error(error: &std::io::Error) -> bool {
+    matches!(
+        error.kind(),
+        std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+    )
 }
 
 /// Runs a server on `listener` until `shutdown` resolves.

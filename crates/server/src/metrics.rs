@@ -32,6 +32,10 @@ pub struct Metrics {
     pub replies_rejected: Counter,
     /// Requests sent again because they reached no subscriber and one has subscribed since.
     pub requests_resent: Counter,
+    /// Subscribe upgrades refused at `api.sub.max.connections`.
+    pub subscribe_refused: Counter,
+    /// Subscriber sockets closed with 1009 for a frame or message over the limit.
+    pub oversized_messages: Counter,
     /// Runs of `table.cleanup`.
     pub cleanup_runs: Counter,
     /// Purge processes `table.cleanup` scheduled for removed resources.
@@ -105,6 +109,14 @@ impl Metrics {
                 "Runs of the table.cleanup job.",
             ),
             (
+                "drover_subscribe_refused_total",
+                "Subscribe upgrades refused with 503 at api.sub.max.connections.",
+            ),
+            (
+                "drover_oversized_messages_total",
+                "Subscriber sockets closed with 1009 for a frame or message over api.max.body.bytes.",
+            ),
+            (
                 "drover_cleanup_purges_scheduled_total",
                 "Purge processes table.cleanup scheduled for removed resources.",
             ),
@@ -160,6 +172,8 @@ impl Metrics {
             events_refused: counter("drover_events_refused_total"),
             replies_rejected: counter("drover_replies_rejected_total"),
             requests_resent: counter("drover_requests_resent_total"),
+            subscribe_refused: counter("drover_subscribe_refused_total"),
+            oversized_messages: counter("drover_oversized_messages_total"),
             cleanup_runs: counter("drover_cleanup_runs_total"),
             cleanup_purges_scheduled: counter("drover_cleanup_purges_scheduled_total"),
             cleanup_last_run: gauge("drover_cleanup_last_run_timestamp_seconds"),
@@ -180,6 +194,8 @@ impl Metrics {
             &metrics.events_refused,
             &metrics.replies_rejected,
             &metrics.requests_resent,
+            &metrics.subscribe_refused,
+            &metrics.oversized_messages,
             &metrics.cleanup_runs,
             &metrics.cleanup_purges_scheduled,
         ] {

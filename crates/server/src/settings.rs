@@ -54,6 +54,30 @@ pub const DEFINITIONS: &[Definition] = &[
         description: "Largest accepted request body and WebSocket message, in bytes (read at start).",
     },
     Definition {
+        name: "api.sub.max.connections",
+        default: "10000",
+        min: 0,
+        description: "Most subscriber WebSockets one server holds; more upgrades are refused with 503 `TooManyConnections` before upgrading. Capped at start to the open-files limit minus a reserve for the API, `/healthz` and the store; 0 is no limit at all (not recommended).",
+    },
+    Definition {
+        name: "api.http.header.timeout.millis",
+        default: "10000",
+        min: 100,
+        description: "A connection whose request headers are not complete this long after it opened (or after its previous request) is closed (read at start).",
+    },
+    Definition {
+        name: "api.http.body.timeout.millis",
+        default: "30000",
+        min: 100,
+        description: "A request body that sends nothing for this long is answered 408 and its connection closed (read at start).",
+    },
+    Definition {
+        name: "api.idempotency.ttl.seconds",
+        default: "86400",
+        min: 1,
+        description: "How long an `Idempotency-Key` of a create is remembered: a retry with the same key within it answers the resource created first; `table.cleanup` deletes older keys.",
+    },
+    Definition {
         name: "api.auth.cache.millis",
         default: "30000",
         min: 0,

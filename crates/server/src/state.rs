@@ -35,4 +35,6 @@ pub struct AppState {
     pub cleanup: Cleanup,
     /// Wakes the worker that handles posted container and service events.
     pub events: EventWorker,
+    /// Subscriber sockets against `api.sub.max.connections`.
+    pub subscriber_slots: crate::ws::Slots,
 }

@@ -4,13 +4,15 @@
 //! the keep-alive `ping` event, and reads only control frames: the socket is receive-only,
 //! publishing goes through `POST /v1/publish`.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
 use axum::extract::{Path, RawQuery, State};
-use axum::http::StatusCode;
-use axum::response::Response;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use drover_proto::names::{self, Qualifier};
 use drover_proto::{Event, ids};
 use futures_util::SinkExt;
@@ -28,6 +30,8 @@ pub const CLOSE_SLOW_CONSUMER: u16 = close_code::POLICY;
 pub const CLOSE_LIFETIME: u16 = close_code::NORMAL;
 /// Close code for a frame the protocol does not have (text or binary from the client).
 pub const CLOSE_UNSUPPORTED: u16 = close_code::UNSUPPORTED;
+/// Close code for a frame or message over `api.max.body.bytes`.
+pub const CLOSE_TOO_BIG: u16 = close_code::SIZE;
 
 /// The most events written before one flush.
 const MAX_BATCH: usize = 256;
@@ -36,6 +40,109 @@ const MAX_BATCH: usize = 256;
 const WRITE_BUFFER: usize = 64 * 1024;
 /// Read buffer per socket: clients send only control frames, so it stays small.
 const READ_BUFFER: usize = 4096;
+
+/// Subscriber sockets open or being opened, against `api.sub.max.connections` and what the
+/// open-files limit allows ([`Slots::from_nofile`]). A slot is taken before the upgrade and
+/// given back when its socket ends (or its upgrade fails).
+#[derive(Debug, Clone)]
+pub struct Slots {
+    open: Arc<AtomicUsize>,
+    /// The most the open-files limit allows, whatever the setting says.
+    pub cap: usize,
+}
+
+/// A subscriber's slot; given back when dropped.
+#[derive(Debug)]
+pub struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// File descriptors kept for everything but subscriber sockets (API and `/healthz`
+/// connections, the store, files): an eighth of the open-files limit, at least this many.
+pub const FD_RESERVE_MIN: u64 = 256;
+
+impl Default for Slots {
+    fn default() -> Self {
+        Slots::with_cap(usize::MAX)
+    }
+}
+
+impl Slots {
+    /// Slots capped at `cap` sockets whatever the setting says.
+    pub fn with_cap(cap: usize) -> Slots {
+        Slots {
+            open: Arc::new(AtomicUsize::new(0)),
+            cap,
+        }
+    }
+
+    /// Raises the open-files soft limit to the hard limit and caps subscriber sockets below
+    /// it, keeping [`FD_RESERVE_MIN`] (or an eighth of the limit) free; warns when
+    /// `configured` is above that cap. Returns the slots and the open-files limit.
+    pub fn from_nofile(configured: u64) -> (Slots, u64) {
+        let limit = match rlimit::increase_nofile_limit(u64::MAX) {
+            Ok(limit) => limit,
+            Err(error) => {
+                tracing::warn!(%error, "could not read or raise the open-files limit");
+                rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(u64::MAX, |(soft, _)| soft)
+            }
+        };
+        let reserve = (limit / 8).max(FD_RESERVE_MIN);
+        let cap = limit.saturating_sub(reserve).max(1);
+        if configured > cap && configured != 0 {
+            tracing::warn!(
+                open_files_limit = limit,
+                configured,
+                cap,
+                "api.sub.max.connections is above what the open-files limit allows: subscriber \
+                 sockets are capped at {cap}, keeping {reserve} file descriptors for the API, \
+                 /healthz and the store (raise the limit with `ulimit -n` or LimitNOFILE=)"
+            );
+        }
+        (
+            Slots::with_cap(usize::try_from(cap).unwrap_or(usize::MAX)),
+            limit,
+        )
+    }
+
+    /// Takes a slot if fewer than `limit` are taken.
+    pub fn try_take(&self, limit: u64) -> Option<Slot> {
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        let mut open = self.open.load(Ordering::Acquire);
+        loop {
+            if open >= limit {
+                return None;
+            }
+            match self.open.compare_exchange_weak(
+                open,
+                open + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Some(Slot(self.open.clone())),
+                Err(now) => open = now,
+            }
+        }
+    }
+
+    /// Slots taken now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+}
+
+/// The limit a new subscriber is checked against now: the setting, capped; 0 is no limit at
+/// all (not even the cap: then the open-files limit is what stops new connections).
+pub fn connection_limit(state: &AppState) -> u64 {
+    match state.settings.uint("api.sub.max.connections") {
+        0 => u64::MAX,
+        configured => configured.min(state.subscriber_slots.cap as u64),
+    }
+}
 
 /// What the subscribe query may say.
 #[derive(Debug, Default)]
@@ -121,6 +228,22 @@ async fn start(
         })?;
         qualified.push(qualifier.qualify(name));
     }
+    let limit = connection_limit(&state);
+    let Some(slot) = state.subscriber_slots.try_take(limit) else {
+        state.metrics.subscribe_refused.increment(1);
+        let mut response = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "TooManyConnections",
+            format!("this server holds its limit of {limit} subscriber connections; retry later or on another server"),
+        )
+        .with_detail("api.sub.max.connections, capped below the open-files limit so that the API and /healthz keep file descriptors")
+        .into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        // The refused client's connection is not kept alive: it would hold a descriptor.
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Ok(response);
+    };
     let max_body = state.settings.uint("api.max.body.bytes") as usize;
     let logout_account = principal.account.id;
     Ok(upgrade
@@ -132,12 +255,16 @@ async fn start(
         .max_message_size(max_body)
         .max_frame_size(max_body)
         .on_upgrade(move |socket| {
+            let _slot = slot;
             let queue = state.settings.uint("subscribe.max.queued.messages") as usize;
             let subscription =
                 state
                     .hub
                     .subscribe(qualified, qualifier.strips(), queue, Some(logout_account));
-            serve(socket, state, subscription, qualifier)
+            async move {
+                serve(socket, state, subscription, qualifier).await;
+                drop(_slot);
+            }
         }))
 }
 
@@ -193,7 +320,16 @@ async fn serve(
                 bounded(&subscriber, write_timeout, socket.send(ping_message())).await
             }
             incoming = socket.recv() => match incoming {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break None,
+                None | Some(Ok(Message::Close(_))) => break None,
+                Some(Err(error)) => match too_big(error) {
+                    Some((size, max_size)) => {
+                        state.metrics.bad_input.increment(1);
+                        state.metrics.oversized_messages.increment(1);
+                        break Some((CLOSE_TOO_BIG, format!(
+                            "message too big: {size} bytes, the limit is {max_size} (api.max.body.bytes)")));
+                    }
+                    None => break None,
+                },
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => Written::Ok,
                 Some(Ok(Message::Text(_) | Message::Binary(_))) => {
                     state.metrics.bad_input.increment(1);
@@ -221,6 +357,23 @@ async fn serve(
             reason: reason.into(),
         };
         let _ = tokio::time::timeout(CLOSE_GRACE, socket.send(Message::Close(Some(frame)))).await;
+    }
+}
+
+/// The size and limit of a frame or message that was over `max_frame_size` /
+/// `max_message_size`, if that is why reading failed.
+fn too_big(error: axum::Error) -> Option<(usize, usize)> {
+    use tokio_tungstenite::tungstenite::error::{CapacityError, Error};
+    match error
+        .into_inner()
+        .downcast::<Error>()
+        .ok()
+        .map(|error| *error)
+    {
+        Some(Error::Capacity(CapacityError::MessageTooLong { size, max_size })) => {
+            Some((size, max_size))
+        }
+        _ => None,
     }
 }
 

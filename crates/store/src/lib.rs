@@ -20,9 +20,9 @@ pub use model::{
 pub use store::{
     Backend, Bootstrap, CLEANUP_STEPS, CleanupAge, CleanupStep, EventFilter, EventKind,
     EventRecord, ExecutionRecord, ExecutionRow, Filter, FilterOp, FilterValue, Finish, HostLookup,
-    ListQuery, NewContainerEvent, NewProcess, NewServiceEvent, Page, PostEventError, ProcessFilter,
-    ProcessInstance, ProcessSummary, Registered, ScheduleError, Scheduled, StepResult, Store,
-    StoreOptions,
+    IdempotencyKey, Idempotent, ListQuery, NewContainerEvent, NewProcess, NewServiceEvent, Page,
+    PostEventError, ProcessFilter, ProcessInstance, ProcessSummary, Registered, ScheduleError,
+    Scheduled, StepResult, Store, StoreOptions,
 };
 
 /// What the store can fail with.

@@ -108,8 +108,8 @@ pub use events::{
 };
 
 pub use process::{
-    ExecutionRecord, ExecutionRow, Finish, NewProcess, ProcessFilter, ProcessInstance,
-    ProcessSummary, ScheduleError, Scheduled,
+    ExecutionRecord, ExecutionRow, Finish, IdempotencyKey, Idempotent, NewProcess, ProcessFilter,
+    ProcessInstance, ProcessSummary, ScheduleError, Scheduled,
 };
 pub use resource::{Filter, FilterOp, FilterValue, ListQuery, Page, Registered};
 

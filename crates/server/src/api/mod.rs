@@ -3,6 +3,7 @@
 mod accounts;
 mod apikeys;
 mod events;
+mod idempotency;
 mod processes;
 mod publish;
 mod register;
@@ -12,6 +13,7 @@ mod root;
 pub mod schema;
 mod schemas;
 mod settings;
+pub(crate) mod text;
 mod ui;
 
 use std::time::Duration;
@@ -24,7 +26,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use serde::de::DeserializeOwned;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::timeout::TimeoutLayer;
+use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
 
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -34,6 +36,7 @@ pub use render::base_url;
 /// The whole HTTP surface of the server.
 pub fn router(state: AppState) -> Router {
     let max_body = state.settings.uint("api.max.body.bytes") as usize;
+    let body_timeout = Duration::from_millis(state.settings.uint("api.http.body.timeout.millis"));
     Router::new()
         .route("/v1", get(root::root))
         .route("/v1/", get(root::root))
@@ -56,7 +59,14 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(axum::middleware::from_fn(schemas_header))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            text::reject_nul_in_url,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        // A body that sends nothing for this long is answered 408 (and its connection closed).
+        .layer(RequestBodyTimeoutLayer::new(body_timeout))
+        .layer(axum::middleware::from_fn(close_after_timeout))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             Duration::from_secs(60),
@@ -65,6 +75,22 @@ pub fn router(state: AppState) -> Router {
             ApiError::internal("a request handler panicked").into_response()
         }))
         .with_state(state)
+}
+
+/// A request that timed out (408) leaves its connection in an unknown state (a body half
+/// read): the connection is closed after the answer.
+async fn close_after_timeout(
+    request: Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let mut response = next.run(request).await;
+    if response.status() == StatusCode::REQUEST_TIMEOUT {
+        response.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    response
 }
 
 /// Adds `X-API-Schemas` to every API response, as GDAPI clients expect.
@@ -138,7 +164,17 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
             .await
             .map_err(|rejection: BytesRejection| {
                 state.metrics.bad_input.increment(1);
-                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                if body_timed_out(&rejection) {
+                    ApiError::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "RequestTimeout",
+                        "request body timed out",
+                    )
+                    .with_detail(format!(
+                        "no part of the body arrived for {} ms (api.http.body.timeout.millis)",
+                        state.settings.uint("api.http.body.timeout.millis")
+                    ))
+                } else if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                     ApiError::new(
                         StatusCode::PAYLOAD_TOO_LARGE,
                         "MaxLimitExceeded",
@@ -172,6 +208,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
                 },
             );
         }
+        text::check_json(state, &bytes)?;
         serde_json::from_slice(&bytes)
             .map(ApiJson)
             .map_err(|error| {
@@ -186,4 +223,17 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
                 }
             })
     }
+}
+
+/// Whether reading a body failed because the client stopped sending it
+/// ([`RequestBodyTimeoutLayer`]).
+fn body_timed_out(rejection: &BytesRejection) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
+    while let Some(error) = source {
+        if error.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
 }

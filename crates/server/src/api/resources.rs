@@ -402,6 +402,12 @@ async fn create(
     }
     let kind = schema.kind.expect("resource type");
     let project = scope(&state, &principal, &params).await?;
+    let once = super::idempotency::key(&state, &headers, &principal, schema.id, project, &body)?;
+    if let Some(key) = &once
+        && let Some(found) = state.store.idempotent_create(kind, &key.store()).await?
+    {
+        return super::idempotency::answer(&state, &headers, found);
+    }
     resolve_references(&state, project, schema, &body).await?;
     let mut new = NewResource {
         sub_kind: schema.id.to_owned(),
@@ -451,17 +457,29 @@ async fn create(
         }
     }
     let def = defs::create_of(kind);
-    let scheduled = state
-        .store
-        .create_and_schedule(
-            kind,
-            &new,
-            def.name,
-            def.transitioning,
-            Map::new(),
-            state.engine.node(),
-        )
-        .await?;
+    let (store, node) = (&state.store, state.engine.node());
+    let scheduled = match &once {
+        None => {
+            store
+                .create_and_schedule(kind, &new, def.name, def.transitioning, Map::new(), node)
+                .await?
+        }
+        Some(key) => match store
+            .create_and_schedule_once(
+                kind,
+                &new,
+                def.name,
+                def.transitioning,
+                Map::new(),
+                node,
+                &key.store(),
+            )
+            .await?
+        {
+            drover_store::Idempotent::Created(scheduled) => *scheduled,
+            found => return super::idempotency::answer(&state, &headers, found),
+        },
+    };
     // The change is announced before the engine is woken, so its own later changes follow it.
     state.changes.changed(&scheduled.resource, None);
     state.engine.wake();
@@ -542,6 +560,7 @@ async fn action(
                 "POST to a resource needs ?action=<name>",
             )
         })?;
+    super::text::check_json(&state, &body)?;
     let data = if body.iter().all(u8::is_ascii_whitespace) {
         Map::new()
     } else {

@@ -25,7 +25,7 @@ pub struct CleanupStep {
     referenced: Option<&'static str>,
 }
 
-/// The three age settings.
+/// The age settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CleanupAge {
     /// `events.purge.after.seconds`.
@@ -34,6 +34,8 @@ pub enum CleanupAge {
     Processes,
     /// `main_tables.purge.after.seconds`.
     MainTables,
+    /// `api.idempotency.ttl.seconds`.
+    IdempotencyKeys,
 }
 
 /// What one step did.
@@ -47,6 +49,12 @@ pub struct StepResult {
 
 /// The steps, children before parents so that one run deletes a whole old tree.
 pub const CLEANUP_STEPS: &[CleanupStep] = &[
+    CleanupStep {
+        table: "idempotency_key",
+        age: CleanupAge::IdempotencyKeys,
+        old: "t.created < $1",
+        referenced: None,
+    },
     CleanupStep {
         table: "container_event",
         age: CleanupAge::Events,

@@ -301,6 +301,32 @@ fn with_meta(data: Map<String, Value>, previous_state: &str, transitioning: &str
     Value::Object(data).to_string()
 }
 
+/// A create's `Idempotency-Key`, as the store keeps it.
+#[derive(Debug, Clone, Copy)]
+pub struct IdempotencyKey<'a> {
+    /// The account of the key that made the request.
+    pub account_id: i64,
+    /// The client's key.
+    pub key: &'a str,
+    /// A digest of what was asked (collection, project, body): the same key with another
+    /// request is refused.
+    pub fingerprint: &'a str,
+    /// How long a key is remembered, in milliseconds.
+    pub ttl_ms: i64,
+}
+
+/// What a create with an idempotency key came to.
+#[derive(Debug)]
+pub enum Idempotent {
+    /// This request created the resource.
+    Created(Box<Scheduled>),
+    /// An earlier request with the key created this resource (`None`: it has since been
+    /// deleted).
+    Existing(Option<Box<Resource>>),
+    /// The key was used before for a different request.
+    Mismatch,
+}
+
 /// Inserts a process row; yields it.
 macro_rules! insert_process {
     ($conn:expr, $name:expr, $kind:expr, $resource_id:expr, $account_id:expr, $data:expr, $node:expr, $now:expr) => {{
@@ -410,6 +436,86 @@ impl Store {
             previous_state: "requested".into(),
             canceled: Vec::new(),
         })
+    }
+
+    /// The resource a create with `key` made before (within the key's time to live), or
+    /// [`Idempotent::Mismatch`] if the key was used for a different request; `None` if the key
+    /// is new.
+    pub async fn idempotent_create(
+        &self,
+        kind: ResourceKind,
+        key: &IdempotencyKey<'_>,
+    ) -> Result<Option<Idempotent>> {
+        let since = now_millis() - key.ttl_ms;
+        let row: Option<(String, String, i64)> = dispatch!(self, pool => sqlx::query_as(
+            "SELECT request_hash, resource_type, resource_id FROM idempotency_key \
+             WHERE account_id = $1 AND idem_key = $2 AND created >= $3")
+            .bind(key.account_id).bind(key.key).bind(since).fetch_optional(pool).await?);
+        Ok(match row {
+            None => None,
+            Some((hash, table, id)) if hash == key.fingerprint && table == kind.table() => Some(
+                Idempotent::Existing(self.get_resource(kind, id).await?.map(Box::new)),
+            ),
+            Some(_) => Some(Idempotent::Mismatch),
+        })
+    }
+
+    /// [`Store::create_and_schedule`] once per idempotency key: the key is recorded in the
+    /// same transaction as the resource and its process, so a create is committed with its
+    /// key or not at all. A retry (or a concurrent twin) with the same key gets the resource
+    /// the first one made; the loser of a race rolls its own create back.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn create_and_schedule_once(
+        &self,
+        kind: ResourceKind,
+        new: &NewResource,
+        process_name: &str,
+        transitioning_state: &str,
+        data: Map<String, Value>,
+        node: &str,
+        key: &IdempotencyKey<'_>,
+    ) -> Result<Idempotent> {
+        if let Some(found) = self.idempotent_create(kind, key).await? {
+            return Ok(found);
+        }
+        let now = now_millis();
+        let data = with_meta(data, "requested", transitioning_state);
+        let attempt = async {
+            let process: Option<ProcessInstance> = write_tx!(self, tx => {
+                // An expired key is forgotten, so that it can be used again.
+                sqlx::query("DELETE FROM idempotency_key WHERE account_id = $1 AND idem_key = $2 AND created < $3")
+                    .bind(key.account_id).bind(key.key).bind(now - key.ttl_ms).execute(&mut *tx).await?;
+                let id: i64 = insert_row!(&mut *tx, kind, new, transitioning_state, "yes");
+                let process = insert_process!(&mut *tx, process_name, kind, id, new.account_id, data.clone(), node, now);
+                // On PostgreSQL a concurrent twin's insert waits here for the first to end.
+                let recorded: Option<i64> = sqlx::query_scalar(
+                    "INSERT INTO idempotency_key (account_id, idem_key, request_hash, resource_type, resource_id, created) \
+                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (account_id, idem_key) DO NOTHING RETURNING id")
+                    .bind(key.account_id).bind(key.key).bind(key.fingerprint).bind(kind.table()).bind(id).bind(now)
+                    .fetch_optional(&mut *tx).await?;
+                if recorded.is_none() {
+                    // Another request with this key committed first: roll this one back.
+                    return Ok::<_, Error>(None);
+                }
+                Some(process)
+            });
+            Ok::<_, Error>(process)
+        };
+        let Some(process) = attempt.await? else {
+            return self.idempotent_create(kind, key).await?.ok_or_else(|| {
+                Error::Conflict("idempotency key taken and released at once".into())
+            });
+        };
+        let resource = self
+            .get_resource(kind, process.resource_id)
+            .await?
+            .ok_or(Error::NotFound("resource"))?;
+        Ok(Idempotent::Created(Box::new(Scheduled {
+            process,
+            resource,
+            previous_state: "requested".into(),
+            canceled: Vec::new(),
+        })))
     }
 
     /// Claims up to `limit` ready processes for `node` with a lease until `lease_until`.
