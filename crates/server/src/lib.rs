@@ -26,6 +26,40 @@ pub mod settings;
 pub mod state;
 pub mod ws;
 
+/// Entry points for the fuzz targets (`crates/fuzz`): the API's query parsers, which are
+/// otherwise private to their handlers. Not an API of this crate.
+#[doc(hidden)]
+pub mod fuzzing {
+    use drover_store::{ListQuery, ProcessFilter};
+
+    use crate::api::schema::TypeSchema;
+    use crate::error::ApiError;
+
+    /// The filters and paging of `GET /v1/<collection>` for a resource type.
+    pub fn list_query(
+        schema: &TypeSchema,
+        project: i64,
+        raw: Option<&str>,
+    ) -> Result<ListQuery, ApiError> {
+        crate::api::resources::list_query(schema, project, raw)
+    }
+
+    /// The filters and paging of `GET /v1/processinstances`.
+    pub fn process_filter(raw: Option<&str>) -> Result<ProcessFilter, ApiError> {
+        crate::api::processes::filter(raw)
+    }
+
+    /// A list's `pagination`, whose `next` link repeats the query with the next marker.
+    pub fn pagination(
+        path: &str,
+        raw: Option<&str>,
+        limit: i64,
+        next_marker: Option<i64>,
+    ) -> serde_json::Value {
+        crate::api::resources::pagination(path, raw, limit, next_marker)
+    }
+}
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -4,7 +4,7 @@ mod accounts;
 mod apikeys;
 mod events;
 mod idempotency;
-mod processes;
+pub(crate) mod processes;
 mod publish;
 mod register;
 mod render;
@@ -57,6 +57,7 @@ pub fn router(state: AppState) -> Router {
         .merge(ui::routes())
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(axum::middleware::from_fn(schemas_header))
         .layer(axum::middleware::from_fn_with_state(
@@ -134,6 +135,21 @@ async fn not_found(State(state): State<AppState>, request: Request) -> ApiError 
         request.method(),
         request.uri().path()
     ))
+}
+
+/// A known path asked with a method it does not have (axum's own answer has no body); the
+/// `Allow` header is kept.
+async fn method_not_allowed(State(state): State<AppState>, request: Request) -> ApiError {
+    state.metrics.bad_input.increment(1);
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "MethodNotAllowed",
+        format!(
+            "{} is not allowed on {}",
+            request.method(),
+            request.uri().path()
+        ),
+    )
 }
 
 /// Parses a project id from a URL and checks the project exists.

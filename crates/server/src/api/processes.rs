@@ -86,18 +86,13 @@ fn render(base: &str, process: &ProcessInstance, now: i64) -> Value {
     })
 }
 
-async fn list(
-    State(state): State<AppState>,
-    Auth(principal): Auth,
-    RawQuery(raw): RawQuery,
-    headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
-    admin(&principal)?;
+/// Parses the filters and paging of `GET /v1/processinstances`.
+pub(crate) fn filter(raw: Option<&str>) -> Result<ProcessFilter, ApiError> {
     let mut filter = ProcessFilter {
         limit: 100,
         ..ProcessFilter::default()
     };
-    for (key, value) in form_urlencoded::parse(raw.as_deref().unwrap_or("").as_bytes()) {
+    for (key, value) in form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
         match key.as_ref() {
             "processName" | "name" => filter.name = Some(value.into_owned()),
             "resourceType" => {
@@ -148,6 +143,17 @@ async fn list(
             _ => {}
         }
     }
+    Ok(filter)
+}
+
+async fn list(
+    State(state): State<AppState>,
+    Auth(principal): Auth,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    admin(&principal)?;
+    let filter = filter(raw.as_deref())?;
     let page = state.store.list_processes(&filter).await?;
     let base = base_url(&headers);
     let now = drover_proto::event::now_millis();

@@ -142,7 +142,11 @@ async fn find(
 }
 
 /// Parses the collection filters and paging of a query string.
-fn list_query(schema: &TypeSchema, project: i64, raw: Option<&str>) -> Result<ListQuery, ApiError> {
+pub(crate) fn list_query(
+    schema: &TypeSchema,
+    project: i64,
+    raw: Option<&str>,
+) -> Result<ListQuery, ApiError> {
     let mut query = ListQuery {
         account_id: Some(project),
         filters: Vec::new(),

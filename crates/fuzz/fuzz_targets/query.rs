@@ -1,0 +1,12 @@
+//! libFuzzer driver of [`drover_fuzz::query`].
+#![no_main]
+
+use libfuzzer_sys::Corpus;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| -> Corpus {
+    if drover_fuzz::query(data) {
+        Corpus::Keep
+    } else {
+        Corpus::Reject
+    }
+});
