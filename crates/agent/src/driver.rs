@@ -19,6 +19,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -156,8 +157,14 @@ pub struct LocalDriver {
     exits: Option<tokio::sync::mpsc::Sender<Exit>>,
     /// Instances being stopped by the driver: their exit is expected, not reported.
     stopping: Arc<Mutex<HashSet<String>>>,
+    /// Instances whose process is this agent's child, until its exit is recorded.
+    supervised: Arc<Mutex<HashSet<String>>>,
     /// This driver's key in the marker of every process it starts (kept in the state directory).
     key: String,
+    /// Set once [`LocalDriver::adopt`] has left no process of an instance without a directory:
+    /// from then on an instance without a directory has no process, and its first start
+    /// needs no scan.
+    adopted: AtomicBool,
 }
 
 /// An instance's process ended on its own (or was killed by someone other than the driver).
@@ -179,11 +186,13 @@ impl LocalDriver {
         let key = driver_key(&state_dir)?;
         Ok(LocalDriver {
             key,
+            adopted: AtomicBool::new(false),
             root: state_dir,
             server_url,
             locks: Mutex::new(HashMap::new()),
             exits: None,
             stopping: Arc::new(Mutex::new(HashSet::new())),
+            supervised: Arc::new(Mutex::new(HashSet::new())),
         })
     }
 
@@ -227,7 +236,8 @@ impl LocalDriver {
     /// instance that no longer exists here.
     pub async fn adopt(&self) {
         let mut found: BTreeMap<String, Vec<Marked>> = BTreeMap::new();
-        for (id, process) in scan(&self.key, None) {
+        let mut clean = true;
+        for (id, process) in scan_blocking(&self.key, None).await {
             found.entry(id).or_default().push(process);
         }
         for (id, _) in self.list() {
@@ -244,6 +254,7 @@ impl LocalDriver {
                 tracing::warn!(instance = %id, processes = processes.len(), "stopping processes of an instance this host no longer has");
                 if let Err(error) = self.terminate(&id, None, EXTRA_GRACE).await {
                     tracing::error!(instance = %id, %error, "cannot stop them");
+                    clean = false;
                 }
                 continue;
             }
@@ -257,6 +268,7 @@ impl LocalDriver {
                 }
             }
         }
+        self.adopted.store(clean, Ordering::Release);
     }
 
     /// Given the instance's marked processes on the host, keeps one started process (the one
@@ -298,8 +310,9 @@ impl LocalDriver {
 
     /// The instance's live processes, but those of `spare` (the adopted start); without
     /// `spare`, also the recorded process (an older agent's, unmarked).
-    fn targets(&self, id: &str, spare: Option<&PidRecord>) -> Vec<Marked> {
-        let mut out: Vec<Marked> = scan(&self.key, Some(id))
+    async fn targets(&self, id: &str, spare: Option<&PidRecord>) -> Vec<Marked> {
+        let mut out: Vec<Marked> = scan_blocking(&self.key, Some(id))
+            .await
             .into_iter()
             .map(|(_, m)| m)
             .filter(|m| !spared(m, spare))
@@ -328,14 +341,14 @@ impl LocalDriver {
         grace: Duration,
     ) -> Result<(), DriverError> {
         let recorded_leader = self.pid_record(id).map(|record| record.pid);
-        let mut current = self.targets(id, spare);
+        let mut current = self.targets(id, spare).await;
         if current.is_empty() {
             return Ok(());
         }
         signal_all(&current, recorded_leader, Signal::SIGTERM);
         let deadline = tokio::time::Instant::now() + grace;
         loop {
-            current = self.targets(id, spare);
+            current = self.targets(id, spare).await;
             if current.is_empty() {
                 return Ok(());
             }
@@ -349,7 +362,7 @@ impl LocalDriver {
             // Again each time: what they forked meanwhile goes too.
             signal_all(&current, recorded_leader, Signal::SIGKILL);
             tokio::time::sleep(STOP_POLL).await;
-            current = self.targets(id, spare);
+            current = self.targets(id, spare).await;
             if current.is_empty() {
                 return Ok(());
             }
@@ -377,12 +390,20 @@ impl LocalDriver {
 
     async fn stop_locked(&self, id: &str, grace: Duration) -> Result<InstanceStatus, DriverError> {
         self.dir(id)?;
-        if self.targets(id, None).is_empty() {
+        if self.targets(id, None).await.is_empty() {
             return Ok(self.inspect(id));
         }
         self.stopping().insert(id.to_owned());
         // Every process of the instance, in whatever process group: what it started too.
         self.terminate(id, None, grace).await?;
+        // A child's exit is recorded (its `exit` file written) before the stop answers.
+        let deadline = tokio::time::Instant::now() + KILL_WAIT;
+        while lock_set(&self.supervised).contains(id) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if !lock_set(&self.supervised).contains(id) {
+            self.stopping().remove(id);
+        }
         let _ = std::fs::remove_file(self.dir(id)?.join("pid"));
         Ok(match self.inspect(id) {
             InstanceStatus::Missing => InstanceStatus::Stopped { exit_code: None },
@@ -402,6 +423,10 @@ impl LocalDriver {
             .parse()
             .ok()
     }
+}
+
+fn lock_set(set: &Mutex<HashSet<String>>) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    set.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// This driver's key, made once per state directory.
@@ -429,7 +454,7 @@ struct ProcStat {
 /// A live, non-zombie process's group and start time (fields 5 and 22 of `/proc/<pid>/stat`).
 fn proc_stat(pid: u32) -> Option<ProcStat> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after_name = &stat[stat.rfind(')')? + 2..];
+    let after_name = stat.get(stat.rfind(')')? + 1..)?;
     let fields: Vec<&str> = after_name.split_whitespace().collect();
     if fields.first() == Some(&"Z") || fields.first() == Some(&"X") {
         return None;
@@ -504,6 +529,16 @@ fn scan(key: &str, only: Option<&str>) -> Vec<(String, Marked)> {
     out
 }
 
+/// [`scan`] off the async threads (it reads a file of every process on the host).
+async fn scan_blocking(key: &str, only: Option<&str>) -> Vec<(String, Marked)> {
+    let (owned_key, owned_only) = (key.to_owned(), only.map(str::to_owned));
+    match tokio::task::spawn_blocking(move || scan(&owned_key, owned_only.as_deref())).await {
+        Ok(found) => found,
+        // No blocking thread (the runtime shuts down): never answer "none" unlooked.
+        Err(_) => scan(key, only),
+    }
+}
+
 /// Whether a process belongs to the start that is kept.
 fn spared(process: &Marked, spare: Option<&PidRecord>) -> bool {
     spare.is_some_and(|spare| {
@@ -519,7 +554,10 @@ fn signal_all(processes: &[Marked], recorded_leader: Option<u32>, signal: Signal
     let own_group = nix::unistd::getpgrp().as_raw() as u32;
     let mut groups = HashSet::new();
     for process in processes {
-        let leads = processes.iter().any(|m| m.pid == process.pgid);
+        // (The leader checked again: its pid, and so the group id, may have gone to another.)
+        let leads = processes
+            .iter()
+            .any(|m| m.pid == process.pgid && process_start_time(m.pid) == Some(m.start_time));
         let recorded = recorded_leader == Some(process.pgid) && proc_stat(process.pgid).is_none();
         if (leads || recorded) && process.pgid > 1 && process.pgid != own_group {
             groups.insert(process.pgid);
@@ -549,20 +587,19 @@ impl Driver for LocalDriver {
             .first()
             .ok_or_else(|| DriverError::Invalid("no command".into()))?;
         let dir = self.dir(&spec.id)?;
+        let first_start = self.adopted.load(Ordering::Acquire) && !dir.exists();
         std::fs::create_dir_all(&dir)?;
         // A process of this instance may run unrecorded (the agent was killed after starting
         // it): adopt it rather than start a second one; stop what another start left.
-        if let Some(adopted) = self
-            .settle(
-                &spec.id,
-                scan(&self.key, Some(&spec.id))
-                    .into_iter()
-                    .map(|(_, process)| process)
-                    .collect(),
-            )
-            .await?
-        {
-            return Ok(InstanceStatus::Running { pid: adopted.pid });
+        if !first_start {
+            let found = scan_blocking(&self.key, Some(&spec.id))
+                .await
+                .into_iter()
+                .map(|(_, process)| process)
+                .collect();
+            if let Some(adopted) = self.settle(&spec.id, found).await? {
+                return Ok(InstanceStatus::Running { pid: adopted.pid });
+            }
         }
         std::fs::write(
             dir.join("spec.json"),
@@ -635,6 +672,8 @@ impl Driver for LocalDriver {
         let id = spec.id.clone();
         let exits = self.exits.clone();
         let stopping = self.stopping.clone();
+        let supervised = self.supervised.clone();
+        lock_set(&supervised).insert(id.clone());
         tokio::spawn(async move {
             let status = child.wait().await;
             let code = status.ok().and_then(|status| status.code()).unwrap_or(-1);
@@ -644,6 +683,7 @@ impl Driver for LocalDriver {
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .remove(&id);
+            lock_set(&supervised).remove(&id);
             tracing::info!(instance = %id, code, expected, "instance process exited");
             if !expected && let Some(exits) = exits {
                 let at = std::time::SystemTime::now()

@@ -252,3 +252,34 @@ async fn a_stop_ends_every_process_of_the_instance_even_outside_its_group() {
     assert!(marked(&marker).is_empty(), "{:?}", marked(&marker));
     driver.remove("1i9").await.unwrap();
 }
+
+#[tokio::test]
+async fn a_restarted_agent_stops_processes_of_an_instance_it_no_longer_has() {
+    let marker = unique_marker();
+    let _reaper = Reaper(marker.clone());
+    let state = tempfile::tempdir().unwrap();
+    let key = driver(state.path()).key().to_owned();
+    // A process of instance 1i5, whose directory is gone (as after a remove).
+    let mut orphan = std::process::Command::new("sleep")
+        .arg("600")
+        .env("TEST_MARK", &marker)
+        .env(MARKER_VAR, format!("{key}/1i5/sometoken"))
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    wait_marked(&marker, 1).await;
+    let restarted = driver(state.path());
+    restarted.adopt().await;
+    assert!(marked(&marker).is_empty(), "{:?}", marked(&marker));
+    let _ = orphan.wait();
+    // Now a first start of it needs no scan: no process of it can exist.
+    let pid = running_pid(
+        restarted
+            .start(&spec("1i5", &marker, &["sleep", "600"]))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(wait_marked(&marker, 1).await, vec![pid]);
+    restarted.remove("1i5").await.unwrap();
+    assert!(marked(&marker).is_empty());
+}
