@@ -233,6 +233,12 @@ async fn a_second_action_on_a_locked_resource_gets_409_and_remove_always_works()
             r["state"] == "starting"
         })
         .await;
+        // Stuck means the agent holds the request: the container is placed on its host, so
+        // the remove below has an agent to ask.
+        drover_test_support::wait_for("the agent to hold the start", || async {
+            (agent.requests_named("compute.instance.activate").await > 0).then_some(())
+        })
+        .await;
         match server
             .admin
             .post(&format!("{path}?action=stop"), &json!({}))
