@@ -436,6 +436,8 @@ fn strip_ansi(text: &str) -> String {
 pub struct HostProcess {
     /// Its pid.
     pub pid: i32,
+    /// Its parent.
+    pub ppid: i32,
     /// Its process group.
     pub pgid: i32,
     /// The container whose stdout it writes to (`1i…`), if known.
@@ -475,7 +477,7 @@ pub fn scan(marker: &str) -> Vec<HostProcess> {
         else {
             continue;
         };
-        let Some((state, _ppid, pgid)) = stat_of(pid) else {
+        let Some((state, ppid, pgid)) = stat_of(pid) else {
             continue;
         };
         if state == 'Z' || state == 'X' {
@@ -486,10 +488,27 @@ pub fn scan(marker: &str) -> Vec<HostProcess> {
             .and_then(|path| container_of_log(&path));
         out.push(HostProcess {
             pid,
+            ppid,
             pgid,
             container,
             tag: tag.to_owned(),
         });
+    }
+    out
+}
+
+/// This run's instance processes by container ([`HostProcess::key`]). A process whose parent
+/// is a process of the same container is that instance's own child (the shell forks before it
+/// runs `sleep`, and the fork carries the same command line for a moment), not a second run.
+pub fn by_container(processes: Vec<HostProcess>) -> HashMap<String, Vec<HostProcess>> {
+    let keys: HashMap<i32, String> = processes.iter().map(|p| (p.pid, p.key())).collect();
+    let mut out: HashMap<String, Vec<HostProcess>> = HashMap::new();
+    for process in processes {
+        let key = process.key();
+        if keys.get(&process.ppid) == Some(&key) {
+            continue;
+        }
+        out.entry(key).or_default().push(process);
     }
     out
 }
@@ -513,11 +532,13 @@ fn stat_of(pid: i32) -> Option<(char, i32, i32)> {
     Some((state, ppid, pgid))
 }
 
-/// Reaps the zombies this process adopted as a child subreaper: orphans that lead a process
-/// group of their own (the agent's instances; a restarted PostgreSQL's postmaster). Its own
-/// children (server, agent, psql) share its group and are left to whoever waits for them.
+/// Reaps the zombies this process adopted as a child subreaper: orphans in another process
+/// group than its own (the agent's instances and their children; a restarted PostgreSQL's
+/// postmaster). Its own children (server, agent, psql) share its group and are left to whoever
+/// waits for them.
 pub fn reap_adopted() -> usize {
     let me = std::process::id() as i32;
+    let own_group = nix::unistd::getpgrp().as_raw();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return 0;
     };
@@ -532,7 +553,7 @@ pub fn reap_adopted() -> usize {
         };
         if let Some((state, ppid, pgid)) = stat_of(pid)
             && ppid == me
-            && pgid == pid
+            && pgid != own_group
             && state == 'Z'
         {
             let _ = nix::sys::wait::waitpid(
@@ -568,14 +589,13 @@ pub async fn sample(marker: String, every: Duration, seen: Arc<Sightings>, stop:
         seen.samples.fetch_add(1, Ordering::Relaxed);
         seen.max_live
             .fetch_max(processes.len() as u64, Ordering::Relaxed);
-        let mut by_key: HashMap<String, Vec<i32>> = HashMap::new();
-        for process in &processes {
-            by_key.entry(process.key()).or_default().push(process.pid);
-        }
-        for (key, pids) in by_key {
-            if pids.len() > 1 {
+        for (key, processes) in by_container(processes) {
+            if processes.len() > 1 {
                 let mut doubles = seen.doubles.lock().unwrap_or_else(|p| p.into_inner());
-                doubles.entry(key).or_default().extend(pids);
+                doubles
+                    .entry(key)
+                    .or_default()
+                    .extend(processes.iter().map(|p| p.pid));
             }
         }
         if last_reap.elapsed() > Duration::from_secs(1) {
@@ -1233,10 +1253,7 @@ async fn judge(api: &Api, ledger: &Ledger, marker: &str) -> Result<Verdict> {
         }
     }
     // The host: one live process per running container, none for any other.
-    let mut live: HashMap<String, Vec<HostProcess>> = HashMap::new();
-    for process in scan(marker) {
-        live.entry(process.key()).or_default().push(process);
-    }
+    let live = by_container(scan(marker));
     for (key, processes) in &live {
         let state = states
             .get(key)
@@ -1734,6 +1751,28 @@ mod tests {
             Some("1i42")
         );
         assert_eq!(container_of_log(Path::new("/dev/null")), None);
+    }
+
+    #[test]
+    fn a_fork_of_an_instance_is_not_a_second_run() {
+        let process = |pid, ppid, container: &str| HostProcess {
+            pid,
+            ppid,
+            pgid: 10,
+            container: Some(container.into()),
+            tag: "m-1".into(),
+        };
+        // 11 is 10's fork (same container): one run. 12 has another parent: a second run.
+        let grouped = by_container(vec![process(10, 1, "1i5"), process(11, 10, "1i5")]);
+        assert_eq!(grouped["1i5"].len(), 1);
+        let grouped = by_container(vec![
+            process(10, 1, "1i5"),
+            process(11, 10, "1i5"),
+            process(12, 1, "1i5"),
+            process(13, 10, "1i6"),
+        ]);
+        assert_eq!(grouped["1i5"].len(), 2);
+        assert_eq!(grouped["1i6"].len(), 1);
     }
 
     #[test]
