@@ -1135,6 +1135,16 @@ pub struct Verdict {
 }
 
 impl Verdict {
+    /// The containers (or untracked processes) among [`Verdict::run_twice`]'s findings: each
+    /// finding starts with the container's id.
+    pub fn run_twice_containers(&self) -> usize {
+        self.run_twice
+            .iter()
+            .filter_map(|finding| finding.split_whitespace().next())
+            .collect::<HashSet<_>>()
+            .len()
+    }
+
     /// Whether nothing was lost, stuck or run twice.
     pub fn passed(&self) -> bool {
         self.lost.is_empty() && self.stuck.is_empty() && self.run_twice.is_empty()
@@ -1606,6 +1616,20 @@ pub async fn run(args: &ChaosArgs) -> Result<Report> {
         duration: run_started.elapsed(),
     };
     print_report(&report, &ledger, &seen, &api, fault_seconds, settle_seconds);
+    if args.keep_dir {
+        let all: Vec<String> = [
+            ("lost", &report.verdict.lost),
+            ("stuck", &report.verdict.stuck),
+            ("run twice", &report.verdict.run_twice),
+        ]
+        .iter()
+        .flat_map(|(kind, items)| items.iter().map(move |item| format!("{kind}: {item}")))
+        .collect();
+        let path = root.join("verdict.txt");
+        if std::fs::write(&path, all.join("\n") + "\n").is_ok() {
+            println!("  every finding: {}", path.display());
+        }
+    }
     if !report.passed() {
         println!("  server log (tail):\n{}", cluster.log_tail("server.log"));
         println!("  agent log (tail):\n{}", cluster.log_tail("agent.log"));
@@ -1696,7 +1720,7 @@ fn print_report(
     );
     let _ = writeln!(
         out,
-        "  containers created by an unacknowledged (retried) create: {}",
+        "  duplicates: containers made by a create try that the client saw fail (then retried): {}",
         verdict.unacknowledged_creates_done.len()
     );
     let _ = writeln!(
@@ -1707,16 +1731,22 @@ fn print_report(
     );
     let mut section = |name: &str, items: &[String]| {
         let _ = writeln!(out, "  {name}: {}", items.len());
-        for item in items.iter().take(10) {
+        for item in items.iter().take(20) {
             let _ = writeln!(out, "    - {item}");
         }
-        if items.len() > 10 {
-            let _ = writeln!(out, "    … and {} more", items.len() - 10);
+        if items.len() > 20 {
+            let _ = writeln!(out, "    … and {} more", items.len() - 20);
         }
     };
     section("lost", &verdict.lost);
     section("stuck", &verdict.stuck);
-    section("run twice", &verdict.run_twice);
+    section(
+        &format!(
+            "run twice (containers: {}; findings)",
+            verdict.run_twice_containers()
+        ),
+        &verdict.run_twice,
+    );
     let _ = writeln!(
         out,
         "  settled in {:.0} s; whole run {:.0} s; {}",
