@@ -2,6 +2,8 @@
 //!
 //! The `drover-bench` binary (`src/main.rs`) has its own modules for the event-bus benchmarks
 //! and uses [`harness`]'s start and `/proc` readers; the process-engine, agents and soak
-//! benchmarks (`src/bin/`) share all of [`harness`].
+//! benchmarks (`src/bin/`) share all of [`harness`]; [`chaos`] is the fault-injection run of
+//! `drover-bench-chaos` and `.ci/chaos`.
 
+pub mod chaos;
 pub mod harness;
