@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use drover_client::{Client, Error, Subscribe};
 use drover_test_support::agent::{Answer, Policy, TestAgent};
-use drover_test_support::{FAST, TestServer, poll, servers, wait_change, wait_state};
+use drover_test_support::{FAST, TestServer, poll, servers, wait_change, wait_for, wait_state};
 use serde_json::{Value, json};
 
 fn container_body(name: &str) -> Value {
@@ -231,6 +231,11 @@ async fn a_second_action_on_a_locked_resource_gets_409_and_remove_always_works()
         let path = format!("containers/{}", created["id"].as_str().unwrap());
         wait_change(&server.admin, &path, "starting", |r| {
             r["state"] == "starting"
+        })
+        .await;
+        // The start is on the host: the agent has the request (and ignores it).
+        wait_for("the agent to get the start", || async {
+            (agent.requests_named("compute.instance.activate").await > 0).then_some(())
         })
         .await;
         match server
