@@ -23,14 +23,21 @@ struct Harness {
 
 impl Harness {
     async fn start() -> Harness {
-        let server = TestServer::start_with(&[
+        Harness::start_with(&[]).await
+    }
+
+    /// With `overrides` in place of the defaults of the same name.
+    async fn start_with(overrides: &[(&str, &str)]) -> Harness {
+        let mut settings = vec![
             ("agent.ping.interval.millis", "100"),
             ("agent.activate.ping.timeout.millis", "300"),
             ("eventing.timeout.millis", "1000"),
             ("process.retry_max_wait.millis", "300"),
             ("process.poll.millis", "50"),
-        ])
-        .await;
+        ];
+        settings.retain(|(name, _)| overrides.iter().all(|(other, _)| other != name));
+        settings.extend_from_slice(overrides);
+        let server = TestServer::start_with(&settings).await;
         let token = server
             .admin
             .post("registrationtokens", &json!({}))
@@ -215,7 +222,10 @@ async fn a_container_runs_as_a_real_process_and_stop_and_remove_clean_up() {
 
 #[tokio::test]
 async fn a_killed_process_is_noticed_and_its_container_stops() {
-    let harness = Harness::start().await;
+    // The ping monitor's first round is 10 minutes away: only the agent's container event can
+    // tell the server. (Lengthened mid-test, a round already due could still see the death
+    // first.)
+    let harness = Harness::start_with(&[("agent.ping.interval.millis", "600000")]).await;
     let _agent = harness.start_agent(None);
     harness.wait_agent_active().await;
     let work = tempfile::tempdir().unwrap();
@@ -230,15 +240,6 @@ async fn a_killed_process_is_noticed_and_its_container_stops() {
         .unwrap();
     let path = format!("containers/{}", created["id"].as_str().unwrap());
     wait_state(&harness.admin, &path, "running").await;
-    // Pings now come every 10 minutes: only the agent's container event can tell the server.
-    harness
-        .admin
-        .put(
-            "settings/agent.ping.interval.millis",
-            &json!({"value": "600000"}),
-        )
-        .await
-        .unwrap();
     let pid: i32 = read_when_there(&work.path().join("pid.out"))
         .await
         .trim()

@@ -479,8 +479,8 @@ async fn a_refused_subscription_is_retried() {
 }
 
 /// A fake server: completes the WebSocket handshake, sends one event, then neither reads nor
-/// writes again (so it never answers a ping). Reports each accepted connection.
-async fn silent_server() -> (String, mpsc::UnboundedReceiver<()>) {
+/// writes again (so it never answers a ping). Reports when it accepted each connection.
+async fn silent_server() -> (String, mpsc::UnboundedReceiver<tokio::time::Instant>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = mpsc::unbounded_channel();
@@ -490,7 +490,7 @@ async fn silent_server() -> (String, mpsc::UnboundedReceiver<()>) {
             let mut socket = tokio_tungstenite::accept_async(tcp).await.unwrap();
             send_text(&mut socket, r#"{"name":"ping"}"#).await;
             held.push(socket);
-            let _ = tx.send(());
+            let _ = tx.send(tokio::time::Instant::now());
         }
     });
     (url, rx)
@@ -518,10 +518,16 @@ async fn a_server_that_stops_answering_pings_is_left_and_reconnected() {
             .on("x", |_, _| async { Ok(None) }),
     );
     running.connected(1).await;
-    recv(&mut accepted).await;
-    // No pong comes: the router gives up on the connection and makes a new one.
+    let first = recv(&mut accepted).await;
+    // No pong comes: the router gives up on the connection and makes a new one, once the pong
+    // is overdue (not at once, which any reconnect loop would do).
     running.connected(2).await;
-    recv(&mut accepted).await;
+    let second = recv(&mut accepted).await;
+    let kept = second - first;
+    assert!(
+        kept >= Duration::from_millis(200) && kept < Duration::from_secs(5),
+        "the silent connection was left after {kept:?}; the pong timeout is 300 ms"
+    );
     running.stop().await;
 }
 

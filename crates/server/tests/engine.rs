@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use drover_client::{Client, Error, Subscribe};
 use drover_test_support::agent::{Answer, Policy, TestAgent};
-use drover_test_support::{FAST, TestServer, poll, servers, wait_change, wait_state};
+use drover_test_support::{FAST, TestServer, poll, servers, wait_change, wait_for, wait_state};
 use serde_json::{Value, json};
 
 fn container_body(name: &str) -> Value {
@@ -233,9 +233,8 @@ async fn a_second_action_on_a_locked_resource_gets_409_and_remove_always_works()
             r["state"] == "starting"
         })
         .await;
-        // Stuck means the agent holds the request: the container is placed on its host, so
-        // the remove below has an agent to ask.
-        drover_test_support::wait_for("the agent to hold the start", || async {
+        // The start is on the host: the agent has the request (and ignores it).
+        wait_for("the agent to get the start", || async {
             (agent.requests_named("compute.instance.activate").await > 0).then_some(())
         })
         .await;

@@ -90,7 +90,16 @@ pub async fn wait_change(
     what: &str,
     done: impl Fn(&Value) -> bool,
 ) -> Value {
-    let deadline = Instant::now() + WAIT;
+    wait_change_until(Instant::now() + WAIT, client, path, what, done).await
+}
+
+async fn wait_change_until(
+    deadline: Instant,
+    client: &Client,
+    path: &str,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
     let last_segment = path
         .split('?')
         .next()
@@ -103,7 +112,7 @@ pub async fn wait_change(
         .then_some(last_segment);
     let timed_out = |last: &Result<Value, drover_client::Error>| -> ! {
         panic!(
-            "timed out after {WAIT:?} waiting for {what} on {path}; last seen: {}",
+            "timed out waiting for {what} on {path}; last seen: {}",
             describe(last)
         )
     };
@@ -169,5 +178,58 @@ fn describe(last: &Result<Value, drover_client::Error>) -> String {
         ),
         Ok(value) => format!("{value:#}"),
         Err(error) => format!("an error: {error}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::TestServer;
+
+    async fn active_host(server: &TestServer) -> String {
+        let host = server
+            .admin
+            .post("hosts", &serde_json::json!({"name": "h"}))
+            .await
+            .unwrap();
+        let path = format!("hosts/{}", host["id"].as_str().unwrap());
+        wait_state(&server.admin, &path, "active").await;
+        path
+    }
+
+    #[tokio::test]
+    async fn wait_state_wakes_on_the_change_and_wait_change_sees_collections() {
+        let server = TestServer::start().await;
+        let path = active_host(&server).await;
+        server.admin.delete(&path).await.unwrap();
+        let removed = wait_state(&server.admin, &path, "removed").await;
+        assert_eq!(removed["transitioning"], "no");
+        let hosts = wait_change(&server.admin, "hosts", "a removed host", |hosts| {
+            hosts["data"][0]["state"] == "removed"
+        })
+        .await;
+        assert_eq!(hosts["data"].as_array().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_wait_that_times_out_says_what_it_last_saw() {
+        let server = TestServer::start().await;
+        let path = active_host(&server).await;
+        let deadline = Instant::now() + Duration::from_millis(300);
+        let admin = server.admin.clone();
+        let waited = tokio::spawn(async move {
+            wait_change_until(deadline, &admin, &path, "state purged", |resource| {
+                resource["state"] == "purged"
+            })
+            .await
+        })
+        .await;
+        let panic = waited.unwrap_err().into_panic();
+        let message = panic.downcast_ref::<String>().unwrap();
+        assert!(
+            message.contains("timed out waiting for state purged on hosts/")
+                && message.contains(r#"last seen: state="active" transitioning="no""#),
+            "{message}"
+        );
     }
 }
