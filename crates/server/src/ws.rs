@@ -455,6 +455,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn slots_stop_at_the_limit_and_come_back_when_dropped() {
+        let slots = Slots::with_cap(10);
+        let taken: Vec<Slot> = (0..3).map(|_| slots.try_take(3).unwrap()).collect();
+        assert!(slots.try_take(3).is_none());
+        assert_eq!(slots.open(), 3);
+        drop(taken);
+        assert_eq!(slots.open(), 0);
+        assert!(slots.try_take(3).is_some());
+    }
+
+    #[test]
+    fn the_cap_keeps_a_reserve_below_the_open_files_limit() {
+        let (slots, limit) = Slots::from_nofile(10_000);
+        let reserve = (limit / 8).max(FD_RESERVE_MIN);
+        assert_eq!(slots.cap as u64, limit.saturating_sub(reserve).max(1));
+        assert!((slots.cap as u64) < limit);
+    }
+
+    #[test]
     fn query_keeps_repeated_names_and_decodes() {
         let query = parse_query(Some(
             "eventNames=ping&eventNames=compute.instance.activate%3Bagent%3D5&agentId=1ag5&x=1",
