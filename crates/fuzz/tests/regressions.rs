@@ -28,3 +28,23 @@ fn method_not_allowed_has_an_error_body() {
         );
     }
 }
+
+/// A path with a percent escape that is not UTF-8 (`%ce` alone) reached axum's `Path`
+/// extractor, which answered a plain-text 400; it now answers a GDAPI error.
+#[test]
+fn path_with_invalid_utf8_has_an_error_body() {
+    let api = Api::start();
+    for (method, path) in [
+        (Method::POST, "/v1/processinstan%ces/1pi1?action=cancel"),
+        (Method::GET, "/v1/containers/1i%ff"),
+        (Method::GET, "/v1/projects/%c3/containers"),
+        (Method::GET, "/v1/settings/%80"),
+    ] {
+        let answer = api.request("admin", method.clone(), path, Vec::new());
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{method} {path}");
+        check(&method, path, &answer);
+    }
+    // Escapes of UTF-8 are still decoded as before.
+    let answer = api.request("admin", Method::GET, "/v1/containers/%31i1", Vec::new());
+    check(&Method::GET, "/v1/containers/%31i1", &answer);
+}

@@ -64,6 +64,10 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             text::reject_nul_in_url,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            utf8_path,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         // A body that sends nothing for this long is answered 408 (and its connection closed).
         .layer(RequestBodyTimeoutLayer::new(body_timeout))
@@ -92,6 +96,23 @@ async fn close_after_timeout(
         );
     }
     response
+}
+
+/// Refuses a path whose percent escapes are not UTF-8 with our error body, before any handler's
+/// `Path` extractor would answer its own plain-text 400 (found by fuzzing).
+async fn utf8_path(
+    State(state): State<AppState>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if percent_encoding::percent_decode_str(request.uri().path())
+        .decode_utf8()
+        .is_err()
+    {
+        state.metrics.bad_input.increment(1);
+        return ApiError::bad_request("the path's percent escapes are not UTF-8").into_response();
+    }
+    next.run(request).await
 }
 
 /// Adds `X-API-Schemas` to every API response, as GDAPI clients expect.
