@@ -421,6 +421,27 @@ async fn a_body_that_stalls_gets_408_and_its_connection_is_closed() {
         assert!(answer.contains("api.http.body.timeout.millis"), "{answer}");
         assert!(closed.is_some(), "the connection is closed after the 408");
         assert_eq!(containers(&server).await, 0);
+
+        // An action reads its body raw: the same 408 with our error body.
+        let volume = server
+            .admin
+            .post("volumes", &json!({"name": "stall"}))
+            .await
+            .unwrap();
+        let head = format!(
+            "POST /v1/volumes/{}?action=deactivate HTTP/1.1\r\nHost: {}\r\nAuthorization: {basic}\r\n\
+             Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"a",
+            volume["id"].as_str().unwrap(),
+            server.server.addr
+        );
+        let mut tcp = tokio::net::TcpStream::connect(server.server.addr)
+            .await
+            .unwrap();
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        let (answer, closed) = read_until_closed(&mut tcp, Duration::from_secs(10)).await;
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("\"code\":\"RequestTimeout\""), "{answer}");
+        assert!(closed.is_some(), "the connection is closed after the 408");
     }
 }
 

@@ -187,18 +187,18 @@ pub async fn project_id(state: &AppState, text: &str) -> Result<i64, ApiError> {
     }
 }
 
-/// A JSON body that answers malformed input with our error shape: 400 for text that is not
-/// JSON, 422 for JSON of the wrong shape, 413 for a body over `api.max.body.bytes`.
-/// The content type is not checked: the original's clients do not all send one.
+/// A raw body whose read failures answer with our error shape: 408 when the client stopped
+/// sending it (`api.http.body.timeout.millis`), 413 over `api.max.body.bytes`, else 400.
 #[derive(Debug)]
-pub struct ApiJson<T>(pub T);
+pub struct ApiBytes(pub axum::body::Bytes);
 
-impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
+impl FromRequest<AppState> for ApiBytes {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        let bytes = axum::body::Bytes::from_request(request, state)
+        axum::body::Bytes::from_request(request, state)
             .await
+            .map(ApiBytes)
             .map_err(|rejection: BytesRejection| {
                 state.metrics.bad_input.increment(1);
                 if body_timed_out(&rejection) {
@@ -224,7 +224,21 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
                 } else {
                     ApiError::bad_request(rejection.body_text())
                 }
-            })?;
+            })
+    }
+}
+
+/// A JSON body that answers malformed input with our error shape: 400 for text that is not
+/// JSON, 422 for JSON of the wrong shape, 413 for a body over `api.max.body.bytes`.
+/// The content type is not checked: the original's clients do not all send one.
+#[derive(Debug)]
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let ApiBytes(bytes) = ApiBytes::from_request(request, state).await?;
         let bytes = if bytes.iter().all(u8::is_ascii_whitespace) {
             axum::body::Bytes::from_static(b"{}")
         } else {

@@ -552,7 +552,7 @@ async fn action(
     Path(params): Params,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    super::ApiBytes(body): super::ApiBytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let action = form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
         .find(|(key, _)| key == "action")
