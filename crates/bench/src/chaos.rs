@@ -1098,7 +1098,11 @@ async fn supervise(
         }
         if let Some(status) = agent {
             match cluster.agent_armed.take() {
-                Some(point) if status.code() == Some(137) => {
+                // The fault points end the agent with SIGKILL on itself (137 from older agents).
+                Some(point)
+                    if status.code() == Some(137)
+                        || std::os::unix::process::ExitStatusExt::signal(&status) == Some(9) =>
+                {
                     *faults.fired.entry(point).or_default() += 1;
                 }
                 armed => faults.unexpected_exits.push(format!(
