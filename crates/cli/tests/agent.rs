@@ -477,20 +477,24 @@ async fn a_stop_ends_every_process_of_a_container_even_one_that_left_its_group()
         .unwrap();
     let path = format!("containers/{}", created["id"].as_str().unwrap());
     wait_state(&harness.admin, &path, "running").await;
+    // The background child is forked into the container's group and moves to its own once
+    // its `setsid` runs: wait until both processes exist in two groups.
+    let groups = || -> std::collections::BTreeSet<i32> {
+        marked_processes(&marker)
+            .into_iter()
+            .map(|(_, pgid)| pgid)
+            .collect()
+    };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while marked_processes(&marker).len() < 2 {
+    while marked_processes(&marker).len() < 2 || groups().len() < 2 {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{:?}",
+            "one process should leave the container's group: {:?}",
             marked_processes(&marker)
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    let groups: std::collections::BTreeSet<i32> = marked_processes(&marker)
-        .into_iter()
-        .map(|(_, pgid)| pgid)
-        .collect();
-    assert_eq!(groups.len(), 2, "one process left the container's group");
+    assert_eq!(groups().len(), 2, "one process left the container's group");
     harness
         .admin
         .post(&format!("{path}?action=stop"), &json!({}))
