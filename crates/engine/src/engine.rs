@@ -21,14 +21,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::defs::{self, Handler, PREVIOUS, ProcessDef};
 use crate::render::resource_json;
-use crate::{Bus, CallFailure, Tunables};
+use crate::{Bus, CallFailure, SharedTunables, Tunables};
 
 /// The engine of one node.
 #[derive(Debug)]
-pub struct Engine<B, T> {
+pub struct Engine<B> {
     store: Store,
     bus: Arc<B>,
-    tunables: Arc<T>,
+    tunables: SharedTunables,
     node: String,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
@@ -57,6 +57,8 @@ impl EngineHandle {
 struct AttemptError {
     reason: &'static str,
     message: String,
+    /// Trying again cannot help: the process fails at once.
+    permanent: bool,
 }
 
 impl AttemptError {
@@ -64,6 +66,15 @@ impl AttemptError {
         AttemptError {
             reason,
             message: message.into(),
+            permanent: false,
+        }
+    }
+
+    fn permanent(message: impl Into<String>) -> Self {
+        AttemptError {
+            reason: "PERMANENT",
+            message: message.into(),
+            permanent: true,
         }
     }
 }
@@ -82,6 +93,7 @@ impl From<CallFailure> for AttemptError {
                 format!("the agent did not reply within {} ms", timeout.as_millis()),
             ),
             CallFailure::ErrorReply(message) => AttemptError::new("ERROR", message),
+            CallFailure::Permanent(message) => AttemptError::permanent(message),
             CallFailure::Shutdown => AttemptError::new("SHUTDOWN", "server shutting down"),
         }
     }
@@ -95,12 +107,12 @@ struct Outcome {
     log: Vec<Value>,
 }
 
-impl<B: Bus, T: Tunables> Engine<B, T> {
+impl<B: Bus> Engine<B> {
     /// An engine for `node` that stops when `shutdown` is cancelled.
     pub fn new(
         store: Store,
         bus: Arc<B>,
-        tunables: Arc<T>,
+        tunables: SharedTunables,
         node: String,
         shutdown: CancellationToken,
     ) -> Self {
@@ -112,6 +124,11 @@ impl<B: Bus, T: Tunables> Engine<B, T> {
             wake: Arc::new(Notify::new()),
             shutdown,
         }
+    }
+
+    /// The settings in effect now.
+    fn tunables(&self) -> Arc<Tunables> {
+        self.tunables.load_full()
     }
 
     /// A handle that wakes this engine.
@@ -126,22 +143,17 @@ impl<B: Bus, T: Tunables> Engine<B, T> {
     /// processes to end their current call or be abandoned (their leases then run out).
     pub async fn run(self: Arc<Self>) {
         let heartbeat = tokio::spawn(self.clone().heartbeat());
-        let workers = Arc::new(Semaphore::new(
-            self.tunables.int("process.workers").max(1) as usize
-        ));
+        let workers = Arc::new(Semaphore::new(self.tunables().workers));
         let tasks = tokio_util::task::TaskTracker::new();
         loop {
             if self.shutdown.is_cancelled() {
                 break;
             }
             let free = workers.available_permits();
-            let batch = self
-                .tunables
-                .int("process.claim.batch")
-                .max(1)
-                .min(free as i64);
+            let tunables = self.tunables();
+            let batch = tunables.claim_batch.min(free) as i64;
             let claimed = if batch > 0 {
-                let lease_until = now_millis() + self.tunables.int("process.lease.millis");
+                let lease_until = now_millis() + tunables.lease_millis;
                 match self.store.claim(&self.node, batch, lease_until).await {
                     Ok(claimed) => claimed,
                     Err(error) => {
@@ -184,7 +196,7 @@ impl<B: Bus, T: Tunables> Engine<B, T> {
     /// How long to sleep when nothing is ready: until the earliest delayed process or lease
     /// expiry, at most `process.poll.millis`.
     async fn idle_wait(&self) -> Duration {
-        let poll = self.tunables.int("process.poll.millis").max(1);
+        let poll = self.tunables().poll_millis;
         let wait = match self.store.next_run_after().await {
             Ok(Some(next)) => (next - now_millis() + 1).clamp(1, poll),
             _ => poll,
@@ -194,7 +206,7 @@ impl<B: Bus, T: Tunables> Engine<B, T> {
 
     async fn heartbeat(self: Arc<Self>) {
         loop {
-            let lease = self.tunables.int("process.lease.millis").max(300);
+            let lease = self.tunables().lease_millis;
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_millis((lease / 3) as u64)) => {}
                 () = self.shutdown.cancelled() => return,
@@ -289,10 +301,7 @@ impl<B: Bus, T: Tunables> Engine<B, T> {
                 Vec::new(),
             );
         }
-        let max_age_ms = self
-            .tunables
-            .int("process.max_age.seconds")
-            .saturating_mul(1000);
+        let max_age_ms = self.tunables().max_age_millis;
         if started - process.created > max_age_ms {
             let message = format!(
                 "{} gave up after {} s (process.max_age.seconds) and {} attempts; last error: {}",
@@ -356,7 +365,13 @@ impl<B: Bus, T: Tunables> Engine<B, T> {
         error: AttemptError,
     ) -> Finish {
         let attempts = process.execution_count;
-        let max_attempts = self.tunables.int("process.max_attempts").max(1);
+        let max_attempts = self.tunables().max_attempts;
+        if error.permanent {
+            return Finish::Failed {
+                message: format!("{} failed permanently: {}", def.name, error.message),
+                reason: error.reason.to_owned(),
+            };
+        }
         if attempts >= max_attempts {
             let message = format!(
                 "{} failed {attempts} of {max_attempts} attempts; last error: {}",
@@ -367,7 +382,7 @@ impl<B: Bus, T: Tunables> Engine<B, T> {
                 reason: error.reason.to_owned(),
             };
         }
-        let delay = backoff_millis(attempts, self.tunables.int("process.retry_max_wait.millis"));
+        let delay = backoff_millis(attempts, self.tunables().retry_max_wait_millis);
         Finish::Retry {
             run_after: now_millis() + delay,
             message: error.message,
@@ -462,8 +477,7 @@ impl<B: Bus, T: Tunables> Engine<B, T> {
                 format!("agent {} is {agent_state}", ids::format("agent", agent_id)),
             ));
         }
-        let timeout =
-            Duration::from_millis(self.tunables.int("eventing.timeout.millis").max(1) as u64);
+        let timeout = Duration::from_millis(self.tunables().call_timeout_millis as u64);
         let data_key = match resource.kind {
             ResourceKind::Instance => "instance",
             other => other.table(),
@@ -534,7 +548,7 @@ impl<B: Bus, T: Tunables> Engine<B, T> {
     }
 }
 
-impl<B: Bus, T: Tunables> Engine<B, T> {
+impl<B: Bus> Engine<B> {
     /// For a container labelled `io.rancher.container.create_agent=true`, its own agent key as
     /// the environment variables the original injects.
     async fn agent_keys_for(
@@ -583,11 +597,7 @@ impl<B: Bus, T: Tunables> Engine<B, T> {
 
     /// Pings the agent a resource is; succeeds when it answers.
     async fn ping_agent(&self, resource: &Resource) -> Result<Outcome, AttemptError> {
-        let timeout = Duration::from_millis(
-            self.tunables
-                .int("agent.activate.ping.timeout.millis")
-                .max(1) as u64,
-        );
+        let timeout = Duration::from_millis(self.tunables().activate_ping_timeout_millis as u64);
         let request = Event::new(names::for_agent("ping", resource.id))
             .with_resource("agent", ids::format("agent", resource.id))
             .with_data(json!({"options": {"instances": true}, "resources": []}));

@@ -21,6 +21,7 @@ use drover_proto::Event;
 use drover_store::Resource;
 
 pub use engine::{Engine, EngineHandle};
+pub use arc_swap::ArcSwap;
 
 /// How a call to an agent failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -28,9 +29,13 @@ pub enum CallFailure {
     /// No reply in time.
     #[error("no reply within {0:?}")]
     Timeout(Duration),
-    /// The agent replied with an error.
+    /// The agent replied with an error; the process tries again after a backoff.
     #[error("{0}")]
     ErrorReply(String),
+    /// The agent replied with an error it marked permanent (the request can never succeed,
+    /// e.g. the executable does not exist): the process fails at once.
+    #[error("{0}")]
+    Permanent(String),
     /// The server is stopping.
     #[error("server shutting down")]
     Shutdown,
@@ -51,8 +56,45 @@ pub trait Bus: Send + Sync + 'static {
     fn changed(&self, resource: &Resource, previous_state: Option<&str>);
 }
 
-/// The tunables the engine reads, each time it needs them.
-pub trait Tunables: Send + Sync + 'static {
-    /// An integer setting by name.
-    fn int(&self, name: &str) -> i64;
+/// The settings the engine reads, as one typed snapshot. The server swaps in a new snapshot
+/// when a setting changes; a reader loads the current one (no parsing, no lock).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tunables {
+    /// `process.workers`: attempts running at once.
+    pub workers: usize,
+    /// `process.claim.batch`: the most processes one claim takes.
+    pub claim_batch: usize,
+    /// `process.lease.millis`.
+    pub lease_millis: i64,
+    /// `process.poll.millis`: the longest sleep when nothing is ready.
+    pub poll_millis: i64,
+    /// `process.max_attempts`.
+    pub max_attempts: i64,
+    /// `process.max_age.seconds`, in milliseconds.
+    pub max_age_millis: i64,
+    /// `process.retry_max_wait.millis`.
+    pub retry_max_wait_millis: i64,
+    /// `eventing.timeout.millis`: how long an agent call waits for its reply.
+    pub call_timeout_millis: i64,
+    /// `agent.activate.ping.timeout.millis`.
+    pub activate_ping_timeout_millis: i64,
 }
+
+impl Default for Tunables {
+    fn default() -> Self {
+        Tunables {
+            workers: 512,
+            claim_batch: 64,
+            lease_millis: 5000,
+            poll_millis: 1000,
+            max_attempts: 10,
+            max_age_millis: 1_800_000,
+            retry_max_wait_millis: 120_000,
+            call_timeout_millis: 45_000,
+            activate_ping_timeout_millis: 2000,
+        }
+    }
+}
+
+/// The engine's tunables, shared with whoever changes them.
+pub type SharedTunables = std::sync::Arc<arc_swap::ArcSwap<Tunables>>;

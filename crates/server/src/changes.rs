@@ -167,8 +167,19 @@ fn process_call_hint(request: &Event) -> Event {
     hint
 }
 
-impl drover_engine::Tunables for Settings {
-    fn int(&self, name: &str) -> i64 {
-        Settings::int(self, name)
+impl Settings {
+    /// The engine's settings as a typed snapshot, read from the values in effect now.
+    pub fn engine_tunables(&self) -> drover_engine::Tunables {
+        drover_engine::Tunables {
+            workers: self.int("process.workers").max(1) as usize,
+            claim_batch: self.int("process.claim.batch").max(1) as usize,
+            lease_millis: self.int("process.lease.millis").max(300),
+            poll_millis: self.int("process.poll.millis").max(1),
+            max_attempts: self.int("process.max_attempts").max(1),
+            max_age_millis: self.int("process.max_age.seconds").saturating_mul(1000),
+            retry_max_wait_millis: self.int("process.retry_max_wait.millis").max(1),
+            call_timeout_millis: self.int("eventing.timeout.millis").max(1),
+            activate_ping_timeout_millis: self.int("agent.activate.ping.timeout.millis").max(1),
+        }
     }
 }

@@ -213,7 +213,7 @@ impl Server {
                 hub: hub.clone(),
                 changes: changes.clone(),
             }),
-            Arc::new(settings.clone()),
+            settings.engine(),
             node,
             shutdown.child_token(),
         ));

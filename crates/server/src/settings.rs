@@ -221,6 +221,7 @@ pub enum Source {
 pub struct Settings {
     inner: Arc<RwLock<Inner>>,
     version: Arc<tokio::sync::watch::Sender<u64>>,
+    engine: drover_engine::SharedTunables,
 }
 
 #[derive(Debug)]
@@ -268,13 +269,28 @@ impl Settings {
             })
             .cloned()
             .collect();
-        Ok(Settings {
+        let settings = Settings {
             inner: Arc::new(RwLock::new(Inner {
                 overrides: by_name,
                 stored,
             })),
             version: Arc::new(tokio::sync::watch::Sender::new(0)),
-        })
+            engine: Arc::new(drover_engine::ArcSwap::from_pointee(
+                drover_engine::Tunables::default(),
+            )),
+        };
+        settings.refresh();
+        Ok(settings)
+    }
+
+    /// The engine's typed snapshot, swapped whenever a stored value changes.
+    pub fn engine(&self) -> drover_engine::SharedTunables {
+        self.engine.clone()
+    }
+
+    /// Rebuilds the typed snapshots from the values in effect.
+    fn refresh(&self) {
+        self.engine.store(Arc::new(self.engine_tunables()));
     }
 
     /// Start-up overrides from `DROVER_*` environment variables named after known settings.
@@ -328,6 +344,7 @@ impl Settings {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         inner.stored.insert(def.name.to_owned(), value.to_owned());
         drop(inner);
+        self.refresh();
         self.version.send_modify(|version| *version += 1);
         Ok(())
     }
@@ -346,6 +363,7 @@ impl Settings {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         inner.stored.remove(name);
         drop(inner);
+        self.refresh();
         self.version.send_modify(|version| *version += 1);
     }
 }
