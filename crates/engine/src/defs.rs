@@ -5,7 +5,8 @@
 //! follows (the delegate). The API derives a resource's `actions` from the same table, so what
 //! the API offers and what the engine accepts cannot disagree.
 
-use drover_store::ResourceKind;
+use drover_store::{ResourceKind, Step};
+use serde_json::{Map, Value};
 
 /// What a process does besides moving states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -361,6 +362,50 @@ pub fn find(name: &str) -> Option<&'static ProcessDef> {
     DEFINITIONS.iter().find(|def| def.name == name)
 }
 
+/// The process that follows `def` when it succeeds, if any. A container created with
+/// `startOnCreate: false` stays stopped.
+pub fn delegate_of(def: &ProcessDef, data: &Map<String, Value>) -> Option<&'static ProcessDef> {
+    let next = find(def.delegate?)?;
+    if def.name == "instance.create" && data.get("startOnCreate") == Some(&Value::Bool(false)) {
+        return None;
+    }
+    Some(next)
+}
+
+/// What scheduling `def` on a resource in `state` records: a process with no handler is a hop,
+/// applied in the scheduling transaction, and so is each delegate after it that has none; the
+/// first process that calls an agent stays pending, for the engine to claim.
+pub fn plan(def: &'static ProcessDef, state: &str, data: &Map<String, Value>) -> Vec<Step> {
+    let mut steps = Vec::new();
+    let mut current = def;
+    let mut state = state.to_owned();
+    loop {
+        let transitioning = current.transitioning_from(&state);
+        if current.handler != Handler::None {
+            steps.push(Step::pending(current.name, &transitioning));
+            return steps;
+        }
+        let done = if current.done == PREVIOUS {
+            state.clone()
+        } else {
+            current.done.to_owned()
+        };
+        steps.push(Step::hop(current.name, &transitioning, &done));
+        match delegate_of(current, data) {
+            Some(next) => {
+                state = done;
+                current = next;
+            }
+            None => return steps,
+        }
+    }
+}
+
+/// The plan of creating a resource of `kind` (from `requested`).
+pub fn create_plan(kind: ResourceKind, data: &Map<String, Value>) -> Vec<Step> {
+    plan(create_of(kind), "requested", data)
+}
+
 /// The create process of a kind.
 pub fn create_of(kind: ResourceKind) -> &'static ProcessDef {
     DEFINITIONS
@@ -423,6 +468,47 @@ mod tests {
             create_of(kind);
             assert!(action(kind, "remove").is_some_and(|def| def.cancels_pending));
         }
+    }
+
+    #[test]
+    fn plans_hop_over_processes_without_a_handler() {
+        let container = create_plan(ResourceKind::Instance, &Map::new());
+        assert_eq!(
+            container,
+            [
+                Step::hop("instance.create", "creating", "stopped"),
+                Step::pending("instance.start", "starting")
+            ]
+        );
+        let mut stay = Map::new();
+        stay.insert("startOnCreate".into(), Value::Bool(false));
+        assert_eq!(
+            create_plan(ResourceKind::Instance, &stay),
+            [Step::hop("instance.create", "creating", "stopped")]
+        );
+        assert_eq!(
+            create_plan(ResourceKind::Stack, &Map::new()),
+            [
+                Step::hop("stack.create", "registering", "inactive"),
+                Step::hop("stack.activate", "activating", "active")
+            ]
+        );
+        assert_eq!(
+            create_plan(ResourceKind::Agent, &Map::new()),
+            [
+                Step::hop("agent.create", "registering", "inactive"),
+                Step::pending("agent.activate", "activating")
+            ]
+        );
+        let update = find("stack.update").unwrap();
+        assert_eq!(
+            plan(update, "active", &Map::new()),
+            [Step::hop("stack.update", "updating-active", "active")]
+        );
+        assert_eq!(
+            plan(find("instance.stop").unwrap(), "running", &Map::new()),
+            [Step::pending("instance.stop", "stopping")]
+        );
     }
 
     #[test]

@@ -14,7 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use drover_proto::{Event, event::now_millis, ids, names};
-use drover_store::{ExecutionRecord, Finish, ProcessInstance, Resource, ResourceKind, Store};
+use drover_store::{
+    ClaimRequest, Claimed, ExecutionRecord, Finish, FinishItem, HostAgent, InstanceAgentKey,
+    ProcessInstance, ProgressItem, Resource, ResourceKind, Store,
+};
 use serde_json::{Map, Value, json};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -32,6 +35,10 @@ pub struct Engine<B> {
     node: String,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
+    /// Processes whose resource must be on a host before they run (placed in the claim).
+    place: Vec<&'static str>,
+    /// Processes that start a container (its `create_agent` key is made in the claim).
+    agent_key: Vec<&'static str>,
 }
 
 /// A handle to wake the engine when work was scheduled.
@@ -116,6 +123,25 @@ impl<B: Bus> Engine<B> {
         node: String,
         shutdown: CancellationToken,
     ) -> Self {
+        let calls_agent =
+            |def: &&ProcessDef| matches!(def.handler, Handler::Agent(_) | Handler::AgentTwice(..));
+        let place = defs::DEFINITIONS
+            .iter()
+            .filter(calls_agent)
+            .filter(|def| !def.cancels_pending)
+            .map(|def| def.name)
+            .collect();
+        let agent_key = defs::DEFINITIONS
+            .iter()
+            .filter(|def| {
+                matches!(
+                    def.handler,
+                    Handler::Agent("compute.instance.activate")
+                        | Handler::AgentTwice(_, "compute.instance.activate")
+                )
+            })
+            .map(|def| def.name)
+            .collect();
         Engine {
             store,
             bus,
@@ -123,6 +149,8 @@ impl<B: Bus> Engine<B> {
             node,
             wake: Arc::new(Notify::new()),
             shutdown,
+            place,
+            agent_key,
         }
     }
 
@@ -153,8 +181,14 @@ impl<B: Bus> Engine<B> {
             let tunables = self.tunables();
             let batch = tunables.claim_batch.min(free) as i64;
             let claimed = if batch > 0 {
-                let lease_until = now_millis() + tunables.lease_millis;
-                match self.store.claim(&self.node, batch, lease_until).await {
+                let request = ClaimRequest {
+                    node: self.node.clone(),
+                    limit: batch,
+                    lease_until: now_millis() + tunables.lease_millis,
+                    place: self.place.clone(),
+                    agent_key: self.agent_key.clone(),
+                };
+                match self.store.claim(request).await {
                     Ok(claimed) => claimed,
                     Err(error) => {
                         tracing::warn!(%error, "claiming processes failed");
@@ -165,7 +199,7 @@ impl<B: Bus> Engine<B> {
                 Vec::new()
             };
             let full_batch = batch > 0 && claimed.len() as i64 == batch;
-            for process in claimed {
+            for claimed in claimed {
                 let permit = workers
                     .clone()
                     .acquire_owned()
@@ -173,7 +207,7 @@ impl<B: Bus> Engine<B> {
                     .expect("the semaphore is never closed");
                 let engine = self.clone();
                 tasks.spawn(async move {
-                    engine.run_attempt(process).await;
+                    engine.run_attempt(claimed).await;
                     drop(permit);
                     engine.wake.notify_one();
                 });
@@ -222,9 +256,10 @@ impl<B: Bus> Engine<B> {
     }
 
     /// One attempt of one process, from claim to the transaction that records its end.
-    async fn run_attempt(&self, process: ProcessInstance) {
+    async fn run_attempt(&self, claimed: Claimed) {
         let started = now_millis();
-        let (finish, log) = self.attempt(&process, started).await;
+        let (finish, log) = self.attempt(&claimed, started).await;
+        let process = claimed.process;
         let (exit_reason, message) = match &finish {
             Finish::Done { .. } => ("DONE".to_owned(), None),
             Finish::Retry {
@@ -240,20 +275,23 @@ impl<B: Bus> Engine<B> {
             message,
             log: json!({"process": process.process_name, "attempt": process.execution_count, "node": self.node, "steps": log}),
         };
-        match self
-            .store
-            .finish(&process, &self.node, &record, &finish)
-            .await
-        {
+        let canceled = matches!(finish, Finish::Canceled { .. });
+        let item = FinishItem {
+            process,
+            node: self.node.clone(),
+            record,
+            finish,
+        };
+        let process = &item.process;
+        match self.store.finish(item.clone()).await {
             Ok(Some(resource)) => {
-                let previous = process.transitioning_state();
-                if !matches!(finish, Finish::Canceled { .. }) {
-                    self.bus.changed(&resource, previous);
+                if !canceled {
+                    self.bus.changed(&resource, process.transitioning_state());
                 }
             }
-            Ok(None) => tracing::info!(
+            Ok(None) => tracing::debug!(
                 process = process.id,
-                "process was canceled or taken over; result dropped"
+                "the attempt changed nothing: the process was canceled or taken over, or its resource moved"
             ),
             Err(error) => {
                 tracing::warn!(process = process.id, %error, "recording a process attempt failed; it will be retried when its lease runs out")
@@ -261,7 +299,8 @@ impl<B: Bus> Engine<B> {
         }
     }
 
-    async fn attempt(&self, process: &ProcessInstance, started: i64) -> (Finish, Vec<Value>) {
+    async fn attempt(&self, claimed: &Claimed, started: i64) -> (Finish, Vec<Value>) {
+        let process = &claimed.process;
         let Some(def) = defs::find(&process.process_name) else {
             let message = format!("no process definition named {}", process.process_name);
             return (
@@ -272,26 +311,13 @@ impl<B: Bus> Engine<B> {
                 Vec::new(),
             );
         };
-        let resource = match self
-            .store
-            .get_resource(process.kind, process.resource_id)
-            .await
-        {
-            Ok(Some(resource)) => resource,
-            Ok(None) => {
-                return (
-                    Finish::Canceled {
-                        reason: "RESOURCE_GONE".into(),
-                    },
-                    Vec::new(),
-                );
-            }
-            Err(error) => {
-                return (
-                    self.retry_or_fail(process, def, AttemptError::from(error)),
-                    Vec::new(),
-                );
-            }
+        let Some(resource) = &claimed.resource else {
+            return (
+                Finish::Canceled {
+                    reason: "RESOURCE_GONE".into(),
+                },
+                Vec::new(),
+            );
         };
         if Some(resource.state.as_str()) != process.transitioning_state() {
             return (
@@ -318,14 +344,14 @@ impl<B: Bus> Engine<B> {
                 Vec::new(),
             );
         }
-        match self.run_handler(def, &resource).await {
+        match self.run_handler(def, claimed, resource).await {
             Ok(outcome) => {
                 let done_state = if def.done == PREVIOUS {
                     process.previous_state().unwrap_or("inactive").to_owned()
                 } else {
                     def.done.to_owned()
                 };
-                let next = self.delegate(def, &resource).map(|next| {
+                let next = defs::delegate_of(def, &resource.data).map(|next| {
                     (
                         next.name.to_owned(),
                         next.transitioning_from(&done_state),
@@ -345,17 +371,6 @@ impl<B: Bus> Engine<B> {
                 (self.retry_or_fail(process, def, error), log)
             }
         }
-    }
-
-    fn delegate(&self, def: &ProcessDef, resource: &Resource) -> Option<&'static ProcessDef> {
-        let next = defs::find(def.delegate?)?;
-        // A container created with startOnCreate=false stays stopped.
-        if def.name == "instance.create"
-            && resource.data.get("startOnCreate") == Some(&Value::Bool(false))
-        {
-            return None;
-        }
-        Some(next)
     }
 
     fn retry_or_fail(
@@ -393,81 +408,56 @@ impl<B: Bus> Engine<B> {
     async fn run_handler(
         &self,
         def: &ProcessDef,
+        claimed: &Claimed,
         resource: &Resource,
     ) -> Result<Outcome, AttemptError> {
         match def.handler {
             Handler::None => Ok(Outcome::default()),
-            Handler::Agent(command) => self.call_agent(def, resource, &[command]).await,
+            Handler::Agent(command) => self.call_agent(def, claimed, resource, &[command]).await,
             Handler::PingAgent => self.ping_agent(resource).await,
             Handler::AgentTwice(first, second) => {
-                self.call_agent(def, resource, &[first, second]).await
+                self.call_agent(def, claimed, resource, &[first, second])
+                    .await
             }
         }
     }
 
-    /// Calls the agent of the resource's host with each command in turn, merging each
-    /// reply's data into the resource.
+    /// Calls the agent of the resource's host (placed in the claim if it was not) with each
+    /// command in turn, merging each reply's data into the resource.
     async fn call_agent(
         &self,
         def: &ProcessDef,
+        claimed: &Claimed,
         resource: &Resource,
         commands: &[&str],
     ) -> Result<Outcome, AttemptError> {
         let mut outcome = Outcome::default();
-        let host_id = match resource.host_id {
-            Some(host) => host,
+        if let Some(error) = &claimed.placement {
+            return Err(AttemptError::new(error.reason, error.message.clone()));
+        }
+        let agent = match (&claimed.agent, resource.host_id) {
+            (Some(agent), _) => agent,
             // Removing what never reached a host needs no agent.
-            None if def.cancels_pending => return Ok(outcome),
-            None => {
-                let requested = resource
-                    .data
-                    .get("requestedHostId")
-                    .and_then(Value::as_str)
-                    .and_then(|text| ids::parse("host", text));
-                let host = match requested {
-                    // The API resolved the reference in the resource's project; a host that
-                    // moved or a row written around the API is refused here too.
-                    Some(host) => {
-                        let owner = self
-                            .store
-                            .get_resource(ResourceKind::Host, host)
-                            .await?
-                            .map(|row| row.account_id);
-                        if owner != Some(resource.account_id) {
-                            return Err(AttemptError::new(
-                                "INVALID_HOST",
-                                format!(
-                                    "requested host {} is not a host of this project",
-                                    ids::format("host", host)
-                                ),
-                            ));
-                        }
-                        Some(host)
-                    }
-                    None => self
-                        .store
-                        .pick_host(resource.account_id)
-                        .await?
-                        .map(|(host, _)| host),
-                };
-                let host = host.ok_or_else(|| {
-                    AttemptError::new("NO_HOST", "no active host with an active agent to run on")
-                })?;
-                let host = self
-                    .store
-                    .assign_host(resource.kind, resource.id, host)
-                    .await?
-                    .unwrap_or(host);
-                outcome.host_id = Some(host);
-                host
+            (None, None) if def.cancels_pending => return Ok(outcome),
+            (None, Some(host)) => {
+                return Err(AttemptError::new(
+                    "NO_AGENT",
+                    format!("host {} has no agent", ids::format("host", host)),
+                ));
+            }
+            (None, None) => {
+                return Err(AttemptError::new(
+                    "NO_HOST",
+                    "no active host with an active agent to run on",
+                ));
             }
         };
-        let (agent_id, agent_state) = self.store.host_agent(host_id).await?.ok_or_else(|| {
-            AttemptError::new(
-                "NO_AGENT",
-                format!("host {} has no agent", ids::format("host", host_id)),
-            )
-        })?;
+        let HostAgent {
+            agent_id,
+            agent_state,
+            ..
+        } = agent;
+        let agent_id = *agent_id;
         if !matches!(
             agent_state.as_str(),
             "active" | "activating" | "reconnecting"
@@ -483,7 +473,7 @@ impl<B: Bus> Engine<B> {
             other => other.table(),
         };
         let mut data = resource.data.clone();
-        let injected = self.agent_keys_for(def, resource).await?;
+        let injected = claimed.agent_key.as_ref().map(agent_environment);
         for command in commands {
             let mut current = resource.clone();
             current.data = data.clone();
@@ -499,36 +489,13 @@ impl<B: Bus> Engine<B> {
                     env.extend(environment.clone());
                 }
             }
-            if outcome.host_id.is_some() {
-                current.host_id = outcome.host_id;
-            }
             let request = Event::new(names::for_agent(command, agent_id))
                 .with_resource(
                     resource.kind.api_type(),
                     ids::format(resource.kind.api_type(), resource.id),
                 )
                 .with_data(json!({ data_key: resource_json(&current), "processName": def.name }));
-            let store = self.store.clone();
-            let bus = self.bus.clone();
-            let progress_resource = current.clone();
-            let on_progress = Box::new(move |reply: &Event| {
-                let store = store.clone();
-                let bus = bus.clone();
-                let mut resource = progress_resource.clone();
-                let message = reply.transitioning_message.clone();
-                let progress = reply.transitioning_progress;
-                tokio::spawn(async move {
-                    if store
-                        .set_progress(resource.kind, resource.id, message.as_deref(), progress)
-                        .await
-                        .is_ok()
-                    {
-                        resource.transitioning_message = message;
-                        resource.transitioning_progress = progress;
-                        bus.changed(&resource, None);
-                    }
-                });
-            });
+            let on_progress = self.progress_sink(&claimed.process);
             let reply = self.bus.call(request, timeout, on_progress).await?;
             outcome.log.push(json!({"command": command, "agent": ids::format("agent", agent_id), "reply": reply.id}));
             if let Some(Value::Object(reply_data)) =
@@ -546,55 +513,66 @@ impl<B: Bus> Engine<B> {
         }
         Ok(outcome)
     }
+
+    /// Where an agent's progress replies go: one queue per attempt, applied in order by one
+    /// task (started at the first progress reply), each write guarded by the attempt's lease.
+    /// A progress reply that finds the queue full is skipped; the next one, or the finish,
+    /// carries on.
+    fn progress_sink(&self, process: &ProcessInstance) -> Box<dyn FnMut(&Event) + Send> {
+        let store = self.store.clone();
+        let bus = self.bus.clone();
+        let process = process.clone();
+        let node = self.node.clone();
+        let mut queue: Option<tokio::sync::mpsc::Sender<ProgressItem>> = None;
+        Box::new(move |reply: &Event| {
+            let sender = queue.get_or_insert_with(|| {
+                let (sender, mut updates) = tokio::sync::mpsc::channel::<ProgressItem>(16);
+                let store = store.clone();
+                let bus = bus.clone();
+                tokio::spawn(async move {
+                    while let Some(item) = updates.recv().await {
+                        if let Ok(Some(resource)) = store.set_progress(item).await {
+                            bus.changed(&resource, None);
+                        }
+                    }
+                });
+                sender
+            });
+            let item = ProgressItem {
+                process: process.clone(),
+                node: node.clone(),
+                message: reply.transitioning_message.clone(),
+                progress: reply.transitioning_progress,
+            };
+            if sender.try_send(item).is_err() {
+                tracing::debug!(
+                    process = process.id,
+                    "progress reply skipped: its queue is full"
+                );
+            }
+        })
+    }
+}
+
+/// The environment variables the original injects into a container with its own agent key.
+fn agent_environment(key: &InstanceAgentKey) -> Map<String, Value> {
+    let access = &key.key.credential.public_value;
+    let secret = &key.key.secret_value;
+    let mut env = Map::new();
+    env.insert("CATTLE_ACCESS_KEY".into(), json!(access));
+    env.insert("CATTLE_SECRET_KEY".into(), json!(secret));
+    env.insert(
+        "CATTLE_AGENT_ID".into(),
+        json!(ids::format("agent", key.agent_id)),
+    );
+    if key.role.as_deref() == Some("environment") {
+        env.insert("CATTLE_ENVIRONMENT_ACCESS_KEY".into(), json!(access));
+        env.insert("CATTLE_ENVIRONMENT_SECRET_KEY".into(), json!(secret));
+    }
+    env
 }
 
 impl<B: Bus> Engine<B> {
-    /// For a container labelled `io.rancher.container.create_agent=true`, its own agent key as
-    /// the environment variables the original injects.
-    async fn agent_keys_for(
-        &self,
-        def: &ProcessDef,
-        resource: &Resource,
-    ) -> Result<Option<Map<String, Value>>, AttemptError> {
-        let labels = resource.data.get("labels").and_then(Value::as_object);
-        let wants_agent = labels
-            .and_then(|labels| labels.get("io.rancher.container.create_agent"))
-            .and_then(Value::as_str)
-            .is_some_and(|value| value.eq_ignore_ascii_case("true"));
-        let starts = matches!(
-            def.handler,
-            Handler::Agent("compute.instance.activate")
-                | Handler::AgentTwice(_, "compute.instance.activate")
-        );
-        if resource.kind != ResourceKind::Instance || !wants_agent || !starts {
-            return Ok(None);
-        }
-        let role = labels
-            .and_then(|labels| labels.get("io.rancher.container.agent.role"))
-            .and_then(Value::as_str)
-            .and_then(|roles| {
-                roles
-                    .split(',')
-                    .map(str::trim)
-                    .find(|role| *role == "environment" || *role == "agent")
-            });
-        let (agent_id, key) = self.store.instance_agent_key(resource, role).await?;
-        let access = key.credential.public_value;
-        let secret = key.secret_value;
-        let mut env = Map::new();
-        env.insert("CATTLE_ACCESS_KEY".into(), json!(access));
-        env.insert("CATTLE_SECRET_KEY".into(), json!(secret));
-        env.insert(
-            "CATTLE_AGENT_ID".into(),
-            json!(ids::format("agent", agent_id)),
-        );
-        if role == Some("environment") {
-            env.insert("CATTLE_ENVIRONMENT_ACCESS_KEY".into(), json!(access));
-            env.insert("CATTLE_ENVIRONMENT_SECRET_KEY".into(), json!(secret));
-        }
-        Ok(Some(env))
-    }
-
     /// Pings the agent a resource is; succeeds when it answers.
     async fn ping_agent(&self, resource: &Resource) -> Result<Outcome, AttemptError> {
         let timeout = Duration::from_millis(self.tunables().activate_ping_timeout_millis as u64);

@@ -253,18 +253,16 @@ async fn clean(state: &AppState, report: &mut Report) -> Result<(), drover_store
         loop {
             let removed = store.removed_resources(kind, after, batch).await?;
             for &id in &removed {
-                let transitioning = def.transitioning_from("removed");
                 let new = NewProcess {
-                    process_name: def.name,
                     kind,
                     resource_id: id,
-                    start_states: def.start,
-                    transitioning_state: &transitioning,
+                    start_states: def.start.iter().map(|state| (*state).to_owned()).collect(),
                     cancel_pending: false,
+                    steps: defs::plan(def, "removed", &serde_json::Map::new()),
                     data: serde_json::Map::new(),
-                    node: state.engine.node(),
+                    node: state.engine.node().to_owned(),
                 };
-                match store.schedule(&new).await {
+                match store.schedule(new).await {
                     Ok(scheduled) => {
                         report.purges_scheduled += 1;
                         last_purge = last_purge.max(scheduled.process.id);

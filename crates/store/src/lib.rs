@@ -10,9 +10,11 @@
 //!
 //! **Invariant:** all SQL lives in this crate. Nothing here knows about HTTP or WebSockets.
 
+mod db;
 pub mod model;
 pub mod secret;
 mod store;
+mod writer;
 
 pub use model::{
     Account, AccountKind, Credential, CredentialKind, NewKey, NewResource, Resource, ResourceKind,
@@ -24,6 +26,11 @@ pub use store::{
     PostEventError, ProcessFilter, ProcessInstance, ProcessSummary, Registered, ScheduleError,
     Scheduled, StepResult, Store, StoreOptions,
 };
+pub use store::{
+    ClaimRequest, Claimed, FinishItem, HostAgent, InstanceAgentKey, NewCreate, PlacementError,
+    ProgressItem, Step,
+};
+pub use writer::{WriterOptions, WriterStats};
 
 /// What the store can fail with.
 #[derive(Debug, thiserror::Error)]

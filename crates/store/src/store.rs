@@ -10,8 +10,10 @@ use sqlx::sqlite::{
 };
 use sqlx::{AssertSqlSafe, FromRow};
 
-use crate::model::{Account, AccountKind, Credential, CredentialKind, NewKey};
+use crate::db::Tx;
+use crate::model::{Account, AccountKind, Credential, CredentialKind, NewKey, Resource};
 use crate::secret::{self, SecretHash};
+use crate::writer::{Job, Writer, WriterOptions, WriterStats};
 use crate::{Error, Result};
 
 /// Which database a store runs on.
@@ -32,6 +34,8 @@ pub struct StoreOptions {
     pub max_connections: u32,
     /// PostgreSQL only: the schema to work in (tests use one schema each).
     pub pg_schema: Option<String>,
+    /// How the writer batches.
+    pub writer: WriterOptions,
 }
 
 impl StoreOptions {
@@ -41,6 +45,7 @@ impl StoreOptions {
             url: format!("sqlite://{}", path.display()),
             max_connections: 4,
             pg_schema: None,
+            writer: WriterOptions::default(),
         }
     }
 
@@ -50,14 +55,25 @@ impl StoreOptions {
             url: url.into(),
             max_connections: 8,
             pg_schema: None,
+            writer: WriterOptions::default(),
         }
     }
 }
 
 #[derive(Debug, Clone)]
-enum Pool {
+pub(crate) enum Pool {
     Sqlite(SqlitePool),
     Postgres(PgPool),
+}
+
+impl Pool {
+    /// A write transaction (see [`Tx`]).
+    pub(crate) async fn begin_write(&self) -> Result<Tx> {
+        Ok(match self {
+            Pool::Sqlite(pool) => Tx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
+            Pool::Postgres(pool) => Tx::Postgres(pool.begin().await?),
+        })
+    }
 }
 
 /// Runs the same code against whichever pool the store holds; SQL text is shared because
@@ -65,33 +81,8 @@ enum Pool {
 macro_rules! dispatch {
     ($self:ident, $pool:ident => $body:expr) => {
         match &$self.pool {
-            Pool::Sqlite($pool) => $body,
-            Pool::Postgres($pool) => $body,
-        }
-    };
-}
-
-/// Runs `$body` in a write transaction: `BEGIN IMMEDIATE` on SQLite, so the write lock is
-/// taken up front and a read-then-write never fails to upgrade; a plain `BEGIN` on
-/// PostgreSQL, where row locks do that job. The transaction commits when the body yields a
-/// value and rolls back when it returns early.
-macro_rules! write_tx {
-    ($self:ident, $tx:ident => $body:expr) => {
-        match &$self.pool {
-            Pool::Sqlite(pool) => {
-                #[allow(unused_mut)]
-                let mut $tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-                let out = $body;
-                $tx.commit().await?;
-                out
-            }
-            Pool::Postgres(pool) => {
-                #[allow(unused_mut)]
-                let mut $tx = pool.begin().await?;
-                let out = $body;
-                $tx.commit().await?;
-                out
-            }
+            $crate::store::Pool::Sqlite($pool) => $body,
+            $crate::store::Pool::Postgres($pool) => $body,
         }
     };
 }
@@ -99,7 +90,8 @@ macro_rules! write_tx {
 mod cleanup;
 mod events;
 mod process;
-mod resource;
+pub(crate) mod resource;
+pub(crate) mod write;
 
 pub use cleanup::{CLEANUP_STEPS, CleanupAge, CleanupStep, StepResult};
 pub use events::{
@@ -108,15 +100,20 @@ pub use events::{
 };
 
 pub use process::{
-    ExecutionRecord, ExecutionRow, Finish, IdempotencyKey, Idempotent, NewProcess, ProcessFilter,
+    ExecutionRecord, ExecutionRow, Finish, IdempotencyKey, Idempotent, ProcessFilter,
     ProcessInstance, ProcessSummary, ScheduleError, Scheduled,
 };
 pub use resource::{Filter, FilterOp, FilterValue, ListQuery, Page, Registered};
+pub use write::{
+    ClaimRequest, Claimed, FinishItem, HostAgent, InstanceAgentKey, NewCreate, NewProcess,
+    PlacementError, ProgressItem, Step,
+};
 
-/// A cheap-clone handle to the database.
+/// A cheap-clone handle to the database, and to its writer.
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: Pool,
+    writer: Writer,
 }
 
 /// What [`Store::bootstrap`] found or made.
@@ -253,7 +250,13 @@ impl Store {
         } else {
             return Err(Error::UnsupportedUrl(url.to_owned()));
         };
-        Ok(Store { pool })
+        let writer = Writer::start(pool.clone(), options.writer);
+        Ok(Store { pool, writer })
+    }
+
+    /// The writer's counters.
+    pub fn writer_stats(&self) -> &WriterStats {
+        self.writer.stats()
     }
 
     /// Which database this store runs on.
@@ -500,25 +503,31 @@ impl Store {
         name: &str,
         uri: Option<&str>,
     ) -> Result<(i64, Account, NewKey)> {
-        let now = now_millis();
-        let uuid = uuid::Uuid::new_v4().to_string();
-        let agent_id: i64 = dispatch!(self, pool => sqlx::query_scalar(
-            "INSERT INTO agent (name, kind, uuid, state, created, account_id, uri) \
-             VALUES ($1, 'agent', $2, 'active', $3, $4, $5) RETURNING id")
-            .bind(name).bind(&uuid).bind(now).bind(project_id).bind(uri)
-            .fetch_one(pool).await?);
-        let account = self
-            .create_account(AccountKind::Agent, name, Some(project_id))
+        let mut tx = self.pool.begin_write().await?;
+        let (agent_id,): (i64,) = tx
+            .fetch_one(
+                "INSERT INTO agent (name, kind, uuid, state, created, account_id, uri) \
+                 VALUES ($1, 'agent', $2, 'active', $3, $4, $5) RETURNING id",
+                crate::db::args![
+                    name,
+                    uuid::Uuid::new_v4().to_string(),
+                    now_millis(),
+                    project_id,
+                    uri
+                ],
+            )
             .await?;
-        dispatch!(self, pool => sqlx::query("UPDATE account SET agent_id = $1 WHERE id = $2")
-            .bind(agent_id).bind(account.id).execute(pool).await?.rows_affected());
-        let account = Account {
-            agent_id: Some(agent_id),
-            ..account
-        };
-        let key = self
-            .create_key(account.id, CredentialKind::AgentApiKey, Some(name), None)
-            .await?;
+        let account = write::insert_account(
+            &mut tx,
+            AccountKind::Agent,
+            name,
+            Some(project_id),
+            Some(agent_id),
+            None,
+        )
+        .await?;
+        let key = write::rotate_key(&mut tx, account.id, CredentialKind::AgentApiKey, name).await?;
+        tx.commit().await?;
         Ok((agent_id, account, key))
     }
 
@@ -562,4 +571,68 @@ pub(crate) fn now_millis() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// The engine's writes, through the writer: each call is answered once its batch committed.
+impl Store {
+    /// Creates a resource with its plan (`new.steps`): hops applied, the pending step
+    /// scheduled, in one transaction.
+    pub async fn create_and_schedule(&self, new: NewCreate) -> Result<Scheduled> {
+        self.writer
+            .submit(|answer| Job::Create(new, answer))
+            .await?
+    }
+
+    /// [`Store::create_and_schedule`] once per idempotency key: the key is recorded in the
+    /// same transaction as the resource and its processes.
+    pub async fn create_and_schedule_once(
+        &self,
+        new: NewCreate,
+        key: &IdempotencyKey<'_>,
+    ) -> Result<Idempotent> {
+        let key = key.into();
+        self.writer
+            .submit(|answer| Job::CreateOnce(new, key, answer))
+            .await?
+    }
+
+    /// Checks the resource's state, cancels or refuses what is pending on it, applies the
+    /// plan's hops and schedules its pending step: one transaction.
+    pub async fn schedule(&self, new: NewProcess) -> Result<Scheduled, ScheduleError> {
+        self.writer
+            .submit(|answer| Job::Schedule(new, answer))
+            .await?
+    }
+
+    /// Claims ready processes with a lease, with what their attempts need.
+    pub async fn claim(&self, request: ClaimRequest) -> Result<Vec<Claimed>> {
+        self.writer
+            .submit(|answer| Job::Claim(request, answer))
+            .await?
+    }
+
+    /// Ends an attempt: records it, and moves the process and the resource on, if the node
+    /// still holds the process in the same attempt. Returns the resource as it now is, or
+    /// `None` when nothing of the resource changed (canceled, taken over, or moved meanwhile).
+    pub async fn finish(&self, item: FinishItem) -> Result<Option<Resource>> {
+        self.writer
+            .submit(|answer| Job::Finish(Box::new(item), answer))
+            .await?
+    }
+
+    /// Applies an agent's progress to the resource while the attempt holds its lease; returns
+    /// the resource if it changed.
+    pub async fn set_progress(&self, item: ProgressItem) -> Result<Option<Resource>> {
+        self.writer
+            .submit(|answer| Job::Progress(item, answer))
+            .await?
+    }
+
+    /// Extends the leases of everything `node` is running.
+    pub async fn renew_leases(&self, node: &str, lease_until: i64) -> Result<u64> {
+        let node = node.to_owned();
+        self.writer
+            .submit(|answer| Job::Renew(node, lease_until, answer))
+            .await?
+    }
 }

@@ -7,7 +7,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use drover_proto::ids;
-use drover_store::{AccountKind, CredentialKind};
+use drover_store::{AccountKind, CredentialKind, ResourceKind};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
@@ -238,6 +238,8 @@ async fn register(
             &key,
             &name,
             body.host.unwrap_or_default(),
+            &drover_engine::defs::create_plan(ResourceKind::Agent, &Default::default()),
+            &drover_engine::defs::create_plan(ResourceKind::Host, &Default::default()),
             state.engine.node(),
         )
         .await?;

@@ -10,8 +10,8 @@ use axum::{Json, Router};
 use drover_engine::defs::{self, UPDATING};
 use drover_proto::ids;
 use drover_store::{
-    Filter, FilterOp, FilterValue, ListQuery, NewProcess, NewResource, Resource, ResourceKind,
-    ScheduleError,
+    Filter, FilterOp, FilterValue, ListQuery, NewCreate, NewProcess, NewResource, Resource,
+    ResourceKind, ScheduleError,
 };
 use serde_json::{Map, Value, json};
 
@@ -460,26 +460,16 @@ async fn create(
             ));
         }
     }
-    let def = defs::create_of(kind);
-    let (store, node) = (&state.store, state.engine.node());
+    let create = NewCreate {
+        kind,
+        steps: defs::create_plan(kind, &new.data),
+        resource: new,
+        node: state.engine.node().to_owned(),
+    };
+    let store = &state.store;
     let scheduled = match &once {
-        None => {
-            store
-                .create_and_schedule(kind, &new, def.name, def.transitioning, Map::new(), node)
-                .await?
-        }
-        Some(key) => match store
-            .create_and_schedule_once(
-                kind,
-                &new,
-                def.name,
-                def.transitioning,
-                Map::new(),
-                node,
-                &key.store(),
-            )
-            .await?
-        {
+        None => store.create_and_schedule(create).await?,
+        Some(key) => match store.create_and_schedule_once(create, &key.store()).await? {
             drover_store::Idempotent::Created(scheduled) => *scheduled,
             found => return super::idempotency::answer(&state, &headers, found),
         },
@@ -503,25 +493,23 @@ async fn schedule(
     let schema = schema::of_kind(resource.kind);
     let def = defs::action(resource.kind, action)
         .ok_or_else(|| ApiError::not_found(format!("{} has no action {action:?}", schema.id)))?;
-    let current = [resource.state.as_str()];
-    let start_states: &[&str] = if def.transitioning == UPDATING {
-        &current
+    // An update's states depend on the state it starts from: it must still be that one.
+    let start_states: Vec<String> = if def.transitioning == UPDATING {
+        vec![resource.state.clone()]
     } else {
-        def.start
+        def.start.iter().map(|state| (*state).to_owned()).collect()
     };
-    let transitioning = def.transitioning_from(&resource.state);
     let new = NewProcess {
-        process_name: def.name,
         kind: resource.kind,
         resource_id: resource.id,
         start_states,
-        transitioning_state: &transitioning,
         cancel_pending: def.cancels_pending,
+        steps: defs::plan(def, &resource.state, &resource.data),
         data,
-        node: state.engine.node(),
+        node: state.engine.node().to_owned(),
     };
     let id = ids::format(schema.id, resource.id);
-    let scheduled = state.store.schedule(&new).await.map_err(|error| match error {
+    let scheduled = state.store.schedule(new).await.map_err(|error| match error {
         ScheduleError::NotFound => ApiError::not_found(format!("no {} {id}", schema.id)),
         ScheduleError::InvalidState { state: current } => ApiError::new(
             StatusCode::CONFLICT,

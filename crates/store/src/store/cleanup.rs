@@ -10,6 +10,7 @@ use sqlx::AssertSqlSafe;
 
 use super::{Pool, Store, now_millis};
 use crate::Result;
+use crate::db::args;
 use crate::model::ResourceKind;
 
 /// One clean-up step: a table and the rule that selects its old rows.
@@ -163,20 +164,36 @@ impl Store {
         let select = format!(
             "SELECT t.id FROM agent t WHERE t.state = 'purged' AND t.removed < $1{keep} ORDER BY t.id LIMIT $2"
         );
-        let deleted: u64 = write_tx!(self, tx => {
-            let ids: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(select.as_str()))
-                .bind(cutoff).bind(batch).fetch_all(&mut *tx).await?;
-            for id in &ids {
-                sqlx::query("DELETE FROM credential WHERE account_id IN (SELECT a.id FROM account a WHERE a.agent_id = $1 AND a.kind = 'agent')")
-                    .bind(id).execute(&mut *tx).await?;
-                sqlx::query("DELETE FROM account WHERE agent_id = $1 AND kind = 'agent'")
-                    .bind(id).execute(&mut *tx).await?;
-                sqlx::query("UPDATE account SET agent_id = NULL WHERE agent_id = $1")
-                    .bind(id).execute(&mut *tx).await?;
-                sqlx::query("DELETE FROM agent WHERE id = $1").bind(id).execute(&mut *tx).await?;
+        let mut tx = self.pool.begin_write().await?;
+        let ids: Vec<(i64,)> = tx.fetch_all(&select, args![cutoff, batch]).await?;
+        for (id,) in &ids {
+            tx.execute(
+                "DELETE FROM credential WHERE account_id IN \
+                 (SELECT a.id FROM account a WHERE a.agent_id = $1 AND a.kind = 'agent')",
+                args![*id],
+            )
+            .await?;
+            tx.execute(
+                "DELETE FROM account WHERE agent_id = $1 AND kind = 'agent'",
+                args![*id],
+            )
+            .await?;
+            tx.execute(
+                "UPDATE account SET agent_id = NULL WHERE agent_id = $1",
+                args![*id],
+            )
+            .await?;
+            let gone = tx
+                .execute("DELETE FROM agent WHERE id = $1", args![*id])
+                .await?;
+            if gone != 1 {
+                return Err(crate::Error::Conflict(format!(
+                    "agent {id} vanished during clean-up"
+                )));
             }
-            ids.len() as u64
-        });
+        }
+        tx.commit().await?;
+        let deleted = ids.len() as u64;
         Ok(deleted)
     }
 

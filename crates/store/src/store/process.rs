@@ -6,12 +6,13 @@
 //! happens in the same transaction as the process row's change, guarded by the node's lease, so
 //! a node that lost its lease (or a canceled process) changes nothing.
 
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 use sqlx::{AssertSqlSafe, FromRow};
 
-use super::resource::{ResourceRow, bind_values, conditions, insert_row, select_list};
-use super::{Pool, Store, now_millis};
-use crate::model::{NewResource, Resource, ResourceKind};
+use super::resource::{bind_values, conditions};
+use super::{Store, now_millis};
+use crate::db::{Tx, args};
+use crate::model::{Resource, ResourceKind};
 use crate::store::resource::{Filter, Page};
 use crate::{Error, Result};
 
@@ -76,7 +77,7 @@ impl ProcessInstance {
 }
 
 #[derive(FromRow)]
-struct ProcessRow {
+pub(super) struct ProcessRow {
     id: i64,
     process_name: String,
     resource_type: String,
@@ -98,7 +99,7 @@ struct ProcessRow {
     priority: i32,
 }
 
-const PROCESS_COLUMNS: &str = "id, process_name, resource_type, resource_id, account_id, start_time, end_time, created, \
+pub(super) const PROCESS_COLUMNS: &str = "id, process_name, resource_type, resource_id, account_id, start_time, end_time, created, \
     run_after, execution_count, result, exit_reason, phase, running_process_server_id, start_process_server_id, \
     lease_expires, last_error, data, priority";
 
@@ -136,27 +137,6 @@ impl TryFrom<ProcessRow> for ProcessInstance {
             priority: i64::from(row.priority),
         })
     }
-}
-
-/// A process to schedule on an existing resource.
-#[derive(Debug, Clone)]
-pub struct NewProcess<'a> {
-    /// E.g. `instance.start`.
-    pub process_name: &'a str,
-    /// The resource's kind.
-    pub kind: ResourceKind,
-    /// The resource.
-    pub resource_id: i64,
-    /// States the resource must be in.
-    pub start_states: &'a [&'a str],
-    /// The state the resource moves to now.
-    pub transitioning_state: &'a str,
-    /// Cancel whatever is pending on the resource instead of refusing (remove).
-    pub cancel_pending: bool,
-    /// Input data for the handlers.
-    pub data: Map<String, Value>,
-    /// The node scheduling it.
-    pub node: &'a str,
 }
 
 /// A process scheduled, and the resource as it now is.
@@ -294,13 +274,6 @@ pub struct ProcessSummary {
     pub done: i64,
 }
 
-fn with_meta(data: Map<String, Value>, previous_state: &str, transitioning: &str) -> String {
-    let mut data = data;
-    data.insert("previousState".into(), json!(previous_state));
-    data.insert("transitioning".into(), json!(transitioning));
-    Value::Object(data).to_string()
-}
-
 /// A create's `Idempotency-Key`, as the store keeps it.
 #[derive(Debug, Clone, Copy)]
 pub struct IdempotencyKey<'a> {
@@ -327,117 +300,7 @@ pub enum Idempotent {
     Mismatch,
 }
 
-/// Inserts a process row; yields it.
-macro_rules! insert_process {
-    ($conn:expr, $name:expr, $kind:expr, $resource_id:expr, $account_id:expr, $data:expr, $node:expr, $now:expr) => {{
-        let sql = format!(
-            "INSERT INTO process_instance (process_name, resource_type, resource_id, account_id, data, run_after, \
-             created, start_process_server_id, execution_count, phase, priority) \
-             VALUES ($1, $2, $3, $4, $5, $6, $6, $7, 0, 'REQUESTED', 0) RETURNING {PROCESS_COLUMNS}"
-        );
-        let row: ProcessRow = sqlx::query_as(AssertSqlSafe(sql))
-            .bind($name)
-            .bind($kind.table())
-            .bind($resource_id)
-            .bind($account_id)
-            .bind($data)
-            .bind($now)
-            .bind($node)
-            .fetch_one($conn)
-            .await?;
-        ProcessInstance::try_from(row)?
-    }};
-}
-
 impl Store {
-    /// Checks the resource's state, cancels or refuses what is pending on it, moves it to the
-    /// process's transitioning state and inserts the process: one transaction.
-    pub async fn schedule(&self, new: &NewProcess<'_>) -> Result<Scheduled, ScheduleError> {
-        let kind = new.kind;
-        let table = kind.table();
-        let lock_sql = format!("UPDATE {table} SET state = state WHERE id = $1");
-        let select_sql = format!(
-            "SELECT {} FROM {table} r WHERE r.id = $1",
-            select_list(kind, "r")
-        );
-        let move_sql = format!(
-            "UPDATE {table} SET state = $1, transitioning = 'yes', transitioning_message = NULL, \
-             transitioning_progress = NULL WHERE id = $2"
-        );
-        let now = now_millis();
-        let scheduled: Scheduled = write_tx!(self, tx => {
-            sqlx::query(AssertSqlSafe(lock_sql.as_str())).bind(new.resource_id).execute(&mut *tx).await?;
-            let row: Option<ResourceRow> = sqlx::query_as(AssertSqlSafe(select_sql.as_str()))
-                .bind(new.resource_id).fetch_optional(&mut *tx).await?;
-            let Some(row) = row else { return Err(ScheduleError::NotFound) };
-            let mut resource = row.into_resource(kind)?;
-            let pending: Vec<(i64, String)> = sqlx::query_as(
-                "SELECT id, process_name FROM process_instance WHERE resource_type = $1 AND resource_id = $2 \
-                 AND end_time IS NULL ORDER BY id")
-                .bind(table).bind(new.resource_id).fetch_all(&mut *tx).await?;
-            // A pending process is named first: it is why the state is what it is.
-            if let Some((process_id, process_name)) = pending.first()
-                && !new.cancel_pending
-            {
-                return Err(ScheduleError::Busy { process_id: *process_id, process_name: process_name.clone() });
-            }
-            if !new.start_states.contains(&resource.state.as_str()) {
-                return Err(ScheduleError::InvalidState { state: resource.state });
-            }
-            let mut canceled = Vec::new();
-            if !pending.is_empty() {
-                for (id, _) in &pending {
-                    sqlx::query(
-                        "UPDATE process_instance SET end_time = $1, result = 'CANCELED', exit_reason = 'CANCELED', \
-                         phase = 'DONE', running_process_server_id = NULL, lease_expires = NULL, \
-                         last_error = COALESCE(last_error, $2) WHERE id = $3 AND end_time IS NULL")
-                        .bind(now).bind(format!("canceled by {}", new.process_name)).bind(id)
-                        .execute(&mut *tx).await?;
-                    canceled.push(*id);
-                }
-            }
-            sqlx::query(AssertSqlSafe(move_sql.as_str()))
-                .bind(new.transitioning_state).bind(new.resource_id).execute(&mut *tx).await?;
-            let data = with_meta(new.data.clone(), &resource.state, new.transitioning_state);
-            let process = insert_process!(&mut *tx, new.process_name, kind, new.resource_id, resource.account_id, data, new.node, now);
-            let previous_state = std::mem::replace(&mut resource.state, new.transitioning_state.to_owned());
-            resource.transitioning = "yes".into();
-            resource.transitioning_message = None;
-            resource.transitioning_progress = None;
-            Scheduled { process, resource, previous_state, canceled }
-        });
-        Ok(scheduled)
-    }
-
-    /// Creates a resource directly in the create process's transitioning state, with that
-    /// process: one transaction.
-    pub async fn create_and_schedule(
-        &self,
-        kind: ResourceKind,
-        new: &NewResource,
-        process_name: &str,
-        transitioning_state: &str,
-        data: Map<String, Value>,
-        node: &str,
-    ) -> Result<Scheduled> {
-        let now = now_millis();
-        let data = with_meta(data, "requested", transitioning_state);
-        let process: ProcessInstance = write_tx!(self, tx => {
-            let id: i64 = insert_row!(&mut *tx, kind, new, transitioning_state, "yes");
-            insert_process!(&mut *tx, process_name, kind, id, new.account_id, data.clone(), node, now)
-        });
-        let resource = self
-            .get_resource(kind, process.resource_id)
-            .await?
-            .ok_or(Error::NotFound("resource"))?;
-        Ok(Scheduled {
-            process,
-            resource,
-            previous_state: "requested".into(),
-            canceled: Vec::new(),
-        })
-    }
-
     /// The resource a create with `key` made before (within the key's time to live), or
     /// [`Idempotent::Mismatch`] if the key was used for a different request; `None` if the key
     /// is new.
@@ -460,224 +323,11 @@ impl Store {
         })
     }
 
-    /// [`Store::create_and_schedule`] once per idempotency key: the key is recorded in the
-    /// same transaction as the resource and its process, so a create is committed with its
-    /// key or not at all. A retry (or a concurrent twin) with the same key gets the resource
-    /// the first one made; the loser of a race rolls its own create back.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn create_and_schedule_once(
-        &self,
-        kind: ResourceKind,
-        new: &NewResource,
-        process_name: &str,
-        transitioning_state: &str,
-        data: Map<String, Value>,
-        node: &str,
-        key: &IdempotencyKey<'_>,
-    ) -> Result<Idempotent> {
-        if let Some(found) = self.idempotent_create(kind, key).await? {
-            return Ok(found);
-        }
-        let now = now_millis();
-        let data = with_meta(data, "requested", transitioning_state);
-        let attempt = async {
-            let process: Option<ProcessInstance> = write_tx!(self, tx => {
-                // An expired key is forgotten, so that it can be used again.
-                sqlx::query("DELETE FROM idempotency_key WHERE account_id = $1 AND idem_key = $2 AND created < $3")
-                    .bind(key.account_id).bind(key.key).bind(now - key.ttl_ms).execute(&mut *tx).await?;
-                let id: i64 = insert_row!(&mut *tx, kind, new, transitioning_state, "yes");
-                let process = insert_process!(&mut *tx, process_name, kind, id, new.account_id, data.clone(), node, now);
-                // On PostgreSQL a concurrent twin's insert waits here for the first to end.
-                let recorded: Option<i64> = sqlx::query_scalar(
-                    "INSERT INTO idempotency_key (account_id, idem_key, request_hash, resource_type, resource_id, created) \
-                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (account_id, idem_key) DO NOTHING RETURNING id")
-                    .bind(key.account_id).bind(key.key).bind(key.fingerprint).bind(kind.table()).bind(id).bind(now)
-                    .fetch_optional(&mut *tx).await?;
-                if recorded.is_none() {
-                    // Another request with this key committed first: roll this one back.
-                    return Ok::<_, Error>(None);
-                }
-                Some(process)
-            });
-            Ok::<_, Error>(process)
-        };
-        let Some(process) = attempt.await? else {
-            return self.idempotent_create(kind, key).await?.ok_or_else(|| {
-                Error::Conflict("idempotency key taken and released at once".into())
-            });
-        };
-        let resource = self
-            .get_resource(kind, process.resource_id)
-            .await?
-            .ok_or(Error::NotFound("resource"))?;
-        Ok(Idempotent::Created(Box::new(Scheduled {
-            process,
-            resource,
-            previous_state: "requested".into(),
-            canceled: Vec::new(),
-        })))
-    }
-
-    /// Claims up to `limit` ready processes for `node` with a lease until `lease_until`.
-    pub async fn claim(
-        &self,
-        node: &str,
-        limit: i64,
-        lease_until: i64,
-    ) -> Result<Vec<ProcessInstance>> {
-        let now = now_millis();
-        let lock = match self.pool {
-            Pool::Sqlite(_) => "",
-            Pool::Postgres(_) => " FOR UPDATE SKIP LOCKED",
-        };
-        let sql = format!(
-            "UPDATE process_instance SET running_process_server_id = $1, lease_expires = $2, \
-             execution_count = execution_count + 1, start_time = COALESCE(start_time, $3), phase = 'RUNNING' \
-             WHERE id IN (SELECT p.id FROM process_instance p WHERE p.end_time IS NULL AND p.run_after <= $3 \
-             AND (p.lease_expires IS NULL OR p.lease_expires < $3) \
-             AND NOT EXISTS (SELECT 1 FROM process_instance q WHERE q.resource_type = p.resource_type \
-             AND q.resource_id = p.resource_id AND q.end_time IS NULL AND q.id < p.id) \
-             ORDER BY p.priority DESC, p.run_after, p.id LIMIT $4{lock}) \
-             RETURNING {PROCESS_COLUMNS}"
-        );
-        let rows: Vec<ProcessRow> = dispatch!(self, pool => sqlx::query_as(AssertSqlSafe(sql.as_str()))
-            .bind(node).bind(lease_until).bind(now).bind(limit).fetch_all(pool).await?);
-        rows.into_iter().map(ProcessInstance::try_from).collect()
-    }
-
-    /// Extends the leases of everything `node` is running.
-    pub async fn renew_leases(&self, node: &str, lease_until: i64) -> Result<u64> {
-        Ok(dispatch!(self, pool => sqlx::query(
-            "UPDATE process_instance SET lease_expires = $1 WHERE running_process_server_id = $2 AND end_time IS NULL")
-            .bind(lease_until).bind(node).execute(pool).await?.rows_affected()))
-    }
-
     /// The earliest `run_after` of pending processes not held by a lease: when to look next.
     pub async fn next_run_after(&self) -> Result<Option<i64>> {
         Ok(dispatch!(self, pool => sqlx::query_scalar(
             "SELECT MIN(COALESCE(lease_expires, run_after)) FROM process_instance WHERE end_time IS NULL")
             .fetch_one(pool).await?))
-    }
-
-    /// Ends an attempt: records it, and moves the process and the resource on, if `node`
-    /// still holds the process. Returns the resource as it now is, or `None` when the process
-    /// was canceled or taken over meanwhile (then nothing changed).
-    pub async fn finish(
-        &self,
-        process: &ProcessInstance,
-        node: &str,
-        record: &ExecutionRecord,
-        finish: &Finish,
-    ) -> Result<Option<Resource>> {
-        let kind = process.kind;
-        let table = kind.table();
-        let transitioning = process.transitioning_state().unwrap_or("").to_owned();
-        let now = now_millis();
-        let (process_sql, resource_sql) = match finish {
-            Finish::Done { .. } => (
-                "UPDATE process_instance SET end_time = $1, result = 'SUCCESS', exit_reason = 'DONE', phase = 'DONE', \
-                 running_process_server_id = NULL, lease_expires = NULL, run_after = NULL \
-                 WHERE id = $2 AND end_time IS NULL AND running_process_server_id = $3",
-                format!(
-                    "UPDATE {table} SET state = $1, transitioning = 'no', transitioning_message = NULL, \
-                     transitioning_progress = NULL, data = COALESCE($2, data), \
-                     removed = CASE WHEN $1 = 'removed' THEN $3 ELSE removed END{host} WHERE id = $4 AND state = $5",
-                    host = if kind.has_column("host_id") {
-                        ", host_id = COALESCE($6, host_id)"
-                    } else {
-                        ""
-                    }
-                ),
-            ),
-            Finish::Retry { .. } => (
-                "UPDATE process_instance SET running_process_server_id = NULL, lease_expires = NULL, run_after = $1, \
-                 phase = 'WAITING' WHERE id = $2 AND end_time IS NULL AND running_process_server_id = $3",
-                format!(
-                    "UPDATE {table} SET transitioning = 'error', transitioning_message = $1 WHERE id = $2 AND state = $3"
-                ),
-            ),
-            Finish::Failed { .. } => (
-                "UPDATE process_instance SET end_time = $1, result = 'FAILURE', phase = 'DONE', \
-                 running_process_server_id = NULL, lease_expires = NULL, run_after = NULL \
-                 WHERE id = $2 AND end_time IS NULL AND running_process_server_id = $3",
-                format!(
-                    "UPDATE {table} SET state = 'error', transitioning = 'error', transitioning_message = $1 \
-                     WHERE id = $2 AND state = $3"
-                ),
-            ),
-            Finish::Canceled { .. } => (
-                "UPDATE process_instance SET end_time = $1, result = 'CANCELED', phase = 'DONE', \
-                 running_process_server_id = NULL, lease_expires = NULL, run_after = NULL \
-                 WHERE id = $2 AND end_time IS NULL AND running_process_server_id = $3",
-                String::new(),
-            ),
-        };
-        let first_bind = match finish {
-            Finish::Retry { run_after, .. } => *run_after,
-            _ => now,
-        };
-        let (exit_reason, last_error) = match finish {
-            Finish::Done { .. } => ("DONE".to_owned(), None),
-            Finish::Retry {
-                reason, message, ..
-            }
-            | Finish::Failed { reason, message } => (reason.clone(), Some(message.clone())),
-            Finish::Canceled { reason } => (reason.clone(), Some(reason.clone())),
-        };
-        let select_sql = format!(
-            "SELECT {} FROM {table} r WHERE r.id = $1",
-            select_list(kind, "r")
-        );
-        let finished: Option<Resource> = write_tx!(self, tx => {
-            let owned = sqlx::query(AssertSqlSafe(process_sql))
-                .bind(first_bind).bind(process.id).bind(node).execute(&mut *tx).await?.rows_affected();
-            if owned == 0 {
-                None
-            } else {
-                sqlx::query("UPDATE process_instance SET exit_reason = $1, last_error = $2 WHERE id = $3")
-                    .bind(&exit_reason).bind(&last_error).bind(process.id).execute(&mut *tx).await?;
-                sqlx::query(
-                    "INSERT INTO process_execution (process_instance_id, uuid, log, created, started, ended, exit_reason, message) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
-                    .bind(process.id).bind(uuid::Uuid::new_v4().to_string()).bind(record.log.to_string())
-                    .bind(now).bind(record.started).bind(record.ended).bind(&record.exit_reason).bind(&record.message)
-                    .execute(&mut *tx).await?;
-                match finish {
-                    Finish::Done { done_state, data, host_id, next } => {
-                        let data = data.as_ref().map(|data| Value::Object(data.clone()).to_string());
-                        let mut query = sqlx::query(AssertSqlSafe(resource_sql.as_str()))
-                            .bind(done_state).bind(data).bind(now).bind(process.resource_id).bind(&transitioning);
-                        if kind.has_column("host_id") {
-                            query = query.bind(*host_id);
-                        }
-                        let moved = query.execute(&mut *tx).await?.rows_affected();
-                        // A removed agent's keys stop working with it.
-                        if moved > 0 && kind == ResourceKind::Agent && done_state == "removed" {
-                            sqlx::query(
-                                "UPDATE credential SET state = 'removed', removed = $1 WHERE state = 'active' \
-                                 AND account_id IN (SELECT id FROM account WHERE agent_id = $2 AND kind = 'agent')")
-                                .bind(now).bind(process.resource_id).execute(&mut *tx).await?;
-                        }
-                        if moved > 0 && let Some((name, next_transitioning, next_data)) = next {
-                            let move_sql = format!("UPDATE {table} SET state = $1, transitioning = 'yes' WHERE id = $2");
-                            sqlx::query(AssertSqlSafe(move_sql)).bind(next_transitioning).bind(process.resource_id)
-                                .execute(&mut *tx).await?;
-                            let next_data = with_meta(next_data.clone(), done_state, next_transitioning);
-                            let _next = insert_process!(&mut *tx, name.as_str(), kind, process.resource_id, process.account_id, next_data, node, now);
-                        }
-                    }
-                    Finish::Retry { message, .. } | Finish::Failed { message, .. } => {
-                        sqlx::query(AssertSqlSafe(resource_sql.as_str()))
-                            .bind(message).bind(process.resource_id).bind(&transitioning).execute(&mut *tx).await?;
-                    }
-                    Finish::Canceled { .. } => {}
-                }
-                let row: Option<ResourceRow> = sqlx::query_as(AssertSqlSafe(select_sql.as_str()))
-                    .bind(process.resource_id).fetch_optional(&mut *tx).await?;
-                row.map(|row| row.into_resource(kind)).transpose()?
-            }
-        });
-        Ok(finished)
     }
 
     /// A process by id.
@@ -814,51 +464,9 @@ impl Store {
     /// canceled one is reopened (its resource back in the transitioning state) if nothing else
     /// is pending on the resource. Refused for a running or succeeded process.
     pub async fn replay(&self, id: i64) -> Result<ProcessInstance, ScheduleError> {
-        let now = now_millis();
-        let process = self.get_process(id).await?.ok_or(ScheduleError::NotFound)?;
-        let table = process.kind.table();
-        let transitioning = process.transitioning_state().unwrap_or("").to_owned();
-        let move_sql = format!(
-            "UPDATE {table} SET state = $1, transitioning = 'yes', transitioning_message = NULL, \
-             transitioning_progress = NULL WHERE id = $2 AND removed IS NULL"
-        );
-        write_tx!(self, tx => {
-            let row: Option<(Option<i64>, Option<String>, Option<i64>)> = sqlx::query_as(
-                "SELECT end_time, result, lease_expires FROM process_instance WHERE id = $1")
-                .bind(id).fetch_optional(&mut *tx).await?;
-            let Some((end_time, result, lease)) = row else { return Err(ScheduleError::NotFound) };
-            if lease.is_some_and(|until| until >= now) && end_time.is_none() {
-                return Err(ScheduleError::Busy { process_id: id, process_name: process.process_name.clone() });
-            }
-            match (end_time, result.as_deref()) {
-                (None, _) => {
-                    sqlx::query("UPDATE process_instance SET run_after = $1, execution_count = 0, lease_expires = NULL, \
-                                 running_process_server_id = NULL WHERE id = $2")
-                        .bind(now).bind(id).execute(&mut *tx).await?;
-                }
-                (Some(_), Some("SUCCESS")) => {
-                    return Err(ScheduleError::InvalidState { state: "SUCCESS".into() });
-                }
-                (Some(_), _) => {
-                    let other: Option<(i64, String)> = sqlx::query_as(
-                        "SELECT id, process_name FROM process_instance WHERE resource_type = $1 AND resource_id = $2 \
-                         AND end_time IS NULL LIMIT 1")
-                        .bind(table).bind(process.resource_id).fetch_optional(&mut *tx).await?;
-                    if let Some((process_id, process_name)) = other {
-                        return Err(ScheduleError::Busy { process_id, process_name });
-                    }
-                    let moved = sqlx::query(AssertSqlSafe(move_sql.as_str()))
-                        .bind(&transitioning).bind(process.resource_id).execute(&mut *tx).await?.rows_affected();
-                    if moved == 0 {
-                        return Err(ScheduleError::InvalidState { state: "removed".into() });
-                    }
-                    sqlx::query("UPDATE process_instance SET end_time = NULL, result = NULL, exit_reason = NULL, \
-                                 run_after = $1, execution_count = 0, phase = 'REQUESTED', lease_expires = NULL, \
-                                 running_process_server_id = NULL WHERE id = $2")
-                        .bind(now).bind(id).execute(&mut *tx).await?;
-                }
-            }
-        });
+        let mut tx = self.pool.begin_write().await?;
+        replay_in(&mut tx, id).await??;
+        tx.commit().await?;
         self.get_process(id).await?.ok_or(ScheduleError::NotFound)
     }
 
@@ -867,38 +475,133 @@ impl Store {
         &self,
         id: i64,
     ) -> Result<(ProcessInstance, Option<Resource>), ScheduleError> {
-        let now = now_millis();
+        let mut tx = self.pool.begin_write().await?;
+        cancel_in(&mut tx, id).await??;
+        tx.commit().await?;
         let process = self.get_process(id).await?.ok_or(ScheduleError::NotFound)?;
-        if process.end_time.is_some() {
-            return Err(ScheduleError::InvalidState {
-                state: process.result.unwrap_or_else(|| "ended".into()),
-            });
-        }
-        let table = process.kind.table();
-        let back_sql = format!(
-            "UPDATE {table} SET state = $1, transitioning = 'no', transitioning_message = $2, transitioning_progress = NULL \
-             WHERE id = $3 AND state = $4"
-        );
-        let previous = process.previous_state().unwrap_or("error").to_owned();
-        let transitioning = process.transitioning_state().unwrap_or("").to_owned();
-        write_tx!(self, tx => {
-            let ended = sqlx::query("UPDATE process_instance SET end_time = $1, result = 'CANCELED', exit_reason = 'CANCELED', \
-                                     phase = 'DONE', running_process_server_id = NULL, lease_expires = NULL, \
-                                     last_error = 'canceled by an admin' WHERE id = $2 AND end_time IS NULL")
-                .bind(now).bind(id).execute(&mut *tx).await?.rows_affected();
-            if ended == 0 {
-                return Err(ScheduleError::InvalidState { state: "ended".into() });
-            }
-            sqlx::query(AssertSqlSafe(back_sql.as_str()))
-                .bind(&previous).bind(format!("{} canceled by an admin", process.process_name))
-                .bind(process.resource_id).bind(&transitioning).execute(&mut *tx).await?;
-        });
         let resource = self.get_resource(process.kind, process.resource_id).await?;
-        Ok((
-            self.get_process(id).await?.ok_or(ScheduleError::NotFound)?,
-            resource,
-        ))
+        Ok((process, resource))
     }
+}
+
+async fn process_in(tx: &mut Tx, id: i64) -> Result<Option<ProcessInstance>> {
+    let sql = format!("SELECT {PROCESS_COLUMNS} FROM process_instance WHERE id = $1");
+    let row: Option<ProcessRow> = tx.fetch_optional(&sql, args![id]).await?;
+    row.map(ProcessInstance::try_from).transpose()
+}
+
+async fn replay_in(tx: &mut Tx, id: i64) -> Result<Result<(), ScheduleError>> {
+    let now = now_millis();
+    let Some(process) = process_in(tx, id).await? else {
+        return Ok(Err(ScheduleError::NotFound));
+    };
+    if process.is_running(now) {
+        return Ok(Err(ScheduleError::Busy {
+            process_id: id,
+            process_name: process.process_name,
+        }));
+    }
+    match (process.end_time, process.result.as_deref()) {
+        (None, _) => {
+            tx.execute(
+                "UPDATE process_instance SET run_after = $1, execution_count = 0, lease_expires = NULL, \
+                 running_process_server_id = NULL WHERE id = $2 AND end_time IS NULL",
+                args![now, id],
+            )
+            .await?;
+        }
+        (Some(_), Some("SUCCESS")) => {
+            return Ok(Err(ScheduleError::InvalidState {
+                state: "SUCCESS".into(),
+            }));
+        }
+        (Some(_), _) => {
+            let other: Option<(i64, String)> = tx
+                .fetch_optional(
+                    "SELECT id, process_name FROM process_instance WHERE resource_type = $1 AND resource_id = $2 \
+                     AND end_time IS NULL LIMIT 1",
+                    args![process.kind.table(), process.resource_id],
+                )
+                .await?;
+            if let Some((process_id, process_name)) = other {
+                return Ok(Err(ScheduleError::Busy {
+                    process_id,
+                    process_name,
+                }));
+            }
+            let move_sql = format!(
+                "UPDATE {} SET state = $1, transitioning = 'yes', transitioning_message = NULL, \
+                 transitioning_progress = NULL WHERE id = $2 AND removed IS NULL",
+                process.kind.table()
+            );
+            let transitioning = process.transitioning_state().unwrap_or("").to_owned();
+            let moved = tx
+                .execute(&move_sql, args![transitioning, process.resource_id])
+                .await?;
+            if moved == 0 {
+                return Ok(Err(ScheduleError::InvalidState {
+                    state: "removed".into(),
+                }));
+            }
+            let reopened = tx
+                .execute(
+                    "UPDATE process_instance SET end_time = NULL, result = NULL, exit_reason = NULL, \
+                     run_after = $1, execution_count = 0, phase = 'REQUESTED', lease_expires = NULL, \
+                     running_process_server_id = NULL WHERE id = $2 AND end_time IS NOT NULL",
+                    args![now, id],
+                )
+                .await?;
+            if reopened != 1 {
+                return Err(Error::Conflict(format!(
+                    "process {id} changed under replay"
+                )));
+            }
+        }
+    }
+    Ok(Ok(()))
+}
+
+async fn cancel_in(tx: &mut Tx, id: i64) -> Result<Result<(), ScheduleError>> {
+    let now = now_millis();
+    let Some(process) = process_in(tx, id).await? else {
+        return Ok(Err(ScheduleError::NotFound));
+    };
+    if process.end_time.is_some() {
+        return Ok(Err(ScheduleError::InvalidState {
+            state: process.result.unwrap_or_else(|| "ended".into()),
+        }));
+    }
+    let ended = tx
+        .execute(
+            "UPDATE process_instance SET end_time = $1, result = 'CANCELED', exit_reason = 'CANCELED', \
+             phase = 'DONE', running_process_server_id = NULL, lease_expires = NULL, \
+             last_error = 'canceled by an admin' WHERE id = $2 AND end_time IS NULL",
+            args![now, id],
+        )
+        .await?;
+    if ended == 0 {
+        return Ok(Err(ScheduleError::InvalidState {
+            state: "ended".into(),
+        }));
+    }
+    let back_sql = format!(
+        "UPDATE {} SET state = $1, transitioning = 'no', transitioning_message = $2, transitioning_progress = NULL \
+         WHERE id = $3 AND state = $4",
+        process.kind.table()
+    );
+    let previous = process.previous_state().unwrap_or("error").to_owned();
+    let transitioning = process.transitioning_state().unwrap_or("").to_owned();
+    tx.execute(
+        &back_sql,
+        args![
+            previous,
+            format!("{} canceled by an admin", process.process_name),
+            process.resource_id,
+            transitioning
+        ],
+    )
+    .await?;
+    Ok(Ok(()))
 }
 
 /// A `process_execution` row.

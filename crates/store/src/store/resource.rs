@@ -3,7 +3,9 @@
 use serde_json::{Map, Value};
 use sqlx::{AssertSqlSafe, FromRow};
 
-use super::{Pool, Store, now_millis};
+use super::write::{self, NewCreate, Step};
+use super::{Store, now_millis};
+use crate::db::args;
 use crate::model::{NewResource, Resource, ResourceKind};
 use crate::{Error, Result};
 
@@ -16,7 +18,7 @@ const REFERENCE_COLUMNS: [&str; 5] = [
 ];
 
 /// The select list of a kind: common columns, and NULL for references the table lacks.
-pub(super) fn select_list(kind: ResourceKind, alias: &str) -> String {
+pub(crate) fn select_list(kind: ResourceKind, alias: &str) -> String {
     let mut out = format!(
         "{alias}.id, {alias}.name, {alias}.account_id, {alias}.kind, {alias}.uuid, {alias}.description, \
          {alias}.state, {alias}.transitioning, {alias}.transitioning_message, {alias}.transitioning_progress, \
@@ -38,7 +40,7 @@ pub(super) fn select_list(kind: ResourceKind, alias: &str) -> String {
 }
 
 #[derive(FromRow)]
-pub(super) struct ResourceRow {
+pub(crate) struct ResourceRow {
     id: i64,
     name: Option<String>,
     account_id: Option<i64>,
@@ -61,7 +63,7 @@ pub(super) struct ResourceRow {
 }
 
 impl ResourceRow {
-    pub(super) fn into_resource(self, kind: ResourceKind) -> Result<Resource> {
+    pub(crate) fn into_resource(self, kind: ResourceKind) -> Result<Resource> {
         let data = match self.data.as_deref() {
             None | Some("") => Map::new(),
             Some(text) => match serde_json::from_str(text) {
@@ -259,26 +261,7 @@ impl Store {
         self.get_resource(kind, id).await
     }
 
-    /// Sets a resource's progress message and percentage (from an agent's progress reply).
-    pub async fn set_progress(
-        &self,
-        kind: ResourceKind,
-        id: i64,
-        message: Option<&str>,
-        progress: Option<i64>,
-    ) -> Result<()> {
-        let sql = format!(
-            "UPDATE {} SET transitioning_message = COALESCE($1, transitioning_message), \
-             transitioning_progress = COALESCE($2, transitioning_progress) WHERE id = $3 AND transitioning <> 'no'",
-            kind.table()
-        );
-        let progress = progress.map(|p| p.clamp(0, 100) as i32);
-        dispatch!(self, pool => sqlx::query(AssertSqlSafe(sql.as_str()))
-            .bind(message).bind(progress).bind(id).execute(pool).await?.rows_affected());
-        Ok(())
-    }
-
-    /// Inserts a resource in a given state (used by registration and tests; the API creates
+    /// Inserts a resource in a given state, with no process (tests; the API creates
     /// resources through [`Store::create_and_schedule`]).
     pub async fn insert_resource(
         &self,
@@ -286,106 +269,10 @@ impl Store {
         new: &NewResource,
         state: &str,
     ) -> Result<Resource> {
-        let id: i64 = write_tx!(self, tx => insert_row!(&mut *tx, kind, new, state, "no"));
-        self.get_resource(kind, id)
-            .await?
-            .ok_or(Error::NotFound("resource"))
-    }
-}
-
-/// The SQL and the reference values to bind after the nine common ones, for inserting a row.
-pub(super) fn insert_sql(kind: ResourceKind, new: &NewResource) -> (String, Vec<Option<i64>>) {
-    let mut columns = String::from(
-        "name, kind, uuid, description, state, transitioning, created, account_id, data, external_id",
-    );
-    let mut placeholders = String::from("$1, $2, $3, $4, $5, $6, $7, $8, $9, $10");
-    let mut refs = Vec::new();
-    for (column, value) in [
-        ("host_id", new.host_id),
-        ("agent_id", new.agent_id),
-        ("stack_id", new.stack_id),
-        ("service_id", new.service_id),
-        ("instance_id", new.instance_id),
-    ] {
-        if kind.has_column(column) {
-            refs.push(value);
-            columns.push_str(&format!(", {column}"));
-            placeholders.push_str(&format!(", ${}", 10 + refs.len()));
-        }
-    }
-    (
-        format!(
-            "INSERT INTO {} ({columns}) VALUES ({placeholders}) RETURNING id",
-            kind.table()
-        ),
-        refs,
-    )
-}
-
-/// Inserts a resource row on a connection or transaction; yields its id.
-macro_rules! insert_row {
-    ($conn:expr, $kind:expr, $new:expr, $state:expr, $transitioning:expr) => {{
-        let (sql, refs) = super::resource::insert_sql($kind, $new);
-        let mut query = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql))
-            .bind($new.name.clone())
-            .bind($new.sub_kind.clone())
-            .bind(uuid::Uuid::new_v4().to_string())
-            .bind($new.description.clone())
-            .bind($state.to_owned())
-            .bind($transitioning.to_owned())
-            .bind(now_millis())
-            .bind($new.account_id)
-            .bind(serde_json::Value::Object($new.data.clone()).to_string())
-            .bind($new.external_id.clone());
-        for value in refs {
-            query = query.bind(value);
-        }
-        query.fetch_one($conn).await?
-    }};
-}
-pub(super) use insert_row;
-
-impl Store {
-    /// The host to place a new instance or volume of a project on: an active host whose agent
-    /// is active (or reconnecting), with the fewest live instances. Returns `(host, agent)`.
-    pub async fn pick_host(&self, account_id: Option<i64>) -> Result<Option<(i64, i64)>> {
-        Ok(dispatch!(self, pool => sqlx::query_as(
-            "SELECT h.id, h.agent_id FROM host h JOIN agent a ON a.id = h.agent_id \
-             WHERE h.state = 'active' AND a.state IN ('active', 'reconnecting') AND h.removed IS NULL \
-             AND ($1 IS NULL OR h.account_id = $1) \
-             ORDER BY (SELECT COUNT(*) FROM instance i WHERE i.host_id = h.id AND i.removed IS NULL), h.id LIMIT 1")
-            .bind(account_id).fetch_optional(pool).await?))
-    }
-
-    /// A host's agent and that agent's state: `(agent_id, state)`.
-    pub async fn host_agent(&self, host_id: i64) -> Result<Option<(i64, String)>> {
-        Ok(dispatch!(self, pool => sqlx::query_as(
-            "SELECT a.id, a.state FROM host h JOIN agent a ON a.id = h.agent_id WHERE h.id = $1")
-            .bind(host_id).fetch_optional(pool).await?))
-    }
-}
-
-impl Store {
-    /// Places a resource on a host, unless it is on one already; returns the host it is on.
-    /// Written before the first request goes out, so a later remove knows where to go.
-    pub async fn assign_host(
-        &self,
-        kind: ResourceKind,
-        id: i64,
-        host_id: i64,
-    ) -> Result<Option<i64>> {
-        if !kind.has_column("host_id") {
-            return Ok(None);
-        }
-        let sql = format!(
-            "UPDATE {} SET host_id = COALESCE(host_id, $1) WHERE id = $2 RETURNING host_id",
-            kind.table()
-        );
-        Ok(
-            dispatch!(self, pool => sqlx::query_scalar(AssertSqlSafe(sql.as_str()))
-            .bind(host_id).bind(id).fetch_optional(pool).await?)
-            .flatten(),
-        )
+        let mut tx = self.pool.begin_write().await?;
+        let resource = super::write::insert_resource(&mut tx, kind, new, state).await?;
+        tx.commit().await?;
+        Ok(resource)
     }
 }
 
@@ -405,95 +292,119 @@ pub struct Registered {
 }
 
 impl Store {
-    /// Registers the agent of a host identified by `key` in a project: the first time, creates
-    /// the agent and its host with their create processes, and the agent's account; every
-    /// time, issues a fresh `agentApiKey` and revokes the older ones, so a re-registration of
-    /// the same host is the same agent.
+    /// Registers the agent of a host identified by `key` in a project, in one transaction:
+    /// the first time, creates the agent and its host with their plans (`agent_steps`,
+    /// `host_steps`: the create processes), and the agent's account; every time, issues a
+    /// fresh `agentApiKey` and revokes the older ones, so a re-registration of the same host is
+    /// the same agent. Whatever an earlier registration left (no host, no account) is made.
+    #[allow(clippy::too_many_arguments)]
     pub async fn register_agent(
         &self,
         project_id: i64,
         key: &str,
         name: &str,
         host_data: Map<String, Value>,
+        agent_steps: &[Step],
+        host_steps: &[Step],
         node: &str,
     ) -> Result<Registered> {
-        let existing: Option<i64> = dispatch!(self, pool => sqlx::query_scalar(
-            "SELECT id FROM agent WHERE external_id = $1 AND account_id = $2 AND removed IS NULL ORDER BY id LIMIT 1")
-            .bind(key).bind(project_id).fetch_optional(pool).await?);
-        let (agent, host, account, created) = match existing {
-            Some(agent_id) => {
-                let agent = self
-                    .get_resource(ResourceKind::Agent, agent_id)
-                    .await?
-                    .ok_or(Error::NotFound("agent"))?;
-                let host_id: Option<i64> = dispatch!(self, pool => sqlx::query_scalar(
-                    "SELECT id FROM host WHERE agent_id = $1 AND removed IS NULL ORDER BY id LIMIT 1")
-                    .bind(agent_id).fetch_optional(pool).await?);
-                let host = match host_id {
-                    Some(id) => self
-                        .get_resource(ResourceKind::Host, id)
-                        .await?
-                        .ok_or(Error::NotFound("host"))?,
-                    None => {
-                        self.create_host_for(project_id, agent_id, name, host_data, node)
-                            .await?
-                    }
-                };
-                let account_id: i64 = dispatch!(self, pool => sqlx::query_scalar(
-                    "SELECT id FROM account WHERE agent_id = $1 AND kind = 'agent' ORDER BY id LIMIT 1")
-                    .bind(agent_id).fetch_one(pool).await?);
-                let account = self
-                    .get_account(account_id)
-                    .await?
-                    .ok_or(Error::NotFound("account"))?;
-                dispatch!(self, pool => sqlx::query(
-                    "UPDATE credential SET state = 'removed', removed = $1 WHERE account_id = $2 AND state = 'active'")
-                    .bind(now_millis()).bind(account_id).execute(pool).await?.rows_affected());
-                (agent, host, account, false)
-            }
+        let mut tx = self.pool.begin_write().await?;
+        let lock = match tx.backend() {
+            super::Backend::Postgres => " FOR UPDATE",
+            super::Backend::Sqlite => "",
+        };
+        let sql = format!(
+            "SELECT {} FROM agent r WHERE r.external_id = $1 AND r.account_id = $2 AND r.removed IS NULL \
+             ORDER BY r.id LIMIT 1{lock}",
+            select_list(ResourceKind::Agent, "r")
+        );
+        let existing: Option<ResourceRow> = tx.fetch_optional(&sql, args![key, project_id]).await?;
+        let (agent, created) = match existing {
+            Some(row) => (row.into_resource(ResourceKind::Agent)?, false),
             None => {
-                let def_data = Map::new();
-                let new_agent = NewResource {
-                    name: Some(name.to_owned()),
-                    sub_kind: "agent".into(),
-                    account_id: Some(project_id),
-                    external_id: Some(key.to_owned()),
-                    ..NewResource::default()
+                let new_agent = NewCreate {
+                    kind: ResourceKind::Agent,
+                    resource: NewResource {
+                        name: Some(name.to_owned()),
+                        sub_kind: "agent".into(),
+                        account_id: Some(project_id),
+                        external_id: Some(key.to_owned()),
+                        ..NewResource::default()
+                    },
+                    steps: agent_steps.to_vec(),
+                    node: node.to_owned(),
                 };
-                let agent = self
-                    .create_and_schedule(
-                        ResourceKind::Agent,
-                        &new_agent,
-                        "agent.create",
-                        "registering",
-                        def_data,
-                        node,
-                    )
-                    .await?
+                let made = write::create(&mut tx, &[&new_agent]).await?;
+                let agent = made
+                    .into_iter()
+                    .next()
+                    .ok_or(Error::NotFound("agent"))?
                     .resource;
-                let account = self
-                    .create_account(crate::model::AccountKind::Agent, name, Some(project_id))
-                    .await?;
-                dispatch!(self, pool => sqlx::query("UPDATE account SET agent_id = $1 WHERE id = $2")
-                    .bind(agent.id).bind(account.id).execute(pool).await?.rows_affected());
-                let account = crate::model::Account {
-                    agent_id: Some(agent.id),
-                    ..account
-                };
-                let host = self
-                    .create_host_for(project_id, agent.id, name, host_data, node)
-                    .await?;
-                (agent, host, account, true)
+                (agent, true)
             }
         };
-        let key = self
-            .create_key(
-                account.id,
-                crate::model::CredentialKind::AgentApiKey,
-                Some(name),
-                None,
+        let sql = format!(
+            "SELECT {} FROM host r WHERE r.agent_id = $1 AND r.removed IS NULL ORDER BY r.id LIMIT 1",
+            select_list(ResourceKind::Host, "r")
+        );
+        let host: Option<ResourceRow> = tx.fetch_optional(&sql, args![agent.id]).await?;
+        let host = match host {
+            Some(row) => row.into_resource(ResourceKind::Host)?,
+            None => {
+                let new_host = NewCreate {
+                    kind: ResourceKind::Host,
+                    resource: NewResource {
+                        name: Some(name.to_owned()),
+                        sub_kind: "host".into(),
+                        account_id: Some(project_id),
+                        agent_id: Some(agent.id),
+                        data: host_data,
+                        ..NewResource::default()
+                    },
+                    steps: host_steps.to_vec(),
+                    node: node.to_owned(),
+                };
+                write::create(&mut tx, &[&new_host])
+                    .await?
+                    .into_iter()
+                    .next()
+                    .ok_or(Error::NotFound("host"))?
+                    .resource
+            }
+        };
+        let account: Option<(i64,)> = tx
+            .fetch_optional(
+                "SELECT id FROM account WHERE agent_id = $1 AND kind = 'agent' ORDER BY id LIMIT 1",
+                args![agent.id],
             )
             .await?;
+        let account_id = match account {
+            Some((id,)) => id,
+            None => {
+                write::insert_account(
+                    &mut tx,
+                    crate::model::AccountKind::Agent,
+                    name,
+                    Some(project_id),
+                    Some(agent.id),
+                    None,
+                )
+                .await?
+                .id
+            }
+        };
+        let key = write::rotate_key(
+            &mut tx,
+            account_id,
+            crate::model::CredentialKind::AgentApiKey,
+            name,
+        )
+        .await?;
+        tx.commit().await?;
+        let account = self
+            .get_account(account_id)
+            .await?
+            .ok_or(Error::NotFound("account"))?;
         Ok(Registered {
             agent,
             host,
@@ -501,35 +412,6 @@ impl Store {
             key,
             created,
         })
-    }
-
-    async fn create_host_for(
-        &self,
-        project_id: i64,
-        agent_id: i64,
-        name: &str,
-        data: Map<String, Value>,
-        node: &str,
-    ) -> Result<Resource> {
-        let new_host = NewResource {
-            name: Some(name.to_owned()),
-            sub_kind: "host".into(),
-            account_id: Some(project_id),
-            agent_id: Some(agent_id),
-            data,
-            ..NewResource::default()
-        };
-        Ok(self
-            .create_and_schedule(
-                ResourceKind::Host,
-                &new_host,
-                "host.create",
-                "registering",
-                Map::new(),
-                node,
-            )
-            .await?
-            .resource)
     }
 
     /// Moves a resource from one of `from` to `to` without a process (the ping monitor's
@@ -648,65 +530,5 @@ impl Store {
              RETURNING id")
             .bind(account_id).bind(now_millis()).bind(data.to_string()).bind(external_id).bind(external_status).bind(host_id)
             .fetch_one(pool).await?))
-    }
-}
-
-impl Store {
-    /// The agent of a container labelled `io.rancher.container.create_agent=true`: made the
-    /// first time (an agent with its own account, acting in the container's project with
-    /// `role`), and on every call a fresh `agentApiKey` with the older ones revoked — the key
-    /// travels to the container in its start request and is stored nowhere in plain text.
-    /// Returns the agent's id and the new key.
-    pub async fn instance_agent_key(
-        &self,
-        instance: &Resource,
-        role: Option<&str>,
-    ) -> Result<(i64, crate::model::NewKey)> {
-        let project = instance
-            .account_id
-            .ok_or(Error::NotFound("project of the instance"))?;
-        let name = format!("{}-agent", instance.name.as_deref().unwrap_or("container"));
-        let agent_id = match instance.agent_id {
-            Some(agent_id) => agent_id,
-            None => {
-                let uri = format!("instance://{}", instance.id);
-                let new_agent = NewResource {
-                    name: Some(name.clone()),
-                    sub_kind: "agent".into(),
-                    account_id: Some(project),
-                    external_id: Some(uri.clone()),
-                    ..NewResource::default()
-                };
-                let agent = self
-                    .insert_resource(ResourceKind::Agent, &new_agent, "active")
-                    .await?;
-                dispatch!(self, pool => sqlx::query("UPDATE agent SET uri = $1 WHERE id = $2")
-                    .bind(&uri).bind(agent.id).execute(pool).await?.rows_affected());
-                let account = self
-                    .create_account(crate::model::AccountKind::Agent, &name, Some(project))
-                    .await?;
-                let role = role.map(|role| format!("role:{role}"));
-                dispatch!(self, pool => sqlx::query("UPDATE account SET agent_id = $1, external_id = $2 WHERE id = $3")
-                    .bind(agent.id).bind(&role).bind(account.id).execute(pool).await?.rows_affected());
-                dispatch!(self, pool => sqlx::query("UPDATE instance SET agent_id = $1 WHERE id = $2")
-                    .bind(agent.id).bind(instance.id).execute(pool).await?.rows_affected());
-                agent.id
-            }
-        };
-        let account_id: i64 = dispatch!(self, pool => sqlx::query_scalar(
-            "SELECT id FROM account WHERE agent_id = $1 AND kind = 'agent' ORDER BY id LIMIT 1")
-            .bind(agent_id).fetch_one(pool).await?);
-        dispatch!(self, pool => sqlx::query(
-            "UPDATE credential SET state = 'removed', removed = $1 WHERE account_id = $2 AND state = 'active'")
-            .bind(now_millis()).bind(account_id).execute(pool).await?.rows_affected());
-        let key = self
-            .create_key(
-                account_id,
-                crate::model::CredentialKind::AgentApiKey,
-                Some(&name),
-                None,
-            )
-            .await?;
-        Ok((agent_id, key))
     }
 }
