@@ -1,0 +1,571 @@
+//! The process store through its writer: schedule, claim, finish, replay, cancel, batch
+//! failure isolation and lease fencing, on SQLite and (when `DROVER_TEST_POSTGRES_URL` is set;
+//! `.ci/run` sets it) on PostgreSQL, each test in a fresh database or schema.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use drover_store::{
+    ClaimRequest, ExecutionRecord, Finish, FinishItem, NewCreate, NewProcess, NewResource,
+    ProcessFilter, ProgressItem, Resource, ResourceKind, ScheduleError, Step, Store,
+    StoreOptions, WriterOptions,
+};
+use drover_test_support::postgres::Schema;
+use serde_json::{Map, json};
+
+/// A store and what keeps its data alive.
+struct Subject {
+    store: Store,
+    name: &'static str,
+    _dir: Option<tempfile::TempDir>,
+    _schema: Option<Schema>,
+}
+
+async fn subjects(writer: WriterOptions) -> Vec<Subject> {
+    let dir = tempfile::tempdir().unwrap();
+    let options = StoreOptions {
+        writer,
+        ..StoreOptions::sqlite_file(&dir.path().join("drover.db"))
+    };
+    let mut out = vec![Subject {
+        store: Store::connect(&options).await.unwrap(),
+        name: "SQLite",
+        _dir: Some(dir),
+        _schema: None,
+    }];
+    if let Some(schema) = Schema::create("p", "a process store test").await {
+        let options = StoreOptions {
+            pg_schema: Some(schema.name.clone()),
+            writer,
+            ..StoreOptions::url(schema.url.clone())
+        };
+        out.push(Subject {
+            store: Store::connect(&options).await.unwrap(),
+            name: "PostgreSQL",
+            _dir: None,
+            _schema: Some(schema),
+        });
+    }
+    out
+}
+
+const NODE: &str = "node-a";
+
+/// A project with an active host whose agent is active.
+async fn project_with_host(store: &Store) -> (i64, Resource) {
+    let boot = store.bootstrap(None).await.unwrap();
+    let project = boot.default_project.id;
+    let registered = store
+        .register_agent(
+            project,
+            "host-key",
+            "host-1",
+            Map::new(),
+            &[
+                Step::hop("agent.create", "registering", "inactive"),
+                Step::hop("agent.activate", "activating", "active"),
+            ],
+            &[
+                Step::hop("host.create", "registering", "inactive"),
+                Step::hop("host.activate", "activating", "active"),
+            ],
+            NODE,
+        )
+        .await
+        .unwrap();
+    assert_eq!(registered.agent.state, "active");
+    assert_eq!(registered.host.state, "active");
+    (project, registered.host)
+}
+
+fn container(project: i64, name: &str) -> NewCreate {
+    let mut data = Map::new();
+    data.insert("command".into(), json!(["sleep", "1"]));
+    NewCreate {
+        kind: ResourceKind::Instance,
+        resource: NewResource {
+            name: Some(name.to_owned()),
+            sub_kind: "container".into(),
+            account_id: Some(project),
+            data,
+            ..NewResource::default()
+        },
+        steps: vec![
+            Step::hop("instance.create", "creating", "stopped"),
+            Step::pending("instance.start", "starting"),
+        ],
+        node: NODE.into(),
+    }
+}
+
+fn claim_request(node: &str, lease_until: i64) -> ClaimRequest {
+    ClaimRequest {
+        node: node.into(),
+        limit: 100,
+        lease_until,
+        place: vec!["instance.start"],
+        agent_key: vec!["instance.start"],
+    }
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn done(process: drover_store::ProcessInstance, node: &str, state: &str) -> FinishItem {
+    FinishItem {
+        process,
+        node: node.into(),
+        record: ExecutionRecord {
+            started: now(),
+            ended: now(),
+            exit_reason: "DONE".into(),
+            message: None,
+            log: json!({}),
+        },
+        finish: Finish::Done {
+            done_state: state.into(),
+            data: None,
+            host_id: None,
+            next: None,
+        },
+    }
+}
+
+async fn processes_of(store: &Store, resource: &Resource) -> Vec<drover_store::ProcessInstance> {
+    store
+        .list_processes(&ProcessFilter {
+            kind: Some(resource.kind),
+            resource_id: Some(resource.id),
+            limit: 100,
+            ..ProcessFilter::default()
+        })
+        .await
+        .unwrap()
+        .data
+}
+
+#[tokio::test]
+async fn a_create_hops_to_its_first_agent_step_and_a_claim_places_it() {
+    for subject in subjects(WriterOptions::default()).await {
+        let store = &subject.store;
+        let (project, host) = project_with_host(store).await;
+        let created = store
+            .create_and_schedule(container(project, "web"))
+            .await
+            .unwrap();
+        let resource = created.resource;
+        assert_eq!(
+            (resource.state.as_str(), resource.transitioning.as_str()),
+            ("starting", "yes"),
+            "{}",
+            subject.name
+        );
+        let stored = store
+            .get_resource(ResourceKind::Instance, resource.id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(stored, resource, "{}: the answer is what was stored", subject.name);
+        let processes = processes_of(store, &resource).await;
+        let summary: Vec<(&str, Option<&str>)> = processes
+            .iter()
+            .map(|p| (p.process_name.as_str(), p.result.as_deref()))
+            .collect();
+        assert_eq!(
+            summary,
+            [("instance.create", Some("SUCCESS")), ("instance.start", None)],
+            "{}",
+            subject.name
+        );
+
+        let claimed = store
+            .claim(claim_request(NODE, now() + 10_000))
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 1, "{}", subject.name);
+        let item = &claimed[0];
+        assert_eq!(item.process.process_name, "instance.start");
+        assert_eq!(item.process.execution_count, 1);
+        assert!(item.placement.is_none(), "{}: {:?}", subject.name, item.placement);
+        let agent = item.agent.as_ref().expect("placed on the host with its agent");
+        assert_eq!(agent.host_id, host.id);
+        assert_eq!(agent.agent_state, "active");
+        assert_eq!(item.resource.as_ref().unwrap().host_id, Some(host.id));
+        // The placement is stored in the claim's transaction.
+        let stored = store
+            .get_resource(ResourceKind::Instance, resource.id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(stored.host_id, Some(host.id), "{}", subject.name);
+        // Only one process per resource at a time, and a claimed one is not claimed again.
+        assert!(
+            store
+                .claim(claim_request(NODE, now() + 10_000))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+
+        let finished = store
+            .finish(done(item.process.clone(), NODE, "running"))
+            .await
+            .unwrap()
+            .expect("the owner's finish moves the resource");
+        assert_eq!(
+            (finished.state.as_str(), finished.transitioning.as_str()),
+            ("running", "no")
+        );
+        let start = store.get_process(item.process.id).await.unwrap().unwrap();
+        assert_eq!(start.result.as_deref(), Some("SUCCESS"));
+        assert_eq!(store.list_executions(start.id).await.unwrap().len(), 1);
+    }
+}
+
+#[tokio::test]
+async fn schedule_refuses_a_locked_or_wrong_state_resource_and_remove_cancels() {
+    for subject in subjects(WriterOptions::default()).await {
+        let store = &subject.store;
+        let (project, _) = project_with_host(store).await;
+        let resource = store
+            .create_and_schedule(container(project, "web"))
+            .await
+            .unwrap()
+            .resource;
+        let action = |name: &str, start: &[&str], steps: Vec<Step>, cancel: bool| NewProcess {
+            kind: ResourceKind::Instance,
+            resource_id: resource.id,
+            start_states: start.iter().map(|s| (*s).to_owned()).collect(),
+            cancel_pending: cancel,
+            steps,
+            data: Map::new(),
+            node: format!("{NODE}-{name}"),
+        };
+        let busy = store
+            .schedule(action(
+                "stop",
+                &["running"],
+                vec![Step::pending("instance.stop", "stopping")],
+                false,
+            ))
+            .await;
+        assert!(
+            matches!(&busy, Err(ScheduleError::Busy { process_name, .. }) if process_name == "instance.start"),
+            "{}: {busy:?}",
+            subject.name
+        );
+        let removed = store
+            .schedule(action(
+                "remove",
+                &["starting", "running"],
+                vec![Step::pending("instance.remove", "removing")],
+                true,
+            ))
+            .await
+            .unwrap();
+        assert_eq!(removed.resource.state, "removing");
+        assert_eq!(removed.previous_state, "starting");
+        assert_eq!(removed.canceled.len(), 1, "{}", subject.name);
+        let canceled = store.get_process(removed.canceled[0]).await.unwrap().unwrap();
+        assert_eq!(canceled.result.as_deref(), Some("CANCELED"));
+        // A plan of hops only ends at once: a purge of a removed resource.
+        let stack = store
+            .create_and_schedule(NewCreate {
+                kind: ResourceKind::Stack,
+                resource: NewResource {
+                    name: Some("s".into()),
+                    sub_kind: "stack".into(),
+                    account_id: Some(project),
+                    ..NewResource::default()
+                },
+                steps: vec![
+                    Step::hop("stack.create", "registering", "inactive"),
+                    Step::hop("stack.activate", "activating", "active"),
+                ],
+                node: NODE.into(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            (stack.resource.state.as_str(), stack.resource.transitioning.as_str()),
+            ("active", "no"),
+            "{}",
+            subject.name
+        );
+        let wrong = store
+            .schedule(NewProcess {
+                kind: ResourceKind::Stack,
+                resource_id: stack.resource.id,
+                start_states: vec!["removed".into()],
+                cancel_pending: false,
+                steps: vec![Step::hop("stack.purge", "purging", "purged")],
+                data: Map::new(),
+                node: NODE.into(),
+            })
+            .await;
+        assert!(
+            matches!(&wrong, Err(ScheduleError::InvalidState { state }) if state == "active"),
+            "{}: {wrong:?}",
+            subject.name
+        );
+        let gone = store
+            .schedule(NewProcess {
+                kind: ResourceKind::Stack,
+                resource_id: stack.resource.id,
+                start_states: vec!["active".into()],
+                cancel_pending: true,
+                steps: vec![Step::hop("stack.remove", "removing", "removed")],
+                data: Map::new(),
+                node: NODE.into(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(gone.resource.state, "removed");
+        assert!(gone.resource.removed.is_some());
+        assert!(
+            store
+                .get_resource(ResourceKind::Stack, stack.resource.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .removed
+                .is_some()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_finish_by_a_node_that_lost_its_lease_changes_nothing() {
+    for subject in subjects(WriterOptions::default()).await {
+        let store = &subject.store;
+        let (project, _) = project_with_host(store).await;
+        let resource = store
+            .create_and_schedule(container(project, "web"))
+            .await
+            .unwrap()
+            .resource;
+        // Node A claims with a lease that has already run out; node B takes the process over.
+        let a = store.claim(claim_request("node-a", now() - 1)).await.unwrap();
+        assert_eq!(a.len(), 1);
+        let b = store
+            .claim(claim_request("node-b", now() + 10_000))
+            .await
+            .unwrap();
+        assert_eq!(b.len(), 1, "{}: an expired lease is taken over", subject.name);
+        assert_eq!(b[0].process.execution_count, 2);
+        // A's progress and finish change nothing.
+        let progress = store
+            .set_progress(ProgressItem {
+                process: a[0].process.clone(),
+                node: "node-a".into(),
+                message: Some("from a".into()),
+                progress: Some(50),
+            })
+            .await
+            .unwrap();
+        assert!(progress.is_none(), "{}", subject.name);
+        let stale = store
+            .finish(done(a[0].process.clone(), "node-a", "running"))
+            .await
+            .unwrap();
+        assert!(stale.is_none(), "{}: the stale finish is fenced", subject.name);
+        let stored = store
+            .get_resource(ResourceKind::Instance, resource.id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(stored.state, "starting");
+        assert_eq!(stored.transitioning_message, None);
+        assert!(store.list_executions(a[0].process.id).await.unwrap().is_empty());
+        // The same node's older attempt is fenced too: B's lease runs out, B claims again.
+        let b2_process = {
+            let mut first = b[0].process.clone();
+            first.execution_count = 1;
+            first
+        };
+        let older = store
+            .finish(done(b2_process, "node-b", "running"))
+            .await
+            .unwrap();
+        assert!(older.is_none(), "{}: an older attempt is fenced", subject.name);
+        let progress = store
+            .set_progress(ProgressItem {
+                process: b[0].process.clone(),
+                node: "node-b".into(),
+                message: Some("half way".into()),
+                progress: Some(50),
+            })
+            .await
+            .unwrap()
+            .expect("the owner's progress is applied");
+        assert_eq!(progress.transitioning_progress, Some(50));
+        let finished = store
+            .finish(done(b[0].process.clone(), "node-b", "running"))
+            .await
+            .unwrap()
+            .expect("the owner's finish applies");
+        assert_eq!(finished.state, "running");
+        assert_eq!(store.list_executions(b[0].process.id).await.unwrap().len(), 1);
+    }
+}
+
+#[tokio::test]
+async fn retry_fail_replay_and_cancel() {
+    for subject in subjects(WriterOptions::default()).await {
+        let store = &subject.store;
+        let (project, _) = project_with_host(store).await;
+        let resource = store
+            .create_and_schedule(container(project, "web"))
+            .await
+            .unwrap()
+            .resource;
+        let claimed = store
+            .claim(claim_request(NODE, now() + 10_000))
+            .await
+            .unwrap()
+            .remove(0);
+        let mut retry = done(claimed.process.clone(), NODE, "running");
+        retry.finish = Finish::Retry {
+            run_after: now() + 60_000,
+            message: "disk full".into(),
+            reason: "ERROR".into(),
+        };
+        let after_retry = store.finish(retry).await.unwrap().unwrap();
+        assert_eq!(after_retry.state, "starting");
+        assert_eq!(after_retry.transitioning, "error");
+        assert_eq!(after_retry.transitioning_message.as_deref(), Some("disk full"));
+        assert!(
+            store
+                .claim(claim_request(NODE, now() + 10_000))
+                .await
+                .unwrap()
+                .is_empty(),
+            "{}: a delayed process waits",
+            subject.name
+        );
+        // Replay runs it now.
+        store.replay(claimed.process.id).await.unwrap();
+        let again = store
+            .claim(claim_request(NODE, now() + 10_000))
+            .await
+            .unwrap()
+            .remove(0);
+        assert_eq!(again.process.id, claimed.process.id);
+        let mut failed = done(again.process.clone(), NODE, "running");
+        failed.finish = Finish::Failed {
+            message: "gave up".into(),
+            reason: "PERMANENT".into(),
+        };
+        let after_fail = store.finish(failed).await.unwrap().unwrap();
+        assert_eq!(after_fail.state, "error", "{}", subject.name);
+        // A failed process is reopened by replay, and then can be canceled.
+        store.replay(claimed.process.id).await.unwrap();
+        let reopened = store
+            .get_resource(ResourceKind::Instance, resource.id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(reopened.state, "starting");
+        let (canceled, back) = store.cancel(claimed.process.id).await.unwrap();
+        assert_eq!(canceled.result.as_deref(), Some("CANCELED"));
+        assert_eq!(back.unwrap().state, "stopped", "{}", subject.name);
+        assert!(matches!(
+            store.cancel(claimed.process.id).await,
+            Err(ScheduleError::InvalidState { .. })
+        ));
+    }
+}
+
+#[tokio::test]
+async fn one_bad_item_in_a_batch_fails_alone() {
+    // A window long enough that the concurrent jobs below share one transaction.
+    let writer = WriterOptions {
+        window: Duration::from_millis(200),
+        ..WriterOptions::default()
+    };
+    for subject in subjects(writer).await {
+        let store = &subject.store;
+        let (project, _) = project_with_host(store).await;
+        let busy = store
+            .create_and_schedule(container(project, "busy"))
+            .await
+            .unwrap()
+            .resource;
+        let split_before = store.writer_stats().split.load(Ordering::Relaxed);
+        let mut jobs = Vec::new();
+        for index in 0..20 {
+            let mut create = container(project, &format!("c{index}"));
+            if index == 7 {
+                // No such project: the row breaks a foreign key.
+                create.resource.account_id = Some(987_654_321);
+            }
+            jobs.push(tokio::spawn({
+                let store = store.clone();
+                async move { store.create_and_schedule(create).await }
+            }));
+        }
+        let refused = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .schedule(NewProcess {
+                        kind: ResourceKind::Instance,
+                        resource_id: busy.id,
+                        start_states: vec!["running".into()],
+                        cancel_pending: false,
+                        steps: vec![Step::pending("instance.stop", "stopping")],
+                        data: Map::new(),
+                        node: NODE.into(),
+                    })
+                    .await
+            }
+        });
+        let mut made = 0;
+        for (index, job) in jobs.into_iter().enumerate() {
+            match job.await.unwrap() {
+                Ok(scheduled) => {
+                    made += 1;
+                    assert_eq!(scheduled.resource.state, "starting");
+                    assert!(
+                        store
+                            .get_resource(ResourceKind::Instance, scheduled.resource.id)
+                            .await
+                            .unwrap()
+                            .is_some()
+                    );
+                }
+                Err(error) => {
+                    assert_eq!(index, 7, "{}: only the bad item fails: {error}", subject.name);
+                    assert!(error.to_string().contains("database error"), "{error}");
+                }
+            }
+        }
+        assert_eq!(made, 19, "{}", subject.name);
+        assert!(matches!(
+            refused.await.unwrap(),
+            Err(ScheduleError::Busy { .. })
+        ));
+        assert!(
+            store.writer_stats().split.load(Ordering::Relaxed) > split_before,
+            "{}: the batch with the bad item was split",
+            subject.name
+        );
+        let page = store
+            .list_resources(
+                ResourceKind::Instance,
+                &drover_store::ListQuery {
+                    account_id: Some(project),
+                    filters: Vec::new(),
+                    marker: None,
+                    limit: 100,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(page.data.len(), 20, "{}: 19 made plus the busy one", subject.name);
+    }
+}
