@@ -1,5 +1,6 @@
-//! kill -9 of the server in the middle of a process: after a restart on the same data
-//! directory the process resumes and completes, once.
+//! kill -9 of the server with a few hundred processes in flight and creates still arriving:
+//! after a restart on the same data directory nothing acknowledged is lost, and every process
+//! resumes and completes, once.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -21,6 +22,8 @@ async fn start_server(data_dir: &Path, database_url: Option<&str>) -> DroverProc
             ("DROVER_PROCESS_RETRY_MAX_WAIT_MILLIS", "200"),
             ("DROVER_PROCESS_LEASE_MILLIS", "1000"),
             ("DROVER_PROCESS_POLL_MILLIS", "50"),
+            // Starts time out until the agent answers; none may run out of attempts.
+            ("DROVER_PROCESS_MAX_ATTEMPTS", "1000"),
         ],
     )
     .await
@@ -112,21 +115,47 @@ async fn survive_kill_9(database_url: Option<&str>) {
     )
     .await;
 
-    // The start is in flight: the agent has the request and has not answered.
-    let created = admin
-        .post(
-            "containers",
-            &json!({"name": "survivor", "command": ["sleep", "1"]}),
-        )
-        .await
-        .unwrap();
-    let path = format!("containers/{}", created["id"].as_str().unwrap());
-    wait_for("the agent to get the request", || async {
-        (seen.load(Ordering::SeqCst) > 0).then_some(())
+    // Creates are being acknowledged while the agent holds a few hundred starts unanswered;
+    // the server dies in the middle of that.
+    const CONTAINERS: usize = 300;
+    let acknowledged = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut callers = tokio::task::JoinSet::new();
+    let next = Arc::new(AtomicUsize::new(0));
+    for _ in 0..16 {
+        let admin = admin.clone();
+        let acknowledged = acknowledged.clone();
+        let next = next.clone();
+        callers.spawn(async move {
+            loop {
+                let index = next.fetch_add(1, Ordering::SeqCst);
+                if index >= CONTAINERS {
+                    return;
+                }
+                let body = json!({"name": format!("survivor-{index}"), "command": ["sleep", "1"]});
+                match admin.post("containers", &body).await {
+                    Ok(created) => acknowledged
+                        .lock()
+                        .unwrap()
+                        .push(created["id"].as_str().unwrap().to_owned()),
+                    // The server is gone: what was not acknowledged may or may not exist.
+                    Err(_) => return,
+                }
+            }
+        });
+    }
+    wait_for("the agent to hold 200 starts", || async {
+        (seen.load(Ordering::SeqCst) >= 200).then_some(())
     })
     .await;
     first.kill().await;
     agent.abort();
+    while callers.join_next().await.is_some() {}
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(
+        acknowledged.len() >= 200,
+        "{} acknowledged",
+        acknowledged.len()
+    );
 
     // Restart on the same data directory; the agent reconnects and now answers.
     let second = start_server(dir.path(), database_url).await;
@@ -139,33 +168,56 @@ async fn survive_kill_9(database_url: Option<&str>) {
         seen,
     )
     .await;
-    let running = drover_test_support::wait_state(&admin, &path, "running").await;
-    assert_eq!(running["externalId"], "survivor");
-
-    // One start process, ended once, with success.
-    let starts = admin
-        .get(&format!(
-            "processinstances?processName=instance.start&resourceId={}",
-            created["id"].as_str().unwrap()
-        ))
-        .await
-        .unwrap();
-    let starts = starts["data"].as_array().unwrap();
-    assert_eq!(starts.len(), 1);
-    assert_eq!(starts[0]["result"], "SUCCESS");
-    let executions = admin
-        .get(&format!(
-            "processexecutions?processInstanceId={}",
-            starts[0]["id"].as_str().unwrap()
-        ))
-        .await
-        .unwrap();
-    let done: Vec<_> = executions["data"]
+    // Every container that exists (every acknowledged one, and any whose answer was lost
+    // with the server) starts.
+    let containers = drover_test_support::poll(
+        &admin,
+        "containers?limit=1000",
+        "every container running",
+        |page| {
+            page["data"]
+                .as_array()
+                .is_some_and(|all| all.iter().all(|c| c["state"] == "running"))
+        },
+    )
+    .await;
+    let ids: Vec<&str> = containers["data"]
         .as_array()
         .unwrap()
         .iter()
-        .filter(|e| e["exitReason"] == "DONE")
+        .map(|c| c["id"].as_str().unwrap())
         .collect();
-    assert_eq!(done.len(), 1, "{executions:#}");
+    for id in &acknowledged {
+        assert!(ids.contains(&id.as_str()), "acknowledged {id} was lost");
+    }
+    assert!(ids.len() <= CONTAINERS);
+    for container in containers["data"].as_array().unwrap() {
+        assert_eq!(container["externalId"], "survivor");
+    }
+
+    // One start process per container, ended once, with success.
+    let starts = admin
+        .get("processinstances?processName=instance.start&limit=1000")
+        .await
+        .unwrap();
+    let starts = starts["data"].as_array().unwrap();
+    assert_eq!(starts.len(), ids.len());
+    for start in starts {
+        assert_eq!(start["result"], "SUCCESS", "{start:#}");
+        let executions = admin
+            .get(&format!(
+                "processexecutions?processInstanceId={}",
+                start["id"].as_str().unwrap()
+            ))
+            .await
+            .unwrap();
+        let done = executions["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["exitReason"] == "DONE")
+            .count();
+        assert_eq!(done, 1, "{executions:#}");
+    }
     agent.abort();
 }

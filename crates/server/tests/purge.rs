@@ -160,11 +160,13 @@ async fn old_rows_are_deleted_young_ones_kept_and_removed_resources_purged_first
             2,
             "{report:#}"
         );
+        // The start's attempt; the create is a hop, recorded as a process without attempts.
         assert!(
             table(&report, "process_execution")["deleted"]
                 .as_u64()
                 .unwrap()
-                >= 2
+                >= 1,
+            "{report:#}"
         );
         assert_eq!(table(&report, "instance")["deleted"], 1, "{report:#}");
         assert_eq!(

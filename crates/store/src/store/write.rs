@@ -293,14 +293,28 @@ async fn insert_processes(tx: &mut Tx, rows: &[Value]) -> Result<Vec<ProcessInst
         .map(ProcessInstance::try_from)
         .collect::<Result<Vec<_>>>()?;
     // RETURNING makes no promise of order: put the rows back in the order given.
-    let position = |process: &ProcessInstance| {
-        rows.iter().position(|row| {
-            row["resource_id"] == json!(process.resource_id)
-                && row["resource_type"] == json!(process.kind.table())
-                && row["process_name"] == json!(process.process_name)
+    let order: HashMap<(&str, i64, &str), usize> = rows
+        .iter()
+        .enumerate()
+        .map(|(index, row)| {
+            let key = (
+                row["resource_type"].as_str().unwrap_or(""),
+                row["resource_id"].as_i64().unwrap_or(0),
+                row["process_name"].as_str().unwrap_or(""),
+            );
+            (key, index)
         })
-    };
-    processes.sort_by_key(|process| position(process).unwrap_or(usize::MAX));
+        .collect();
+    processes.sort_by_key(|process| {
+        order
+            .get(&(
+                process.kind.table(),
+                process.resource_id,
+                process.process_name.as_str(),
+            ))
+            .copied()
+            .unwrap_or(usize::MAX)
+    });
     if processes.len() != rows.len() {
         return Err(Error::Conflict(format!(
             "inserted {} of {} process rows",
@@ -471,12 +485,14 @@ pub(crate) async fn create(tx: &mut Tx, items: &[&NewCreate]) -> Result<Vec<Sche
             }
         }
         let processes = insert_processes(tx, &process_rows).await?;
+        // The last process of each plan is the one a caller is answered with.
+        let mut last: HashMap<i64, ProcessInstance> = HashMap::with_capacity(resources.len());
+        for process in processes {
+            last.insert(process.resource_id, process);
+        }
         for ((&index, resource), plan) in of_kind.iter().zip(resources).zip(&plans) {
-            let process = processes
-                .iter()
-                .filter(|process| process.resource_id == resource.id)
-                .next_back()
-                .cloned()
+            let process = last
+                .remove(&resource.id)
                 .ok_or_else(|| Error::Conflict("a create without a process".into()))?;
             debug_assert_eq!(resource.state, plan.state);
             out[index] = Some(Scheduled {
