@@ -3,7 +3,9 @@
 //! The `drover-bench` binary (`src/main.rs`) has its own modules for the event-bus benchmarks
 //! and uses [`harness`]'s start and `/proc` readers; the process-engine, agents and soak
 //! benchmarks (`src/bin/`) share all of [`harness`]; [`chaos`] is the fault-injection run of
-//! `drover-bench-chaos` and `.ci/chaos`.
+//! `drover-bench-chaos` and `.ci/chaos`; [`peer`] runs graphile-worker (Node) beside
+//! `drover-bench-engine` on PostgreSQL.
 
 pub mod chaos;
 pub mod harness;
+pub mod peer;

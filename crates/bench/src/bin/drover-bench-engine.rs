@@ -17,10 +17,24 @@
 //! agent). The server's and this process's CPU time (from `/proc`) are reported per phase.
 //! Every wait is bounded by `--timeout-seconds`; the server is killed at the end, also on error.
 //!
+//! **Peer** (on PostgreSQL, unless `--no-peer`): after drover's phases and with its server
+//! stopped, the same run puts `--peer-jobs` no-op jobs through graphile-worker on the same
+//! PostgreSQL, each time in a fresh database `graphile_bench_<pid>` created and dropped by the
+//! bench: once batched with its documented settings (`localQueue.size` 500,
+//! `completeJobBatchDelay` 0, `failJobBatchDelay` 0) and once unbatched (its defaults), one
+//! worker with 24 concurrent jobs and a pool of 25 each time. The Node side is the committed
+//! package `crates/bench/peers/graphile-worker/` (`bench.js`; `package-lock.json` pins
+//! graphile-worker); the bench runs `npm ci` there when `node_modules` is missing, then
+//! `node bench.js <url> <jobs> <batched|unbatched>` (killed after `--timeout-seconds`), which
+//! enqueues the jobs with `addJobs` and times the worker from its start until the jobs table
+//! is empty. The summary gives graphile-worker's batched and unbatched jobs/s, drover's
+//! processes/s of the throughput phase (2 × container starts/s) and their ratio, drover
+//! processes/s ÷ graphile-worker batched jobs/s. It needs `node` and `npm` on the `PATH`.
+//!
 //! ```text
 //! cargo build --release -p drover -p drover-bench
 //! target/release/drover-bench-engine --agents 1 --containers 2000 --concurrency 32
-//! target/release/drover-bench-engine --agents 100 --containers 2000 \
+//! target/release/drover-bench-engine --agents 1 --containers 2000 --concurrency 32 \
 //!     --database-url postgres://postgres@127.0.0.1:5432/postgres
 //! ```
 
@@ -38,6 +52,7 @@ use drover_bench::harness::{
     ServerArgs, ServerChild, ServerOptions, ThreadMeter, finish_perf, loadavg, metric, ms,
     print_machine, rss_kib, start_agents, start_perf, wait_active, wait_quiet,
 };
+use drover_bench::peer::{self, Mode, PeerResult};
 use drover_client::{Client, Subscribe};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -94,6 +109,16 @@ struct Args {
     /// tracepoints.
     #[arg(long)]
     perf_stat: bool,
+    /// With `--database-url`: skip the graphile-worker peer.
+    #[arg(long)]
+    no_peer: bool,
+    /// No-op jobs of each graphile-worker run (batched, then unbatched).
+    #[arg(long, default_value_t = 20_000)]
+    peer_jobs: usize,
+    /// The graphile-worker peer's Node package (default: `peers/graphile-worker` in this
+    /// crate's source directory).
+    #[arg(long)]
+    peer_dir: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -139,10 +164,97 @@ async fn run(args: &Args) -> Result<()> {
         eprintln!("server log tail:\n{}", server.log_tail());
     }
     server.stop(args.server.keep_log.as_deref()).await;
-    result
+    let processes_per_second = result?;
+    if let Some(url) = &args.database_url
+        && !args.no_peer
+        && args.peer_jobs > 0
+    {
+        let peers = run_peer(url, args, timeout).await?;
+        print_peer_summary(&peers, processes_per_second);
+    }
+    Ok(())
 }
 
-async fn bench(server: &ServerChild, args: &Args, backend: &str, timeout: Duration) -> Result<()> {
+/// graphile-worker batched, then unbatched, on the PostgreSQL server of `url`.
+async fn run_peer(url: &str, args: &Args, timeout: Duration) -> Result<Vec<PeerResult>> {
+    println!();
+    println!(
+        "graphile-worker peer on the same PostgreSQL: {} no-op jobs, batched then unbatched",
+        args.peer_jobs
+    );
+    let dir = args.peer_dir.clone().unwrap_or_else(peer::default_dir);
+    peer::install(&dir, timeout).await?;
+    let mut peers = Vec::new();
+    for mode in [Mode::Batched, Mode::Unbatched] {
+        peers.push(
+            peer::run(
+                &dir,
+                url,
+                args.peer_jobs,
+                mode,
+                Duration::from_secs(args.quiet_wait),
+                timeout,
+            )
+            .await
+            .with_context(|| format!("graphile-worker {} (--no-peer skips it)", mode.name()))?,
+        );
+    }
+    Ok(peers)
+}
+
+fn print_peer_summary(peers: &[PeerResult], processes_per_second: Option<f64>) {
+    println!();
+    println!(
+        "| peer on PostgreSQL | mode | jobs | jobs/s | Node CPU per job | PostgreSQL CPU per job | rest of machine | load avg (1 min) at start |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for peer in peers {
+        println!(
+            "| graphile-worker {} (Node {}) | {} | {} | {:.0} | {:.3} ms | {:.3} ms | {:.0}% | {} |",
+            peer.version,
+            peer.node,
+            peer.mode,
+            peer.jobs,
+            peer.jobs_per_second,
+            peer.node_cpu_ms_per_job(),
+            peer.postgres_cpu_ms_per_job(),
+            peer.cpu.rest_but_postgres(),
+            peer.load_before,
+        );
+    }
+    let batched = peers.iter().find(|peer| peer.mode == "batched");
+    let unbatched = peers.iter().find(|peer| peer.mode == "unbatched");
+    let jobs = |peer: Option<&PeerResult>| {
+        peer.map_or_else(
+            || "?".to_owned(),
+            |peer| format!("{:.0}", peer.jobs_per_second),
+        )
+    };
+    println!();
+    println!(
+        "graphile-worker jobs/s: batched {}, unbatched {}; drover processes/s (throughput phase): {}",
+        jobs(batched),
+        jobs(unbatched),
+        processes_per_second.map_or_else(
+            || "? (no throughput phase)".to_owned(),
+            |p| format!("{p:.0}")
+        )
+    );
+    if let (Some(processes), Some(batched)) = (processes_per_second, batched) {
+        println!(
+            "ratio drover processes/s ÷ graphile-worker batched jobs/s: {:.3} (target ≥ 0.2)",
+            processes / batched.jobs_per_second.max(1e-9)
+        );
+    }
+}
+
+/// Runs the phases and prints their table; the throughput phase's processes/s.
+async fn bench(
+    server: &ServerChild,
+    args: &Args,
+    backend: &str,
+    timeout: Duration,
+) -> Result<Option<f64>> {
     let url = server.http_url();
     let admin = Client::new(&url, ACCESS_KEY, SECRET_KEY)?;
     let mut seen = Seen::subscribe(&admin, timeout).await?;
@@ -279,7 +391,10 @@ async fn bench(server: &ServerChild, args: &Args, backend: &str, timeout: Durati
         );
     }
     drop(agent_tasks);
-    Ok(())
+    Ok(rows
+        .iter()
+        .find(|row| row.phase == "throughput")
+        .map(|row| row.starts_per_second() * 2.0))
 }
 
 // ---------------------------------------------------------------------------------------------
