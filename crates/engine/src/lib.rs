@@ -20,8 +20,8 @@ use std::time::Duration;
 use drover_proto::Event;
 use drover_store::Resource;
 
-pub use engine::{Engine, EngineHandle};
 pub use arc_swap::ArcSwap;
+pub use engine::{Engine, EngineHandle};
 
 /// How a call to an agent failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

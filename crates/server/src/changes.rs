@@ -140,6 +140,7 @@ impl Bus for EngineBus {
             .map_err(|error| match error {
                 CallError::Timeout(timeout) => CallFailure::Timeout(timeout),
                 CallError::ErrorReply(message) => CallFailure::ErrorReply(message),
+                CallError::Permanent(message) => CallFailure::Permanent(message),
                 CallError::Shutdown => CallFailure::Shutdown,
             })
     }
