@@ -79,8 +79,7 @@ impl Changes {
         shutdown: CancellationToken,
     ) {
         loop {
-            let interval =
-                Duration::from_millis(settings.uint("resource.change.interval.millis").max(1));
+            let interval = settings.server().resource_change_interval;
             tokio::select! {
                 () = tokio::time::sleep(interval) => {}
                 () = shutdown.cancelled() => return,
