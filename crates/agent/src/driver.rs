@@ -74,12 +74,56 @@ impl InstanceStatus {
 /// Why a driver operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
-    /// The spec cannot be run.
+    /// The spec cannot be run as it is (no command, a bad id, a missing working directory):
+    /// permanent.
     #[error("invalid instance: {0}")]
     Invalid(String),
-    /// The operating system refused.
+    /// The program cannot be executed (it does not exist, is not executable, is not a
+    /// program): permanent.
+    #[error("{0}")]
+    CannotRun(String),
+    /// The operating system refused, for now (no memory, too many processes, a busy file):
+    /// worth trying again.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+impl DriverError {
+    /// Whether trying the same request again can never help: the agent replies with a
+    /// permanent error and the server fails the process at once.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, DriverError::Invalid(_) | DriverError::CannotRun(_))
+    }
+}
+
+/// Classifies a failed spawn: what the spec asked for cannot be executed (permanent), or the
+/// system could not do it now (transient: `EAGAIN`, `ENOMEM`, `EMFILE`, `ETXTBSY`, …).
+pub fn spawn_error(program: &str, error: std::io::Error) -> DriverError {
+    use nix::errno::Errno;
+    let permanent = match error.raw_os_error().map(Errno::from_raw) {
+        Some(
+            Errno::ENOENT
+            | Errno::EACCES
+            | Errno::EPERM
+            | Errno::ENOEXEC
+            | Errno::ENOTDIR
+            | Errno::EISDIR
+            | Errno::ELOOP
+            | Errno::ENAMETOOLONG
+            | Errno::E2BIG
+            | Errno::EINVAL
+            | Errno::ELIBBAD,
+        ) => true,
+        Some(_) => false,
+        // No OS error: the standard library refused the command itself (a NUL in it).
+        None => error.kind() == std::io::ErrorKind::InvalidInput,
+    };
+    let message = format!("cannot run {program:?}: {error}");
+    if permanent {
+        DriverError::CannotRun(message)
+    } else {
+        DriverError::Io(std::io::Error::new(error.kind(), message))
+    }
 }
 
 /// What runs instances and volumes.
@@ -585,6 +629,7 @@ impl Driver for LocalDriver {
         let program = spec
             .command
             .first()
+            .filter(|program| !program.is_empty())
             .ok_or_else(|| DriverError::Invalid("no command".into()))?;
         let dir = self.dir(&spec.id)?;
         let first_start = self.adopted.load(Ordering::Acquire) && !dir.exists();
@@ -600,6 +645,13 @@ impl Driver for LocalDriver {
             if let Some(adopted) = self.settle(&spec.id, found).await? {
                 return Ok(InstanceStatus::Running { pid: adopted.pid });
             }
+        }
+        if let Some(working_dir) = &spec.working_dir
+            && !Path::new(working_dir).is_dir()
+        {
+            return Err(DriverError::Invalid(format!(
+                "the working directory {working_dir:?} does not exist"
+            )));
         }
         std::fs::write(
             dir.join("spec.json"),
@@ -652,10 +704,10 @@ impl Driver for LocalDriver {
         command.env(MARKER_VAR, format!("{}/{}/{token}", self.key, spec.id));
         let mut child = command
             .spawn()
-            .map_err(|error| DriverError::Invalid(format!("cannot run {program:?}: {error}")))?;
+            .map_err(|error| spawn_error(program, error))?;
         let pid = child
             .id()
-            .ok_or_else(|| DriverError::Invalid("the process exited at once".into()))?;
+            .ok_or_else(|| DriverError::Io(std::io::Error::other("the process exited at once")))?;
         crate::fault_point("crash-after-spawn");
         let start_time = process_start_time(pid).unwrap_or(0);
         std::fs::write(
@@ -673,11 +725,13 @@ impl Driver for LocalDriver {
         let exits = self.exits.clone();
         let stopping = self.stopping.clone();
         let supervised = self.supervised.clone();
+        let (recorded, exited) = tokio::sync::oneshot::channel();
         lock_set(&supervised).insert(id.clone());
         tokio::spawn(async move {
             let status = child.wait().await;
             let code = status.ok().and_then(|status| status.code()).unwrap_or(-1);
             let _ = std::fs::write(exit_path, code.to_string());
+            let _ = recorded.send(code);
             // Consumed here: the driver's own stop marks the instance before it signals.
             let expected = stopping
                 .lock()
@@ -703,12 +757,21 @@ impl Driver for LocalDriver {
             }
         });
         // Re-check.
+        crate::fault_pause("pause-before-recheck").await;
         match self.inspect(&spec.id) {
             InstanceStatus::Running { pid } => Ok(InstanceStatus::Running { pid }),
-            other => Err(DriverError::Invalid(format!(
-                "the process did not stay up ({})",
-                other.name()
-            ))),
+            // It started and has ended already (a command that exits by itself): a start
+            // that happened, never a failed one to try again. Its exit is recorded first, so
+            // the answer carries the exit code.
+            _ => {
+                let code = tokio::time::timeout(KILL_WAIT, exited)
+                    .await
+                    .ok()
+                    .and_then(Result::ok);
+                Ok(InstanceStatus::Stopped {
+                    exit_code: code.or_else(|| self.exit_code(&spec.id)),
+                })
+            }
         }
     }
 
@@ -776,5 +839,31 @@ impl Driver for LocalDriver {
             Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error.into()),
             _ => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use nix::errno::Errno;
+
+    use super::*;
+
+    fn os(errno: Errno) -> std::io::Error {
+        std::io::Error::from_raw_os_error(errno as i32)
+    }
+
+    #[test]
+    fn a_program_that_cannot_be_executed_is_permanent_and_a_busy_system_is_not() {
+        for errno in [Errno::ENOENT, Errno::EACCES, Errno::ENOEXEC, Errno::ENOTDIR] {
+            let error = spawn_error("/no/such", os(errno));
+            assert!(error.is_permanent(), "{errno}: {error}");
+            assert!(error.to_string().contains("/no/such"), "{error}");
+        }
+        for errno in [Errno::EAGAIN, Errno::ENOMEM, Errno::EMFILE, Errno::ETXTBSY] {
+            let error = spawn_error("sh", os(errno));
+            assert!(!error.is_permanent(), "{errno}: {error}");
+        }
+        let nul = std::io::Error::new(std::io::ErrorKind::InvalidInput, "nul byte found");
+        assert!(spawn_error("a\0b", nul).is_permanent());
     }
 }

@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use drover_client::{Client, Context, Event, HandlerResult, RouterBuilder};
+use drover_client::{Client, Context, Event, HandlerError, HandlerResult, RouterBuilder};
 use serde_json::{Map, Value, json};
 
-use crate::driver::{Driver, InstanceSpec, InstanceStatus};
+use crate::driver::{Driver, DriverError, InstanceSpec, InstanceStatus};
 
 /// The agent's state shared by its handlers.
 #[derive(Debug)]
@@ -48,16 +48,16 @@ pub fn register<D: Driver>(builder: RouterBuilder, agent: Arc<Agent<D>>) -> Rout
 }
 
 /// The instance in a request (`data.instance`).
-fn instance_of(event: &Event) -> Result<&Map<String, Value>, String> {
+fn instance_of(event: &Event) -> Result<&Map<String, Value>, HandlerError> {
     event
         .data
         .as_ref()
         .and_then(|data| data.get("instance"))
         .and_then(Value::as_object)
-        .ok_or_else(|| "the request has no data.instance".to_owned())
+        .ok_or_else(|| HandlerError::permanent("the request has no data.instance"))
 }
 
-fn instance_id(event: &Event) -> Result<String, String> {
+fn instance_id(event: &Event) -> Result<String, HandlerError> {
     match instance_of(event)
         .ok()
         .and_then(|instance| instance.get("id"))
@@ -67,37 +67,67 @@ fn instance_id(event: &Event) -> Result<String, String> {
         None => event
             .resource_id
             .clone()
-            .ok_or_else(|| "the request names no instance".to_owned()),
+            .ok_or_else(|| HandlerError::permanent("the request names no instance")),
     }
 }
 
-fn spec_of(event: &Event) -> Result<InstanceSpec, String> {
+/// What to run, from the request; a spec this driver can never run is a permanent error.
+fn spec_of(event: &Event) -> Result<InstanceSpec, HandlerError> {
     let instance = instance_of(event)?;
     let id = instance_id(event)?;
+    let invalid = |message: String| HandlerError::permanent(format!("invalid instance: {message}"));
     let command: Vec<String> = match instance.get("command") {
         Some(Value::Array(items)) => items
             .iter()
-            .filter_map(Value::as_str)
-            .map(str::to_owned)
-            .collect(),
+            .enumerate()
+            .map(|(index, item)| match item {
+                Value::String(text) => Ok(text.clone()),
+                other => Err(invalid(format!(
+                    "command[{index}] is not a string: {other}"
+                ))),
+            })
+            .collect::<Result<_, _>>()?,
         Some(Value::String(line)) => line.split_whitespace().map(str::to_owned).collect(),
-        _ => Vec::new(),
+        None | Some(Value::Null) => Vec::new(),
+        Some(other) => return Err(invalid(format!("command is not a list: {other}"))),
     };
-    if command.is_empty() {
-        return Err(
+    if command.first().is_none_or(String::is_empty) {
+        return Err(invalid(
             "this driver runs a local process and needs a command (command[0] is the executable)"
                 .into(),
-        );
+        ));
     }
-    let environment: BTreeMap<String, String> = instance
-        .get("environment")
-        .and_then(Value::as_object)
-        .map(|env| {
-            env.iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
-                .collect()
-        })
-        .unwrap_or_default();
+    let mut environment = BTreeMap::new();
+    match instance.get("environment") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(env)) => {
+            for (name, value) in env {
+                if name.is_empty() || name.contains('=') {
+                    return Err(invalid(format!(
+                        "environment variable name {name:?} is empty or contains '='"
+                    )));
+                }
+                let value = match value {
+                    Value::String(text) => text.clone(),
+                    Value::Number(number) => number.to_string(),
+                    Value::Bool(flag) => flag.to_string(),
+                    other => {
+                        return Err(invalid(format!(
+                            "environment.{name} is not a string: {other}"
+                        )));
+                    }
+                };
+                environment.insert(name.clone(), value);
+            }
+        }
+        Some(other) => return Err(invalid(format!("environment is not a map: {other}"))),
+    }
+    let working_dir = match instance.get("workingDir") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(dir)) if dir.is_empty() => None,
+        Some(Value::String(dir)) => Some(dir.clone()),
+        Some(other) => return Err(invalid(format!("workingDir is not a string: {other}"))),
+    };
     Ok(InstanceSpec {
         id,
         name: instance
@@ -106,11 +136,17 @@ fn spec_of(event: &Event) -> Result<InstanceSpec, String> {
             .map(str::to_owned),
         command,
         environment,
-        working_dir: instance
-            .get("workingDir")
-            .and_then(Value::as_str)
-            .map(str::to_owned),
+        working_dir,
     })
+}
+
+/// A driver error as the reply's: permanent when trying again can never help.
+fn failed(error: DriverError) -> HandlerError {
+    if error.is_permanent() {
+        HandlerError::permanent(error.to_string())
+    } else {
+        HandlerError::retryable(error.to_string())
+    }
 }
 
 fn report(status: InstanceStatus) -> Value {
@@ -130,11 +166,7 @@ impl<D: Driver> Agent<D> {
             return Ok(Some(json!({"instance": report(status)})));
         }
         let _ = context.progress("starting process", Some(10)).await;
-        let status = self
-            .driver
-            .start(&spec)
-            .await
-            .map_err(|error| error.to_string())?;
+        let status = self.driver.start(&spec).await.map_err(failed)?;
         crate::fault_point("exit-before-reply");
         tracing::info!(instance = %spec.id, state = status.name(), "activated");
         Ok(Some(json!({"instance": report(status)})))
@@ -153,7 +185,7 @@ impl<D: Driver> Agent<D> {
             .driver
             .stop(&id, Duration::from_secs(grace))
             .await
-            .map_err(|error| error.to_string())?;
+            .map_err(failed)?;
         tracing::info!(instance = %id, "deactivated");
         Ok(Some(json!({"instance": report(status)})))
     }
@@ -164,16 +196,13 @@ impl<D: Driver> Agent<D> {
             .driver
             .stop(&id, Duration::ZERO)
             .await
-            .map_err(|error| error.to_string())?;
+            .map_err(failed)?;
         Ok(Some(json!({"instance": report(status)})))
     }
 
     async fn remove(&self, event: Event, _context: Context) -> HandlerResult {
         let id = instance_id(&event)?;
-        self.driver
-            .remove(&id)
-            .await
-            .map_err(|error| error.to_string())?;
+        self.driver.remove(&id).await.map_err(failed)?;
         tracing::info!(instance = %id, "removed");
         Ok(Some(json!({"instance": {"agentState": "removed"}})))
     }
@@ -192,21 +221,18 @@ impl<D: Driver> Agent<D> {
             .and_then(Value::as_str)
             .map(str::to_owned)
             .or(event.resource_id)
-            .ok_or("the request names no volume")?;
-        let path = self
-            .driver
-            .volume_activate(&id)
-            .map_err(|error| error.to_string())?;
+            .ok_or_else(|| HandlerError::permanent("the request names no volume"))?;
+        let path = self.driver.volume_activate(&id).map_err(failed)?;
         Ok(Some(
             json!({"volume": {"path": path.display().to_string()}}),
         ))
     }
 
     async fn volume_remove(&self, event: Event, _context: Context) -> HandlerResult {
-        let id = event.resource_id.ok_or("the request names no volume")?;
-        self.driver
-            .volume_remove(&id)
-            .map_err(|error| error.to_string())?;
+        let id = event
+            .resource_id
+            .ok_or_else(|| HandlerError::permanent("the request names no volume"))?;
+        self.driver.volume_remove(&id).map_err(failed)?;
         Ok(Some(json!({"volume": {}})))
     }
 
@@ -229,7 +255,14 @@ impl<D: Driver> Agent<D> {
         host.insert("type".into(), json!("host"));
         let mut resources = vec![Value::Object(host)];
         for (id, status) in self.driver.list() {
-            resources.push(json!({"type": "instance", "id": id, "state": status.name()}));
+            let mut instance = json!({"type": "instance", "id": id, "state": status.name()});
+            if let InstanceStatus::Stopped {
+                exit_code: Some(code),
+            } = status
+            {
+                instance["exitCode"] = json!(code);
+            }
+            resources.push(instance);
         }
         Ok(Some(json!({"resources": resources})))
     }
@@ -282,4 +315,63 @@ pub fn host_facts() -> Map<String, Value> {
     facts.insert("arch".into(), json!(std::env::consts::ARCH));
     facts.insert("agentVersion".into(), json!(env!("CARGO_PKG_VERSION")));
     facts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn activate(instance: Value) -> Event {
+        Event::new("compute.instance.activate")
+            .with_resource("container", "1i5")
+            .with_data(json!({ "instance": instance }))
+    }
+
+    #[test]
+    fn a_valid_spec_is_read() {
+        let spec = spec_of(&activate(json!({
+            "id": "1i5",
+            "name": "web",
+            "command": ["sh", "-c", "exit 3"],
+            "environment": {"A": "1", "N": 2, "B": true},
+            "workingDir": "/tmp",
+        })))
+        .unwrap();
+        assert_eq!(spec.command, ["sh", "-c", "exit 3"]);
+        assert_eq!(spec.environment["A"], "1");
+        assert_eq!(spec.environment["N"], "2");
+        assert_eq!(spec.environment["B"], "true");
+        assert_eq!(spec.working_dir.as_deref(), Some("/tmp"));
+        let line = spec_of(&activate(json!({"command": "sleep 5"}))).unwrap();
+        assert_eq!(line.command, ["sleep", "5"]);
+        assert_eq!(line.id, "1i5");
+    }
+
+    #[test]
+    fn a_spec_that_can_never_run_is_a_permanent_error() {
+        for instance in [
+            json!({}),
+            json!({"command": []}),
+            json!({"command": [""]}),
+            json!({"command": ["sh", 5]}),
+            json!({"command": {"sh": 1}}),
+            json!({"command": ["sh"], "environment": ["A=1"]}),
+            json!({"command": ["sh"], "environment": {"A": {"nested": 1}}}),
+            json!({"command": ["sh"], "environment": {"A=B": "1"}}),
+            json!({"command": ["sh"], "workingDir": 7}),
+        ] {
+            let error = spec_of(&activate(instance.clone())).unwrap_err();
+            assert!(error.is_permanent(), "{instance}: {error}");
+            assert!(error.message().starts_with("invalid instance"), "{error}");
+        }
+        let no_instance = spec_of(&Event::new("compute.instance.activate")).unwrap_err();
+        assert!(no_instance.is_permanent());
+    }
+
+    #[test]
+    fn driver_errors_keep_their_kind() {
+        assert!(failed(DriverError::Invalid("no command".into())).is_permanent());
+        assert!(failed(DriverError::CannotRun("cannot run".into())).is_permanent());
+        assert!(!failed(DriverError::Io(std::io::Error::other("busy"))).is_permanent());
+    }
 }

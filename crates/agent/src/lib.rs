@@ -107,6 +107,17 @@ pub(crate) fn fault_point(point: &str) {
     }
 }
 
+/// Fault injection, for tests only: with `DROVER_AGENT_FAULT=pause-before-recheck` a start
+/// waits half a second between spawning an instance's process and checking that it runs, so
+/// that a command which exits by itself has ended by then (the case a test cannot otherwise
+/// bring about on purpose).
+pub(crate) async fn fault_pause(point: &str) {
+    if std::env::var("DROVER_AGENT_FAULT").is_ok_and(|fault| fault == point) {
+        tracing::warn!(point, "DROVER_AGENT_FAULT: pausing");
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
 /// Exits waiting to be reported; past it they are left to the next ping.
 const EXIT_QUEUE: usize = 256;
 

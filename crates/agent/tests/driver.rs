@@ -283,3 +283,47 @@ async fn a_restarted_agent_stops_processes_of_an_instance_it_no_longer_has() {
     restarted.remove("1i5").await.unwrap();
     assert!(marked(&marker).is_empty());
 }
+
+#[tokio::test]
+async fn what_can_never_run_is_a_permanent_error_and_starts_nothing() {
+    let state = tempfile::tempdir().unwrap();
+    let driver = driver(state.path());
+    driver.adopt().await;
+    let marker = unique_marker();
+    let _reaper = Reaper(marker.clone());
+    let missing = driver
+        .start(&spec(
+            "1i1",
+            &marker,
+            &["/nonexistent/drover-no-such-program"],
+        ))
+        .await
+        .unwrap_err();
+    assert!(missing.is_permanent(), "{missing}");
+    assert!(
+        missing
+            .to_string()
+            .contains("/nonexistent/drover-no-such-program"),
+        "{missing}"
+    );
+    // A file that is not executable.
+    let script = state.path().join("not-executable.sh");
+    std::fs::write(&script, "#!/bin/sh\nexit 0\n").unwrap();
+    let denied = driver
+        .start(&spec("1i2", &marker, &[script.to_str().unwrap()]))
+        .await
+        .unwrap_err();
+    assert!(denied.is_permanent(), "{denied}");
+    let mut nowhere = spec("1i3", &marker, &["true"]);
+    nowhere.working_dir = Some("/nonexistent/drover-no-such-dir".into());
+    let error = driver.start(&nowhere).await.unwrap_err();
+    assert!(error.is_permanent(), "{error}");
+    assert!(error.to_string().contains("working directory"), "{error}");
+    assert!(marked(&marker).is_empty());
+    for id in ["1i1", "1i2", "1i3"] {
+        assert!(
+            !matches!(driver.inspect(id), InstanceStatus::Running { .. }),
+            "{id}"
+        );
+    }
+}

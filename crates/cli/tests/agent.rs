@@ -294,6 +294,104 @@ async fn a_killed_process_is_noticed_and_its_container_stops() {
     );
 }
 
+/// The `instance.start` processes of a container.
+async fn start_processes(harness: &Harness, container: &str) -> Vec<Value> {
+    harness
+        .admin
+        .get(&format!(
+            "processinstances?processName=instance.start&resourceId={container}"
+        ))
+        .await
+        .unwrap()["data"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[tokio::test]
+async fn a_command_that_does_not_exist_fails_at_once_with_the_agents_message() {
+    // Backoff as by default: a retry would wait at least 2 s.
+    let harness = Harness::start_with(&[("process.retry_max_wait.millis", "120000")]).await;
+    let _agent = harness.start_agent(None);
+    harness.wait_agent_active().await;
+    let created = harness
+        .admin
+        .post(
+            "containers",
+            &json!({"name": "typo", "command": ["/nonexistent/drover-no-such-program", "x"]}),
+        )
+        .await
+        .unwrap();
+    let began = std::time::Instant::now();
+    let id = created["id"].as_str().unwrap();
+    let path = format!("containers/{id}");
+    let failed =
+        drover_test_support::wait_change(&harness.admin, &path, "error", |r| r["state"] == "error")
+            .await;
+    let took = began.elapsed();
+    assert!(took < Duration::from_millis(1500), "failed after {took:?}");
+    let message = failed["transitioningMessage"].as_str().unwrap();
+    assert!(
+        message.contains("failed permanently")
+            && message.contains("/nonexistent/drover-no-such-program")
+            && message.contains("No such file"),
+        "{message}"
+    );
+    let processes = start_processes(&harness, id).await;
+    assert_eq!(processes.len(), 1, "{processes:#?}");
+    assert_eq!(processes[0]["result"], "FAILURE", "{processes:#?}");
+    assert_eq!(processes[0]["executionCount"], 1, "{processes:#?}");
+}
+
+#[tokio::test]
+async fn a_command_that_exits_by_itself_is_started_once_and_ends_stopped() {
+    let harness = Harness::start().await;
+    // The agent checks whether the process runs only after it has ended, as it would when
+    // the machine is busy: a start, not a failed one.
+    let _agent = harness.start_agent(Some("pause-before-recheck"));
+    harness.wait_agent_active().await;
+    let work = tempfile::tempdir().unwrap();
+    let created = harness
+        .admin
+        .post(
+            "containers",
+            &json!({"name": "brief", "command": ["sh", "-c", "echo ran >> runs.log; exit 3"],
+                    "workingDir": work.path().display().to_string()}),
+        )
+        .await
+        .unwrap();
+    let id = created["id"].as_str().unwrap();
+    let path = format!("containers/{id}");
+    let stopped = wait_state(&harness.admin, &path, "stopped").await;
+    // The start's reply said it had ended, with its code.
+    assert_eq!(stopped["exitCode"], 3, "{stopped:#}");
+    assert_eq!(stopped["agentState"], "stopped", "{stopped:#}");
+    // Its start succeeded at the first attempt: nothing will start it again.
+    let processes = start_processes(&harness, id).await;
+    assert_eq!(processes.len(), 1, "{processes:#?}");
+    assert_eq!(processes[0]["result"], "SUCCESS", "{processes:#?}");
+    assert_eq!(processes[0]["executionCount"], 1, "{processes:#?}");
+    let runs = std::fs::read_to_string(work.path().join("runs.log")).unwrap();
+    assert_eq!(runs.lines().count(), 1, "it ran once: {runs:?}");
+    // Its end is on record with its exit code (the agent's report, or the ping's).
+    wait_for("a die event with exit code 3", || async {
+        let events = harness
+            .admin
+            .get(&format!(
+                "containerevents?externalId={id}&externalStatus=die"
+            ))
+            .await
+            .unwrap();
+        events["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|event| event["data"]["exitCode"] == 3)
+            .then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn an_agent_killed_mid_process_finishes_it_after_restart_without_running_it_twice() {
     let harness = Harness::start().await;

@@ -73,7 +73,7 @@ mod subscribe;
 pub use change::ResourceChange;
 pub use client::{Client, IDEMPOTENCY_KEY};
 pub use drover_proto::{Event, Transitioning};
-pub use router::{Context, HandlerResult, Router, RouterBuilder};
+pub use router::{Context, HandlerError, HandlerResult, Router, RouterBuilder};
 pub use subscribe::{EventStream, Frame, Subscribe};
 
 /// What a client call can fail with.

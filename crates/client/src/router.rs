@@ -16,9 +16,10 @@
 //! - **A separate ping lane.** `ping` requests with `replyTo` never wait for a worker or a
 //!   lane: they are answered at once with `data: {}` (or by a registered `ping` handler).
 //!   Keep-alive pings without `replyTo` are ignored.
-//! - **Replies.** `Ok(Some(data))` is published as the reply; `Err(message)` and panics are
+//! - **Replies.** `Ok(Some(data))` is published as the reply; `Err(error)` and panics are
 //!   published as error replies (`transitioning: error`), so the server never waits for its
-//!   timeout on a failed handler. Replies go through `POST /v1/publish`, retried briefly on
+//!   timeout on a failed handler. An error made with [`HandlerError::permanent`] is published
+//!   with `data.permanent: true`: the server fails the process at once instead of retrying. Replies go through `POST /v1/publish`, retried briefly on
 //!   network and 5xx errors.
 //!
 //! # Connection
@@ -54,9 +55,69 @@ use tokio_util::task::TaskTracker;
 use crate::{Client, Error, EventStream, Frame, ResourceChange, Result, Subscribe};
 
 /// What a handler returns: `Ok(Some(data))` publishes the reply with `data` (when the request
-/// has `replyTo`), `Ok(None)` publishes nothing, `Err(message)` publishes an error reply
-/// (`transitioning: error`, `transitioningMessage: message`).
-pub type HandlerResult = std::result::Result<Option<Value>, String>;
+/// has `replyTo`), `Ok(None)` publishes nothing, `Err(error)` publishes an error reply
+/// (`transitioning: error`, `transitioningMessage: <message>`, and `data.permanent: true` for
+/// a [permanent](HandlerError::permanent) one). A `String` or `&str` error converts with `?`
+/// or `.into()` into a retryable [`HandlerError`].
+pub type HandlerResult = std::result::Result<Option<Value>, HandlerError>;
+
+/// Why a handler failed: a message, and whether trying again could ever help.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerError {
+    message: String,
+    permanent: bool,
+}
+
+impl HandlerError {
+    /// A failure worth trying again (a busy disk, a full process table): the server retries
+    /// the process with backoff.
+    pub fn retryable(message: impl Into<String>) -> HandlerError {
+        HandlerError {
+            message: message.into(),
+            permanent: false,
+        }
+    }
+
+    /// A failure no retry can cure (the executable does not exist, the request is invalid):
+    /// the reply carries `data.permanent: true` and the server fails the process at once with
+    /// this message.
+    pub fn permanent(message: impl Into<String>) -> HandlerError {
+        HandlerError {
+            message: message.into(),
+            permanent: true,
+        }
+    }
+
+    /// The message, sent as the reply's `transitioningMessage`.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// Whether it is permanent.
+    pub fn is_permanent(&self) -> bool {
+        self.permanent
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for HandlerError {}
+
+impl From<String> for HandlerError {
+    fn from(message: String) -> Self {
+        HandlerError::retryable(message)
+    }
+}
+
+impl From<&str> for HandlerError {
+    fn from(message: &str) -> Self {
+        HandlerError::retryable(message)
+    }
+}
 
 /// A connection that stayed up at least this long resets the reconnect backoff.
 pub const STABLE_CONNECTION: Duration = Duration::from_secs(10);
@@ -714,7 +775,9 @@ async fn handle(client: &Client, handler: Handler, event: Event) {
             .map(|text| (*text).to_owned())
             .or_else(|| panic.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "a non-text panic".to_owned());
-        Err(format!("handler panicked: {message}"))
+        Err(HandlerError::retryable(format!(
+            "handler panicked: {message}"
+        )))
     });
     finish(client, &request, result).await;
 }
@@ -727,21 +790,18 @@ async fn finish(client: &Client, request: &Event, result: HandlerResult) {
             Some(reply) => reply.with_data(data),
             None => return,
         },
-        Err(message) => {
+        Err(error) => {
             tracing::warn!(
                 name = request.name(),
                 id = ?request.id,
                 resource_type = ?request.resource_type,
                 resource_id = ?request.resource_id,
-                %message,
+                message = %error.message,
+                permanent = error.permanent,
                 "event handler failed"
             );
             match request.reply() {
-                Some(mut reply) => {
-                    reply.transitioning = Some(Transitioning::Error);
-                    reply.transitioning_message = Some(message);
-                    reply
-                }
+                Some(reply) => reply.into_error(error.message, error.permanent),
                 None => return,
             }
         }

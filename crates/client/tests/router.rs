@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use drover_client::{Client, Event, RouterBuilder};
+use drover_client::{Client, Event, HandlerError, RouterBuilder};
 use drover_server::hub::CallError;
 use drover_test_support::{ADMIN_ACCESS, TestServer, wait_for, within};
 use serde_json::{Value, json};
@@ -143,7 +143,10 @@ async fn errors_and_panics_become_error_replies() {
     let mut running = Running::start(
         router(agent)
             .on("storage.volume.activate", |_, _| async {
-                Err("disk full".to_owned())
+                Err("disk full".into())
+            })
+            .on("compute.instance.activate", |_, _| async {
+                Err(HandlerError::permanent("no such executable: /bin/nope"))
             })
             .on("storage.volume.remove", |_, _| async {
                 panic!("the volume driver fell over")
@@ -157,6 +160,16 @@ async fn errors_and_panics_become_error_replies() {
     )
     .await;
     assert_eq!(failed, Err(CallError::ErrorReply("disk full".into())));
+    // A permanent error reaches the server as one (`data.permanent: true`).
+    let permanent = call(
+        &server,
+        Event::new(format!("compute.instance.activate;agent={agent_id}")),
+    )
+    .await;
+    assert_eq!(
+        permanent,
+        Err(CallError::Permanent("no such executable: /bin/nope".into()))
+    );
     let panicked = call(
         &server,
         Event::new(format!("storage.volume.remove;agent={agent_id}")),
@@ -591,7 +604,7 @@ async fn shutdown_is_prompt_even_with_a_handler_running() {
             async move {
                 tx.send(()).unwrap();
                 std::future::pending::<()>().await;
-                Ok::<_, String>(None::<Value>)
+                Ok::<_, HandlerError>(None::<Value>)
             }
         },
     ));

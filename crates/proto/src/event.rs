@@ -16,6 +16,10 @@ use serde_json::Value;
 pub const REPLY_PREFIX: &str = "reply.";
 /// The suffix of the "friendly" reply names (`<request name>.reply`).
 pub const REPLY_SUFFIX: &str = ".reply";
+/// The key in an error reply's `data` that marks the error permanent: `"permanent": true`
+/// means the request can never succeed (e.g. the executable does not exist), so the caller
+/// must not send it again. An error reply without it (every older client's) is retryable.
+pub const PERMANENT: &str = "permanent";
 
 /// The state an agent reports in a reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,6 +144,38 @@ impl Event {
             time: Some(now_millis()),
             ..Event::default()
         })
+    }
+
+    /// Turns a reply into an error reply: `transitioning: error` with `message` as
+    /// `transitioningMessage`; a `permanent` one also gets `data.permanent: true` (see
+    /// [`PERMANENT`]), keeping what `data` holds otherwise.
+    pub fn into_error(mut self, message: impl Into<String>, permanent: bool) -> Event {
+        self.transitioning = Some(Transitioning::Error);
+        self.transitioning_message = Some(message.into());
+        if permanent {
+            match &mut self.data {
+                Some(Value::Object(data)) => {
+                    data.insert(PERMANENT.to_owned(), Value::Bool(true));
+                }
+                data => {
+                    let mut object = serde_json::Map::new();
+                    object.insert(PERMANENT.to_owned(), Value::Bool(true));
+                    *data = Some(Value::Object(object));
+                }
+            }
+        }
+        self
+    }
+
+    /// Whether this is an error reply marked permanent: `transitioning: error` and
+    /// `data.permanent` exactly `true` (see [`PERMANENT`]).
+    pub fn is_permanent_error(&self) -> bool {
+        self.transitioning == Some(Transitioning::Error)
+            && self
+                .data
+                .as_ref()
+                .and_then(|data| data.get(PERMANENT))
+                .is_some_and(|flag| flag == &Value::Bool(true))
     }
 
     /// Serializes the event with another name in place of its own: how a qualified name's
@@ -440,6 +476,45 @@ mod tests {
         let back: Event = serde_json::from_str(&event.to_json()).unwrap();
         assert_eq!(back, event);
         assert_eq!(back.to_json(), event.to_json());
+    }
+
+    #[test]
+    fn an_error_reply_is_permanent_only_when_marked() {
+        let request = Event {
+            id: Some("req".into()),
+            reply_to: Some("reply.1".into()),
+            ..Event::default()
+        };
+        let permanent = request.reply().unwrap().into_error("no such file", true);
+        assert_eq!(permanent.transitioning, Some(Transitioning::Error));
+        assert_eq!(
+            permanent.transitioning_message.as_deref(),
+            Some("no such file")
+        );
+        assert!(permanent.is_permanent_error());
+        let text = permanent.to_json();
+        assert!(text.contains(r#""data":{"permanent":true}"#), "{text}");
+        let back: Event = serde_json::from_str(&text).unwrap();
+        assert!(back.is_permanent_error());
+        // Other data is kept.
+        let kept = request
+            .reply()
+            .unwrap()
+            .with_data(json!({"x": 1}))
+            .into_error("bad", true);
+        assert_eq!(kept.data, Some(json!({"x": 1, "permanent": true})));
+        // Old clients' error replies, and anything but `true`, stay retryable.
+        let retryable = request.reply().unwrap().into_error("disk full", false);
+        assert!(!retryable.is_permanent_error());
+        assert!(retryable.data.is_none());
+        let old: Event = serde_json::from_str(
+            r#"{"name":"reply.1","transitioning":"error","transitioningMessage":"boom","data":{"permanent":"true"}}"#,
+        )
+        .unwrap();
+        assert!(!old.is_permanent_error());
+        let not_an_error: Event =
+            serde_json::from_str(r#"{"name":"reply.1","data":{"permanent":true}}"#).unwrap();
+        assert!(!not_an_error.is_permanent_error());
     }
 
     #[test]

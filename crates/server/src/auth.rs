@@ -318,7 +318,7 @@ async fn verify_key(
         state.metrics.auth_failures.increment(1);
         ApiError::unauthorized(message)
     };
-    let max_age = Duration::from_millis(state.settings.uint("api.auth.cache.millis"));
+    let max_age = state.settings.server().auth_cache;
     let principal = state
         .keys
         .verify(&state.store, access_key, secret_key, max_age)

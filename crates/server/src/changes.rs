@@ -79,8 +79,7 @@ impl Changes {
         shutdown: CancellationToken,
     ) {
         loop {
-            let interval =
-                Duration::from_millis(settings.uint("resource.change.interval.millis").max(1));
+            let interval = settings.server().resource_change_interval;
             tokio::select! {
                 () = tokio::time::sleep(interval) => {}
                 () = shutdown.cancelled() => return,
@@ -140,6 +139,7 @@ impl Bus for EngineBus {
             .map_err(|error| match error {
                 CallError::Timeout(timeout) => CallFailure::Timeout(timeout),
                 CallError::ErrorReply(message) => CallFailure::ErrorReply(message),
+                CallError::Permanent(message) => CallFailure::Permanent(message),
                 CallError::Shutdown => CallFailure::Shutdown,
             })
     }

@@ -160,9 +160,13 @@ pub enum CallError {
     /// No reply came in time.
     #[error("no reply within {0:?}")]
     Timeout(Duration),
-    /// The agent replied with `transitioning: error`.
+    /// The agent replied with `transitioning: error`: worth trying again.
     #[error("error reply: {0}")]
     ErrorReply(String),
+    /// The agent replied with an error it marked permanent (`data.permanent: true`): the
+    /// request can never succeed, so it must not be sent again.
+    #[error("permanent error reply: {0}")]
+    Permanent(String),
     /// The server is shutting down.
     #[error("server shutting down")]
     Shutdown,
@@ -468,7 +472,8 @@ impl Hub {
 
     /// Sends a request and waits for its reply: the event gets a fresh id, `replyTo` and
     /// `timeoutMillis`. A progress reply (`transitioning: yes`) is passed to `on_progress` and
-    /// extends the deadline by another `timeout`; an error reply fails the call.
+    /// extends the deadline by another `timeout`; an error reply fails the call
+    /// ([`CallError::Permanent`] when the reply marks it permanent).
     pub async fn call(
         &self,
         mut request: Event,
@@ -524,7 +529,11 @@ impl Hub {
                             let message = reply.transitioning_message.clone()
                                 .or_else(|| reply.transitioning_internal_message.clone())
                                 .unwrap_or_else(|| "the agent reported an error".to_owned());
-                            return Err(CallError::ErrorReply(message));
+                            return Err(if reply.is_permanent_error() {
+                                CallError::Permanent(message)
+                            } else {
+                                CallError::ErrorReply(message)
+                            });
                         }
                         Some(Transitioning::No) | None => return Ok(reply),
                     }
@@ -667,6 +676,13 @@ mod tests {
                 error.transitioning = Some(Transitioning::Error);
                 error.transitioning_message = Some("disk full".into());
                 hub.publish(&error);
+                let third = agent_in.recv().await.unwrap();
+                hub.publish(
+                    &third
+                        .reply()
+                        .unwrap()
+                        .into_error("no such executable", true),
+                );
             })
         };
         let mut progress_seen = 0;
@@ -683,6 +699,11 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(error, CallError::ErrorReply("disk full".into()));
+        let permanent = hub
+            .call(Event::new("ping;agent=1"), Duration::from_secs(5), |_| {})
+            .await
+            .unwrap_err();
+        assert_eq!(permanent, CallError::Permanent("no such executable".into()));
         responder.await.unwrap();
         let timeout = hub
             .call(Event::new("nobody"), Duration::from_millis(20), |_| {})

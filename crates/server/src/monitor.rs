@@ -252,13 +252,16 @@ async fn move_agent(state: &AppState, agent_id: i64, from: &[&str], to: &str) {
 
 /// Stops the containers the agent no longer runs.
 async fn reconcile(state: &AppState, agent_id: i64, sent_at: i64, resources: &[Value]) {
-    let reported: HashMap<String, String> = resources
+    let reported: HashMap<String, (String, Option<i64>)> = resources
         .iter()
         .filter(|resource| resource["type"] == "instance")
         .filter_map(|resource| {
             Some((
                 resource["id"].as_str()?.to_owned(),
-                resource["state"].as_str()?.to_owned(),
+                (
+                    resource["state"].as_str()?.to_owned(),
+                    resource["exitCode"].as_i64(),
+                ),
             ))
         })
         .collect();
@@ -275,7 +278,10 @@ async fn reconcile(state: &AppState, agent_id: i64, sent_at: i64, resources: &[V
     };
     for instance in instances {
         let id = ids::format("container", instance.id);
-        let reported_state = reported.get(&id).map(String::as_str).unwrap_or("missing");
+        let (reported_state, exit_code) = reported
+            .get(&id)
+            .map(|(state, code)| (state.as_str(), *code))
+            .unwrap_or(("missing", None));
         if reported_state == "running" {
             continue;
         }
@@ -286,7 +292,10 @@ async fn reconcile(state: &AppState, agent_id: i64, sent_at: i64, resources: &[V
         {
             Ok(Some(stopped)) => {
                 tracing::info!(container = %id, reported = reported_state, "container found not running; now stopped");
-                let data = json!({"reportedState": reported_state, "agentId": ids::format("agent", agent_id)});
+                let mut data = json!({"reportedState": reported_state, "agentId": ids::format("agent", agent_id)});
+                if let Some(code) = exit_code {
+                    data["exitCode"] = json!(code);
+                }
                 let status = if reported_state == "missing" {
                     "destroy"
                 } else {

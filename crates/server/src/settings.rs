@@ -2,11 +2,16 @@
 //!
 //! A value comes from, in order of precedence: the `setting` table, the environment
 //! (`DROVER_<NAME IN UPPER SNAKE CASE>`, e.g. `DROVER_API_SUB_PING_INTERVAL_MILLIS`), the
-//! default. Readers ask for the value when they need it, so a stored change takes effect on the
-//! next read without a restart.
+//! default. A stored change takes effect without a restart: hot paths read typed snapshots
+//! ([`ServerTunables`] for the server, `drover_engine::Tunables` for the engine) that every
+//! change rebuilds and swaps in, one atomic load per read and no parsing; cold paths (the
+//! clean-up job, the monitor, the settings API) read a value by name with [`Settings::int`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, Guard};
 
 /// One tunable.
 #[derive(Debug, Clone, Copy)]
@@ -216,12 +221,42 @@ pub enum Source {
     Database,
 }
 
+/// The settings the server reads per request, per socket and per event, as one typed
+/// snapshot: a change to a stored value swaps in a new one at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTunables {
+    /// `api.sub.ping.interval.millis` (at least 1 ms).
+    pub sub_ping_interval: Duration,
+    /// `api.sub.max.pings`: pings before a subscription is closed; 0 = never.
+    pub sub_max_pings: u64,
+    /// `subscribe.max.queued.messages`: one subscriber socket's queue.
+    pub sub_queue: usize,
+    /// `api.sub.write.timeout.millis` (at least 1 ms).
+    pub sub_write_timeout: Duration,
+    /// `api.sub.max.connections` as configured; 0 = no limit (the cap is applied by the caller).
+    pub sub_max_connections: u64,
+    /// `api.max.body.bytes`, **read at start**: the value when the server started, kept by
+    /// every later snapshot (the body limit layer and the socket limits are built with it).
+    pub max_body_bytes: usize,
+    /// `api.http.body.timeout.millis`, **read at start** like `max_body_bytes`.
+    pub http_body_timeout: Duration,
+    /// `api.idempotency.ttl.seconds`.
+    pub idempotency_ttl: Duration,
+    /// `api.auth.cache.millis`: how long a verified key is trusted.
+    pub auth_cache: Duration,
+    /// `resource.change.interval.millis` (at least 1 ms).
+    pub resource_change_interval: Duration,
+    /// `container.event.max.size`: events a host may have waiting.
+    pub container_event_max: i64,
+}
+
 /// The live settings: cheap to clone, cheap to read.
 #[derive(Debug, Clone)]
 pub struct Settings {
     inner: Arc<RwLock<Inner>>,
     version: Arc<tokio::sync::watch::Sender<u64>>,
     engine: drover_engine::SharedTunables,
+    server: Arc<ArcSwap<ServerTunables>>,
 }
 
 #[derive(Debug)]
@@ -278,9 +313,55 @@ impl Settings {
             engine: Arc::new(drover_engine::ArcSwap::from_pointee(
                 drover_engine::Tunables::default(),
             )),
+            server: Arc::new(ArcSwap::from_pointee(ServerTunables {
+                sub_ping_interval: Duration::ZERO,
+                sub_max_pings: 0,
+                sub_queue: 0,
+                sub_write_timeout: Duration::ZERO,
+                sub_max_connections: 0,
+                max_body_bytes: 0,
+                http_body_timeout: Duration::ZERO,
+                idempotency_ttl: Duration::ZERO,
+                auth_cache: Duration::ZERO,
+                resource_change_interval: Duration::ZERO,
+                container_event_max: 0,
+            })),
         };
+        // The values read at start, once.
+        let mut first = settings.server_tunables_now();
+        first.max_body_bytes = settings.uint("api.max.body.bytes") as usize;
+        first.http_body_timeout =
+            Duration::from_millis(settings.uint("api.http.body.timeout.millis"));
+        settings.server.store(Arc::new(first));
         settings.refresh();
         Ok(settings)
+    }
+
+    /// The server's typed snapshot in effect: one atomic load, no lock, no parsing. Hold it
+    /// for one request or one decision, not across awaits that should see a change.
+    pub fn server(&self) -> Guard<Arc<ServerTunables>> {
+        self.server.load()
+    }
+
+    /// The server's snapshot from the values in effect now; the values read at start are
+    /// carried over from the current snapshot.
+    fn server_tunables_now(&self) -> ServerTunables {
+        let current = self.server.load();
+        let millis = |name: &str| Duration::from_millis(self.uint(name));
+        ServerTunables {
+            sub_ping_interval: millis("api.sub.ping.interval.millis").max(Duration::from_millis(1)),
+            sub_max_pings: self.uint("api.sub.max.pings"),
+            sub_queue: self.uint("subscribe.max.queued.messages").max(1) as usize,
+            sub_write_timeout: millis("api.sub.write.timeout.millis").max(Duration::from_millis(1)),
+            sub_max_connections: self.uint("api.sub.max.connections"),
+            max_body_bytes: current.max_body_bytes,
+            http_body_timeout: current.http_body_timeout,
+            idempotency_ttl: Duration::from_secs(self.uint("api.idempotency.ttl.seconds")),
+            auth_cache: millis("api.auth.cache.millis"),
+            resource_change_interval: millis("resource.change.interval.millis")
+                .max(Duration::from_millis(1)),
+            container_event_max: self.int("container.event.max.size"),
+        }
     }
 
     /// The engine's typed snapshot, swapped whenever a stored value changes.
@@ -291,6 +372,7 @@ impl Settings {
     /// Rebuilds the typed snapshots from the values in effect.
     fn refresh(&self) {
         self.engine.store(Arc::new(self.engine_tunables()));
+        self.server.store(Arc::new(self.server_tunables_now()));
     }
 
     /// Start-up overrides from `DROVER_*` environment variables named after known settings.
@@ -437,6 +519,56 @@ mod tests {
         );
         settings.clear_stored("api.sub.ping.interval.millis");
         assert_eq!(settings.int("api.sub.ping.interval.millis"), 700);
+    }
+
+    #[test]
+    fn a_stored_change_is_in_the_server_snapshot_at_once() {
+        let settings = Settings::new(
+            &[("api.sub.ping.interval.millis".into(), "700".into())],
+            &[("api.auth.cache.millis".into(), "250".into())],
+        )
+        .unwrap();
+        let before = settings.server();
+        assert_eq!(before.sub_ping_interval, Duration::from_millis(700));
+        assert_eq!(before.auth_cache, Duration::from_millis(250));
+        assert_eq!(before.sub_queue, 1000);
+        assert_eq!(before.max_body_bytes, 1_048_576);
+        assert_eq!(before.idempotency_ttl, Duration::from_secs(86_400));
+        settings
+            .set_stored("subscribe.max.queued.messages", "7")
+            .unwrap();
+        settings.set_stored("api.sub.max.pings", "3").unwrap();
+        settings
+            .set_stored("resource.change.interval.millis", "20")
+            .unwrap();
+        settings
+            .set_stored("container.event.max.size", "9")
+            .unwrap();
+        let after = settings.server();
+        assert_eq!(after.sub_queue, 7);
+        assert_eq!(after.sub_max_pings, 3);
+        assert_eq!(after.resource_change_interval, Duration::from_millis(20));
+        assert_eq!(after.container_event_max, 9);
+        // A snapshot taken before is a snapshot: unchanged.
+        assert_eq!(before.sub_queue, 1000);
+        // Read at start: a stored change waits for the next start.
+        settings.set_stored("api.max.body.bytes", "4096").unwrap();
+        settings
+            .set_stored("api.http.body.timeout.millis", "500")
+            .unwrap();
+        assert_eq!(settings.server().max_body_bytes, 1_048_576);
+        assert_eq!(
+            settings.server().http_body_timeout,
+            Duration::from_millis(30_000)
+        );
+        settings.clear_stored("subscribe.max.queued.messages");
+        assert_eq!(settings.server().sub_queue, 1000);
+        // The engine's snapshot is swapped by the same change.
+        settings.set_stored("process.max_attempts", "4").unwrap();
+        assert_eq!(settings.engine().load().max_attempts, 4);
+        let restarted =
+            Settings::new(&[], &[("api.max.body.bytes".into(), "4096".into())]).unwrap();
+        assert_eq!(restarted.server().max_body_bytes, 4096);
     }
 
     #[test]

@@ -138,7 +138,7 @@ impl Slots {
 /// The limit a new subscriber is checked against now: the setting, capped; 0 is no limit at
 /// all (not even the cap: then the open-files limit is what stops new connections).
 pub fn connection_limit(state: &AppState) -> u64 {
-    match state.settings.uint("api.sub.max.connections") {
+    match state.settings.server().sub_max_connections {
         0 => u64::MAX,
         configured => configured.min(state.subscriber_slots.cap as u64),
     }
@@ -244,7 +244,7 @@ async fn start(
         headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         return Ok(response);
     };
-    let max_body = state.settings.uint("api.max.body.bytes") as usize;
+    let max_body = state.settings.server().max_body_bytes;
     let logout_account = principal.account.id;
     Ok(upgrade
         // A browser that sent its key as a subprotocol offered this one too; echo it.
@@ -256,7 +256,7 @@ async fn start(
         .max_frame_size(max_body)
         .on_upgrade(move |socket| {
             let _slot = slot;
-            let queue = state.settings.uint("subscribe.max.queued.messages") as usize;
+            let queue = state.settings.server().sub_queue;
             let subscription =
                 state
                     .hub
@@ -280,11 +280,14 @@ async fn serve(
     mut subscription: Subscription,
     qualifier: Qualifier,
 ) {
-    let ping_every =
-        Duration::from_millis(state.settings.uint("api.sub.ping.interval.millis").max(1));
-    let max_pings = state.settings.uint("api.sub.max.pings");
-    let write_timeout =
-        Duration::from_millis(state.settings.uint("api.sub.write.timeout.millis").max(1));
+    let (ping_every, max_pings, write_timeout) = {
+        let tunables = state.settings.server();
+        (
+            tunables.sub_ping_interval,
+            tunables.sub_max_pings,
+            tunables.sub_write_timeout,
+        )
+    };
     let mut ticker = tokio::time::interval(ping_every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pings_sent: u64 = 0;
@@ -428,14 +431,14 @@ async fn close_frame(
     subscriber: &crate::hub::Subscriber,
 ) -> Option<(u16, String)> {
     Some(match subscriber.close_reason() {
-        CloseReason::SlowConsumer => (
-            CLOSE_SLOW_CONSUMER,
+        CloseReason::SlowConsumer => (CLOSE_SLOW_CONSUMER, {
+            let tunables = state.settings.server();
             format!(
                 "slow consumer: more than {} events queued or a write took over {} ms",
-                state.settings.uint("subscribe.max.queued.messages"),
-                state.settings.uint("api.sub.write.timeout.millis")
-            ),
-        ),
+                tunables.sub_queue,
+                tunables.sub_write_timeout.as_millis()
+            )
+        }),
         CloseReason::Logout => {
             let _ = tokio::time::timeout(
                 CLOSE_GRACE,

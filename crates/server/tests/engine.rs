@@ -212,6 +212,48 @@ async fn error_replies_are_retried_then_the_container_goes_to_error() {
 }
 
 #[tokio::test]
+async fn a_permanent_error_reply_fails_the_process_at_once() {
+    // Backoff as by default: a retry would wait at least 2 s.
+    for server in servers(&[("process.retry_max_wait.millis", "120000")]).await {
+        let policy: Policy = Arc::new(|request, _| {
+            if request.name() == "compute.instance.activate" {
+                Answer::Permanent("no such executable: /bin/nope".into())
+            } else {
+                Answer::Ok
+            }
+        });
+        let (_, _, agent) = server.host_with_agent("host-1", policy).await;
+        let created = server
+            .admin
+            .post("containers", &container_body("hopeless"))
+            .await
+            .unwrap();
+        let began = std::time::Instant::now();
+        let path = format!("containers/{}", created["id"].as_str().unwrap());
+        let failed = wait_change(&server.admin, &path, "error", |r| r["state"] == "error").await;
+        let took = began.elapsed();
+        assert!(took < Duration::from_millis(1500), "failed after {took:?}");
+        assert_eq!(failed["transitioning"], "error");
+        let message = failed["transitioningMessage"].as_str().unwrap();
+        assert!(
+            message.contains("no such executable: /bin/nope") && message.contains("permanently"),
+            "{message}"
+        );
+        assert_eq!(agent.requests_named("compute.instance.activate").await, 1);
+        let process = server
+            .admin
+            .get(&format!(
+                "processinstances?processName=instance.start&result=FAILURE&resourceId={}",
+                created["id"].as_str().unwrap()
+            ))
+            .await
+            .unwrap();
+        let process = &process["data"][0];
+        assert_eq!(process["executionCount"], 1, "{process:#}");
+    }
+}
+
+#[tokio::test]
 async fn a_second_action_on_a_locked_resource_gets_409_and_remove_always_works() {
     for server in servers(&[]).await {
         // The agent never answers starts: the container is stuck in starting.

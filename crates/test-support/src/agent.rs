@@ -17,6 +17,8 @@ pub enum Answer {
     Ignore,
     /// Reply with `transitioning: error` and this message.
     Error(String),
+    /// Reply with an error marked permanent (`data.permanent: true`) and this message.
+    Permanent(String),
 }
 
 /// How a [`TestAgent`] answers each request: given the request and how many came before it.
@@ -164,6 +166,10 @@ async fn answer_request(client: &Client, request: &Event, answer: Answer) {
             let mut reply = request.reply().unwrap();
             reply.transitioning = Some(Transitioning::Error);
             reply.transitioning_message = Some(message);
+            client.publish(&reply).await.unwrap();
+        }
+        Answer::Permanent(message) => {
+            let reply = request.reply().unwrap().into_error(message, true);
             client.publish(&reply).await.unwrap();
         }
         Answer::Ok => {

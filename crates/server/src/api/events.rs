@@ -307,7 +307,7 @@ async fn post_container(
         reported_host_uuid: uuid,
         data,
     };
-    let limit = state.settings.int("container.event.max.size");
+    let limit = state.settings.server().container_event_max;
     let event = state
         .store
         .post_container_event(&new, limit)
@@ -372,7 +372,7 @@ async fn post_service(
         description,
         data: body.data.unwrap_or_default(),
     };
-    let limit = state.settings.int("container.event.max.size");
+    let limit = state.settings.server().container_event_max;
     let event = state
         .store
         .post_service_event(&new, limit)

@@ -75,9 +75,8 @@ pub(super) fn key(
         account_id: principal.account.id,
         key: key.to_owned(),
         fingerprint: drover_store::secret::hash_hex(&request),
-        ttl_ms: i64::try_from(state.settings.uint("api.idempotency.ttl.seconds"))
-            .unwrap_or(i64::MAX / 1000)
-            .saturating_mul(1000),
+        ttl_ms: i64::try_from(state.settings.server().idempotency_ttl.as_millis())
+            .unwrap_or(i64::MAX),
     }))
 }
 
@@ -114,7 +113,7 @@ pub(super) fn answer(
             )
             .with_detail(format!(
                 "keys are remembered for {} s (api.idempotency.ttl.seconds)",
-                state.settings.uint("api.idempotency.ttl.seconds")
+                state.settings.server().idempotency_ttl.as_secs()
             )))
         }
     }

@@ -35,8 +35,10 @@ pub use render::base_url;
 
 /// The whole HTTP surface of the server.
 pub fn router(state: AppState) -> Router {
-    let max_body = state.settings.uint("api.max.body.bytes") as usize;
-    let body_timeout = Duration::from_millis(state.settings.uint("api.http.body.timeout.millis"));
+    let (max_body, body_timeout) = {
+        let tunables = state.settings.server();
+        (tunables.max_body_bytes, tunables.http_body_timeout)
+    };
     Router::new()
         .route("/v1", get(root::root))
         .route("/v1/", get(root::root))
@@ -209,7 +211,7 @@ impl FromRequest<AppState> for ApiBytes {
                     )
                     .with_detail(format!(
                         "no part of the body arrived for {} ms (api.http.body.timeout.millis)",
-                        state.settings.uint("api.http.body.timeout.millis")
+                        state.settings.server().http_body_timeout.as_millis()
                     ))
                 } else if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                     ApiError::new(
@@ -219,7 +221,7 @@ impl FromRequest<AppState> for ApiBytes {
                     )
                     .with_detail(format!(
                         "the limit is {} bytes (api.max.body.bytes)",
-                        state.settings.uint("api.max.body.bytes")
+                        state.settings.server().max_body_bytes
                     ))
                 } else {
                     ApiError::bad_request(rejection.body_text())

@@ -180,7 +180,7 @@ async fn registrar(state: &AppState, parts: &Parts) -> Result<i64, ApiError> {
         .ok_or_else(|| {
             refuse("registration needs the registration token as HTTP Basic credentials")
         })?;
-    let max_age = std::time::Duration::from_millis(state.settings.uint("api.auth.cache.millis"));
+    let max_age = state.settings.server().auth_cache;
     let principal = state
         .keys
         .verify(&state.store, &header.0, &header.1, max_age)
