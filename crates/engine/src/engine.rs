@@ -110,6 +110,9 @@ impl From<CallFailure> for AttemptError {
 #[derive(Default)]
 struct Outcome {
     data: Option<Map<String, Value>>,
+    /// The state the agent reported instead of the process's done state: a command that
+    /// exited right after it started ends `stopped`, recorded once, never started again.
+    ended_as: Option<&'static str>,
     host_id: Option<i64>,
     log: Vec<Value>,
 }
@@ -199,6 +202,10 @@ impl<B: Bus> Engine<B> {
                 Vec::new()
             };
             let full_batch = batch > 0 && claimed.len() as i64 == batch;
+            // Short of workers: a finished attempt's permit lets the next claim take more.
+            let starved = Arc::new(std::sync::atomic::AtomicBool::new(
+                (batch as usize) < tunables.claim_batch && full_batch || batch == 0,
+            ));
             for claimed in claimed {
                 let permit = workers
                     .clone()
@@ -206,10 +213,14 @@ impl<B: Bus> Engine<B> {
                     .await
                     .expect("the semaphore is never closed");
                 let engine = self.clone();
+                let starved = starved.clone();
                 tasks.spawn(async move {
-                    engine.run_attempt(claimed).await;
+                    let scheduled_more = engine.run_attempt(claimed).await;
                     drop(permit);
-                    engine.wake.notify_one();
+                    // Nothing new is ready otherwise: an idle engine does not claim in vain.
+                    if scheduled_more || starved.load(std::sync::atomic::Ordering::Relaxed) {
+                        engine.wake.notify_one();
+                    }
                 });
             }
             if full_batch {
@@ -256,7 +267,8 @@ impl<B: Bus> Engine<B> {
     }
 
     /// One attempt of one process, from claim to the transaction that records its end.
-    async fn run_attempt(&self, claimed: Claimed) {
+    /// Returns whether the attempt scheduled another process (a delegate).
+    async fn run_attempt(&self, claimed: Claimed) -> bool {
         let started = now_millis();
         let (finish, log) = self.attempt(&claimed, started).await;
         let process = claimed.process;
@@ -276,27 +288,33 @@ impl<B: Bus> Engine<B> {
             log: json!({"process": process.process_name, "attempt": process.execution_count, "node": self.node, "steps": log}),
         };
         let canceled = matches!(finish, Finish::Canceled { .. });
+        let next = matches!(
+            finish,
+            Finish::Done { next: Some(_), .. } | Finish::Retry { .. }
+        );
+        let (id, transitioning) = (process.id, process.transitioning_state().map(str::to_owned));
         let item = FinishItem {
             process,
             node: self.node.clone(),
             record,
             finish,
         };
-        let process = &item.process;
-        match self.store.finish(item.clone()).await {
+        match self.store.finish(item).await {
             Ok(Some(resource)) => {
                 if !canceled {
-                    self.bus.changed(&resource, process.transitioning_state());
+                    self.bus.changed(&resource, transitioning.as_deref());
                 }
+                return next;
             }
             Ok(None) => tracing::debug!(
-                process = process.id,
+                process = id,
                 "the attempt changed nothing: the process was canceled or taken over, or its resource moved"
             ),
             Err(error) => {
-                tracing::warn!(process = process.id, %error, "recording a process attempt failed; it will be retried when its lease runs out")
+                tracing::warn!(process = id, %error, "recording a process attempt failed; it will be retried when its lease runs out")
             }
         }
+        false
     }
 
     async fn attempt(&self, claimed: &Claimed, started: i64) -> (Finish, Vec<Value>) {
@@ -346,7 +364,9 @@ impl<B: Bus> Engine<B> {
         }
         match self.run_handler(def, claimed, resource).await {
             Ok(outcome) => {
-                let done_state = if def.done == PREVIOUS {
+                let done_state = if let Some(state) = outcome.ended_as {
+                    state.to_owned()
+                } else if def.done == PREVIOUS {
                     process.previous_state().unwrap_or("inactive").to_owned()
                 } else {
                     def.done.to_owned()
@@ -501,6 +521,9 @@ impl<B: Bus> Engine<B> {
             if let Some(Value::Object(reply_data)) =
                 reply.data.as_ref().and_then(|data| data.get(data_key))
             {
+                outcome.ended_as = (*command == "compute.instance.activate"
+                    && reply_data.get("agentState").and_then(Value::as_str) == Some("stopped"))
+                .then_some("stopped");
                 for (key, value) in reply_data {
                     if !crate::render::RESERVED.contains(&key.as_str()) {
                         data.insert(key.clone(), value.clone());

@@ -228,7 +228,7 @@ impl Server {
         let (subscriber_slots, open_files) =
             ws::Slots::from_nofile(settings.uint("api.sub.max.connections"));
         let header_timeout = Duration::from_millis(settings.uint("api.http.header.timeout.millis"));
-        let state = AppState {
+        let state = AppState::new(state::Shared {
             hub,
             store,
             settings,
@@ -240,7 +240,7 @@ impl Server {
             cleanup: cleanup::Cleanup::default(),
             events: container_events::EventWorker::default(),
             subscriber_slots,
-        };
+        });
         let engine_task = tokio::spawn(engine.run());
         let monitor_task = tokio::spawn(monitor::run(state.clone(), shutdown.child_token()));
         let events_task =

@@ -12,9 +12,28 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::settings::Settings;
 
-/// The server's shared state: cheap-clone handles only.
+/// The server's shared state, behind one reference count: a handler's clone is one atomic
+/// increment, not one per handle.
 #[derive(Debug, Clone)]
-pub struct AppState {
+pub struct AppState(std::sync::Arc<Shared>);
+
+impl AppState {
+    /// Shares `shared`.
+    pub fn new(shared: Shared) -> AppState {
+        AppState(std::sync::Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What [`AppState`] shares: cheap-clone handles only.
+#[derive(Debug)]
+pub struct Shared {
     /// The database.
     pub store: Store,
     /// The event hub.

@@ -243,7 +243,7 @@ pub(crate) fn json_rows(backend: Backend, param: usize, columns: &[(&str, &str)]
                 .iter()
                 .map(|(name, _)| format!("j.value ->> '{name}' AS {name}"))
                 .collect();
-            format!("(SELECT {} FROM json_each(${param}) j) v", list.join(", "))
+            format!("(SELECT {} FROM jsonb_each(${param}) j) v", list.join(", "))
         }
         Backend::Postgres => {
             let list: Vec<String> = columns

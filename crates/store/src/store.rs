@@ -276,80 +276,87 @@ impl Store {
     /// admin key. With `admin_key` given, that pair becomes (or stays) the admin's key; without
     /// it, a key is generated only when the admin has none.
     pub async fn bootstrap(&self, admin_key: Option<(&str, &str)>) -> Result<Bootstrap> {
-        let admin = match self.first_account(AccountKind::Admin).await? {
+        // One transaction: two servers starting on one database make one admin and one key.
+        let mut tx = self.pool.begin_write().await?;
+        let admin = match first_account_in(&mut tx, AccountKind::Admin).await? {
             Some(admin) => admin,
             None => {
-                self.create_account(AccountKind::Admin, "admin", None)
+                write::insert_account(&mut tx, AccountKind::Admin, "admin", None, None, None)
                     .await?
             }
         };
-        let default_project = match self.first_account(AccountKind::Project).await? {
+        let default_project = match first_account_in(&mut tx, AccountKind::Project).await? {
             Some(project) => project,
             None => {
-                self.create_account(AccountKind::Project, "Default", None)
+                write::insert_account(&mut tx, AccountKind::Project, "Default", None, None, None)
                     .await?
             }
         };
         let mut generated_admin_key = None;
         match admin_key {
             Some((access_key, secret_key)) => {
-                self.ensure_key(admin.id, access_key, secret_key).await?
+                let hashed = secret::hash_hex(secret_key);
+                let existing: Option<(i64, i64)> = tx
+                    .fetch_optional(
+                        "SELECT id, account_id FROM credential WHERE public_value = $1",
+                        crate::db::args![access_key],
+                    )
+                    .await?;
+                match existing {
+                    Some((_, owner)) if owner != admin.id => {
+                        return Err(Error::Conflict(format!(
+                            "access key {access_key} belongs to another account"
+                        )));
+                    }
+                    Some((id, _)) => {
+                        let changed = tx
+                            .execute(
+                                "UPDATE credential SET secret_value = $1, state = 'active', removed = NULL WHERE id = $2",
+                                crate::db::args![hashed, id],
+                            )
+                            .await?;
+                        if changed != 1 {
+                            return Err(Error::Conflict(format!("credential {id} vanished")));
+                        }
+                    }
+                    None => {
+                        tx.execute(
+                            "INSERT INTO credential (name, kind, uuid, state, created, account_id, public_value, secret_value) \
+                             VALUES ('admin', $1, $2, 'active', $3, $4, $5, $6)",
+                            crate::db::args![
+                                CredentialKind::ApiKey.as_str(),
+                                uuid::Uuid::new_v4().to_string(),
+                                now_millis(),
+                                admin.id,
+                                access_key,
+                                hashed
+                            ],
+                        )
+                        .await?;
+                    }
+                }
             }
             None => {
-                let keys = self.list_keys(Some(admin.id)).await?;
-                if !keys.iter().any(|key| key.state == "active") {
+                let active: Option<(i64,)> = tx
+                    .fetch_optional(
+                        "SELECT id FROM credential WHERE account_id = $1 AND state = 'active' LIMIT 1",
+                        crate::db::args![admin.id],
+                    )
+                    .await?;
+                if active.is_none() {
                     generated_admin_key = Some(
-                        self.create_key(admin.id, CredentialKind::ApiKey, Some("admin"), None)
+                        write::rotate_key(&mut tx, admin.id, CredentialKind::ApiKey, "admin")
                             .await?,
                     );
                 }
             }
         }
+        tx.commit().await?;
         Ok(Bootstrap {
             admin,
             default_project,
             generated_admin_key,
         })
-    }
-
-    async fn first_account(&self, kind: AccountKind) -> Result<Option<Account>> {
-        let sql = format!(
-            "SELECT {ACCOUNT_COLUMNS} FROM account WHERE kind = $1 AND removed IS NULL ORDER BY id LIMIT 1"
-        );
-        let row: Option<AccountRow> = dispatch!(self, pool => sqlx::query_as(AssertSqlSafe(sql.as_str())).bind(kind.as_str()).fetch_optional(pool).await?);
-        row.map(Account::try_from).transpose()
-    }
-
-    /// Stores a key with a given secret for an account, replacing the secret if the access key
-    /// exists for that account already.
-    async fn ensure_key(&self, account_id: i64, access_key: &str, secret_key: &str) -> Result<()> {
-        let hashed = secret::hash_hex(secret_key);
-        let existing: Option<(i64, i64)> = dispatch!(self, pool => sqlx::query_as(
-            "SELECT id, account_id FROM credential WHERE public_value = $1")
-            .bind(access_key).fetch_optional(pool).await?);
-        match existing {
-            Some((_, owner)) if owner != account_id => Err(Error::Conflict(format!(
-                "access key {access_key} belongs to another account"
-            ))),
-            Some((id, _)) => {
-                dispatch!(self, pool => sqlx::query(
-                    "UPDATE credential SET secret_value = $1, state = 'active', removed = NULL WHERE id = $2")
-                    .bind(&hashed).bind(id).execute(pool).await?.rows_affected());
-                Ok(())
-            }
-            None => {
-                self.insert_key(
-                    account_id,
-                    CredentialKind::ApiKey,
-                    Some("admin"),
-                    None,
-                    access_key,
-                    &hashed,
-                )
-                .await?;
-                Ok(())
-            }
-        }
     }
 
     /// Creates an account.
@@ -571,6 +578,16 @@ pub(crate) fn now_millis() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+async fn first_account_in(tx: &mut Tx, kind: AccountKind) -> Result<Option<Account>> {
+    let sql = format!(
+        "SELECT {ACCOUNT_COLUMNS} FROM account WHERE kind = $1 AND removed IS NULL ORDER BY id LIMIT 1"
+    );
+    let row: Option<AccountRow> = tx
+        .fetch_optional(&sql, crate::db::args![kind.as_str()])
+        .await?;
+    row.map(Account::try_from).transpose()
 }
 
 /// The engine's writes, through the writer: each call is answered once its batch committed.

@@ -36,6 +36,10 @@ pub struct WriterOptions {
     pub max_batch: usize,
     /// How long to wait for more jobs when a batch is not full (zero: take what is queued).
     pub window: Duration,
+    /// Transactions in flight at once. On PostgreSQL the next batch is written while the
+    /// previous one waits for its commit (row locks order what they share); SQLite has one
+    /// writer anyway, so it always uses one.
+    pub pipeline: usize,
 }
 
 impl Default for WriterOptions {
@@ -44,6 +48,7 @@ impl Default for WriterOptions {
             queue: 8192,
             max_batch: 512,
             window: Duration::ZERO,
+            pipeline: 4,
         }
     }
 }
@@ -159,6 +164,11 @@ async fn run(
     stats: Arc<WriterStats>,
 ) {
     let max = options.max_batch.max(1);
+    let depth = match pool {
+        Pool::Sqlite(_) => 1,
+        Pool::Postgres(_) => options.pipeline.max(1),
+    };
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(depth));
     let mut batch: Vec<Job> = Vec::with_capacity(max);
     while let Some(first) = jobs.recv().await {
         batch.push(first);
@@ -180,7 +190,21 @@ async fn run(
                 }
             }
         }
-        commit(&pool, std::mem::take(&mut batch), &stats).await;
+        let batch = std::mem::take(&mut batch);
+        if depth == 1 {
+            commit(&pool, batch, &stats).await;
+            continue;
+        }
+        let permit = in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let (pool, stats) = (pool.clone(), stats.clone());
+        tokio::spawn(async move {
+            commit(&pool, batch, &stats).await;
+            drop(permit);
+        });
     }
 }
 

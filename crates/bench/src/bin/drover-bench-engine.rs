@@ -470,6 +470,7 @@ async fn throughput(
     let next = Arc::new(AtomicUsize::new(0));
     let meter = CpuMeter::start(server.pid);
     let threads = ThreadMeter::start(server.pid);
+    let writer_before = writer_counts(&format!("http://{}", server.addr)).await;
     let t0 = Instant::now();
     let mut tasks = JoinSet::new();
     for _ in 0..callers {
@@ -571,7 +572,29 @@ async fn throughput(
         row.server_cpu_ms_per_start()
     );
     println!("    server threads: {threads}");
+    let writer_after = writer_counts(&format!("http://{}", server.addr)).await;
+    let batches = writer_after.0 - writer_before.0;
+    let jobs = writer_after.1 - writer_before.1;
+    if batches > 0.0 {
+        println!(
+            "    store writer: {batches} transactions for {jobs} writes ({:.1} writes per transaction, {:.2} transactions per container start)",
+            jobs / batches,
+            batches / containers as f64
+        );
+    }
     Ok(row)
+}
+
+/// The store writer's (transactions, writes) so far.
+async fn writer_counts(url: &str) -> (f64, f64) {
+    (
+        metric(url, "drover_store_writer_batches_total")
+            .await
+            .unwrap_or(0.0),
+        metric(url, "drover_store_writer_jobs_total")
+            .await
+            .unwrap_or(0.0),
+    )
 }
 
 async fn idle(

@@ -142,12 +142,43 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    use std::fmt::Write as _;
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut body = state.metrics.render();
+    let writer = state.store.writer_stats();
+    for (name, help, value) in [
+        (
+            "drover_store_writer_batches_total",
+            "Transactions the store's writer committed (group commits).",
+            writer.batches.load(Relaxed),
+        ),
+        (
+            "drover_store_writer_jobs_total",
+            "Writes (creates, schedules, claims, finishes, progress, renewals) answered by those transactions.",
+            writer.jobs.load(Relaxed),
+        ),
+        (
+            "drover_store_writer_split_total",
+            "Batches that failed and were run again one job at a time.",
+            writer.split.load(Relaxed),
+        ),
+        (
+            "drover_store_writer_failed_total",
+            "Writes answered with a database error.",
+            writer.failed.load(Relaxed),
+        ),
+    ] {
+        let _ = write!(
+            body,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
+        );
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        state.metrics.render(),
+        body,
     )
 }
 

@@ -462,13 +462,19 @@ impl Store {
         agent_id: i64,
         host_data: Option<&Map<String, Value>>,
     ) -> Result<()> {
-        let now = now_millis();
-        dispatch!(self, pool => sqlx::query("UPDATE agent SET last_ping = $1 WHERE id = $2")
-            .bind(now).bind(agent_id).execute(pool).await?.rows_affected());
+        let mut tx = self.pool.begin_write().await?;
+        tx.execute(
+            "UPDATE agent SET last_ping = $1 WHERE id = $2",
+            args![now_millis(), agent_id],
+        )
+        .await?;
         if let Some(facts) = host_data {
-            let hosts: Vec<(i64, Option<String>)> = dispatch!(self, pool => sqlx::query_as(
-                "SELECT id, data FROM host WHERE agent_id = $1 AND removed IS NULL")
-                .bind(agent_id).fetch_all(pool).await?);
+            let hosts: Vec<(i64, Option<String>)> = tx
+                .fetch_all(
+                    "SELECT id, data FROM host WHERE agent_id = $1 AND removed IS NULL",
+                    args![agent_id],
+                )
+                .await?;
             for (host_id, data) in hosts {
                 let mut merged: Map<String, Value> = data
                     .as_deref()
@@ -480,12 +486,15 @@ impl Store {
                 }
                 if merged != before {
                     let text = Value::Object(merged).to_string();
-                    dispatch!(self, pool => sqlx::query("UPDATE host SET data = $1 WHERE id = $2")
-                        .bind(&text).bind(host_id).execute(pool).await?.rows_affected());
+                    tx.execute(
+                        "UPDATE host SET data = $1 WHERE id = $2",
+                        args![text, host_id],
+                    )
+                    .await?;
                 }
             }
         }
-        Ok(())
+        tx.commit().await
     }
 
     /// The hosts of an agent.
