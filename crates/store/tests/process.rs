@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use drover_store::{
     ClaimRequest, ExecutionRecord, Finish, FinishItem, NewCreate, NewProcess, NewResource,
-    ProcessFilter, ProgressItem, Resource, ResourceKind, ScheduleError, Step, Store,
-    StoreOptions, WriterOptions,
+    ProcessFilter, ProgressItem, Resource, ResourceKind, ScheduleError, Step, Store, StoreOptions,
+    WriterOptions,
 };
 use drover_test_support::postgres::Schema;
 use serde_json::{Map, json};
@@ -102,6 +102,7 @@ fn claim_request(node: &str, lease_until: i64) -> ClaimRequest {
     ClaimRequest {
         node: node.into(),
         limit: 100,
+        now: now(),
         lease_until,
         place: vec!["instance.start"],
         agent_key: vec!["instance.start"],
@@ -169,7 +170,11 @@ async fn a_create_hops_to_its_first_agent_step_and_a_claim_places_it() {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(stored, resource, "{}: the answer is what was stored", subject.name);
+        assert_eq!(
+            stored, resource,
+            "{}: the answer is what was stored",
+            subject.name
+        );
         let processes = processes_of(store, &resource).await;
         let summary: Vec<(&str, Option<&str>)> = processes
             .iter()
@@ -177,7 +182,10 @@ async fn a_create_hops_to_its_first_agent_step_and_a_claim_places_it() {
             .collect();
         assert_eq!(
             summary,
-            [("instance.create", Some("SUCCESS")), ("instance.start", None)],
+            [
+                ("instance.create", Some("SUCCESS")),
+                ("instance.start", None)
+            ],
             "{}",
             subject.name
         );
@@ -190,8 +198,16 @@ async fn a_create_hops_to_its_first_agent_step_and_a_claim_places_it() {
         let item = &claimed[0];
         assert_eq!(item.process.process_name, "instance.start");
         assert_eq!(item.process.execution_count, 1);
-        assert!(item.placement.is_none(), "{}: {:?}", subject.name, item.placement);
-        let agent = item.agent.as_ref().expect("placed on the host with its agent");
+        assert!(
+            item.placement.is_none(),
+            "{}: {:?}",
+            subject.name,
+            item.placement
+        );
+        let agent = item
+            .agent
+            .as_ref()
+            .expect("placed on the host with its agent");
         assert_eq!(agent.host_id, host.id);
         assert_eq!(agent.agent_state, "active");
         assert_eq!(item.resource.as_ref().unwrap().host_id, Some(host.id));
@@ -270,7 +286,11 @@ async fn schedule_refuses_a_locked_or_wrong_state_resource_and_remove_cancels() 
         assert_eq!(removed.resource.state, "removing");
         assert_eq!(removed.previous_state, "starting");
         assert_eq!(removed.canceled.len(), 1, "{}", subject.name);
-        let canceled = store.get_process(removed.canceled[0]).await.unwrap().unwrap();
+        let canceled = store
+            .get_process(removed.canceled[0])
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(canceled.result.as_deref(), Some("CANCELED"));
         // A plan of hops only ends at once: a purge of a removed resource.
         let stack = store
@@ -291,7 +311,10 @@ async fn schedule_refuses_a_locked_or_wrong_state_resource_and_remove_cancels() 
             .await
             .unwrap();
         assert_eq!(
-            (stack.resource.state.as_str(), stack.resource.transitioning.as_str()),
+            (
+                stack.resource.state.as_str(),
+                stack.resource.transitioning.as_str()
+            ),
             ("active", "no"),
             "{}",
             subject.name
@@ -349,13 +372,21 @@ async fn a_finish_by_a_node_that_lost_its_lease_changes_nothing() {
             .unwrap()
             .resource;
         // Node A claims with a lease that has already run out; node B takes the process over.
-        let a = store.claim(claim_request("node-a", now() - 1)).await.unwrap();
+        let a = store
+            .claim(claim_request("node-a", now() - 1))
+            .await
+            .unwrap();
         assert_eq!(a.len(), 1);
         let b = store
             .claim(claim_request("node-b", now() + 10_000))
             .await
             .unwrap();
-        assert_eq!(b.len(), 1, "{}: an expired lease is taken over", subject.name);
+        assert_eq!(
+            b.len(),
+            1,
+            "{}: an expired lease is taken over",
+            subject.name
+        );
         assert_eq!(b[0].process.execution_count, 2);
         // A's progress and finish change nothing.
         let progress = store
@@ -372,7 +403,11 @@ async fn a_finish_by_a_node_that_lost_its_lease_changes_nothing() {
             .finish(done(a[0].process.clone(), "node-a", "running"))
             .await
             .unwrap();
-        assert!(stale.is_none(), "{}: the stale finish is fenced", subject.name);
+        assert!(
+            stale.is_none(),
+            "{}: the stale finish is fenced",
+            subject.name
+        );
         let stored = store
             .get_resource(ResourceKind::Instance, resource.id)
             .await
@@ -380,7 +415,13 @@ async fn a_finish_by_a_node_that_lost_its_lease_changes_nothing() {
             .unwrap();
         assert_eq!(stored.state, "starting");
         assert_eq!(stored.transitioning_message, None);
-        assert!(store.list_executions(a[0].process.id).await.unwrap().is_empty());
+        assert!(
+            store
+                .list_executions(a[0].process.id)
+                .await
+                .unwrap()
+                .is_empty()
+        );
         // The same node's older attempt is fenced too: B's lease runs out, B claims again.
         let b2_process = {
             let mut first = b[0].process.clone();
@@ -391,7 +432,11 @@ async fn a_finish_by_a_node_that_lost_its_lease_changes_nothing() {
             .finish(done(b2_process, "node-b", "running"))
             .await
             .unwrap();
-        assert!(older.is_none(), "{}: an older attempt is fenced", subject.name);
+        assert!(
+            older.is_none(),
+            "{}: an older attempt is fenced",
+            subject.name
+        );
         let progress = store
             .set_progress(ProgressItem {
                 process: b[0].process.clone(),
@@ -409,7 +454,10 @@ async fn a_finish_by_a_node_that_lost_its_lease_changes_nothing() {
             .unwrap()
             .expect("the owner's finish applies");
         assert_eq!(finished.state, "running");
-        assert_eq!(store.list_executions(b[0].process.id).await.unwrap().len(), 1);
+        assert_eq!(
+            store.list_executions(b[0].process.id).await.unwrap().len(),
+            1
+        );
     }
 }
 
@@ -437,7 +485,10 @@ async fn retry_fail_replay_and_cancel() {
         let after_retry = store.finish(retry).await.unwrap().unwrap();
         assert_eq!(after_retry.state, "starting");
         assert_eq!(after_retry.transitioning, "error");
-        assert_eq!(after_retry.transitioning_message.as_deref(), Some("disk full"));
+        assert_eq!(
+            after_retry.transitioning_message.as_deref(),
+            Some("disk full")
+        );
         assert!(
             store
                 .claim(claim_request(NODE, now() + 10_000))
@@ -539,7 +590,11 @@ async fn one_bad_item_in_a_batch_fails_alone() {
                     );
                 }
                 Err(error) => {
-                    assert_eq!(index, 7, "{}: only the bad item fails: {error}", subject.name);
+                    assert_eq!(
+                        index, 7,
+                        "{}: only the bad item fails: {error}",
+                        subject.name
+                    );
                     assert!(error.to_string().contains("database error"), "{error}");
                 }
             }
@@ -566,6 +621,11 @@ async fn one_bad_item_in_a_batch_fails_alone() {
             )
             .await
             .unwrap();
-        assert_eq!(page.data.len(), 20, "{}: 19 made plus the busy one", subject.name);
+        assert_eq!(
+            page.data.len(),
+            20,
+            "{}: 19 made plus the busy one",
+            subject.name
+        );
     }
 }
