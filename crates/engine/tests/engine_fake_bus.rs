@@ -128,7 +128,7 @@ impl Bus for FakeBus {
     ) -> impl Future<Output = Result<Event, CallFailure>> + Send {
         let call = Call {
             name: request.name.clone().unwrap_or_default(),
-            data: request.data.clone().unwrap_or(Value::Null),
+            data: request.data.unwrap_or(Value::Null),
             timeout,
             at: Instant::now(),
         };
