@@ -477,8 +477,7 @@ pub(crate) async fn create(tx: &mut Tx, items: &[&NewCreate]) -> Result<Vec<Sche
         for ((&index, resource), plan) in of_kind.iter().zip(resources).zip(&plans) {
             let process = processes
                 .iter()
-                .filter(|process| process.resource_id == resource.id)
-                .next_back()
+                .rfind(|process| process.resource_id == resource.id)
                 .cloned()
                 .ok_or_else(|| Error::Conflict("a create without a process".into()))?;
             debug_assert_eq!(resource.state, plan.state);
