@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use drover_proto::{Event, event::now_millis, ids, names};
+use drover_proto::{Event, ids, names};
 use drover_store::{
     ClaimRequest, Claimed, ExecutionRecord, Finish, FinishItem, HostAgent, InstanceAgentKey,
     ProcessInstance, ProgressItem, Resource, ResourceKind, Store,
@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::defs::{self, Handler, PREVIOUS, ProcessDef};
 use crate::render::resource_json;
-use crate::{Bus, CallFailure, SharedTunables, Tunables};
+use crate::{Bus, CallFailure, Clock, SharedTunables, Tunables};
 
 /// The engine of one node.
 #[derive(Debug)]
@@ -39,6 +39,9 @@ pub struct Engine<B> {
     place: Vec<&'static str>,
     /// Processes that start a container (its `create_agent` key is made in the claim).
     agent_key: Vec<&'static str>,
+    /// Every time the engine computes (attempt times, `run_after`, max age, leases, the
+    /// claim's now) is on this clock.
+    clock: Clock,
 }
 
 /// A handle to wake the engine when work was scheduled.
@@ -154,7 +157,17 @@ impl<B: Bus> Engine<B> {
             shutdown,
             place,
             agent_key,
+            clock: Clock::new(),
         }
+    }
+
+    /// The engine's clock.
+    pub fn clock(&self) -> Clock {
+        self.clock
+    }
+
+    fn now_millis(&self) -> i64 {
+        self.clock.now_millis()
     }
 
     /// The settings in effect now.
@@ -184,10 +197,12 @@ impl<B: Bus> Engine<B> {
             let tunables = self.tunables();
             let batch = tunables.claim_batch.min(free) as i64;
             let claimed = if batch > 0 {
+                let now = self.now_millis();
                 let request = ClaimRequest {
                     node: self.node.clone(),
                     limit: batch,
-                    lease_until: now_millis() + tunables.lease_millis,
+                    now,
+                    lease_until: now + tunables.lease_millis,
                     place: self.place.clone(),
                     agent_key: self.agent_key.clone(),
                 };
@@ -243,7 +258,7 @@ impl<B: Bus> Engine<B> {
     async fn idle_wait(&self) -> Duration {
         let poll = self.tunables().poll_millis;
         let wait = match self.store.next_run_after().await {
-            Ok(Some(next)) => (next - now_millis() + 1).clamp(1, poll),
+            Ok(Some(next)) => (next - self.now_millis() + 1).clamp(1, poll),
             _ => poll,
         };
         Duration::from_millis(wait as u64)
@@ -258,7 +273,7 @@ impl<B: Bus> Engine<B> {
             }
             if let Err(error) = self
                 .store
-                .renew_leases(&self.node, now_millis() + lease)
+                .renew_leases(&self.node, self.now_millis() + lease)
                 .await
             {
                 tracing::warn!(%error, "renewing leases failed");
@@ -267,9 +282,9 @@ impl<B: Bus> Engine<B> {
     }
 
     /// One attempt of one process, from claim to the transaction that records its end.
-    /// Returns whether the attempt scheduled another process (a delegate).
+    /// Returns whether the attempt scheduled another process (a delegate or a retry).
     async fn run_attempt(&self, claimed: Claimed) -> bool {
-        let started = now_millis();
+        let started = self.now_millis();
         let (finish, log) = self.attempt(&claimed, started).await;
         let process = claimed.process;
         let (exit_reason, message) = match &finish {
@@ -282,7 +297,7 @@ impl<B: Bus> Engine<B> {
         };
         let record = ExecutionRecord {
             started,
-            ended: now_millis(),
+            ended: self.now_millis(),
             exit_reason,
             message,
             log: json!({"process": process.process_name, "attempt": process.execution_count, "node": self.node, "steps": log}),
@@ -419,7 +434,7 @@ impl<B: Bus> Engine<B> {
         }
         let delay = backoff_millis(attempts, self.tunables().retry_max_wait_millis);
         Finish::Retry {
-            run_after: now_millis() + delay,
+            run_after: self.now_millis() + delay,
             message: error.message,
             reason: error.reason.to_owned(),
         }

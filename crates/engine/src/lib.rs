@@ -23,6 +23,49 @@ use drover_store::Resource;
 pub use arc_swap::ArcSwap;
 pub use engine::{Engine, EngineHandle};
 
+/// The engine's clock, in milliseconds since the epoch: the wall clock shifted by how far
+/// tokio's time has moved apart from real time since the clock was made. In real time the two
+/// agree and this is the wall clock; in a test with paused tokio time it stands still until the
+/// test advances time, and then moves with it (backoff, max age and leases follow it, and so
+/// does the store's claim, which is given the engine's now).
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    tokio: tokio::time::Instant,
+    real: std::time::Instant,
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new()
+    }
+}
+
+impl Clock {
+    /// A clock that starts at the wall clock's now.
+    pub fn new() -> Clock {
+        Clock {
+            tokio: tokio::time::Instant::now(),
+            real: std::time::Instant::now(),
+        }
+    }
+
+    /// Now.
+    pub fn now_millis(&self) -> i64 {
+        self.millis_at(tokio::time::Instant::now())
+    }
+
+    /// The time of a tokio instant on this clock.
+    pub fn millis_at(&self, instant: tokio::time::Instant) -> i64 {
+        let wall = drover_proto::event::now_millis();
+        let moved = match instant.checked_duration_since(self.tokio) {
+            Some(ahead) => ahead.as_nanos() as i128,
+            None => -(self.tokio.duration_since(instant).as_nanos() as i128),
+        };
+        let real = self.real.elapsed().as_nanos() as i128;
+        wall + ((moved - real) / 1_000_000) as i64
+    }
+}
+
 /// How a call to an agent failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CallFailure {

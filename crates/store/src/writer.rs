@@ -222,9 +222,8 @@ async fn commit(pool: &Pool, batch: Vec<Job>, stats: &WriterStats) {
         Err(error) if batch.len() == 1 => {
             stats.failed.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(%error, "a store write failed");
-            for job in batch {
+            if let Some(job) = batch.into_iter().next() {
                 answer(job, Err(error));
-                break;
             }
         }
         Err(error) => {

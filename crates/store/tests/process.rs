@@ -102,6 +102,7 @@ fn claim_request(node: &str, lease_until: i64) -> ClaimRequest {
     ClaimRequest {
         node: node.into(),
         limit: 100,
+        now: now(),
         lease_until,
         place: vec!["instance.start"],
         agent_key: vec!["instance.start"],

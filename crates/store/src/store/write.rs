@@ -99,6 +99,9 @@ pub struct ClaimRequest {
     pub node: String,
     /// The most processes to claim.
     pub limit: i64,
+    /// The claiming engine's now (milliseconds since the epoch): a process is ready when its
+    /// `run_after` has come and its lease has run out by this time.
+    pub now: i64,
     /// The lease's end.
     pub lease_until: i64,
     /// Processes that need their resource on a host before they run: an unplaced resource is
@@ -655,7 +658,7 @@ struct CandidateRow {
 /// Claims up to `limit` ready processes with a lease, and in the same transaction reads their
 /// resources and hosts' agents, places the unplaced ones and makes the agent keys asked for.
 pub(crate) async fn claim(tx: &mut Tx, request: &ClaimRequest) -> Result<Vec<Claimed>> {
-    let now = now_millis();
+    let now = request.now;
     let lock = match tx.backend() {
         Backend::Sqlite => "",
         Backend::Postgres => " FOR UPDATE SKIP LOCKED",
