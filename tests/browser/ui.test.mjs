@@ -107,7 +107,7 @@ test('a container started from the UI shows its process in Running, then in Done
   await screenshot(page, 'processes-done');
 });
 
-test('a failing process shows its retries and its error', async () => {
+test('a process that cannot succeed fails at once and shows the agent\'s error', async () => {
   await nav('Containers').click();
   await page.getByLabel('Name', { exact: true }).fill('broken');
   await page.getByLabel('Command', { exact: true }).fill('/nonexistent/drover-ui-test --flag');
@@ -115,9 +115,10 @@ test('a failing process shows its retries and its error', async () => {
   const row = page.locator('tr[data-name="broken"]');
   await row.waitFor();
   ids.broken = await row.getAttribute('data-id');
-  // Three attempts fail, then the container is in error with a message that says why.
+  // The agent marks a missing executable permanent: one attempt, then the container is in
+  // error with a message that says why (no retries over a minute).
   await row.locator('.badge[data-state="error"]').waitFor();
-  await row.getByText(/failed 3 of 3 attempts/).waitFor();
+  await row.getByText(/failed permanently/).waitFor();
 
   await nav('Processes').click();
   await page.getByRole('tab', { name: /Done/ }).click();
@@ -125,22 +126,19 @@ test('a failing process shows its retries and its error', async () => {
   await page.getByLabel('Resource', { exact: true }).fill(ids.broken);
   const failed = page.locator('#process-panel tr[data-process="instance.start"]');
   await failed.locator('.badge', { hasText: 'FAILURE' }).waitFor();
-  await failed.locator('td.num', { hasText: /^3$/ }).waitFor();
+  await failed.locator('td.num', { hasText: /^1$/ }).waitFor();
   await failed.locator('td.error-cell', { hasText: 'cannot run' }).waitFor();
   assert.match(page.url(), /result=FAILURE/);
   await screenshot(page, 'processes-failed');
 
   await failed.getByRole('link', { name: 'instance.start' }).click();
   await page.getByRole('heading', { name: 'instance.start', level: 1 }).waitFor();
-  await page.locator('.callout.red', { hasText: 'Failed for good after 3 attempts' }).waitFor();
+  await page.locator('.callout.red', { hasText: 'Failed for good after 1 attempt (PERMANENT)' }).waitFor();
   const attempts = page.locator('tr[data-execution]');
-  await attempts.nth(2).waitFor();
-  assert.equal(await attempts.count(), 3);
-  for (let i = 0; i < 3; i += 1) {
-    const attempt = attempts.nth(i);
-    await attempt.locator('.badge', { hasText: 'ERROR' }).waitFor();
-    await attempt.getByText(/cannot run "\/nonexistent\/drover-ui-test"/).first().waitFor();
-  }
+  await attempts.first().waitFor();
+  assert.equal(await attempts.count(), 1);
+  await attempts.first().locator('.badge', { hasText: 'PERMANENT' }).waitFor();
+  await attempts.first().getByText(/cannot run "\/nonexistent\/drover-ui-test"/).first().waitFor();
   assert.equal(await page.getByRole('button', { name: 'Replay this process', exact: true }).isEnabled(), true);
   assert.equal(await page.getByRole('button', { name: 'Cancel this process', exact: true }).isEnabled(), false);
   await screenshot(page, 'process-detail');
