@@ -1349,13 +1349,22 @@ pub(crate) async fn progress(tx: &mut Tx, item: &ProgressItem) -> Result<Option<
     row.map(|row| row.into_resource(kind)).transpose()
 }
 
-/// Extends the leases of everything `node` is running.
+/// Extends the leases of everything `node` is running. On PostgreSQL a row that another
+/// transaction of the writer holds (a finish, in flight) is skipped rather than waited for, so
+/// the renewal never deadlocks with a finish; it is ending anyway, and the next renewal
+/// (a third of a lease later) takes it if that finish fails.
 pub(crate) async fn renew(tx: &mut Tx, node: &str, lease_until: i64) -> Result<u64> {
-    tx.execute(
-        "UPDATE process_instance SET lease_expires = $1 WHERE running_process_server_id = $2 AND end_time IS NULL",
-        args![lease_until, node],
-    )
-    .await
+    let sql = match tx.backend() {
+        Backend::Sqlite => {
+            "UPDATE process_instance SET lease_expires = $1 WHERE running_process_server_id = $2 \
+             AND end_time IS NULL"
+        }
+        Backend::Postgres => {
+            "UPDATE process_instance SET lease_expires = $1 WHERE id IN (SELECT id FROM process_instance \
+             WHERE running_process_server_id = $2 AND end_time IS NULL FOR UPDATE SKIP LOCKED)"
+        }
+    };
+    tx.execute(sql, args![lease_until, node]).await
 }
 
 /// Inserts a resource in a given state with no process (registration's rows, tests).
