@@ -116,7 +116,6 @@ struct Outcome {
     /// The state the agent reported instead of the process's done state: a command that
     /// exited right after it started ends `stopped`, recorded once, never started again.
     ended_as: Option<&'static str>,
-    host_id: Option<i64>,
     log: Vec<Value>,
 }
 
@@ -287,14 +286,8 @@ impl<B: Bus> Engine<B> {
         let started = self.now_millis();
         let (finish, log) = self.attempt(&claimed, started).await;
         let process = claimed.process;
-        let (exit_reason, message) = match &finish {
-            Finish::Done { .. } => ("DONE".to_owned(), None),
-            Finish::Retry {
-                reason, message, ..
-            }
-            | Finish::Failed { reason, message } => (reason.clone(), Some(message.clone())),
-            Finish::Canceled { reason } => (reason.clone(), Some(reason.clone())),
-        };
+        let (exit_reason, message) = finish.reason_and_message();
+        let (exit_reason, message) = (exit_reason.to_owned(), message.map(str::to_owned));
         let record = ExecutionRecord {
             started,
             ended: self.now_millis(),
@@ -396,7 +389,6 @@ impl<B: Bus> Engine<B> {
                 let finish = Finish::Done {
                     done_state,
                     data: outcome.data,
-                    host_id: outcome.host_id,
                     next,
                 };
                 (finish, outcome.log)

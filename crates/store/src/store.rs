@@ -128,7 +128,7 @@ pub struct Bootstrap {
 }
 
 #[derive(FromRow)]
-struct AccountRow {
+pub(crate) struct AccountRow {
     id: i64,
     name: Option<String>,
     kind: String,
@@ -162,7 +162,7 @@ impl TryFrom<AccountRow> for Account {
 }
 
 #[derive(FromRow)]
-struct CredentialRow {
+pub(crate) struct CredentialRow {
     id: i64,
     name: Option<String>,
     description: Option<String>,
@@ -211,9 +211,9 @@ struct AccountLookupRow {
     a_external_id: Option<String>,
 }
 
-const ACCOUNT_COLUMNS: &str =
+pub(crate) const ACCOUNT_COLUMNS: &str =
     "id, name, kind, uuid, state, created, project_id, agent_id, external_id";
-const CREDENTIAL_COLUMNS: &str =
+pub(crate) const CREDENTIAL_COLUMNS: &str =
     "id, name, description, kind, state, created, account_id, public_value";
 
 impl Store {

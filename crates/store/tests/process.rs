@@ -130,7 +130,6 @@ fn done(process: drover_store::ProcessInstance, node: &str, state: &str) -> Fini
         finish: Finish::Done {
             done_state: state.into(),
             data: None,
-            host_id: None,
             next: None,
         },
     }

@@ -208,8 +208,6 @@ pub enum Finish {
         done_state: String,
         /// The resource's new data.
         data: Option<Map<String, Value>>,
-        /// The host the resource was placed on, if the attempt placed it.
-        host_id: Option<i64>,
         /// A process to run next: name, transitioning state, data.
         next: Option<(String, String, Map<String, Value>)>,
     },
@@ -234,6 +232,21 @@ pub enum Finish {
         /// Why.
         reason: String,
     },
+}
+
+impl Finish {
+    /// Why the attempt ended (`DONE`, or the failure's reason) and its message, if any: what
+    /// the attempt's record and the process row keep.
+    pub fn reason_and_message(&self) -> (&str, Option<&str>) {
+        match self {
+            Finish::Done { .. } => ("DONE", None),
+            Finish::Retry {
+                reason, message, ..
+            }
+            | Finish::Failed { reason, message } => (reason, Some(message)),
+            Finish::Canceled { reason } => (reason, Some(reason)),
+        }
+    }
 }
 
 /// Which processes to list.

@@ -9,7 +9,7 @@ use crate::db::args;
 use crate::model::{NewResource, Resource, ResourceKind};
 use crate::{Error, Result};
 
-const REFERENCE_COLUMNS: [&str; 5] = [
+pub(crate) const REFERENCE_COLUMNS: [&str; 5] = [
     "host_id",
     "agent_id",
     "stack_id",

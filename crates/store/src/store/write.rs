@@ -20,10 +20,10 @@ use sqlx::FromRow;
 use super::process::{
     ExecutionRecord, Finish, PROCESS_COLUMNS, ProcessInstance, ProcessRow, ScheduleError, Scheduled,
 };
-use super::resource::{ResourceRow, select_list};
-use super::{Backend, now_millis};
+use super::resource::{REFERENCE_COLUMNS, ResourceRow, select_list};
+use super::{ACCOUNT_COLUMNS, AccountRow, Backend, CREDENTIAL_COLUMNS, CredentialRow, now_millis};
 use crate::db::{Tx, args};
-use crate::model::{Account, AccountKind, Credential, CredentialKind, NewKey, NewResource};
+use crate::model::{Account, AccountKind, CredentialKind, NewKey, NewResource};
 use crate::model::{Resource, ResourceKind};
 use crate::{Error, Result, secret};
 
@@ -327,14 +327,6 @@ async fn insert_processes(tx: &mut Tx, rows: &[Value]) -> Result<Vec<ProcessInst
     }
     Ok(processes)
 }
-
-const REFERENCE_COLUMNS: [&str; 5] = [
-    "host_id",
-    "agent_id",
-    "stack_id",
-    "service_id",
-    "instance_id",
-];
 
 fn reference_of(new: &NewResource, column: &str) -> Option<i64> {
     match column {
@@ -987,19 +979,6 @@ async fn instance_agent_key(
     Ok((agent_id, key))
 }
 
-#[derive(FromRow)]
-struct AccountRow {
-    id: i64,
-    name: Option<String>,
-    kind: String,
-    uuid: String,
-    state: String,
-    created: i64,
-    project_id: Option<i64>,
-    agent_id: Option<i64>,
-    external_id: Option<String>,
-}
-
 /// Inserts an account.
 pub(crate) async fn insert_account(
     tx: &mut Tx,
@@ -1009,11 +988,13 @@ pub(crate) async fn insert_account(
     agent_id: Option<i64>,
     external_id: Option<String>,
 ) -> Result<Account> {
+    let sql = format!(
+        "INSERT INTO account (name, kind, uuid, state, created, project_id, agent_id, external_id) \
+         VALUES ($1, $2, $3, 'active', $4, $5, $6, $7) RETURNING {ACCOUNT_COLUMNS}"
+    );
     let row: AccountRow = tx
         .fetch_one(
-            "INSERT INTO account (name, kind, uuid, state, created, project_id, agent_id, external_id) \
-             VALUES ($1, $2, $3, 'active', $4, $5, $6, $7) \
-             RETURNING id, name, kind, uuid, state, created, project_id, agent_id, external_id",
+            &sql,
             args![
                 name,
                 kind.as_str(),
@@ -1025,33 +1006,7 @@ pub(crate) async fn insert_account(
             ],
         )
         .await?;
-    Ok(Account {
-        id: row.id,
-        name: row.name,
-        kind: row.kind.parse().map_err(Error::Corrupt)?,
-        uuid: row.uuid,
-        state: row.state,
-        created: row.created,
-        project_id: row.project_id,
-        agent_id: row.agent_id,
-        role: row
-            .external_id
-            .as_deref()
-            .and_then(|text| text.strip_prefix("role:"))
-            .map(str::to_owned),
-    })
-}
-
-#[derive(FromRow)]
-struct CredentialRow {
-    id: i64,
-    name: Option<String>,
-    description: Option<String>,
-    kind: String,
-    state: String,
-    created: i64,
-    account_id: i64,
-    public_value: String,
+    row.try_into()
 }
 
 /// Revokes an account's active keys and issues a fresh one of `kind`.
@@ -1069,11 +1024,13 @@ pub(crate) async fn rotate_key(
     .await?;
     let access_key = secret::new_access_key();
     let secret_value = secret::new_secret_key();
+    let sql = format!(
+        "INSERT INTO credential (name, description, kind, uuid, state, created, account_id, public_value, secret_value) \
+         VALUES ($1, NULL, $2, $3, 'active', $4, $5, $6, $7) RETURNING {CREDENTIAL_COLUMNS}"
+    );
     let row: CredentialRow = tx
         .fetch_one(
-            "INSERT INTO credential (name, description, kind, uuid, state, created, account_id, public_value, secret_value) \
-             VALUES ($1, NULL, $2, $3, 'active', $4, $5, $6, $7) \
-             RETURNING id, name, description, kind, state, created, account_id, public_value",
+            &sql,
             args![
                 name,
                 kind.as_str(),
@@ -1086,16 +1043,7 @@ pub(crate) async fn rotate_key(
         )
         .await?;
     Ok(NewKey {
-        credential: Credential {
-            id: row.id,
-            name: row.name,
-            description: row.description,
-            kind: row.kind.parse().map_err(Error::Corrupt)?,
-            state: row.state,
-            created: row.created,
-            account_id: row.account_id,
-            public_value: row.public_value,
-        },
+        credential: row.try_into()?,
         secret_value,
     })
 }
@@ -1115,14 +1063,7 @@ pub(crate) async fn finish(tx: &mut Tx, items: &[&FinishItem]) -> Result<Vec<Opt
             Finish::Failed { .. } => (Some(now), Some("FAILURE"), "DONE", None),
             Finish::Canceled { .. } => (Some(now), Some("CANCELED"), "DONE", None),
         };
-        let (exit_reason, last_error) = match &item.finish {
-            Finish::Done { .. } => ("DONE", None),
-            Finish::Retry {
-                reason, message, ..
-            }
-            | Finish::Failed { reason, message } => (reason.as_str(), Some(message.as_str())),
-            Finish::Canceled { reason } => (reason.as_str(), Some(reason.as_str())),
-        };
+        let (exit_reason, last_error) = item.finish.reason_and_message();
         process_rows.push(json!({
             "id": item.process.id,
             "node": item.node,
@@ -1219,7 +1160,6 @@ pub(crate) async fn finish(tx: &mut Tx, items: &[&FinishItem]) -> Result<Vec<Opt
                 Finish::Done {
                     done_state,
                     data,
-                    host_id,
                     next,
                 } => {
                     let (state, flag) = match next {
@@ -1229,15 +1169,15 @@ pub(crate) async fn finish(tx: &mut Tx, items: &[&FinishItem]) -> Result<Vec<Opt
                     json!({"id": item.process.resource_id, "expect": expect, "state": state, "flag": flag,
                            "message": null, "keep": 0,
                            "data": data.as_ref().map(|data| Value::Object(data.clone()).to_string()),
-                           "host_id": host_id, "now": now})
+                           "now": now})
                 }
                 Finish::Retry { message, .. } => {
                     json!({"id": item.process.resource_id, "expect": expect, "state": expect, "flag": "error",
-                           "message": message, "keep": 1, "data": null, "host_id": null, "now": now})
+                           "message": message, "keep": 1, "data": null, "now": now})
                 }
                 Finish::Failed { message, .. } => {
                     json!({"id": item.process.resource_id, "expect": expect, "state": "error", "flag": "error",
-                           "message": message, "keep": 0, "data": null, "host_id": null, "now": now})
+                           "message": message, "keep": 0, "data": null, "now": now})
                 }
                 Finish::Canceled { .. } => continue,
             };
@@ -1247,16 +1187,11 @@ pub(crate) async fn finish(tx: &mut Tx, items: &[&FinishItem]) -> Result<Vec<Opt
             continue;
         }
         let table = kind.table();
-        let host = if kind.has_column("host_id") {
-            format!(", host_id = COALESCE(v.host_id, {table}.host_id)")
-        } else {
-            String::new()
-        };
         let sql = format!(
             "UPDATE {table} SET state = v.state, transitioning = v.flag, transitioning_message = v.message, \
              transitioning_progress = CASE WHEN v.keep = 1 THEN {table}.transitioning_progress ELSE NULL END, \
              data = COALESCE(v.data, {table}.data), \
-             removed = CASE WHEN v.state = 'removed' THEN v.now ELSE {table}.removed END{host} \
+             removed = CASE WHEN v.state = 'removed' THEN v.now ELSE {table}.removed END \
              FROM {} WHERE {table}.id = v.id AND {table}.state = v.expect RETURNING {}",
             tx.json_rows(
                 1,
@@ -1268,7 +1203,6 @@ pub(crate) async fn finish(tx: &mut Tx, items: &[&FinishItem]) -> Result<Vec<Opt
                     ("message", "TEXT"),
                     ("keep", "BIGINT"),
                     ("data", "TEXT"),
-                    ("host_id", "BIGINT"),
                     ("now", "BIGINT"),
                 ]
             ),
