@@ -90,7 +90,7 @@ pub async fn auth(args: &AuthArgs) -> Result<AuthResult> {
         let url = client.base_url().to_owned();
         let authorization = client.authorization().to_owned();
         common::wait_quiet().await;
-        let cpu = CpuMeter::start(server.pid);
+        let cpu = CpuMeter::start(&[server.pid]);
         let (requests_per_sec, non_2xx, tool) = if use_wrk {
             let (rps, bad) = run_wrk(args, &url, &authorization).await?;
             (rps, bad, "wrk")

@@ -30,7 +30,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
-use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -42,6 +41,7 @@ use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 use tokio::task::JoinSet;
 
+use crate::cluster::{NatsServer, NodeConfig, Nodes};
 use crate::harness::{self, ACCESS_KEY, PgDatabase, SECRET_KEY};
 
 /// The store the server runs on.
@@ -136,6 +136,24 @@ pub struct ChaosArgs {
     /// Keep the run's directory (server data, agent state, logs) instead of deleting it.
     #[arg(long)]
     pub keep_dir: bool,
+    /// Server nodes. More than 1 is cluster mode (needs `--backend postgres`): the nodes share
+    /// the database and the bench's own nats-server with JetStream, the workers spread over
+    /// the nodes (each moves to the next node after a failed try), and the faults add node
+    /// kills (one node at a time, restarted after up to `--max-node-down-ms`) and nats-server
+    /// restarts (kill -9, then the same port and store directory).
+    #[arg(long, default_value_t = 1)]
+    pub nodes: usize,
+    /// Longest a killed node stays down in cluster mode, in ms (past the node TTL, 3 s by
+    /// default, the other nodes take its work over).
+    #[arg(long, default_value_t = 6000)]
+    pub max_node_down_ms: u64,
+    /// Give the agent every node's URL, comma-separated (an agent that accepts several). By
+    /// default it gets the first node's URL only, and node faults never kill that node.
+    #[arg(long)]
+    pub agent_all_urls: bool,
+    /// The nats-server binary (cluster mode; the bench starts its own).
+    #[arg(long, default_value = "/usr/sbin/nats-server")]
+    pub nats_bin: PathBuf,
 }
 
 fn parse_setting(text: &str) -> Result<(String, String), String> {
@@ -199,106 +217,55 @@ impl Rng {
 // ---------------------------------------------------------------------------------------------
 // The system under test.
 
-/// The server and the agent, each restartable on the same data.
+/// The server nodes (one, or a cluster's), the bench's own nats-server (in cluster mode) and
+/// the agent, each restartable on the same data.
 #[derive(Debug)]
 pub struct Cluster {
     bin: PathBuf,
-    addr: SocketAddr,
     root: PathBuf,
-    _dir: Option<tempfile::TempDir>,
-    database: Option<PgDatabase>,
-    env: Vec<(String, String)>,
-    server_log: String,
+    nodes: Nodes,
+    /// The bench's own nats-server (cluster mode).
+    pub nats: Option<NatsServer>,
     agent_log: String,
-    server: Option<Child>,
     agent: Option<Child>,
     /// The fault point the running agent was started with.
     pub agent_armed: Option<String>,
     token: String,
     marker: String,
+    /// What the agent gets as `--url`: one node's URL, or every node's, comma-separated.
+    agent_url: String,
+    /// The nodes a node fault may kill (not the one the agent alone knows).
+    killable: Vec<usize>,
+    /// Dropped after the nodes (fields drop in order).
+    _database: Option<PgDatabase>,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Cluster {
-    /// `http://127.0.0.1:port`.
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+    /// Every node's `http://127.0.0.1:port`.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.urls()
     }
 
-    fn server_command(&self) -> Result<Command> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.root.join("server.log"))?;
-        let mut command = Command::new(&self.bin);
-        command
-            .arg("server")
-            .arg("--listen")
-            .arg(self.addr.to_string())
-            .arg("--data-dir")
-            .arg(self.root.join("server"))
-            .env("DROVER_ADMIN_ACCESS_KEY", ACCESS_KEY)
-            .env("DROVER_ADMIN_SECRET_KEY", SECRET_KEY)
-            .env("DROVER_LOG", &self.server_log)
-            .envs(self.env.iter().map(|(name, value)| (name, value)))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true);
-        if let Some(database) = &self.database {
-            command.arg("--database-url").arg(&database.url);
-        }
-        Ok(command)
+    /// How many nodes.
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
     }
 
-    /// Starts the server (again) on the same port and data and waits (at most 60 s) for
+    /// Starts every node (one after the other) and waits for each one's `/healthz`.
+    pub async fn start_servers(&mut self) -> Result<()> {
+        self.nodes.start_all().await
+    }
+
+    /// Starts node `i` (again) on the same port and data and waits (at most 60 s) for
     /// `/healthz`; a start that fails (the port still held, say) is tried again.
-    pub async fn start_server(&mut self) -> Result<()> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .build()?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut exits = 0;
-        'spawn: loop {
-            let mut child = self
-                .server_command()?
-                .spawn()
-                .context("spawn drover server")?;
-            loop {
-                if let Some(status) = child.try_wait()? {
-                    exits += 1;
-                    if exits >= 20 || Instant::now() > deadline {
-                        bail!(
-                            "drover server exited at start {exits} times (last: {status}); log:\n{}",
-                            self.log_tail("server.log")
-                        );
-                    }
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                    continue 'spawn;
-                }
-                if let Ok(response) = http.get(format!("{}/healthz", self.url())).send().await
-                    && response.status().is_success()
-                {
-                    self.server = Some(child);
-                    return Ok(());
-                }
-                if Instant::now() > deadline {
-                    let _ = child.start_kill();
-                    bail!(
-                        "drover server did not answer /healthz in 60 s; log:\n{}",
-                        self.log_tail("server.log")
-                    );
-                }
-                tokio::time::sleep(Duration::from_millis(25)).await;
-            }
-        }
+    pub async fn start_server(&mut self, i: usize) -> Result<Duration> {
+        self.nodes.start(i).await
     }
 
-    /// Kills the server with SIGKILL and waits (bounded) for it to be gone.
-    pub async fn kill_server(&mut self) {
-        if let Some(mut child) = self.server.take() {
-            let _ = child.start_kill();
-            let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
-        }
+    /// Kills node `i` with SIGKILL and waits (bounded) for it to be gone.
+    pub async fn kill_server(&mut self, i: usize) {
+        self.nodes.kill(i).await;
     }
 
     /// Starts the agent (again) with the same state directory; `fault` sets
@@ -310,7 +277,7 @@ impl Cluster {
             .open(self.root.join("agent.log"))?;
         let mut command = Command::new(&self.bin);
         command
-            .args(["agent", "--url", &self.url(), "--registration-token"])
+            .args(["agent", "--url", &self.agent_url, "--registration-token"])
             .arg(&self.token)
             .arg("--state-dir")
             .arg(self.root.join("agent"))
@@ -342,26 +309,32 @@ impl Cluster {
         self.agent_armed = None;
     }
 
-    /// Whether the server or the agent ended by itself: `(server, agent)` exit statuses.
-    pub fn exits(&mut self) -> (Option<ExitStatus>, Option<ExitStatus>) {
-        let ended = |child: &mut Option<Child>| {
-            let status = child.as_mut().and_then(|c| c.try_wait().ok().flatten());
-            if status.is_some() {
-                *child = None;
-            }
-            status
-        };
-        let server = ended(&mut self.server);
-        let agent = ended(&mut self.agent);
-        (server, agent)
+    /// What ended by itself: the nodes (index, exit status), the agent, the nats-server.
+    pub fn exits(
+        &mut self,
+    ) -> (
+        Vec<(usize, ExitStatus)>,
+        Option<ExitStatus>,
+        Option<ExitStatus>,
+    ) {
+        let servers = self.nodes.exited();
+        let agent = self
+            .agent
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten());
+        if agent.is_some() {
+            self.agent = None;
+        }
+        let nats = self.nats.as_mut().and_then(NatsServer::exited);
+        (servers, agent, nats)
     }
 
-    /// Whether the server and the agent are both up (not known to have exited).
+    /// Whether every node and the agent are up (not known to have exited).
     pub fn both_up(&self) -> bool {
-        self.server.is_some() && self.agent.is_some()
+        (0..self.nodes.len()).all(|i| self.nodes.is_up(i)) && self.agent.is_some()
     }
 
-    /// The last 20 lines of a log, each cut at 300 characters.
+    /// The last 20 lines of a log in the run directory, each cut at 300 characters.
     fn log_tail(&self, name: &str) -> String {
         let text = std::fs::read_to_string(self.root.join(name)).unwrap_or_default();
         let lines: Vec<String> = text
@@ -395,17 +368,14 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        // The agent first, so that it starts nothing more; then what it started; then the
-        // server; the database (a field) goes last.
+        // The agent first, so that it starts nothing more; then what it started; the nodes,
+        // nats-server and the database (fields) go after.
         if let Some(agent) = &mut self.agent {
             let _ = agent.start_kill();
         }
         let killed = self.kill_instances();
         if killed > 0 {
             eprintln!("  killed {killed} instance process groups of this run");
-        }
-        if let Some(server) = &mut self.server {
-            let _ = server.start_kill();
         }
     }
 }
@@ -622,27 +592,54 @@ pub enum Outcome {
     Unanswered(String),
 }
 
-/// A REST client that retries connection errors, timeouts and 5xx.
+/// A REST client that retries connection errors, timeouts and 5xx; with several servers (the
+/// nodes of a cluster) it moves to the next one after each failed try, as a client behind a
+/// load balancer would.
 #[derive(Debug, Clone)]
 pub struct Api {
     http: reqwest::Client,
-    base: String,
+    bases: Arc<Vec<String>>,
+    current: Arc<std::sync::atomic::AtomicUsize>,
     /// Calls that were tried again.
     pub retries: Arc<AtomicU64>,
 }
 
 impl Api {
-    /// A client of the server at `base`.
-    pub fn new(base: &str) -> Result<Api> {
+    /// A client of the servers at `bases` (at least one), starting with the first.
+    pub fn new(bases: &[String]) -> Result<Api> {
+        if bases.is_empty() {
+            bail!("no server URL");
+        }
         Ok(Api {
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
                 .connect_timeout(Duration::from_secs(2))
                 .pool_idle_timeout(Duration::from_secs(5))
                 .build()?,
-            base: base.to_owned(),
+            bases: Arc::new(bases.to_vec()),
+            current: Arc::default(),
             retries: Arc::default(),
         })
+    }
+
+    /// The same client (its counters shared) with a server cursor of its own, starting at
+    /// server `i` (mod their number).
+    pub fn starting_at(&self, i: usize) -> Api {
+        Api {
+            current: Arc::new(std::sync::atomic::AtomicUsize::new(i % self.bases.len())),
+            ..self.clone()
+        }
+    }
+
+    fn base(&self) -> &str {
+        &self.bases[self.current.load(Ordering::Relaxed) % self.bases.len()]
+    }
+
+    /// After a failed try: the next server.
+    fn next_server(&self) {
+        if self.bases.len() > 1 {
+            self.current.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// One try: the status and body, or the transport error.
@@ -655,7 +652,7 @@ impl Api {
     ) -> Result<(u16, Value), String> {
         let mut request = self
             .http
-            .request(method, format!("{}/v1/{path}", self.base))
+            .request(method, format!("{}/v1/{path}", self.base()))
             .basic_auth(ACCESS_KEY, Some(SECRET_KEY));
         if let Some(body) = body {
             request = request.json(body);
@@ -683,6 +680,7 @@ impl Api {
                 }
                 _ if Instant::now() + delay > deadline => return None,
                 _ => {
+                    self.next_server();
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(1));
                 }
@@ -725,10 +723,12 @@ impl Api {
                 Ok((status, body)) => {
                     failed_once = true;
                     last = format!("{status} {body}");
+                    self.next_server();
                 }
                 Err(error) => {
                     failed_once = true;
                     last = error;
+                    self.next_server();
                 }
             }
             if Instant::now() + delay > deadline {
@@ -838,7 +838,7 @@ struct Work {
     api: Api,
     ledger: Arc<Ledger>,
     marker: String,
-    next: AtomicU64,
+    next: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     wait: Duration,
     keep: u64,
@@ -1024,6 +1024,10 @@ pub struct Faults {
     pub agent_kills: u64,
     /// PostgreSQL restarts.
     pub postgres_restarts: u64,
+    /// nats-server restarts (kill -9, then the same port and store).
+    pub nats_restarts: u64,
+    /// Node kills by node name (cluster mode; `server_kills` counts them all).
+    pub node_kills: BTreeMap<String, u64>,
     /// Agent restarts with `DROVER_AGENT_FAULT=<point>`, by point.
     pub armed: BTreeMap<String, u64>,
     /// Agent exits at an armed point (it exited by itself), by point.
@@ -1040,6 +1044,7 @@ impl Faults {
         self.server_kills
             + self.agent_kills
             + self.postgres_restarts
+            + self.nats_restarts
             + self.armed.values().sum::<u64>()
     }
 }
@@ -1089,12 +1094,20 @@ async fn supervise(
 ) -> Result<()> {
     let until = Instant::now() + for_how_long;
     loop {
-        let (server, agent) = cluster.exits();
-        if let Some(status) = server {
+        let (servers, agent, nats) = cluster.exits();
+        if let Some(status) = nats {
             faults
                 .unexpected_exits
-                .push(format!("server exited by itself: {status}"));
-            cluster.start_server().await?;
+                .push(format!("nats-server exited by itself: {status}"));
+            if let Some(nats) = &mut cluster.nats {
+                nats.spawn().await?;
+            }
+        }
+        for (i, status) in servers {
+            faults
+                .unexpected_exits
+                .push(format!("server n{} exited by itself: {status}", i + 1));
+            cluster.start_server(i).await?;
         }
         if let Some(status) = agent {
             match cluster.agent_armed.take() {
@@ -1350,43 +1363,86 @@ pub async fn run(args: &ChaosArgs) -> Result<Report> {
     } else {
         Some(dir)
     };
+    let clustered = args.nodes > 1;
+    if clustered && args.backend != Backend::Postgres {
+        bail!("--nodes above 1 needs --backend postgres");
+    }
     let database = match args.backend {
         Backend::Sqlite => None,
         Backend::Postgres => Some(PgDatabase::create(&args.database_url, "drover_chaos")?),
+    };
+    let nats = if clustered {
+        Some(NatsServer::start(&args.nats_bin).await?)
+    } else {
+        None
     };
     let mut settings: BTreeMap<String, String> = DEFAULT_SETTINGS
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
     settings.extend(args.settings.iter().cloned());
-    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let mut cluster = Cluster {
+    let config = NodeConfig {
         bin: bin.clone(),
-        addr: ([127, 0, 0, 1], port).into(),
         root: root.clone(),
-        _dir: dir,
-        database,
+        database_url: database.as_ref().map(|d| d.url.clone()),
+        nats_url: nats.as_ref().map(NatsServer::url),
         env: settings
             .iter()
             .map(|(k, v)| (setting_env(k), v.clone()))
             .collect(),
-        server_log: args.server_log.clone(),
+        log: args.server_log.clone(),
+        threads: None,
+    };
+    let nodes = Nodes::new(config, args.nodes)?;
+    let (agent_url, killable) = if args.agent_all_urls {
+        (nodes.urls().join(","), (0..nodes.len()).collect())
+    } else if clustered {
+        (nodes.url(0), (1..nodes.len()).collect())
+    } else {
+        (nodes.url(0), vec![0])
+    };
+    let mut cluster = Cluster {
+        bin: bin.clone(),
+        root: root.clone(),
+        nodes,
+        nats,
         agent_log: args.agent_log.clone(),
-        server: None,
         agent: None,
         agent_armed: None,
         token: String::new(),
         marker: marker.clone(),
+        agent_url,
+        killable,
+        _database: database,
+        _dir: dir,
     };
     println!(
-        "chaos: {:?} backend, {} faults (at most {} s), seed {seed}, {} workers, drover {}, run directory {}",
+        "chaos: {:?} backend, {} node(s){}, {} faults (at most {} s), seed {seed}, {} workers, drover {}, run directory {}",
         args.backend,
+        args.nodes,
+        cluster
+            .nats
+            .as_ref()
+            .map(|nats| format!(" on nats-server {}", nats.url()))
+            .unwrap_or_default(),
         args.faults,
         args.max_seconds,
         args.workers,
         bin.display(),
         root.display()
     );
+    if clustered {
+        println!(
+            "  agent --url {}; node faults kill {}",
+            cluster.agent_url,
+            cluster
+                .killable
+                .iter()
+                .map(|i| format!("n{}", i + 1))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     println!(
         "  server settings: {}",
         settings
@@ -1395,8 +1451,14 @@ pub async fn run(args: &ChaosArgs) -> Result<Report> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    cluster.start_server().await?;
-    let api = Api::new(&cluster.url())?;
+    cluster.start_servers().await?;
+    if clustered {
+        let names: Vec<String> = (1..=cluster.node_count())
+            .map(|i| format!("n{i}"))
+            .collect();
+        crate::cluster::wait_alive(&cluster.urls()[0], &names, Duration::from_secs(60)).await?;
+    }
+    let api = Api::new(&cluster.urls())?;
     let token = match api
         .write(
             reqwest::Method::POST,
@@ -1432,18 +1494,20 @@ pub async fn run(args: &ChaosArgs) -> Result<Report> {
         seen.clone(),
         stop_sampler.clone(),
     ));
-    let work = Arc::new(Work {
-        api: api.clone(),
-        ledger: ledger.clone(),
-        marker: marker.clone(),
-        next: AtomicU64::new(0),
-        stop: stop_workers.clone(),
-        wait: Duration::from_secs(args.wait_seconds.max(1)),
-        keep: args.keep_containers,
-    });
+    let next = Arc::new(AtomicU64::new(0));
+    let wait = Duration::from_secs(args.wait_seconds.max(1));
     let mut workers = JoinSet::new();
     for i in 0..args.workers.max(1) {
-        let work = work.clone();
+        // Each worker starts on a node of its own (i mod N).
+        let work = Arc::new(Work {
+            api: api.starting_at(i),
+            ledger: ledger.clone(),
+            marker: marker.clone(),
+            next: next.clone(),
+            stop: stop_workers.clone(),
+            wait,
+            keep: args.keep_containers,
+        });
         let mut rng = Rng::new(seed ^ (i as u64 + 1).wrapping_mul(0x2545_F491_4F6C_DD1D));
         workers.spawn(async move {
             for _ in 0..1_000_000 {
@@ -1480,19 +1544,44 @@ pub async fn run(args: &ChaosArgs) -> Result<Report> {
         }
         let down = Duration::from_millis(rng.between(0, args.max_down_ms));
         let roll = rng.unit();
+        // One node: PostgreSQL 20%, server 40%, agent 40%. A cluster: PostgreSQL 15%,
+        // nats-server 15%, a node 35%, agent 35%.
+        let (pg_share, nats_share, server_share) = if clustered {
+            (0.15, 0.30, 0.65)
+        } else {
+            (0.2, 0.2, 0.6)
+        };
         let result = match args.backend {
-            Backend::Postgres if roll < 0.2 => {
+            Backend::Postgres if roll < pg_share => {
                 faults.postgres_restarts += 1;
                 restart_postgres().await.map(|_| ())
             }
-            _ if roll < 0.6 => {
+            _ if roll < nats_share && cluster.nats.is_some() => {
+                faults.nats_restarts += 1;
+                let nats = cluster.nats.as_mut().expect("cluster mode");
+                nats.kill().await;
+                tokio::time::sleep(down).await;
+                nats.spawn().await.map(|_| ())
+            }
+            _ if roll < server_share => {
                 faults.server_kills += 1;
-                cluster.kill_server().await;
+                let victim =
+                    cluster.killable[rng.between(0, cluster.killable.len() as u64 - 1) as usize];
+                *faults
+                    .node_kills
+                    .entry(format!("n{}", victim + 1))
+                    .or_default() += 1;
+                let down = if clustered {
+                    Duration::from_millis(rng.between(0, args.max_node_down_ms))
+                } else {
+                    down
+                };
+                cluster.kill_server(victim).await;
                 tokio::time::sleep(down).await;
                 let started = Instant::now();
-                let result = cluster.start_server().await;
+                let result = cluster.start_server(victim).await;
                 faults.server_restart.push(started.elapsed());
-                result
+                result.map(|_| ())
             }
             _ => {
                 let point = (!points.is_empty() && rng.unit() < args.agent_fault_share)
@@ -1525,7 +1614,7 @@ pub async fn run(args: &ChaosArgs) -> Result<Report> {
 
     // Let the workers finish their step, then make sure both run un-armed.
     stop_workers.store(true, Ordering::Relaxed);
-    let worker_deadline = Instant::now() + work.wait * 3 + Duration::from_secs(30);
+    let worker_deadline = Instant::now() + wait * 3 + Duration::from_secs(30);
     while !workers.is_empty() {
         if let Err(error) = supervise(
             &mut cluster,
@@ -1543,7 +1632,7 @@ pub async fn run(args: &ChaosArgs) -> Result<Report> {
         if Instant::now() > worker_deadline {
             println!(
                 "  workers still busy after {} s: aborted",
-                work.wait.as_secs() * 3 + 30
+                wait.as_secs() * 3 + 30
             );
             workers.abort_all();
             break;
@@ -1558,9 +1647,14 @@ pub async fn run(args: &ChaosArgs) -> Result<Report> {
         cluster.kill_agent().await;
         cluster.start_agent(None)?;
     }
-    let (server, agent) = cluster.exits();
-    if server.is_some() {
-        cluster.start_server().await?;
+    let (servers, agent, nats) = cluster.exits();
+    if nats.is_some()
+        && let Some(nats) = &mut cluster.nats
+    {
+        nats.spawn().await?;
+    }
+    for (i, _) in servers {
+        cluster.start_server(i).await?;
     }
     if agent.is_some() {
         cluster.start_agent(None)?;
@@ -1635,13 +1729,21 @@ pub async fn run(args: &ChaosArgs) -> Result<Report> {
         }
     }
     if !report.passed() {
-        println!("  server log (tail):\n{}", cluster.log_tail("server.log"));
+        for i in 0..cluster.node_count() {
+            println!(
+                "  server n{} log (tail):\n{}",
+                i + 1,
+                cluster.log_tail(&format!("n{}.log", i + 1))
+            );
+        }
         println!("  agent log (tail):\n{}", cluster.log_tail("agent.log"));
     }
     // Stop in order: agent, instances, server (Drop does the same on every other path).
     cluster.kill_agent().await;
     cluster.kill_instances();
-    cluster.kill_server().await;
+    for i in 0..cluster.node_count() {
+        cluster.kill_server(i).await;
+    }
     drop(cluster);
     Ok(report)
 }
@@ -1687,12 +1789,14 @@ fn print_report(
     let _ = writeln!(out, "\nchaos result");
     let _ = writeln!(
         out,
-        "  faults injected: {} in {:.0} s — server kill -9 {}, agent kill -9 {}, PostgreSQL restart {}, agent fault points armed {:?} (fired {:?})",
+        "  faults injected: {} in {:.0} s — server kill -9 {} {:?}, agent kill -9 {}, PostgreSQL restart {}, nats-server restart {}, agent fault points armed {:?} (fired {:?})",
         faults.total(),
         fault_phase.as_secs_f64(),
         faults.server_kills,
+        faults.node_kills,
         faults.agent_kills,
         faults.postgres_restarts,
+        faults.nats_restarts,
         faults.armed,
         faults.fired
     );

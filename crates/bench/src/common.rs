@@ -17,7 +17,7 @@ use tokio::process::{Child, Command};
 
 /// The drover server the bench starts, its admin key, and the readings the benches use.
 pub use drover_bench::harness::{
-    ACCESS_KEY, SECRET_KEY, ServerChild, drover_bin, rss_kib, wait_perf,
+    ACCESS_KEY, SECRET_KEY, ServerChild, drover_bin, metric, rss_kib, wait_perf,
 };
 
 /// The event name every benchmark publishes and subscribes to.
@@ -145,7 +145,8 @@ impl CpuSplit {
 /// `TOKIO_WORKER_THREADS` for drover, `GOMAXPROCS` for nats-server.
 pub static SERVER_THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-fn server_threads() -> Option<usize> {
+/// [`SERVER_THREADS`], if set.
+pub fn server_threads() -> Option<usize> {
     match SERVER_THREADS.load(std::sync::atomic::Ordering::Relaxed) {
         0 => None,
         n => Some(n),
@@ -209,23 +210,29 @@ pub fn warn_if_disturbed(cpu: &CpuSplit) {
 /// Starts measuring CPU of the server and of this process.
 #[derive(Debug)]
 pub struct CpuMeter {
-    pid: String,
+    pids: Vec<String>,
     start: Instant,
     server: u64,
     bench: u64,
     machine: Option<(u64, u64)>,
 }
 
+/// utime + stime summed over processes (one that is gone counts 0).
+fn server_ticks(pids: &[String]) -> u64 {
+    pids.iter().filter_map(|pid| cpu_ticks(pid)).sum()
+}
+
 impl CpuMeter {
-    /// Readings now.
-    pub fn start(pid: u32) -> CpuMeter {
-        let pid = pid.to_string();
+    /// Readings now; the server is the processes `pids` (a cluster's nodes and its
+    /// nats-server: their CPU is summed).
+    pub fn start(pids: &[u32]) -> CpuMeter {
+        let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
         CpuMeter {
-            server: cpu_ticks(&pid).unwrap_or(0),
+            server: server_ticks(&pids),
             bench: cpu_ticks_with_children("self").unwrap_or(0),
             machine: machine_ticks(),
             start: Instant::now(),
-            pid,
+            pids,
         }
     }
 
@@ -238,7 +245,7 @@ impl CpuMeter {
                 (now.saturating_sub(then)) as f64 / hz / wall * 100.0
             })
         };
-        let server = pct(cpu_ticks(&self.pid), self.server);
+        let server = pct(Some(server_ticks(&self.pids)), self.server);
         let bench = pct(cpu_ticks_with_children("self"), self.bench);
         let machine = self
             .machine

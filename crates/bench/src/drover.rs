@@ -14,8 +14,10 @@ use tokio_tungstenite::tungstenite::http::header::AUTHORIZATION;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::LoadArgs;
-use crate::common::{self, ACCESS_KEY, EVENT_NAME, SECRET_KEY, ServerChild};
+use crate::common::{self, ACCESS_KEY, EVENT_NAME, SECRET_KEY};
 use crate::fleet::{Fleet, Member, PhaseResult, Publish};
+use drover_bench::cluster::{NatsServer, NodeConfig, Nodes, wait_alive};
+use drover_bench::harness::PgDatabase;
 
 /// Per-socket timeouts for the handshake and the first `ping`.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -38,6 +40,52 @@ pub struct FanoutArgs {
     /// Record a `perf` profile of the server during the max-rate phase into this file.
     #[arg(long)]
     pub perf_record: Option<PathBuf>,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+/// Cluster mode (issue 14) for `fanout`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClusterArgs {
+    /// Nodes: more than 1 starts a cluster (`drover server` nodes on a fresh PostgreSQL
+    /// database and the bench's own nats-server); the subscribers are spread over the nodes
+    /// round-robin and every event is published on the first node. 1: one server on SQLite,
+    /// unless `--cluster`.
+    #[arg(long, default_value_t = 1)]
+    pub nodes: usize,
+    /// Cluster mode even with `--nodes 1` (PostgreSQL and NATS), to compare with the same
+    /// node alone.
+    #[arg(long)]
+    pub cluster: bool,
+    /// The PostgreSQL server of a cluster (a database `drover_fanout_<pid>` is created on it
+    /// and dropped after the run).
+    #[arg(
+        long,
+        env = "DROVER_TEST_POSTGRES_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    pub database_url: String,
+    /// The nats-server binary of a cluster (the bench starts its own, with JetStream).
+    #[arg(long = "cluster-nats-bin", default_value = "/usr/sbin/nats-server")]
+    pub nats_bin: PathBuf,
+}
+
+impl Default for ClusterArgs {
+    fn default() -> ClusterArgs {
+        ClusterArgs {
+            nodes: 1,
+            cluster: false,
+            database_url: "postgres://postgres@127.0.0.1:5432/postgres".into(),
+            nats_bin: "/usr/sbin/nats-server".into(),
+        }
+    }
+}
+
+impl ClusterArgs {
+    /// Whether the run starts a cluster.
+    pub fn enabled(&self) -> bool {
+        self.nodes > 1 || self.cluster
+    }
 }
 
 /// `idle-memory` options.
@@ -62,6 +110,8 @@ pub struct IdleArgs {
 pub struct FanoutResult {
     /// Subscribers.
     pub subscribers: usize,
+    /// Nodes, when the server was a cluster.
+    pub nodes: Option<usize>,
     /// Max-rate phase, then the paced phase.
     pub phases: Vec<PhaseResult>,
 }
@@ -96,30 +146,32 @@ impl Publish for HttpPublisher {
     }
 }
 
-fn api_client(server: &ServerChild) -> Result<drover_client::Client> {
-    Ok(drover_client::Client::new(
-        &server.http_url(),
-        ACCESS_KEY,
-        SECRET_KEY,
-    )?)
+fn api_client(url: &str) -> Result<drover_client::Client> {
+    Ok(drover_client::Client::new(url, ACCESS_KEY, SECRET_KEY)?)
 }
 
-/// Opens `n` subscriber WebSockets on `bench.event` and waits until each got its first
-/// `ping`.
+/// Opens `n` subscriber WebSockets on `bench.event`, spread round-robin over the servers at
+/// `urls`, and waits until each got its first `ping`.
 pub async fn open_fleet(
-    server: &ServerChild,
+    urls: &[String],
     n: usize,
     samples: usize,
     concurrency: usize,
     epoch: Instant,
 ) -> Result<Fleet> {
-    let client = api_client(server)?;
-    let url = client.subscribe_url(&drover_client::Subscribe::names([EVENT_NAME]));
-    let authorization = HeaderValue::from_str(client.authorization())?;
+    let mut subscribe_urls = Vec::with_capacity(urls.len());
+    let mut authorization = None;
+    for url in urls {
+        let client = api_client(url)?;
+        subscribe_urls.push(client.subscribe_url(&drover_client::Subscribe::names([EVENT_NAME])));
+        authorization = Some(HeaderValue::from_str(client.authorization())?);
+    }
+    let authorization = authorization.context("no server URL")?;
     let mut fleet = Fleet::new(n, epoch);
     let permits = Arc::new(Semaphore::new(concurrency.max(1)));
-    for member in fleet.members(samples) {
-        let (url, authorization, permits) = (url.clone(), authorization.clone(), permits.clone());
+    for (i, member) in fleet.members(samples).into_iter().enumerate() {
+        let url = subscribe_urls[i % subscribe_urls.len()].clone();
+        let (authorization, permits) = (authorization.clone(), permits.clone());
         fleet
             .tasks
             .spawn(subscriber(url, authorization, permits, member));
@@ -202,25 +254,117 @@ pub async fn fanout(args: &FanoutArgs) -> Result<FanoutResult> {
         ),
         None => println!("  server queue per socket: the default (1000 events)"),
     }
+    if args.cluster.enabled() {
+        return fanout_cluster(&bin, args).await;
+    }
     let server = common::start_drover(&bin, args.server_queue).await?;
     println!("  server pid {} on {}", server.pid, server.addr);
-    let result = fanout_on(&server, args).await;
+    let result = fanout_on(&[server.http_url()], &[server.pid], args).await;
     server.stop(None).await;
     result
 }
 
-async fn fanout_on(server: &ServerChild, args: &FanoutArgs) -> Result<FanoutResult> {
+/// `fanout` against a cluster: `--nodes` nodes on a fresh database and the bench's own
+/// nats-server; the server's CPU is the nodes' and nats-server's together.
+async fn fanout_cluster(bin: &std::path::Path, args: &FanoutArgs) -> Result<FanoutResult> {
+    let cluster = &args.cluster;
+    let database = PgDatabase::create(&cluster.database_url, "drover_fanout")?;
+    let nats = NatsServer::start(&cluster.nats_bin).await?;
+    let root = tempfile::Builder::new()
+        .prefix("drover-bench-cluster-")
+        .tempdir()?;
+    let mut env = Vec::new();
+    if let Some(queue) = args.server_queue {
+        env.push((
+            "DROVER_SUBSCRIBE_MAX_QUEUED_MESSAGES".to_owned(),
+            queue.to_string(),
+        ));
+    }
+    let config = NodeConfig {
+        bin: bin.to_owned(),
+        root: root.path().to_owned(),
+        database_url: Some(database.url.clone()),
+        nats_url: Some(nats.url()),
+        env,
+        log: "warn".into(),
+        threads: common::server_threads(),
+    };
+    let mut nodes = Nodes::new(config, cluster.nodes)?;
+    let result = async {
+        nodes.start_all().await?;
+        let names: Vec<String> = nodes.slots.iter().map(|s| s.name.clone()).collect();
+        wait_alive(&nodes.url(0), &names, Duration::from_secs(60)).await?;
+        println!(
+            "  cluster: {} nodes (pids {:?}) on {}, nats-server pid {:?} on {}; subscribers round-robin over the nodes, publishing on {}",
+            nodes.len(),
+            nodes.pids(),
+            database.name,
+            nats.pid,
+            nats.url(),
+            nodes.url(0)
+        );
+        let mut pids = nodes.pids();
+        pids.extend(nats.pid);
+        let mut result = fanout_on(&nodes.urls(), &pids, args).await?;
+        for slot in &nodes.slots {
+            if let Some(pid) = slot.pid {
+                println!(
+                    "  {} RSS: {} MiB",
+                    slot.name,
+                    common::rss_kib(pid).unwrap_or(0) / 1024
+                );
+            }
+        }
+        if let Some(pid) = nats.pid {
+            println!(
+                "  nats-server RSS: {} MiB",
+                common::rss_kib(pid).unwrap_or(0) / 1024
+            );
+        }
+        for i in 0..nodes.len() {
+            let url = nodes.url(i);
+            println!(
+                "  {}: drover_cluster_remote_published_total {}, drover_cluster_remote_received_total {}",
+                nodes.slots[i].name,
+                common::metric(&url, "drover_cluster_remote_published_total")
+                    .await
+                    .map_or_else(|| "?".into(), |v| v.to_string()),
+                common::metric(&url, "drover_cluster_remote_received_total")
+                    .await
+                    .map_or_else(|| "?".into(), |v| v.to_string()),
+            );
+        }
+        result.nodes = Some(nodes.len());
+        anyhow::Ok(result)
+    }
+    .await;
+    if result.is_err() {
+        for i in 0..nodes.len() {
+            eprintln!(
+                "{} log tail:\n{}",
+                nodes.slots[i].name,
+                nodes.log_tail(i, 15)
+            );
+        }
+    }
+    nodes.kill_all().await;
+    drop(nats);
+    drop(database);
+    result
+}
+
+async fn fanout_on(urls: &[String], pids: &[u32], args: &FanoutArgs) -> Result<FanoutResult> {
     let load = &args.load;
     let epoch = Instant::now();
     let fleet = open_fleet(
-        server,
+        urls,
         args.subscribers,
         load.latency_samples,
         load.connect_concurrency,
         epoch,
     )
     .await?;
-    let client = api_client(server)?;
+    let client = api_client(&urls[0])?;
     let http = reqwest::Client::builder()
         .http1_only()
         .tcp_nodelay(true)
@@ -235,7 +379,7 @@ async fn fanout_on(server: &ServerChild, args: &FanoutArgs) -> Result<FanoutResu
     let pad: Arc<str> = common::padding(load.payload_bytes).into();
     let sample = common::event_json(epoch, &pad);
     println!("  event frame: {} bytes", sample.len());
-    let perf = common::start_perf(args.perf_record.as_deref(), server.pid, load.seconds);
+    let perf = common::start_perf(args.perf_record.as_deref(), pids[0], load.seconds);
     let phases = crate::fleet::run_phases(
         &fleet,
         publisher,
@@ -246,7 +390,7 @@ async fn fanout_on(server: &ServerChild, args: &FanoutArgs) -> Result<FanoutResu
         load.rate,
         !load.no_latency_run,
         pad,
-        server.pid,
+        pids,
     )
     .await;
     common::wait_perf(perf, args.perf_record.as_deref(), "").await;
@@ -254,11 +398,15 @@ async fn fanout_on(server: &ServerChild, args: &FanoutArgs) -> Result<FanoutResu
     println!(
         "  server RSS with {} subscribers: {} MiB",
         args.subscribers,
-        common::rss_kib(server.pid).unwrap_or(0) / 1024
+        pids.iter()
+            .map(|pid| common::rss_kib(*pid).unwrap_or(0))
+            .sum::<u64>()
+            / 1024
     );
     drop(fleet);
     Ok(FanoutResult {
         subscribers: args.subscribers,
+        nodes: None,
         phases,
     })
 }
@@ -289,11 +437,11 @@ pub async fn idle_memory(args: &IdleArgs) -> Result<IdleResult> {
     let result = async {
         // One authenticated request first, so the key cache and the HTTP stack are warm in
         // both readings.
-        api_client(&server)?.get("").await?;
+        api_client(&server.http_url())?.get("").await?;
         common::wait_quiet().await;
         let before_kib = common::rss_kib(server.pid)?;
         let fleet = open_fleet(
-            &server,
+            &[server.http_url()],
             args.connections,
             0,
             args.connect_concurrency,

@@ -335,7 +335,7 @@ pub async fn run_phase<P: Publish>(
     mode: Mode,
     limits: PhaseLimits,
     pad: Arc<str>,
-    server_pid: u32,
+    server_pids: &[u32],
 ) -> Result<PhaseResult> {
     common::wait_quiet().await;
     let n = fleet.n as u64;
@@ -370,7 +370,7 @@ pub async fn run_phase<P: Publish>(
         Mode::Max => limits.window,
         Mode::Paced(_) => limits.window.saturating_mul(4),
     };
-    let cpu = CpuMeter::start(server_pid);
+    let cpu = CpuMeter::start(server_pids);
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(limits.seconds);
     let mut publishers = JoinSet::new();
@@ -512,7 +512,7 @@ pub async fn run_phases<P: Publish>(
     rate: Option<f64>,
     latency_run: bool,
     pad: Arc<str>,
-    server_pid: u32,
+    server_pids: &[u32],
 ) -> Result<Vec<PhaseResult>> {
     let mut results = Vec::new();
     let paced = match rate {
@@ -524,7 +524,7 @@ pub async fn run_phases<P: Publish>(
                 Mode::Max,
                 limits,
                 pad.clone(),
-                server_pid,
+                server_pids,
             )
             .await?;
             max.print(fleet.n);
@@ -534,8 +534,15 @@ pub async fn run_phases<P: Publish>(
         }
     };
     if let Some(rate) = paced {
-        let result =
-            run_phase(fleet, publisher, Mode::Paced(rate), limits, pad, server_pid).await?;
+        let result = run_phase(
+            fleet,
+            publisher,
+            Mode::Paced(rate),
+            limits,
+            pad,
+            server_pids,
+        )
+        .await?;
         result.print(fleet.n);
         results.push(result);
     }

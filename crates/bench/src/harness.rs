@@ -145,6 +145,52 @@ pub struct AgentStats {
     pub closed: AtomicUsize,
     /// The first error.
     pub first_error: Mutex<Option<String>>,
+    /// While on, the agents hold their replies to requests (not to pings) until released.
+    pub hold: Hold,
+}
+
+/// The agents' reply gate: while on, every request (not a ping) is answered only once it is
+/// released (`drover-bench-cluster failover` holds the replies while a node has the requests'
+/// processes claimed, then kills that node).
+#[derive(Debug, Default)]
+pub struct Hold {
+    on: std::sync::atomic::AtomicBool,
+    released: tokio::sync::Notify,
+    /// Requests held so far.
+    pub held: AtomicU64,
+    /// Whether to count requests by resource in `received` (off by default: long runs).
+    pub count: std::sync::atomic::AtomicBool,
+    /// Requests received by resource id, held or not, while `count` is on.
+    pub received: Mutex<HashMap<String, u32>>,
+}
+
+impl Hold {
+    /// Holds the replies from now on.
+    pub fn hold(&self) {
+        self.on.store(true, Ordering::SeqCst);
+    }
+
+    /// Sends every held reply and stops holding.
+    pub fn release(&self) {
+        self.on.store(false, Ordering::SeqCst);
+        self.released.notify_waiters();
+    }
+
+    /// Whether replies are held.
+    pub fn is_on(&self) -> bool {
+        self.on.load(Ordering::SeqCst)
+    }
+
+    /// Waits until the gate is open.
+    async fn open(&self) {
+        loop {
+            let released = self.released.notified();
+            if !self.is_on() {
+                return;
+            }
+            released.await;
+        }
+    }
 }
 
 impl AgentStats {
@@ -169,6 +215,20 @@ pub async fn start_agents(
     stats: Arc<AgentStats>,
     timeout: Duration,
 ) -> Result<(Vec<Agent>, AgentTasks)> {
+    start_agents_from(url, token, 0, count, concurrency, stats, timeout).await
+}
+
+/// [`start_agents`] numbered from `first` (keys `bench-<pid>-<first + i>`), so that agents
+/// registered through several servers of one cluster are all different.
+pub async fn start_agents_from(
+    url: &str,
+    token: &str,
+    first: usize,
+    count: usize,
+    concurrency: usize,
+    stats: Arc<AgentStats>,
+    timeout: Duration,
+) -> Result<(Vec<Agent>, AgentTasks)> {
     let (access, secret) = token
         .split_once(':')
         .context("a registration token is ACCESS:SECRET")?;
@@ -176,7 +236,7 @@ pub async fn start_agents(
     let permits = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut starting = JoinSet::new();
     let run_id = std::process::id();
-    for i in 0..count {
+    for i in first..first + count {
         let (registrar, permits, url, stats) = (
             registrar.clone(),
             permits.clone(),
@@ -284,6 +344,17 @@ pub async fn run_agent(
             }
             name => {
                 stats.requests.fetch_add(1, Ordering::Relaxed);
+                if stats.hold.count.load(Ordering::Relaxed)
+                    && let Some(id) = &event.resource_id
+                {
+                    *stats
+                        .hold
+                        .received
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .entry(id.clone())
+                        .or_default() += 1;
+                }
                 if let Some(id) = event.resource_id.clone() {
                     let mut running = running
                         .lock()
@@ -298,7 +369,16 @@ pub async fn run_agent(
             }
         };
         let (client, stats) = (client.clone(), stats.clone());
-        tokio::spawn(async move { reply(&client, &event, data, &stats).await });
+        let held = event.name() != "ping" && stats.hold.is_on();
+        if held {
+            stats.hold.held.fetch_add(1, Ordering::Relaxed);
+        }
+        tokio::spawn(async move {
+            if held {
+                stats.hold.open().await;
+            }
+            reply(&client, &event, data, &stats).await
+        });
     }
 }
 
@@ -820,7 +900,7 @@ impl CpuSplit {
 /// CPU readings at a start, for [`CpuMeter::stop`].
 #[derive(Debug)]
 pub struct CpuMeter {
-    pid: String,
+    pids: Vec<String>,
     start: Instant,
     server: u64,
     server_system: u64,
@@ -832,15 +912,21 @@ pub struct CpuMeter {
 impl CpuMeter {
     /// Readings of the server `pid`, this process, PostgreSQL and the machine now.
     pub fn start(pid: u32) -> CpuMeter {
-        let pid = pid.to_string();
+        CpuMeter::start_all(&[pid])
+    }
+
+    /// [`CpuMeter::start`] for a server made of several processes (the nodes of a cluster
+    /// and its nats-server): their CPU is summed as the server's.
+    pub fn start_all(pids: &[u32]) -> CpuMeter {
+        let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
         CpuMeter {
-            server: cpu_ticks(&pid).unwrap_or(0),
-            server_system: system_ticks(&pid).unwrap_or(0),
+            server: sum_ticks(&pids, cpu_ticks),
+            server_system: sum_ticks(&pids, system_ticks),
             bench: cpu_ticks("self").unwrap_or(0),
             postgres: postgres_ticks(),
             machine: machine_ticks(),
             start: Instant::now(),
-            pid,
+            pids,
         }
     }
 
@@ -858,10 +944,13 @@ impl CpuMeter {
                 now.saturating_sub(then) as f64 / hz / wall * 100.0
             })
         };
-        let server = pct(cpu_ticks(&self.pid), self.server);
+        let server = pct(Some(sum_ticks(&self.pids, cpu_ticks)), self.server);
         let bench = pct(cpu_ticks("self"), self.bench);
         let postgres = pct(Some(postgres_ticks()), self.postgres);
-        let server_system = pct(system_ticks(&self.pid), self.server_system);
+        let server_system = pct(
+            Some(sum_ticks(&self.pids, system_ticks)),
+            self.server_system,
+        );
         let machine = self
             .machine
             .zip(machine_ticks())
@@ -876,6 +965,11 @@ impl CpuMeter {
             capacity: cores() * 100.0,
         }
     }
+}
+
+/// The sum of `read` over `pids` (a process that is gone counts 0).
+fn sum_ticks(pids: &[String], read: fn(&str) -> Option<u64>) -> u64 {
+    pids.iter().filter_map(|pid| read(pid)).sum()
 }
 
 /// CPU ticks of every process named `postgres` (those that exit meanwhile are missed).
@@ -905,22 +999,27 @@ pub fn postgres_ticks() -> u64 {
 /// Waits (at most `limit`) until the rest of the machine — everything but the server and this
 /// bench — uses under 15% of one core over a second; warns and goes on if it never does.
 pub async fn wait_quiet(pid: u32, limit: Duration) {
-    wait_quiet_by(pid, limit, |cpu| cpu.other).await;
+    wait_quiet_by(&[pid], limit, |cpu| cpu.other).await;
+}
+
+/// [`wait_quiet`] for a server made of several processes.
+pub async fn wait_quiet_all(pids: &[u32], limit: Duration) {
+    wait_quiet_by(pids, limit, |cpu| cpu.other).await;
 }
 
 /// [`wait_quiet`], with PostgreSQL's processes not counted as the rest of the machine either.
 pub async fn wait_quiet_but_postgres(pid: u32, limit: Duration) {
-    wait_quiet_by(pid, limit, CpuSplit::rest_but_postgres).await;
+    wait_quiet_by(&[pid], limit, CpuSplit::rest_but_postgres).await;
 }
 
-async fn wait_quiet_by(pid: u32, limit: Duration, rest: fn(&CpuSplit) -> f64) {
+async fn wait_quiet_by(pids: &[u32], limit: Duration, rest: fn(&CpuSplit) -> f64) {
     if limit.is_zero() {
         return;
     }
     let started = Instant::now();
     let mut told = false;
     loop {
-        let meter = CpuMeter::start(pid);
+        let meter = CpuMeter::start_all(pids);
         tokio::time::sleep(Duration::from_secs(1)).await;
         let other = rest(&meter.stop());
         if other < 15.0 {

@@ -4,8 +4,10 @@
 //! and uses [`harness`]'s start and `/proc` readers; the process-engine, agents and soak
 //! benchmarks (`src/bin/`) share all of [`harness`]; [`chaos`] is the fault-injection run of
 //! `drover-bench-chaos` and `.ci/chaos`; [`peer`] runs graphile-worker (Node) beside
-//! `drover-bench-engine` on PostgreSQL.
+//! `drover-bench-engine` on PostgreSQL; [`cluster`] starts several nodes on one PostgreSQL
+//! database and the bench's own nats-server (cluster mode, issue 14).
 
 pub mod chaos;
+pub mod cluster;
 pub mod harness;
 pub mod peer;

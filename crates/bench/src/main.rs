@@ -11,7 +11,13 @@
 //! target/release/drover-bench nats --subscribers 10000 --with-drover
 //! target/release/drover-bench auth
 //! target/release/drover-bench all
+//! target/release/drover-bench fanout --subscribers 10000 --nodes 3   # a cluster (issue 14)
 //! ```
+//!
+//! `fanout --nodes N` (N > 1, or `--cluster` with 1) starts N `drover server` nodes on a fresh
+//! PostgreSQL database and the bench's own nats-server with JetStream, spreads the subscribers
+//! over the nodes round-robin and publishes on the first node; the server's CPU is then the
+//! nodes' and nats-server's together.
 
 mod auth;
 mod common;
@@ -177,6 +183,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     server_queue: None,
                     drover_bin: args.drover_bin.clone(),
                     perf_record: None,
+                    cluster: drover::ClusterArgs::default(),
                 };
                 rows.push(Row::drover(&drover::fanout(&fanout).await?));
             }
@@ -209,6 +216,7 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
             server_queue: args.server_queue,
             drover_bin: args.drover_bin.clone(),
             perf_record: None,
+            cluster: drover::ClusterArgs::default(),
         };
         rows.push(Row::drover(&drover::fanout(&fanout).await?));
         if !args.skip_nats {
@@ -291,7 +299,7 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
 /// One line of the fan-out table.
 #[derive(Debug)]
 struct Row {
-    server: &'static str,
+    server: String,
     subscribers: usize,
     max_rate: Option<f64>,
     phases: Vec<PhaseResult>,
@@ -300,7 +308,11 @@ struct Row {
 impl Row {
     fn drover(result: &drover::FanoutResult) -> Row {
         Row {
-            server: "drover",
+            server: match result.nodes {
+                Some(1) => "drover, 1 node (cluster mode)".to_owned(),
+                Some(n) => format!("drover, {n} nodes"),
+                None => "drover".to_owned(),
+            },
             subscribers: result.subscribers,
             max_rate: nats::max_rate(&result.phases),
             phases: result.phases.clone(),
@@ -309,7 +321,7 @@ impl Row {
 
     fn nats(result: &nats::NatsResult) -> Row {
         Row {
-            server: "nats-server",
+            server: "nats-server".to_owned(),
             subscribers: result.subscribers,
             max_rate: nats::max_rate(&result.phases),
             phases: result.phases.clone(),

@@ -135,7 +135,7 @@ async fn nats_on(server: &NatsChild, args: &NatsArgs) -> Result<NatsResult> {
         load.rate,
         !load.no_latency_run,
         pad,
-        server.pid,
+        &[server.pid],
     )
     .await?;
     println!(

@@ -11,7 +11,12 @@
 //! cargo build --release -p drover -p drover-bench
 //! target/release/drover-bench-chaos --faults 1000 --seed 1
 //! target/release/drover-bench-chaos --backend postgres --faults 200 --seed 2
+//! target/release/drover-bench-chaos --backend postgres --nodes 3 --faults 40 --seed 3
 //! ```
+//!
+//! `--nodes 3` is cluster mode (issue 14): three nodes on the database and the bench's own
+//! nats-server, and the faults add node kills (restarted after up to `--max-node-down-ms`) and
+//! nats-server restarts (kill -9, then the same port and store directory).
 //!
 //! A PostgreSQL run restarts the whole local cluster: run it when nothing else uses it.
 

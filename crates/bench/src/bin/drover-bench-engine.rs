@@ -31,11 +31,20 @@
 //! processes/s of the throughput phase (2 × container starts/s) and their ratio, drover
 //! processes/s ÷ graphile-worker batched jobs/s. It needs `node` and `npm` on the `PATH`.
 //!
+//! **Cluster** (`--nodes N`, N > 1, or `--cluster` with 1; needs `--database-url`): N
+//! `drover server` nodes on the fresh database and the bench's own nats-server with JetStream.
+//! The agents are spread over the nodes (agent j registers and subscribes on node j mod N), the
+//! API callers too (caller k calls node k mod N), the `state.change` watch is on the first
+//! node (so it also sees the other nodes' changes through NATS), and the server's CPU is the
+//! nodes' and nats-server's together.
+//!
 //! ```text
 //! cargo build --release -p drover -p drover-bench
 //! target/release/drover-bench-engine --agents 1 --containers 2000 --concurrency 32
 //! target/release/drover-bench-engine --agents 1 --containers 2000 --concurrency 32 \
 //!     --database-url postgres://postgres@127.0.0.1:5432/postgres
+//! target/release/drover-bench-engine --agents 3 --containers 2000 --concurrency 32 --nodes 3 \
+//!     --database-url postgres://postgres@127.0.0.1:5432/postgres --no-peer
 //! ```
 
 use std::collections::HashMap;
@@ -47,10 +56,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
+use drover_bench::cluster::{NatsServer, NodeConfig, Nodes, wait_alive};
 use drover_bench::harness::{
     self, ACCESS_KEY, AgentStats, CpuMeter, CpuSplit, Latency, PgDatabase, PgStats, SECRET_KEY,
     ServerArgs, ServerChild, ServerOptions, ThreadMeter, finish_perf, loadavg, metric, ms,
-    print_machine, rss_kib, start_agents, start_perf, wait_active, wait_quiet,
+    print_machine, rss_kib, start_agents_from, start_perf, wait_active, wait_quiet_all,
 };
 use drover_bench::peer::{self, Mode, PeerResult};
 use drover_client::{Client, Subscribe};
@@ -119,6 +129,49 @@ struct Args {
     /// crate's source directory).
     #[arg(long)]
     peer_dir: Option<PathBuf>,
+    /// Nodes (needs `--database-url`): more than 1 starts a cluster on the database and the
+    /// bench's own nats-server with JetStream; the API callers and the agents are spread over
+    /// the nodes round-robin, the bench watches `state.change` on the first node, and the
+    /// server's CPU is the nodes' and nats-server's together.
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
+    /// Cluster mode even with `--nodes 1` (PostgreSQL and NATS).
+    #[arg(long)]
+    cluster: bool,
+    /// The nats-server binary of a cluster.
+    #[arg(long, default_value = "/usr/sbin/nats-server")]
+    nats_bin: PathBuf,
+}
+
+/// The server under test: one `drover server`, or the nodes of a cluster.
+struct Target<'a> {
+    /// Each node's `http://127.0.0.1:<port>`.
+    urls: Vec<String>,
+    /// The processes whose CPU is the server's (the nodes, and a cluster's nats-server).
+    pids: Vec<u32>,
+    /// The PostgreSQL database, if on one.
+    database: Option<&'a PgDatabase>,
+}
+
+impl Target<'_> {
+    fn of(server: &ServerChild) -> Target<'_> {
+        Target {
+            urls: vec![server.http_url()],
+            pids: vec![server.pid],
+            database: server.database.as_ref(),
+        }
+    }
+
+    /// A metric summed over the nodes.
+    async fn metric(&self, name: &str) -> Option<f64> {
+        let mut sum = None;
+        for url in &self.urls {
+            if let Some(value) = metric(url, name).await {
+                *sum.get_or_insert(0.0) += value;
+            }
+        }
+        sum
+    }
 }
 
 fn main() -> Result<()> {
@@ -153,18 +206,23 @@ async fn run(args: &Args) -> Result<()> {
         args.idle_containers
     );
     let timeout = Duration::from_secs(args.timeout_seconds.max(1));
-    let options = ServerOptions {
-        queue: args.server_queue,
-        ..args.server.options("drover-bench-engine-")
+    let processes_per_second = if args.nodes > 1 || args.cluster {
+        let database = database.context("--nodes and --cluster need --database-url")?;
+        run_cluster(&bin, args, database, timeout).await?
+    } else {
+        let options = ServerOptions {
+            queue: args.server_queue,
+            ..args.server.options("drover-bench-engine-")
+        };
+        let server = ServerChild::start(&bin, &options, database, timeout).await?;
+        println!("  server pid {} on {}", server.pid, server.addr);
+        let result = bench(&Target::of(&server), args, backend, timeout).await;
+        if result.is_err() {
+            eprintln!("server log tail:\n{}", server.log_tail());
+        }
+        server.stop(args.server.keep_log.as_deref()).await;
+        result?
     };
-    let server = ServerChild::start(&bin, &options, database, timeout).await?;
-    println!("  server pid {} on {}", server.pid, server.addr);
-    let result = bench(&server, args, backend, timeout).await;
-    if result.is_err() {
-        eprintln!("server log tail:\n{}", server.log_tail());
-    }
-    server.stop(args.server.keep_log.as_deref()).await;
-    let processes_per_second = result?;
     if let Some(url) = &args.database_url
         && !args.no_peer
         && args.peer_jobs > 0
@@ -173,6 +231,78 @@ async fn run(args: &Args) -> Result<()> {
         print_peer_summary(&peers, processes_per_second);
     }
     Ok(())
+}
+
+/// The phases against `--nodes` nodes on `database` and the bench's own nats-server.
+async fn run_cluster(
+    bin: &std::path::Path,
+    args: &Args,
+    database: PgDatabase,
+    timeout: Duration,
+) -> Result<Option<f64>> {
+    let nats = NatsServer::start(&args.nats_bin).await?;
+    let root = tempfile::Builder::new()
+        .prefix("drover-bench-engine-cluster-")
+        .tempdir()?;
+    let mut env = Vec::new();
+    if let Some(queue) = args.server_queue {
+        env.push((
+            "DROVER_SUBSCRIBE_MAX_QUEUED_MESSAGES".to_owned(),
+            queue.to_string(),
+        ));
+    }
+    let config = NodeConfig {
+        bin: bin.to_owned(),
+        root: root.path().to_owned(),
+        database_url: Some(database.url.clone()),
+        nats_url: Some(nats.url()),
+        env,
+        log: args.server.server_log.clone(),
+        threads: args.server.server_threads,
+    };
+    let mut nodes = Nodes::new(config, args.nodes)?;
+    let result = async {
+        nodes.start_all().await?;
+        let names: Vec<String> = nodes.slots.iter().map(|s| s.name.clone()).collect();
+        wait_alive(&nodes.url(0), &names, timeout).await?;
+        println!(
+            "  cluster: {} nodes (pids {:?}), nats-server pid {:?} on {}",
+            nodes.len(),
+            nodes.pids(),
+            nats.pid,
+            nats.url()
+        );
+        let mut pids = nodes.pids();
+        pids.extend(nats.pid);
+        let target = Target {
+            urls: nodes.urls(),
+            pids,
+            database: Some(&database),
+        };
+        let backend = format!("PostgreSQL, {} nodes", nodes.len());
+        bench(&target, args, &backend, timeout).await
+    }
+    .await;
+    if result.is_err() {
+        for i in 0..nodes.len() {
+            eprintln!(
+                "{} log tail:\n{}",
+                nodes.slots[i].name,
+                nodes.log_tail(i, 15)
+            );
+        }
+    }
+    if let Some(keep) = &args.server.keep_log {
+        for i in 0..nodes.len() {
+            let mut path = keep.clone().into_os_string();
+            path.push(format!(".{}", nodes.slots[i].name));
+            let _ = std::fs::copy(nodes.log_path(i), path);
+        }
+    }
+    nodes.kill_all().await;
+    drop(nats);
+    drop(database);
+    result
 }
 
 /// graphile-worker batched, then unbatched, on the PostgreSQL server of `url`.
@@ -250,13 +380,18 @@ fn print_peer_summary(peers: &[PeerResult], processes_per_second: Option<f64>) {
 
 /// Runs the phases and prints their table; the throughput phase's processes/s.
 async fn bench(
-    server: &ServerChild,
+    target: &Target<'_>,
     args: &Args,
     backend: &str,
     timeout: Duration,
 ) -> Result<Option<f64>> {
-    let url = server.http_url();
+    let url = target.urls[0].clone();
     let admin = Client::new(&url, ACCESS_KEY, SECRET_KEY)?;
+    let admins = target
+        .urls
+        .iter()
+        .map(|url| Client::new(url, ACCESS_KEY, SECRET_KEY))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut seen = Seen::subscribe(&admin, timeout).await?;
 
     let registered_at = Instant::now();
@@ -265,15 +400,28 @@ async fn bench(
         .context("the registration token has no `token`")?
         .to_owned();
     let stats = Arc::new(AgentStats::default());
-    let (agents, agent_tasks) = start_agents(
-        &url,
-        &token,
-        args.agents,
-        args.register_concurrency,
-        stats.clone(),
-        timeout,
-    )
-    .await?;
+    // The agents spread over the nodes: agent j on node j mod N.
+    let mut agents = Vec::new();
+    let mut agent_tasks = harness::AgentTasks(Vec::new());
+    let n = target.urls.len();
+    for (i, node_url) in target.urls.iter().enumerate() {
+        let count = args.agents / n + usize::from(i < args.agents % n);
+        if count == 0 {
+            continue;
+        }
+        let (mut some, mut tasks) = start_agents_from(
+            node_url,
+            &token,
+            agents.len(),
+            count,
+            args.register_concurrency,
+            stats.clone(),
+            timeout,
+        )
+        .await?;
+        agents.append(&mut some);
+        agent_tasks.0.append(&mut tasks.0);
+    }
     wait_active(&admin, &agents, timeout).await?;
     println!(
         "  {} agents registered, subscribed and active (hosts active) in {:.1} s",
@@ -286,16 +434,16 @@ async fn bench(
 
     let mut rows = Vec::new();
     if args.containers > 0 {
-        wait_quiet(server.pid, Duration::from_secs(args.quiet_wait)).await;
-        let perf = start_perf(args.perf_record.as_deref(), server.pid);
+        wait_quiet_all(&target.pids, Duration::from_secs(args.quiet_wait)).await;
+        let perf = start_perf(args.perf_record.as_deref(), target.pids[0]);
         let stat = args
             .perf_stat
-            .then(|| PerfStat::start(server.pid))
+            .then(|| PerfStat::start(target.pids[0]))
             .flatten();
-        let pg_before = server.database.as_ref().and_then(PgDatabase::stats);
+        let pg_before = target.database.and_then(PgDatabase::stats);
         let phase = throughput(
-            server,
-            &admin,
+            target,
+            &admins,
             &mut seen,
             args.containers,
             args.concurrency.max(1),
@@ -312,22 +460,22 @@ async fn bench(
         if let Some(stat) = stat {
             stat.stop(args.containers).await;
         }
-        pg_report(server, pg_before, args.containers).await;
+        pg_report(target, pg_before, args.containers).await;
         rows.push(phase?);
     }
     if args.idle_containers > 0 {
         // Let the throughput phase's coalesced resource.change publishing and the agents'
         // replies drain, so the idle phase starts idle.
         tokio::time::sleep(Duration::from_secs(2)).await;
-        wait_quiet(server.pid, Duration::from_secs(args.quiet_wait)).await;
+        wait_quiet_all(&target.pids, Duration::from_secs(args.quiet_wait)).await;
         let stat = args
             .perf_stat
-            .then(|| PerfStat::start(server.pid))
+            .then(|| PerfStat::start(target.pids[0]))
             .flatten();
-        let pg_before = server.database.as_ref().and_then(PgDatabase::stats);
+        let pg_before = target.database.and_then(PgDatabase::stats);
         let phase = idle(
-            server,
-            &admin,
+            target,
+            &admins,
             &mut seen,
             args.idle_containers,
             hosts,
@@ -337,7 +485,7 @@ async fn bench(
         if let Some(stat) = stat {
             stat.stop(args.idle_containers).await;
         }
-        pg_report(server, pg_before, args.idle_containers).await;
+        pg_report(target, pg_before, args.idle_containers).await;
         rows.push(phase?);
     }
 
@@ -353,8 +501,14 @@ async fn bench(
     }
     println!(
         "  server VmRSS at the end: {} MiB; slow-consumer disconnects: {}",
-        rss_kib(server.pid).unwrap_or(0) / 1024,
-        metric(&url, "drover_slow_consumer_disconnects_total")
+        target
+            .pids
+            .iter()
+            .map(|pid| rss_kib(*pid).unwrap_or(0))
+            .sum::<u64>()
+            / 1024,
+        target
+            .metric("drover_slow_consumer_disconnects_total")
             .await
             .map_or_else(|| "?".to_owned(), |v| v.to_string())
     );
@@ -456,8 +610,8 @@ async fn create(admin: &Client, body: &Value) -> Created {
 }
 
 async fn throughput(
-    server: &ServerChild,
-    admin: &Client,
+    target: &Target<'_>,
+    admins: &[Client],
     seen: &mut Seen,
     containers: usize,
     callers: usize,
@@ -468,13 +622,14 @@ async fn throughput(
     let load_before = loadavg();
     let (tx, mut created_rx) = mpsc::unbounded_channel::<Created>();
     let next = Arc::new(AtomicUsize::new(0));
-    let meter = CpuMeter::start(server.pid);
-    let threads = ThreadMeter::start(server.pid);
-    let writer_before = writer_counts(&format!("http://{}", server.addr)).await;
+    let meter = CpuMeter::start_all(&target.pids);
+    let threads = ThreadMeter::start(target.pids[0]);
+    let writer_before = writer_counts(target).await;
     let t0 = Instant::now();
     let mut tasks = JoinSet::new();
-    for _ in 0..callers {
-        let (admin, next, tx, hosts) = (admin.clone(), next.clone(), tx.clone(), hosts.clone());
+    for caller in 0..callers {
+        let admin = admins[caller % admins.len()].clone();
+        let (next, tx, hosts) = (next.clone(), tx.clone(), hosts.clone());
         tasks.spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -571,8 +726,15 @@ async fn throughput(
         row.cpu,
         row.server_cpu_ms_per_start()
     );
-    println!("    server threads: {threads}");
-    let writer_after = writer_counts(&format!("http://{}", server.addr)).await;
+    println!(
+        "    server threads{}: {threads}",
+        if target.urls.len() > 1 {
+            " (first node)"
+        } else {
+            ""
+        }
+    );
+    let writer_after = writer_counts(target).await;
     let batches = writer_after.0 - writer_before.0;
     let jobs = writer_after.1 - writer_before.1;
     if batches > 0.0 {
@@ -585,21 +747,23 @@ async fn throughput(
     Ok(row)
 }
 
-/// The store writer's (transactions, writes) so far.
-async fn writer_counts(url: &str) -> (f64, f64) {
+/// The store writers' (transactions, writes) so far, summed over the nodes.
+async fn writer_counts(target: &Target<'_>) -> (f64, f64) {
     (
-        metric(url, "drover_store_writer_batches_total")
+        target
+            .metric("drover_store_writer_batches_total")
             .await
             .unwrap_or(0.0),
-        metric(url, "drover_store_writer_jobs_total")
+        target
+            .metric("drover_store_writer_jobs_total")
             .await
             .unwrap_or(0.0),
     )
 }
 
 async fn idle(
-    server: &ServerChild,
-    admin: &Client,
+    target: &Target<'_>,
+    admins: &[Client],
     seen: &mut Seen,
     containers: usize,
     hosts: Option<Arc<Vec<String>>>,
@@ -607,8 +771,8 @@ async fn idle(
 ) -> Result<PhaseRow> {
     println!("  idle latency: {containers} containers, one at a time …");
     let load_before = loadavg();
-    let meter = CpuMeter::start(server.pid);
-    let threads = ThreadMeter::start(server.pid);
+    let meter = CpuMeter::start_all(&target.pids);
+    let threads = ThreadMeter::start(target.pids[0]);
     let t0 = Instant::now();
     let deadline = tokio::time::Instant::now() + timeout;
     let mut latencies = Vec::with_capacity(containers);
@@ -616,7 +780,8 @@ async fn idle(
     for i in 0..containers {
         let body = container_body("idle", i, hosts.as_deref().map(Vec::as_slice));
         let (id, started, answered) =
-            match tokio::time::timeout_at(deadline, create(admin, &body)).await {
+            match tokio::time::timeout_at(deadline, create(&admins[i % admins.len()], &body)).await
+            {
                 Ok(created) => created.map_err(|error| anyhow!("creating a container: {error}"))?,
                 Err(_) => bail!("idle phase timed out after {} s", timeout.as_secs()),
             };
@@ -764,8 +929,8 @@ impl Seen {
 
 /// Prints PostgreSQL's commits and WAL syncs per container start over a phase (after waiting
 /// for the server's idle connections to flush their statistics).
-async fn pg_report(server: &ServerChild, before: Option<PgStats>, containers: usize) {
-    let (Some(database), Some(before)) = (server.database.as_ref(), before) else {
+async fn pg_report(target: &Target<'_>, before: Option<PgStats>, containers: usize) {
+    let (Some(database), Some(before)) = (target.database, before) else {
         return;
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
