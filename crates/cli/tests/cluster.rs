@@ -508,6 +508,18 @@ async fn periodic_tasks_run_once_in_the_cluster_and_move_when_the_leader_dies() 
             "{task}: {runs} runs in {WINDOW} ms at one per {interval} ms: {window:?}"
         );
     }
+    eprintln!(
+        "runs in {WINDOW} ms: {:?}",
+        per_task
+            .iter()
+            .map(|(task, runs)| (task, runs.len()))
+            .collect::<Vec<_>>()
+    );
+    // The event worker records one run when a node takes the lead: none in a quiet window.
+    assert!(
+        !per_task.contains_key("event.worker"),
+        "the event worker started again without a change of leader: {window:?}"
+    );
     // The node that runs them is the one the cluster calls its leader.
     let leader_name: String = cluster
         .query::<(String,)>(&format!(
@@ -531,11 +543,13 @@ async fn periodic_tasks_run_once_in_the_cluster_and_move_when_the_leader_dies() 
     // kill -9 of the leader: the duties move to one other node.
     cluster.kill(leader).await;
     let killed_at = now_millis();
-    let takeover = wait_for("both tasks run by another node", || async {
+    let takeover = wait_for("every task run by another node", || async {
         let runs = task_runs(&cluster, killed_at).await;
         let tasks: HashSet<&str> = runs.iter().map(|r| r.0.as_str()).collect();
-        (tasks.contains("table.cleanup") && tasks.contains("agent.ping"))
-            .then(|| runs.iter().map(|r| r.3).max().unwrap())
+        (tasks.contains("table.cleanup")
+            && tasks.contains("agent.ping")
+            && tasks.contains("event.worker"))
+        .then(|| runs.iter().map(|r| r.3).max().unwrap())
     })
     .await;
     wait_for("a window of the new leader's runs", || async {
@@ -675,7 +689,7 @@ async fn process_rows(cluster: &Cluster) -> Vec<ProcessRow> {
 ///    the others, and after SIGCONT it writes nothing under its old epoch.
 #[tokio::test]
 async fn a_paused_node_that_comes_back_changes_nothing_it_lost() {
-    const CONTAINERS: usize = 30;
+    const CONTAINERS: usize = 60;
     let _serial = SERIAL.lock().await;
     let Some(cluster) = three_nodes("a paused node's fencing", &[]).await else {
         return;
@@ -696,18 +710,44 @@ async fn a_paused_node_that_comes_back_changes_nothing_it_lost() {
             "SELECT epoch FROM cluster_node WHERE id = '{a_id}'"
         ))
         .await;
-    // Pause A while it owns processes in flight.
-    let held_by_a: Vec<(i64,)> = wait_for("A to own processes in flight", || async {
-        let owned: Vec<(i64,)> = cluster
-            .query(&format!(
-                "SELECT id FROM process_instance \
-                 WHERE running_process_server_id = '{a_id}' AND end_time IS NULL"
-            ))
-            .await;
-        (!owned.is_empty()).then_some(owned)
-    })
-    .await;
-    cluster.pause(A);
+    // Pause A while it owns processes in flight and is inside a transaction that has written
+    // process rows (their row locks stay until PostgreSQL ends it): what the store says A
+    // holds once it is stopped is what A has in flight. Its attempts and transactions come
+    // and go: try again until both hold.
+    let owned_by_a = format!(
+        "SELECT id FROM process_instance \
+         WHERE running_process_server_id = '{a_id}' AND end_time IS NULL"
+    );
+    let fenced_before = cluster
+        .node(A)
+        .metric("drover_engine_fenced_total")
+        .await
+        .expect("A exports drover_engine_fenced_total");
+    let others_epochs = "SELECT name, epoch FROM cluster_node \
+                         WHERE name IN ('n1', 'n2') AND state = 'alive' ORDER BY name";
+    let others_before: Vec<(String, i64)> = cluster.query(others_epochs).await;
+    let mut held_by_a: Vec<(i64,)> = Vec::new();
+    let mut tries = 0;
+    for _ in 0..300 {
+        tries += 1;
+        wait_for("A to own processes in flight", || async {
+            let owned: Vec<(i64,)> = cluster.query(&owned_by_a).await;
+            (!owned.is_empty()).then_some(())
+        })
+        .await;
+        cluster.pause(A);
+        if cluster.sessions_writing(A, "process_instance").await > 0 {
+            held_by_a = cluster.query(&owned_by_a).await;
+            if !held_by_a.is_empty() {
+                break;
+            }
+        }
+        cluster.resume(A);
+    }
+    assert!(
+        !held_by_a.is_empty(),
+        "A was never paused inside a write transaction while owning processes ({tries} tries)"
+    );
     let paused_at = now_millis();
 
     // B sees A dead; nothing stays leased by A; the starts complete elsewhere.
@@ -732,6 +772,25 @@ async fn a_paused_node_that_comes_back_changes_nothing_it_lost() {
         assert_eq!(row.1.as_deref(), Some("SUCCESS"), "A's process {row:?}");
         assert_eq!(row.3, None, "A's process {row:?}");
     }
+    // Completed by the others: each execution's log names the node that wrote it.
+    let held_ids = held_by_a
+        .iter()
+        .map(|(id,)| id.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let done_by: Vec<(Option<String>,)> = cluster
+        .query(&format!(
+            "SELECT log::jsonb->>'node' FROM process_execution \
+             WHERE process_instance_id IN ({held_ids}) AND exit_reason = 'DONE'"
+        ))
+        .await;
+    assert_eq!(done_by.len(), held_by_a.len(), "{done_by:?}");
+    assert!(
+        done_by
+            .iter()
+            .all(|(node,)| node.is_some() && node.as_deref() != Some(&a_id)),
+        "A's processes were finished by {done_by:?} (A is {a_id})"
+    );
     let a_runs = format!(
         "SELECT count(*) FROM cluster_task_run WHERE node = '{a_id}' AND epoch = {a_epoch}"
     );
@@ -741,6 +800,23 @@ async fn a_paused_node_that_comes_back_changes_nothing_it_lost() {
     // epoch (or not at all) and runs new work.
     cluster.resume(A);
     let resumed_at = now_millis();
+    // Each of its attempts in flight ends: the store refuses what it would write, or its
+    // transaction fails (PostgreSQL ended the session it left open).
+    let fenced = wait_for("A's stale finishes refused or failed", || async {
+        let fenced = cluster
+            .node(A)
+            .metric("drover_engine_fenced_total")
+            .await
+            .expect("A exports drover_engine_fenced_total")
+            - fenced_before;
+        let failed = cluster
+            .node(A)
+            .log()
+            .matches("recording a process attempt failed")
+            .count();
+        (fenced as usize + failed >= held_by_a.len()).then_some(fenced)
+    })
+    .await;
     poll(
         &cluster.node(B).admin,
         "clusternodes",
@@ -793,13 +869,23 @@ async fn a_paused_node_that_comes_back_changes_nothing_it_lost() {
         ))
         .await;
     assert_eq!(stale_runs, 0);
-    match cluster.node(A).metric("drover_engine_fenced_total").await {
-        Some(fenced) => eprintln!("A refused {fenced} finishes after its pause"),
-        None => eprintln!("A exports no drover_engine_fenced_total"),
-    }
+    // The paused node's open transaction did not take the others down: they kept their
+    // leases (and epochs) throughout.
+    let others_after: Vec<(String, i64)> = cluster.query(others_epochs).await;
+    assert_eq!(
+        others_after, others_before,
+        "B or C lost its lease while A was paused"
+    );
+    let fenced_at_end = cluster
+        .node(A)
+        .metric("drover_engine_fenced_total")
+        .await
+        .unwrap();
     eprintln!(
-        "A held {} processes when paused; back {} ms after the pause",
+        "A held {} processes when paused in a transaction (try {tries}); {fenced} stale finishes \
+         refused ({} at the end); back {} ms after the pause",
         held_by_a.len(),
+        fenced_at_end - fenced_before,
         resumed_at - paused_at
     );
     drop(agent);

@@ -69,6 +69,7 @@ struct Log(Arc<Mutex<VecDeque<String>>>);
 
 impl Log {
     fn push(&self, line: String) {
+        let line = strip_ansi(&line);
         let mut lines = self
             .0
             .lock()
@@ -86,6 +87,24 @@ impl Log {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         lines.iter().map(|line| format!("{line}\n")).collect()
     }
+}
+
+/// `text` without ANSI colour sequences (`ESC [ … m`), which the server's log has.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// One `drover server` child of a [`Cluster`].
@@ -189,6 +208,7 @@ impl Builder {
             database_url: database.url.clone(),
             nats_url,
             nodes: Vec::new(),
+            pool: tokio::sync::OnceCell::new(),
             env: self.env,
             database: Some(database),
         };
@@ -209,6 +229,7 @@ pub struct Cluster {
     pub nats_url: String,
     /// The nodes, `n0`, `n1`, … in start order.
     pub nodes: Vec<Node>,
+    pool: tokio::sync::OnceCell<sqlx::PgPool>,
     bin: String,
     env: Vec<(String, String)>,
     database: Option<Database>,
@@ -286,7 +307,6 @@ impl Cluster {
             .env_remove("DROVER_NODE_NAME")
             .env("DROVER_ADMIN_ACCESS_KEY", ADMIN_ACCESS)
             .env("DROVER_ADMIN_SECRET_KEY", ADMIN_SECRET)
-            .env("NO_COLOR", "1")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         command
     }
@@ -372,21 +392,56 @@ impl Cluster {
         }
     }
 
-    /// Rows of one query on the cluster's database (a connection of its own).
+    /// Rows of one query on the cluster's database (the test's own connections).
     pub async fn query<T>(&self, query: &str) -> Vec<T>
     where
         T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
     {
-        use sqlx::Connection;
-        let mut conn = sqlx::PgConnection::connect(&self.database_url)
+        let pool = self
+            .pool
+            .get_or_init(|| async {
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(2)
+                    .connect(&self.database_url)
+                    .await
+                    .unwrap()
+            })
+            .await;
+        sqlx::query_as::<_, T>(sqlx::AssertSqlSafe(query.to_owned()))
+            .fetch_all(pool)
             .await
-            .unwrap();
-        let rows = sqlx::query_as::<_, T>(sqlx::AssertSqlSafe(query.to_owned()))
-            .fetch_all(&mut conn)
-            .await
-            .unwrap_or_else(|error| panic!("{query}: {error}"));
-        let _ = conn.close().await;
-        rows
+            .unwrap_or_else(|error| panic!("{query}: {error}"))
+    }
+
+    /// How many of node `i`'s PostgreSQL sessions are inside a transaction that has written
+    /// rows (has a transaction id) and written to `table` (holds its `RowExclusiveLock`) right
+    /// now. Linux: the node's sockets are found
+    /// in `/proc` and matched to `pg_stat_activity.client_port`. With the node paused, such a
+    /// transaction keeps the row locks of what it wrote until the node resumes, unless
+    /// PostgreSQL ends it.
+    pub async fn sessions_writing(&self, i: usize, table: &str) -> i64 {
+        let pid = self.nodes[i].pid.expect("a running node");
+        let server_port = reqwest::Url::parse(&self.database_url)
+            .ok()
+            .and_then(|url| url.port())
+            .unwrap_or(5432);
+        let ports = postgres_client_ports(pid, server_port);
+        if ports.is_empty() {
+            return 0;
+        }
+        let ports = ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        self.scalar(&format!(
+            "SELECT count(DISTINCT a.pid) FROM pg_stat_activity a \
+             JOIN pg_locks l ON l.pid = a.pid JOIN pg_class c ON c.oid = l.relation \
+             WHERE a.datname = current_database() AND a.client_port IN ({ports}) \
+             AND a.backend_xid IS NOT NULL AND c.relname = '{table}' \
+             AND l.mode = 'RowExclusiveLock' AND l.granted"
+        ))
+        .await
     }
 
     /// The `i64` in the first column of the first row of a query.
@@ -445,6 +500,9 @@ impl Cluster {
     pub async fn finish(mut self) {
         for i in 0..self.nodes.len() {
             self.kill(i).await;
+        }
+        if let Some(pool) = self.pool.get() {
+            pool.close().await;
         }
         if let Some(database) = self.database.take() {
             database.drop_now().await;
@@ -509,4 +567,47 @@ async fn read_lines(
         }
         log.push(line);
     }
+}
+
+/// The local ports of `pid`'s TCP connections to `server_port`, from `/proc`.
+fn postgres_client_ports(pid: u32, server_port: u16) -> Vec<u16> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter_map(|link| {
+            let link = link.to_string_lossy().into_owned();
+            link.strip_prefix("socket:[")
+                .and_then(|rest| rest.strip_suffix(']'))
+                .map(str::to_owned)
+        })
+        .collect();
+    let mut ports = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(remote), Some(inode)) =
+                (fields.get(1), fields.get(2), fields.get(9))
+            else {
+                continue;
+            };
+            let port = |address: &str| {
+                address
+                    .rsplit(':')
+                    .next()
+                    .and_then(|hex| u16::from_str_radix(hex, 16).ok())
+            };
+            if port(remote) == Some(server_port)
+                && inodes.contains(*inode)
+                && let Some(local) = port(local)
+            {
+                ports.push(local);
+            }
+        }
+    }
+    ports
 }
