@@ -82,6 +82,14 @@ struct ServerArgs {
     /// The URL clients reach this server at, for links in events (default: http://<listen address>).
     #[arg(long, env = "DROVER_PUBLIC_URL")]
     public_url: Option<String>,
+    /// Run as a node of a cluster: several servers on one PostgreSQL (--database-url), with
+    /// deliveries between them over this NATS (nats://host:4222).
+    #[arg(long, env = "DROVER_NATS_URL")]
+    nats_url: Option<String>,
+    /// This node's name in the cluster (default: one made on first start and kept in the data
+    /// directory).
+    #[arg(long, env = "DROVER_NODE_NAME")]
+    node_name: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -125,6 +133,8 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
         admin_secret_key: args.admin_secret_key,
         settings: Settings::from_environment(),
         public_url: args.public_url.clone(),
+        nats_url: args.nats_url.clone(),
+        node_name: args.node_name.clone(),
         ..drover_server::Config::new(args.data_dir)
     };
     let server = drover_server::Server::start(listener, config).await?;
@@ -173,6 +183,8 @@ async fn up(args: ServerArgs) -> anyhow::Result<()> {
         admin_secret_key: args.admin_secret_key,
         settings: Settings::from_environment(),
         public_url: args.public_url.clone(),
+        nats_url: args.nats_url.clone(),
+        node_name: args.node_name.clone(),
         ..drover_server::Config::new(&data_dir)
     };
     let server = drover_server::Server::start(listener, config).await?;

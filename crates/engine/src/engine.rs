@@ -34,6 +34,8 @@ pub struct Engine<B> {
     tunables: SharedTunables,
     node: String,
     wake: Arc<Notify>,
+    /// Finishes the store refused: the attempt had been canceled or taken over.
+    fenced: Arc<std::sync::atomic::AtomicU64>,
     shutdown: CancellationToken,
     /// Processes whose resource must be on a host before they run (placed in the claim).
     place: Vec<&'static str>,
@@ -49,12 +51,19 @@ pub struct Engine<B> {
 pub struct EngineHandle {
     wake: Arc<Notify>,
     node: Arc<str>,
+    fenced: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl EngineHandle {
     /// Tells the engine there may be ready work.
     pub fn wake(&self) {
         self.wake.notify_one();
+    }
+
+    /// How many attempts' finishes the store refused because the attempt no longer held its
+    /// process (canceled, or taken over by another node or a later attempt).
+    pub fn fenced(&self) -> u64 {
+        self.fenced.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// This node's id (recorded on the processes it schedules and runs).
@@ -153,6 +162,7 @@ impl<B: Bus> Engine<B> {
             tunables,
             node,
             wake: Arc::new(Notify::new()),
+            fenced: Arc::default(),
             shutdown,
             place,
             agent_key,
@@ -179,6 +189,7 @@ impl<B: Bus> Engine<B> {
         EngineHandle {
             wake: self.wake.clone(),
             node: self.node.clone().into(),
+            fenced: self.fenced.clone(),
         }
     }
 
@@ -314,10 +325,14 @@ impl<B: Bus> Engine<B> {
                 }
                 return next;
             }
-            Ok(None) => tracing::debug!(
-                process = id,
-                "the attempt changed nothing: the process was canceled or taken over, or its resource moved"
-            ),
+            Ok(None) => {
+                self.fenced
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::debug!(
+                    process = id,
+                    "the attempt changed nothing: the process was canceled or taken over, or its resource moved"
+                )
+            }
             Err(error) => {
                 tracing::warn!(process = id, %error, "recording a process attempt failed; it will be retried when its lease runs out")
             }

@@ -174,10 +174,14 @@ impl Cleanup {
     }
 }
 
+/// The task's name in `cluster_task_run`.
+const TASK: &str = "table.cleanup";
+
 /// The periodic job: runs until shutdown.
 pub async fn run(state: AppState, shutdown: CancellationToken) {
     let cleanup = state.cleanup.clone();
     let mut changed = state.settings.watch();
+    let mut leadership = state.cluster.leadership();
     let started = now_millis();
     loop {
         let interval = state
@@ -185,15 +189,31 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
             .int("task.table.cleanup.schedule")
             .saturating_mul(1000)
             .max(1);
-        let due = match cleanup.last() {
-            Some(last) => last.ended.saturating_add(interval),
+        // Once per cluster: only the leader runs it, due after the cluster's last run (a
+        // node that takes the duty over keeps the schedule).
+        let leader = state.cluster.is_leader();
+        let last = if leader {
+            state.store.last_task_run(TASK).await.ok().flatten()
+        } else {
+            None
+        };
+        let due = match last.or_else(|| cleanup.last().map(|last| last.ended)) {
+            Some(last) => last.saturating_add(interval),
             None => started.saturating_add(interval.min(INITIAL_DELAY_MS)),
         };
-        cleanup.lock().next_run = Some(due);
+        cleanup.lock().next_run = leader.then_some(due);
         let wait = Duration::from_millis((due - now_millis()).max(0) as u64);
         tokio::select! {
-            () = tokio::time::sleep(wait) => {
-                cleanup.run_now(&state, "schedule").await;
+            () = tokio::time::sleep(wait), if leader => {
+                if state.cluster.begin_task(TASK).await {
+                    cleanup.run_now(&state, "schedule").await;
+                }
+            }
+            // Leadership came or went: compute the due time again.
+            result = leadership.changed() => {
+                if result.is_err() {
+                    return;
+                }
             }
             // A setting changed: compute the due time again.
             result = changed.changed() => {

@@ -42,19 +42,38 @@ impl EventWorker {
 
 /// Runs the worker until shutdown.
 pub async fn run(state: AppState, shutdown: CancellationToken) {
-    for kind in [EventKind::Container, EventKind::Service] {
-        match state.store.requeue_events(kind).await {
-            Ok(0) => {}
-            Ok(count) => tracing::info!(
-                count,
-                table = kind.table(),
-                "events left half-handled are handled again"
-            ),
-            Err(error) => tracing::warn!(%error, "requeueing events failed"),
-        }
-    }
     let wake = state.events.wake.clone();
+    let mut leadership = state.cluster.leadership();
+    let mut leading = false;
     loop {
+        // Once per cluster: only the leader handles events, in order. A node that becomes
+        // leader first hands back what a previous leader left half-handled.
+        if !state.cluster.is_leader() {
+            leading = false;
+            tokio::select! {
+                _ = leadership.changed() => {}
+                () = tokio::time::sleep(IDLE) => {}
+                () = shutdown.cancelled() => return,
+            }
+            continue;
+        }
+        if !leading {
+            if !state.cluster.begin_task("event.worker").await {
+                continue;
+            }
+            leading = true;
+            for kind in [EventKind::Container, EventKind::Service] {
+                match state.store.requeue_events(kind).await {
+                    Ok(0) => {}
+                    Ok(count) => tracing::info!(
+                        count,
+                        table = kind.table(),
+                        "events left half-handled are handled again"
+                    ),
+                    Err(error) => tracing::warn!(%error, "requeueing events failed"),
+                }
+            }
+        }
         let mut busy = false;
         for kind in [EventKind::Container, EventKind::Service] {
             match state.store.claim_events(kind, BATCH).await {

@@ -25,7 +25,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
@@ -122,6 +122,31 @@ impl Target {
 
 type Table = HashMap<Box<str>, Arc<Vec<Target>>>;
 
+/// The other nodes of a cluster, as the hub sees them (`crate::cluster::Link` over NATS).
+pub trait Remote: Send + Sync + std::fmt::Debug {
+    /// An event this node routed under `name` (serialized with that name), for the other
+    /// nodes' targets of `name`. Must not wait.
+    fn forward(&self, name: &str, text: Utf8Bytes, origin: &Origin);
+    /// `names` gained their first or lost their last local target.
+    fn interest(&self, names: &[Box<str>]);
+    /// A socket here subscribed to `names`: the other nodes' calls waiting on them resend.
+    fn subscribed(&self, names: &[Box<str>]);
+}
+
+/// A call waiting for its reply.
+#[derive(Debug)]
+struct PendingCall {
+    /// Who may answer it.
+    addressee: Qualifier,
+    /// The request's name.
+    name: Box<str>,
+    /// Where its replies go.
+    tx: mpsc::Sender<Event>,
+    /// Notified when the request must be sent again (a remote node's socket subscribed to
+    /// its name, or NATS came back).
+    resend: Arc<Notify>,
+}
+
 /// The hub: cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Hub {
@@ -135,8 +160,10 @@ struct Inner {
     metrics: Metrics,
     /// The name replies to this node's calls are sent to.
     reply_name: String,
-    /// Calls waiting for replies, by request id, with whom they may be answered by.
-    calls: Mutex<HashMap<String, (Qualifier, mpsc::Sender<Event>)>>,
+    /// Calls waiting for replies, by request id.
+    calls: Mutex<HashMap<String, PendingCall>>,
+    /// The other nodes, in a cluster.
+    remote: OnceLock<Arc<dyn Remote>>,
     /// Woken whenever names gain targets: a request that reached nobody is sent again.
     subscribed: Notify,
     /// The parent of every subscriber's closer: cancelled on shutdown.
@@ -228,6 +255,7 @@ impl Hub {
                 metrics,
                 reply_name: format!("{REPLY_PREFIX}{}", rand::random::<u64>() >> 1),
                 calls: Mutex::new(HashMap::new()),
+                remote: OnceLock::new(),
                 subscribed: Notify::new(),
                 shutdown,
             }),
@@ -268,6 +296,9 @@ impl Hub {
                     .map(|name| (name.clone(), Target::Logout(subscriber.clone()))),
             );
         self.add_targets(targets);
+        if let Some(remote) = self.inner.remote.get() {
+            remote.subscribed(&unique);
+        }
         self.inner.metrics.connections.increment(1.0);
         self.inner
             .metrics
@@ -284,6 +315,7 @@ impl Hub {
     /// Removes a socket's subscriptions.
     pub fn unsubscribe(&self, subscription: &Subscription) {
         let id = subscription.subscriber.id;
+        let mut gone = Vec::new();
         {
             let mut topics = self
                 .inner
@@ -302,9 +334,13 @@ impl Hub {
                     }
                     if list.is_empty() {
                         topics.remove(name);
+                        gone.push(name.clone());
                     }
                 }
             }
+        }
+        if let Some(remote) = self.inner.remote.get() {
+            remote.interest(&gone);
         }
         self.inner.metrics.connections.decrement(1.0);
         self.inner
@@ -331,10 +367,21 @@ impl Hub {
             .topics
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut fresh = Vec::new();
         for (name, target) in targets {
-            Arc::make_mut(topics.entry(name).or_default()).push(target);
+            let list = match topics.entry(name) {
+                std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+                std::collections::hash_map::Entry::Vacant(entry) => {
+                    fresh.push(entry.key().clone());
+                    entry.insert(Arc::default())
+                }
+            };
+            Arc::make_mut(list).push(target);
         }
         drop(topics);
+        if let Some(remote) = self.inner.remote.get() {
+            remote.interest(&fresh);
+        }
         self.inner.subscribed.notify_waiters();
     }
 
@@ -351,28 +398,105 @@ impl Hub {
     pub fn publish_from(&self, event: &Event, origin: &Origin) -> usize {
         self.inner.metrics.events_published.increment(1);
         match origin.scope {
-            Qualifier::Raw => self.route(event, event.name(), origin),
+            Qualifier::Raw => self.route(event, event.name(), origin, true),
             scope => {
                 let base = names::base(event.name());
-                self.route(event, base, origin) + self.route(event, &scope.qualify(base), origin)
+                self.route(event, base, origin, true)
+                    + self.route(event, &scope.qualify(base), origin, true)
+            }
+        }
+    }
+
+    /// Links the hub to the other nodes of a cluster; they learn every name wanted here.
+    pub fn set_remote(&self, remote: Arc<dyn Remote>) {
+        if self.inner.remote.set(remote.clone()).is_ok() {
+            let names: Vec<Box<str>> = self
+                .inner
+                .topics
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .keys()
+                .cloned()
+                .collect();
+            remote.interest(&names);
+        }
+    }
+
+    /// Whether any local target wants `name`.
+    pub fn has_targets(&self, name: &str) -> bool {
+        self.inner
+            .topics
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .contains_key(name)
+    }
+
+    /// Delivers an event another node routed under `name` to this node's targets of `name`
+    /// only (it is not forwarded again).
+    pub fn deliver_remote(&self, event: &Event, name: &str, origin: &Origin) -> usize {
+        self.route(event, name, origin, false)
+    }
+
+    /// Sends every pending call's request again (NATS came back: copies may have been lost).
+    pub fn resend_all(&self) {
+        let calls = self
+            .inner
+            .calls
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for call in calls.values() {
+            call.resend.notify_one();
+        }
+    }
+
+    /// Sockets on another node subscribed to `names`: calls waiting on them send again.
+    pub fn remote_subscribed(&self, names: &[String]) {
+        let calls = self
+            .inner
+            .calls
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for call in calls.values() {
+            if names.iter().any(|name| **name == *call.name) {
+                call.resend.notify_one();
             }
         }
     }
 
     /// Delivers `event` to the targets of `name`, under which raw subscribers receive it.
-    fn route(&self, event: &Event, name: &str, origin: &Origin) -> usize {
+    /// With `forward`, the event also goes to the other nodes' targets of `name`.
+    fn route(&self, event: &Event, name: &str, origin: &Origin, forward: bool) -> usize {
         let targets = {
             let topics = self
                 .inner
                 .topics
                 .read()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            match topics.get(name) {
-                Some(targets) => targets.clone(),
-                None => return 0,
-            }
+            topics.get(name).cloned()
         };
         let mut full_text: Option<Utf8Bytes> = None;
+        let delivered = match targets {
+            Some(targets) => self.deliver(event, name, origin, &targets, &mut full_text),
+            None => 0,
+        };
+        if forward
+            && let Some(remote) = self.inner.remote.get()
+            && name != self.inner.reply_name
+        {
+            let text = full_text.unwrap_or_else(|| event.to_json_with_name(name).into());
+            remote.forward(name, text, origin);
+        }
+        delivered
+    }
+
+    fn deliver(
+        &self,
+        event: &Event,
+        name: &str,
+        origin: &Origin,
+        targets: &[Target],
+        full_text: &mut Option<Utf8Bytes>,
+    ) -> usize {
         let mut stripped_text: Option<Utf8Bytes> = None;
         let mut shared: Option<Arc<Event>> = None;
         let (mut delivered, mut dropped) = (0usize, 0u64);
@@ -384,7 +508,7 @@ impl Hub {
                             event.to_json_with_name(names::base(name)).into()
                         })
                     } else {
-                        full_text.get_or_insert_with(|| event.to_json_with_name(name).into())
+                        &*full_text.get_or_insert_with(|| event.to_json_with_name(name).into())
                     };
                     match subscriber.tx.try_send(text.clone()) {
                         Ok(()) => delivered += 1,
@@ -435,8 +559,8 @@ impl Hub {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         match calls.get(key) {
-            Some((addressee, tx)) if origin.may_answer(*addressee) => {
-                tx.try_send(event.clone()).is_ok()
+            Some(call) if origin.may_answer(call.addressee) => {
+                call.tx.try_send(event.clone()).is_ok()
             }
             Some(_) => {
                 self.inner.metrics.replies_rejected.increment(1);
@@ -488,11 +612,20 @@ impl Hub {
             .time
             .get_or_insert_with(drover_proto::event::now_millis);
         let (tx, mut rx) = mpsc::channel(16);
+        let resend = Arc::new(Notify::new());
         self.inner
             .calls
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(request_id.clone(), (addressee(request.name()), tx));
+            .insert(
+                request_id.clone(),
+                PendingCall {
+                    addressee: addressee(request.name()),
+                    name: request.name().into(),
+                    tx,
+                    resend: resend.clone(),
+                },
+            );
         let _guard = CallGuard {
             hub: self,
             request_id: &request_id,
@@ -517,6 +650,10 @@ impl Hub {
                         self.publish(&request);
                         self.inner.metrics.requests_resent.increment(1);
                     }
+                }
+                () = resend.notified() => {
+                    self.publish(&request);
+                    self.inner.metrics.requests_resent.increment(1);
                 }
                 reply = rx.recv() => {
                     let Some(reply) = reply else { return Err(CallError::Shutdown) };

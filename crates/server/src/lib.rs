@@ -17,6 +17,7 @@ pub mod api;
 pub mod auth;
 pub mod changes;
 pub mod cleanup;
+pub mod cluster;
 pub mod container_events;
 pub mod error;
 pub mod hub;
@@ -98,6 +99,10 @@ pub struct Config {
     /// The URL clients reach the server at, for links in events (`resource.change`);
     /// by default `http://<listen address>`.
     pub public_url: Option<String>,
+    /// `nats://…`: run as a node of a cluster (several servers on one PostgreSQL).
+    pub nats_url: Option<String>,
+    /// The node's name; by default the one kept in the data directory (made on first start).
+    pub node_name: Option<String>,
 }
 
 impl Config {
@@ -111,6 +116,8 @@ impl Config {
             admin_secret_key: None,
             settings: Vec::new(),
             public_url: None,
+            nats_url: None,
+            node_name: None,
         }
     }
 
@@ -148,6 +155,9 @@ pub enum StartError {
     /// The listener has no local address.
     #[error("listener: {0}")]
     Listener(std::io::Error),
+    /// The node could not join its cluster.
+    #[error(transparent)]
+    Cluster(#[from] cluster::JoinError),
 }
 
 /// A running server.
@@ -207,6 +217,33 @@ impl Server {
         let hub = Hub::new(metrics.clone(), shutdown.child_token());
         let changes = Changes::new(hub.clone());
         let node = format!("node-{}", uuid::Uuid::new_v4().simple());
+        let public_url = config.public_url.clone().unwrap_or_else(|| {
+            let host = if addr.ip().is_unspecified() {
+                format!("localhost:{}", addr.port())
+            } else {
+                addr.to_string()
+            };
+            format!("http://{host}")
+        });
+        let node_name = match &config.node_name {
+            Some(name) => name.clone(),
+            None => node_name(&config.data_dir).map_err(|source| StartError::DataDir {
+                path: config.data_dir.clone(),
+                source,
+            })?,
+        };
+        let cluster = cluster::Cluster::join(
+            store.clone(),
+            &cluster::ClusterOptions {
+                nats_url: config.nats_url.clone(),
+                node_name,
+                address: public_url.clone(),
+            },
+            &node,
+            &hub,
+            &settings,
+        )
+        .await?;
         let engine = Arc::new(Engine::new(
             store.clone(),
             Arc::new(EngineBus {
@@ -217,14 +254,6 @@ impl Server {
             node,
             shutdown.child_token(),
         ));
-        let public_url = config.public_url.clone().unwrap_or_else(|| {
-            let host = if addr.ip().is_unspecified() {
-                format!("localhost:{}", addr.port())
-            } else {
-                addr.to_string()
-            };
-            format!("http://{host}")
-        });
         let (subscriber_slots, open_files) =
             ws::Slots::from_nofile(settings.uint("api.sub.max.connections"));
         let header_timeout = Duration::from_millis(settings.uint("api.http.header.timeout.millis"));
@@ -240,7 +269,28 @@ impl Server {
             cleanup: cleanup::Cleanup::default(),
             events: container_events::EventWorker::default(),
             subscriber_slots,
+            cluster: cluster.clone(),
         });
+        {
+            let state = state.clone();
+            cluster.on_hints(Box::new(move |hint| on_hint(&state, hint)));
+        }
+        let cluster_task = tokio::spawn(cluster.clone().run(
+            state.settings.clone(),
+            state.engine.clone(),
+            shutdown.child_token(),
+        ));
+        {
+            // A node whose name another process took over stops.
+            let cluster = cluster;
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = cluster.fatal() => shutdown.cancel(),
+                    () = shutdown.cancelled() => {}
+                }
+            });
+        }
         let engine_task = tokio::spawn(engine.run());
         let monitor_task = tokio::spawn(monitor::run(state.clone(), shutdown.child_token()));
         let events_task =
@@ -263,6 +313,7 @@ impl Server {
             let _ = events_task.await;
             let _ = cleanup_task.await;
             let _ = changes_task.await;
+            let _ = cluster_task.await;
             // Sockets were told to close (going away); give them a moment to say so.
             let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
             while serve_state.hub.topic_count() > 1 && tokio::time::Instant::now() < deadline {
@@ -385,6 +436,48 @@ pub async fn run(
     }
     server.stop().await;
     Ok(())
+}
+
+/// What this node does with another node's hint.
+fn on_hint(state: &AppState, hint: cluster::Hint) {
+    match hint {
+        cluster::Hint::Settings => {
+            let state = state.clone();
+            tokio::spawn(async move {
+                match state.store.list_settings().await {
+                    Ok(stored) => state.settings.reload_stored(&stored),
+                    Err(error) => tracing::warn!(%error, "reloading settings failed"),
+                }
+            });
+        }
+        cluster::Hint::Forget(access_key) => state.keys.forget(&access_key),
+        cluster::Hint::Work => state.engine.wake(),
+        cluster::Hint::Subscribed(_) => {}
+    }
+}
+
+/// The node's name kept in `data_dir/node-name`: made on first start from the host name and
+/// a random suffix, so restarts of the same server are the same node and two servers with
+/// their own data directories never share a name.
+fn node_name(data_dir: &Path) -> std::io::Result<String> {
+    let path = data_dir.join("node-name");
+    match std::fs::read_to_string(&path) {
+        Ok(text) if !text.trim().is_empty() => Ok(text.trim().to_owned()),
+        Ok(_) => make_node_name(&path),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => make_node_name(&path),
+        Err(error) => Err(error),
+    }
+}
+
+fn make_node_name(path: &Path) -> std::io::Result<String> {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|text| text.trim().to_owned())
+        .filter(|text| !text.is_empty())
+        .unwrap_or_else(|| "drover".to_owned());
+    let name = format!("{host}-{:04x}", rand::random::<u16>());
+    std::fs::write(path, format!("{name}\n"))?;
+    Ok(name)
 }
 
 /// Writes a generated admin key where the operator can find it (mode 0600).

@@ -62,9 +62,20 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
                 () = shutdown.cancelled() => return,
                 Some(result) = results.recv() => {
                     in_flight.remove(&result.agent_id);
-                    handle_result(&state, result, &mut misses, &mut seen).await;
+                    // Only the leader writes what pings found (checked again here: the
+                    // duty may have moved while the ping was out).
+                    if state.cluster.is_leader() {
+                        handle_result(&state, result, &mut misses, &mut seen).await;
+                    }
                 }
             }
+        }
+        // Once per cluster: only the node holding the leader duty pings. Another node's
+        // counts start afresh when it takes the duty over.
+        if !state.cluster.begin_task("agent.ping").await {
+            misses.clear();
+            seen.clear();
+            continue;
         }
         let agents = match state.store.agents_to_ping().await {
             Ok(agents) => agents,

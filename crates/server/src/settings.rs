@@ -29,6 +29,18 @@ pub struct Definition {
 /// Every setting the server knows.
 pub const DEFINITIONS: &[Definition] = &[
     Definition {
+        name: "cluster.node.ttl.millis",
+        default: "3000",
+        min: 300,
+        description: "Lease of a cluster node: a node that has not renewed it for this long is dead, and live nodes take its processes, agent sessions and duties over at their next heartbeat.",
+    },
+    Definition {
+        name: "cluster.heartbeat.millis",
+        default: "1000",
+        min: 50,
+        description: "How often a node renews its lease, sweeps dead nodes and renews the leader duty; keep it well below cluster.node.ttl.millis.",
+    },
+    Definition {
         name: "api.sub.ping.interval.millis",
         default: "5000",
         min: 10,
@@ -435,6 +447,29 @@ impl Settings {
     /// sleep on a setting (the clean-up job's interval).
     pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
         self.version.subscribe()
+    }
+
+    /// Replaces every stored value with `stored` (another node changed them); values that do
+    /// not validate are ignored, as at start.
+    pub fn reload_stored(&self, stored: &[(String, String)]) {
+        let stored: HashMap<String, String> = stored
+            .iter()
+            .filter(|(name, value)| {
+                definition(name).is_some_and(|def| validate(def, value).is_ok())
+            })
+            .cloned()
+            .collect();
+        let mut inner = self
+            .inner
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if inner.stored == stored {
+            return;
+        }
+        inner.stored = stored;
+        drop(inner);
+        self.refresh();
+        self.version.send_modify(|version| *version += 1);
     }
 
     /// Forgets a stored value (after the store has deleted it).

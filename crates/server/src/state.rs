@@ -56,4 +56,6 @@ pub struct Shared {
     pub events: EventWorker,
     /// Subscriber sockets against `api.sub.max.connections`.
     pub subscriber_slots: crate::ws::Slots,
+    /// This node's membership of its cluster (a single server is a cluster of one).
+    pub cluster: std::sync::Arc<crate::cluster::Cluster>,
 }

@@ -293,6 +293,22 @@ async fn serve(
     let mut pings_sent: u64 = 0;
     let subscriber = subscription.subscriber.clone();
     tracing::debug!(?qualifier, "subscriber connected");
+    // Where each agent's socket is, for the cluster's view (`/v1/clusternodes`).
+    let agent = match qualifier {
+        Qualifier::Agent(agent) => Some(agent),
+        _ => None,
+    };
+    if let Some(agent) = agent {
+        let (store, node) = (state.store.clone(), state.cluster.node_id().to_owned());
+        tokio::spawn(async move {
+            if let Err(error) = store
+                .agent_session_open(agent, &node, drover_proto::event::now_millis())
+                .await
+            {
+                tracing::debug!(%error, agent, "recording an agent session failed");
+            }
+        });
+    }
     // The protocol's first frame is a `ping`, at once, before anything the hub queued the moment
     // the socket subscribed (a request resent to an agent that came back): the ticker's first
     // tick is not ready until the timer driver turns, so it is not left to the race below.
@@ -353,6 +369,12 @@ async fn serve(
         }
     };
     state.hub.unsubscribe(&subscription);
+    if let Some(agent) = agent {
+        let (store, node) = (state.store.clone(), state.cluster.node_id().to_owned());
+        tokio::spawn(async move {
+            let _ = store.agent_session_close(agent, &node).await;
+        });
+    }
     if let Some((code, reason)) = close {
         tracing::debug!(code, %reason, "closing subscriber");
         let frame = CloseFrame {

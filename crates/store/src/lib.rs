@@ -30,6 +30,7 @@ pub use store::{
     ClaimRequest, Claimed, FinishItem, HostAgent, InstanceAgentKey, NewCreate, PlacementError,
     ProgressItem, Step,
 };
+pub use store::{LEADER_DUTY, NodeInfo, NodeRow};
 pub use writer::{WriterOptions, WriterStats};
 
 /// What the store can fail with.

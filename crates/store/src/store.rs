@@ -88,12 +88,14 @@ macro_rules! dispatch {
 }
 
 mod cleanup;
+mod cluster;
 mod events;
 mod process;
 pub(crate) mod resource;
 pub(crate) mod write;
 
 pub use cleanup::{CLEANUP_STEPS, CleanupAge, CleanupStep, StepResult};
+pub use cluster::{LEADER_DUTY, NodeInfo, NodeRow};
 pub use events::{
     EventFilter, EventKind, EventRecord, HostLookup, NewContainerEvent, NewServiceEvent,
     PostEventError,

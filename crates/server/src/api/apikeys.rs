@@ -226,5 +226,6 @@ async fn remove(
         .await?
         .ok_or_else(|| ApiError::not_found("key vanished"))?;
     state.keys.forget(&removed.public_value);
+    state.cluster.key_changed(&removed.public_value);
     Ok(Json(render(&base_url(&headers), &removed, None)))
 }

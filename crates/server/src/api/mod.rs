@@ -2,6 +2,7 @@
 
 mod accounts;
 mod apikeys;
+mod clusternodes;
 mod events;
 mod idempotency;
 pub(crate) mod processes;
@@ -55,6 +56,7 @@ pub fn router(state: AppState) -> Router {
         .merge(register::routes())
         .merge(schemas::routes())
         .merge(settings::routes())
+        .merge(clusternodes::routes())
         .merge(resources::routes())
         .merge(ui::routes())
         .route("/healthz", get(healthz))
@@ -131,14 +133,31 @@ async fn schemas_header(
     response
 }
 
+/// `200 {"status":"ok", "cluster":{…}}` when the store answers (and, in a cluster, NATS is
+/// connected and the node's lease holds); `503` with what is wrong otherwise. A node that
+/// lost NATS keeps serving its own API and sockets; a load balancer should send clients
+/// elsewhere.
 async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
-    match state.store.count_rows("setting").await {
-        Ok(_) => (StatusCode::OK, "ok\n"),
+    let store = match state.store.count_rows("setting").await {
+        Ok(_) => None,
         Err(error) => {
             tracing::warn!(%error, "health check: store unreachable");
-            (StatusCode::SERVICE_UNAVAILABLE, "store unreachable\n")
+            Some(format!("store unreachable: {error}"))
         }
-    }
+    };
+    let (cluster_ok, cluster) = state.cluster.health();
+    let healthy = store.is_none() && cluster_ok;
+    let body = serde_json::json!({
+        "status": if healthy { "ok" } else { "unavailable" },
+        "store": store.unwrap_or_else(|| "ok".to_owned()),
+        "cluster": cluster,
+    });
+    let status = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body))
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
@@ -171,6 +190,74 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         let _ = write!(
             body,
             "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
+        );
+    }
+    let cluster = &state.cluster.stats;
+    for (name, kind, help, value) in [
+        (
+            "drover_cluster_peers",
+            "gauge",
+            "Live nodes of this node's cluster, itself included, at its last heartbeat.",
+            cluster.peers.load(Relaxed).max(0) as u64,
+        ),
+        (
+            "drover_cluster_leader",
+            "gauge",
+            "1 while this node holds the leader duty (clean-up, ping monitor, event worker).",
+            u64::from(state.cluster.is_leader()),
+        ),
+        (
+            "drover_cluster_nats_connected",
+            "gauge",
+            "1 while this node is connected to NATS (always 0 for a server alone).",
+            u64::from(cluster.nats_connected.load(Relaxed)),
+        ),
+        (
+            "drover_cluster_epoch",
+            "gauge",
+            "The epoch of this node's current membership.",
+            state.cluster.epoch().max(0) as u64,
+        ),
+        (
+            "drover_engine_fenced_total",
+            "counter",
+            "Attempts whose finish changed nothing: the process was canceled, or taken over by another node or a later attempt.",
+            state.engine.fenced(),
+        ),
+        (
+            "drover_cluster_takeovers_total",
+            "counter",
+            "Dead nodes whose processes, sessions and duties this node released.",
+            cluster.takeovers.load(Relaxed),
+        ),
+        (
+            "drover_cluster_rejoins_total",
+            "counter",
+            "Times this node found its lease gone (paused, cut off) and joined again.",
+            cluster.rejoins.load(Relaxed),
+        ),
+        (
+            "drover_cluster_remote_published_total",
+            "counter",
+            "Events this node handed to NATS for the other nodes.",
+            cluster.published.load(Relaxed),
+        ),
+        (
+            "drover_cluster_remote_received_total",
+            "counter",
+            "Events from other nodes delivered to this node's subscribers and calls.",
+            cluster.received.load(Relaxed),
+        ),
+        (
+            "drover_cluster_remote_dropped_total",
+            "counter",
+            "Events not handed to NATS because the outgoing queue was full.",
+            cluster.dropped.load(Relaxed),
+        ),
+    ] {
+        let _ = write!(
+            body,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
         );
     }
     (

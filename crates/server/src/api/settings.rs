@@ -126,6 +126,7 @@ async fn put(
         .settings
         .set_stored(definition.name, value.trim())
         .map_err(ApiError::internal)?;
+    state.cluster.settings_changed();
     tracing::info!(
         setting = definition.name,
         value = value.trim(),
@@ -146,6 +147,7 @@ async fn remove(
     let definition = settings::definition(&name).ok_or_else(|| unknown(&name))?;
     state.store.delete_setting(definition.name).await?;
     state.settings.clear_stored(definition.name);
+    state.cluster.settings_changed();
     render(&base_url(&headers), &state, &name)
         .map(Json)
         .ok_or_else(|| unknown(&name))

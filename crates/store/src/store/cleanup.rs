@@ -57,6 +57,18 @@ pub const CLEANUP_STEPS: &[CleanupStep] = &[
         referenced: None,
     },
     CleanupStep {
+        table: "cluster_task_run",
+        age: CleanupAge::Events,
+        old: "t.at < $1",
+        referenced: None,
+    },
+    CleanupStep {
+        table: "cluster_node",
+        age: CleanupAge::Events,
+        old: "t.state = 'dead' AND t.heartbeat_at < $1",
+        referenced: None,
+    },
+    CleanupStep {
         table: "container_event",
         age: CleanupAge::Events,
         old: "t.created < $1",
