@@ -324,3 +324,114 @@ async fn a_lost_connection_moves_the_router_on_even_when_the_server_still_accept
     shutdown.cancel();
     within("the router to stop", task).await.unwrap().unwrap();
 }
+
+/// The NATS server for cluster tests (`DROVER_TEST_NATS_URL`), or `None` after a `SKIP` line
+/// (a panic in CI).
+fn nats_url(what: &str) -> Option<String> {
+    match std::env::var("DROVER_TEST_NATS_URL") {
+        Ok(url) if !url.trim().is_empty() => Some(url),
+        _ => {
+            let ci = std::env::var("CI").unwrap_or_default();
+            if !ci.is_empty() && ci != "false" && ci != "0" {
+                panic!("NATS required in CI: DROVER_TEST_NATS_URL is not set ({what})");
+            }
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIP: {what}: DROVER_TEST_NATS_URL is not set"
+            );
+            None
+        }
+    }
+}
+
+/// A node of a cluster: one PostgreSQL schema, one NATS.
+async fn node(
+    schema: &drover_test_support::postgres::Schema,
+    nats: &str,
+    name: &str,
+    dir: &std::path::Path,
+) -> drover_server::Server {
+    let mut config = drover_server::Config::new(dir.join(name));
+    config.admin_access_key = Some(ADMIN_ACCESS.into());
+    config.admin_secret_key = Some(ADMIN_SECRET.into());
+    config.database_url = Some(schema.url.clone());
+    config.database_schema = Some(schema.name.clone());
+    config.nats_url = Some(nats.to_owned());
+    config.node_name = Some(name.to_owned());
+    config.settings = drover_test_support::FAST
+        .iter()
+        .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+        .collect();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    drover_server::Server::start(listener, config)
+        .await
+        .expect("the node starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_moves_between_the_nodes_of_a_cluster_with_its_one_key() {
+    const WHAT: &str = "a router moving between cluster nodes";
+    drover_test_support::init();
+    let Some(nats) = nats_url(WHAT) else { return };
+    let Some(schema) = drover_test_support::postgres::Schema::create("urls", WHAT).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let first = node(&schema, &nats, "n1", dir.path()).await;
+    let second = node(&schema, &nats, "n2", dir.path()).await;
+    let urls = [
+        format!("http://{}", first.addr),
+        format!("http://{}", second.addr),
+    ];
+    // One agent key, made on the first node: the nodes share the database, so it works on both.
+    let project = first.state.default_project.id;
+    let (agent_id, _account, key) = first
+        .state
+        .store
+        .create_agent(project, "host-a", None)
+        .await
+        .unwrap();
+    let agent = Client::new(
+        &urls.join(","),
+        &key.credential.public_value,
+        &key.secret_value,
+    )
+    .unwrap();
+    let router = RouterBuilder::new(agent.clone())
+        .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200))
+        .agent_id(drover_proto::ids::format("agent", agent_id))
+        .on("config.update", |event, _| async move {
+            Ok(Some(json!({"seen": event.data})))
+        })
+        .build();
+    let mut connections = router.connections();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(router.run(shutdown.clone()));
+    within("the first subscription", connections.wait_for(|n| *n >= 1))
+        .await
+        .unwrap();
+    let request =
+        |n: i64| Event::new(format!("config.update;agent={agent_id}")).with_data(json!({"n": n}));
+    let call = |server: &drover_server::Server, n: i64| {
+        let hub = server.state.hub.clone();
+        let event = request(n);
+        async move { within("a reply", hub.call(event, Duration::from_secs(10), |_| {})).await }
+    };
+    let reply = call(&first, 1).await.unwrap();
+    assert_eq!(reply.data, Some(json!({"seen": {"n": 1}})));
+
+    // The first node stops: the agent subscribes on the second with the same key and answers
+    // what the second asks, its reply posted to the second.
+    within("the first node to stop", first.stop()).await;
+    within("the second subscription", connections.wait_for(|n| *n >= 2))
+        .await
+        .unwrap();
+    assert_eq!(agent.base_url(), format!("{}/v1", urls[1]));
+    let reply = call(&second, 2).await.unwrap();
+    assert_eq!(reply.data, Some(json!({"seen": {"n": 2}})));
+
+    shutdown.cancel();
+    within("the router to stop", task).await.unwrap().unwrap();
+    within("the second node to stop", second.stop()).await;
+}
