@@ -96,7 +96,13 @@ pub struct Cluster {
     pub stats: Arc<ClusterStats>,
     /// Cancelled when this node must stop (its name was taken by another process).
     fatal: CancellationToken,
+    /// Where `cluster.change` goes.
+    hub: Hub,
 }
+
+/// `cluster.change`: membership or leadership changed (published raw, for admins: the web
+/// UI's Cluster page refetches on it).
+pub const CLUSTER_CHANGE: &str = "cluster.change";
 
 /// Why a node could not join.
 #[derive(Debug, thiserror::Error)]
@@ -159,11 +165,13 @@ impl Cluster {
             link,
             stats,
             fatal: CancellationToken::new(),
+            hub: hub.clone(),
         });
         if let Some(link) = &cluster.link {
             hub.set_remote(link.clone());
         }
         tracing::info!(node = %cluster.info.name, id = %cluster.info.id, epoch, cluster = cluster.link.is_some(), "joined");
+        cluster.announce("joined");
         Ok(cluster)
     }
 
@@ -185,6 +193,18 @@ impl Cluster {
     /// Whether it runs with NATS.
     pub fn is_clustered(&self) -> bool {
         self.link.is_some()
+    }
+
+    /// Publishes `cluster.change` (to every node's admins).
+    fn announce(&self, what: &str) {
+        self.hub.publish(
+            &Event::new(CLUSTER_CHANGE).with_data(serde_json::json!({
+                "node": self.info.name,
+                "id": self.info.id,
+                "epoch": self.epoch(),
+                "change": what,
+            })),
+        );
     }
 
     fn mono_ms(&self) -> u64 {
@@ -327,6 +347,7 @@ impl Cluster {
                         self.stats.rejoins.fetch_add(1, Relaxed);
                         self.stats.database_ok.store(true, Relaxed);
                         tracing::info!(epoch, "joined again");
+                        self.announce("joined again");
                     }
                     Err(drover_store::Error::Conflict(message)) => {
                         tracing::error!(%message, "cannot join again; stopping");
@@ -357,6 +378,7 @@ impl Cluster {
                 if let Some(link) = &self.link {
                     link.hint(Hint::Work);
                 }
+                self.announce("took over dead nodes");
             }
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, "sweeping dead nodes failed"),
@@ -374,6 +396,7 @@ impl Cluster {
                 if held != was {
                     tracing::info!(node = %self.info.name, leader = held, "leadership changed");
                     self.leader.send_replace(held);
+                    self.announce(if held { "became leader" } else { "left leadership" });
                 }
             }
             Err(error) => tracing::warn!(%error, "renewing the leader duty failed"),

@@ -628,3 +628,217 @@ async fn one_bad_item_in_a_batch_fails_alone() {
         );
     }
 }
+
+fn node(id: &str, name: &str, nats: bool) -> drover_store::NodeInfo {
+    drover_store::NodeInfo {
+        id: id.into(),
+        name: name.into(),
+        address: format!("http://{name}"),
+        nats,
+    }
+}
+
+#[tokio::test]
+async fn a_dead_nodes_processes_are_released_at_once_and_its_late_writes_change_nothing() {
+    for subject in subjects(WriterOptions::default()).await {
+        let store = &subject.store;
+        let (project, _host) = project_with_host(store).await;
+        let t = now();
+        let epoch = store
+            .node_join(&node("node-a", "a", false), t, 1_000)
+            .await
+            .unwrap();
+        store
+            .create_and_schedule(container(project, "c1"))
+            .await
+            .unwrap();
+        // Node A claims with a long process lease, then stops renewing its node lease.
+        let claimed = store
+            .claim(claim_request("node-a", now() + 600_000))
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 1, "{}", subject.name);
+        let held = claimed.into_iter().next().unwrap().process;
+        assert!(
+            store.sweep_dead_nodes(t + 500).await.unwrap().is_empty(),
+            "{}: A's lease still holds",
+            subject.name
+        );
+        assert!(
+            store
+                .claim(claim_request("node-b", now() + 600_000))
+                .await
+                .unwrap()
+                .is_empty(),
+            "{}: the process is A's while A lives",
+            subject.name
+        );
+        assert_eq!(
+            store.sweep_dead_nodes(t + 1_001).await.unwrap(),
+            vec!["node-a".to_owned()],
+            "{}",
+            subject.name
+        );
+        // A's process lease (ten minutes) is released with A: B claims it now.
+        let taken = store
+            .claim(claim_request("node-b", now() + 600_000))
+            .await
+            .unwrap();
+        assert_eq!(taken.len(), 1, "{}: B takes A's process over", subject.name);
+        let taken = taken.into_iter().next().unwrap().process;
+        assert_eq!(taken.execution_count, held.execution_count + 1);
+        // A comes back: its heartbeat fails, its finish and renewals change nothing.
+        assert!(
+            !store
+                .node_heartbeat("node-a", epoch, t + 1_200, 1_000)
+                .await
+                .unwrap(),
+            "{}",
+            subject.name
+        );
+        assert_eq!(
+            store.renew_leases("node-a", now() + 600_000).await.unwrap(),
+            0,
+            "{}",
+            subject.name
+        );
+        assert!(
+            store
+                .finish(done(held, "node-a", "running"))
+                .await
+                .unwrap()
+                .is_none(),
+            "{}: the dead node's finish is fenced",
+            subject.name
+        );
+        let finished = store
+            .finish(done(taken, "node-b", "running"))
+            .await
+            .unwrap()
+            .expect("the live owner's finish applies");
+        assert_eq!(finished.state, "running");
+        let again = store
+            .node_join(&node("node-a", "a", false), t + 1_300, 1_000)
+            .await
+            .unwrap();
+        assert!(
+            again > epoch,
+            "{}: a node joins again with a new epoch",
+            subject.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn joins_that_would_split_the_cluster_are_refused_and_duties_are_held_once() {
+    let Some(schema) = Schema::create("c", "a cluster store test").await else {
+        return;
+    };
+    let store = Store::connect(&StoreOptions {
+        pg_schema: Some(schema.name.clone()),
+        ..StoreOptions::url(schema.url.clone())
+    })
+    .await
+    .unwrap();
+    let t = now();
+    let alone = store
+        .node_join(&node("n-alone", "alone", false), t, 3_000)
+        .await
+        .unwrap();
+    for (id, nats) in [("n-b", false), ("n-c", true)] {
+        match store.node_join(&node(id, id, nats), t + 10, 3_000).await {
+            Err(drover_store::Error::Conflict(message)) => {
+                assert!(message.contains("alone"), "{message}")
+            }
+            other => panic!("a second node beside a lone one must be refused: {other:?}"),
+        }
+    }
+    // The same name with another id is the lone server restarted: it takes over at once.
+    store
+        .node_join(&node("n-alone-2", "alone", false), t + 20, 3_000)
+        .await
+        .unwrap();
+    assert!(
+        !store
+            .node_heartbeat("n-alone", alone, t + 30, 3_000)
+            .await
+            .unwrap()
+    );
+    store.node_leave("n-alone-2", alone + 1).await.unwrap();
+    // Cluster nodes join beside each other; one holds the leader duty at a time.
+    let ea = store
+        .node_join(&node("n-a", "a", true), t + 40, 1_000)
+        .await
+        .unwrap();
+    let eb = store
+        .node_join(&node("n-b", "b", true), t + 40, 1_000)
+        .await
+        .unwrap();
+    match store
+        .node_join(&node("n-x", "x", false), t + 50, 1_000)
+        .await
+    {
+        Err(drover_store::Error::Conflict(message)) => assert!(message.contains("--nats-url")),
+        other => panic!("a lone node beside a cluster must be refused: {other:?}"),
+    }
+    let leader = drover_store::LEADER_DUTY;
+    assert!(
+        store
+            .duty_acquire(leader, "n-a", ea, t + 60, 1_000)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .duty_acquire(leader, "n-b", eb, t + 70, 1_000)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .begin_task_run("tick", leader, "n-a", ea, t + 80)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .begin_task_run("tick", leader, "n-b", eb, t + 80)
+            .await
+            .unwrap()
+    );
+    // A stops renewing; B keeps its node lease, sweeps A and takes the duty over.
+    assert!(
+        store
+            .node_heartbeat("n-b", eb, t + 900, 1_000)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.sweep_dead_nodes(t + 1_100).await.unwrap(),
+        vec!["n-a".to_owned()]
+    );
+    assert!(
+        store
+            .duty_acquire(leader, "n-b", eb, t + 1_100, 1_000)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .begin_task_run("tick", leader, "n-a", ea, t + 1_200)
+            .await
+            .unwrap(),
+        "the old leader's run is refused"
+    );
+    assert!(
+        store
+            .begin_task_run("tick", leader, "n-b", eb, t + 1_200)
+            .await
+            .unwrap()
+    );
+    let runs = store.task_runs_since("tick", t).await.unwrap();
+    assert_eq!(runs, vec![("n-a".to_owned(), 1), ("n-b".to_owned(), 1)]);
+    let nodes = store.cluster_nodes().await.unwrap();
+    let b = nodes.iter().find(|row| row.id == "n-b").unwrap();
+    assert_eq!((b.state.as_str(), b.leader), ("alive", 1));
+}
