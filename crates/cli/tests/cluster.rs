@@ -120,14 +120,15 @@ async fn subscribed(client: &Client, names: &[&str]) -> drover_client::EventStre
     stream
 }
 
-/// An agent that answers `compute.instance.activate` only once `answer` is set, connected to
-/// the first of `urls` that takes it and moving to the next one when its connection ends (as
-/// an agent given several server URLs does).
+/// An agent that answers `compute.instance.activate` only once `answer` is set, with one
+/// client of the library for a list of server URLs (as `drover agent --url A,B,C`): it
+/// subscribes on the current server and, when that connection ends, subscribes again, which
+/// moves to the next server when the current one is gone.
 struct HeldAgent {
     answer: Arc<AtomicBool>,
     /// Requests received (resends included).
     seen: Arc<AtomicUsize>,
-    /// 1 + the index in `urls` of the node it is subscribed on; 0 while it is not.
+    /// 1 + the index in its URLs of the server it is subscribed on; 0 while it is not.
     on: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -139,16 +140,17 @@ impl Drop for HeldAgent {
 }
 
 impl HeldAgent {
-    /// Starts it; returns once it is subscribed.
-    async fn start(urls: Vec<String>, access: String, secret: String) -> HeldAgent {
+    /// Starts it on `urls` (tried in this order); returns once it is subscribed.
+    async fn start(urls: &[&str], access: &str, secret: &str) -> HeldAgent {
         let answer = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(AtomicUsize::new(0));
         let on = Arc::new(AtomicUsize::new(0));
+        let client = Client::new(&urls.join(","), access, secret).unwrap();
+        let bases: Vec<String> = client.base_urls().to_vec();
         let task = {
             let (answer, seen, on) = (answer.clone(), seen.clone(), on.clone());
             tokio::spawn(async move {
-                for (index, url) in urls.iter().enumerate().cycle() {
-                    let client = Client::new(url, &access, &secret).unwrap();
+                loop {
                     let Ok(mut stream) = client
                         .subscribe(Subscribe::names(["compute.instance.activate"]))
                         .await
@@ -159,7 +161,8 @@ impl HeldAgent {
                     if !matches!(stream.next_event().await, Ok(Some(ref e)) if e.name() == "ping") {
                         continue;
                     }
-                    on.store(index + 1, Ordering::SeqCst);
+                    let index = bases.iter().position(|base| base == client.base_url());
+                    on.store(index.map_or(0, |index| index + 1), Ordering::SeqCst);
                     while let Ok(Some(request)) = stream.next_non_ping().await {
                         seen.fetch_add(1, Ordering::SeqCst);
                         if answer.load(Ordering::SeqCst) {
@@ -590,8 +593,8 @@ async fn processes_in_flight_survive_kill_9_of_a_node() {
     };
     let (agent_id, access, secret) = cluster.agent_key("held").await;
     host(&cluster.node(B).admin, "held", agent_id).await;
-    let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url.clone()).collect();
-    let agent = HeldAgent::start(urls, access, secret).await;
+    let urls: Vec<&str> = cluster.nodes.iter().map(|n| n.url.as_str()).collect();
+    let agent = HeldAgent::start(&urls, &access, &secret).await;
     assert_eq!(
         agent.on.load(Ordering::SeqCst),
         A + 1,
@@ -652,11 +655,54 @@ async fn processes_in_flight_survive_kill_9_of_a_node() {
     }
     assert_eq!(ids.len(), acknowledged.len());
     started_exactly_once(&cluster.node(C).admin, &ids).await;
-    let nodes = cluster.node(B).admin.get("clusternodes").await.unwrap();
-    let a = cluster_node(&nodes, "n0").unwrap();
-    assert_eq!(a["state"], "dead", "{nodes:#}");
-    assert_eq!(a["processes"], 0, "{nodes:#}");
+    // A is dead to the others, with nothing left on it (its leases may run out before its
+    // node lease does: the processes can be done first).
+    poll(
+        &cluster.node(B).admin,
+        "clusternodes",
+        "n0 dead, holding nothing",
+        |nodes| {
+            cluster_node(nodes, "n0")
+                .is_some_and(|a| a["state"] == "dead" && a["processes"] == 0 && a["agents"] == 0)
+        },
+    )
+    .await;
     eprintln!("A owned {owned_by_a} processes in flight when it was killed");
+
+    // A restarted on its address and data directory joins again as a new member under its
+    // name, and serves: a container created through it runs (on the agent, now on B or C).
+    cluster.restart(A).await;
+    poll(
+        &cluster.node(B).admin,
+        "clusternodes",
+        "n0 alive again",
+        |nodes| alive(nodes).len() == 3,
+    )
+    .await;
+    let (status, health) = cluster.node(A).health().await.expect("A answers");
+    assert_eq!(status, 200, "{health:#}");
+    assert_eq!(health["cluster"]["node"], "n0", "{health:#}");
+    let new_id = health["cluster"]["id"].as_str().unwrap_or_default();
+    assert!(
+        !new_id.is_empty() && new_id != a_id,
+        "a restart is a new member: {health:#}"
+    );
+    let created = cluster
+        .node(A)
+        .admin
+        .post(
+            "containers",
+            &json!({"name": "after-restart", "command": ["sleep", "1"]}),
+        )
+        .await
+        .unwrap();
+    wait_change(
+        &cluster.node(A).admin,
+        &format!("containers/{}", created["id"].as_str().unwrap()),
+        "the container created through the restarted A running",
+        |c| c["state"] == "running",
+    )
+    .await;
     drop(agent);
     cluster.finish().await;
 }
@@ -697,8 +743,8 @@ async fn a_paused_node_that_comes_back_changes_nothing_it_lost() {
     let (agent_id, access, secret) = cluster.agent_key("held").await;
     host(&cluster.node(B).admin, "held", agent_id).await;
     // The agent is on B and C only: the pause does not touch it.
-    let urls = vec![cluster.node(B).url.clone(), cluster.node(C).url.clone()];
-    let agent = HeldAgent::start(urls, access, secret).await;
+    let urls = [cluster.node(B).url.as_str(), cluster.node(C).url.as_str()];
+    let agent = HeldAgent::start(&urls, &access, &secret).await;
     create_containers(&cluster, &[A, B, C], "paused", CONTAINERS).await;
     wait_for("the agent to hold every start", || async {
         (agent.seen.load(Ordering::SeqCst) >= CONTAINERS).then_some(())

@@ -197,14 +197,13 @@ impl Cluster {
 
     /// Publishes `cluster.change` (to every node's admins).
     fn announce(&self, what: &str) {
-        self.hub.publish(
-            &Event::new(CLUSTER_CHANGE).with_data(serde_json::json!({
+        self.hub
+            .publish(&Event::new(CLUSTER_CHANGE).with_data(serde_json::json!({
                 "node": self.info.name,
                 "id": self.info.id,
                 "epoch": self.epoch(),
                 "change": what,
-            })),
-        );
+            })));
     }
 
     fn mono_ms(&self) -> u64 {
@@ -396,7 +395,11 @@ impl Cluster {
                 if held != was {
                     tracing::info!(node = %self.info.name, leader = held, "leadership changed");
                     self.leader.send_replace(held);
-                    self.announce(if held { "became leader" } else { "left leadership" });
+                    self.announce(if held {
+                        "became leader"
+                    } else {
+                        "left leadership"
+                    });
                 }
             }
             Err(error) => tracing::warn!(%error, "renewing the leader duty failed"),
