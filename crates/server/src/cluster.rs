@@ -369,19 +369,6 @@ impl Cluster {
                 return;
             }
         }
-        match self.store.sweep_dead_nodes(now).await {
-            Ok(dead) if !dead.is_empty() => {
-                self.stats.takeovers.fetch_add(dead.len() as u64, Relaxed);
-                tracing::warn!(nodes = ?dead, "nodes whose lease ran out are dead; their work is released");
-                engine.wake();
-                if let Some(link) = &self.link {
-                    link.hint(Hint::Work);
-                }
-                self.announce("took over dead nodes");
-            }
-            Ok(_) => {}
-            Err(error) => tracing::warn!(%error, "sweeping dead nodes failed"),
-        }
         match self
             .store
             .duty_acquire(LEADER_DUTY, &self.info.id, self.epoch(), now, ttl)
@@ -403,6 +390,19 @@ impl Cluster {
                 }
             }
             Err(error) => tracing::warn!(%error, "renewing the leader duty failed"),
+        }
+        match self.store.sweep_dead_nodes(now_millis()).await {
+            Ok(dead) if !dead.is_empty() => {
+                self.stats.takeovers.fetch_add(dead.len() as u64, Relaxed);
+                tracing::warn!(nodes = ?dead, "nodes whose lease ran out are dead; their work is released");
+                engine.wake();
+                if let Some(link) = &self.link {
+                    link.hint(Hint::Work);
+                }
+                self.announce("took over dead nodes");
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "sweeping dead nodes failed"),
         }
         if let Ok(peers) = self.store.live_nodes(now).await {
             self.stats.peers.store(peers, Relaxed);
