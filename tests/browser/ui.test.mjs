@@ -212,6 +212,15 @@ test('events: a live tail with a name filter and a pause button', async () => {
   await screenshot(page, 'events');
 });
 
+test('the cluster page shows this server as a live node holding the leader duty', async () => {
+  await nav('Cluster').click();
+  const row = page.locator('tbody tr').filter({ hasText: 'this page' });
+  await row.locator('.badge', { hasText: 'alive' }).waitFor();
+  await row.locator('.badge', { hasText: 'leader' }).waitFor();
+  await row.locator('time').waitFor();
+  await screenshot(page, 'cluster');
+});
+
 test('every page is usable at large-screen width', async () => {
   await page.setViewportSize({ width: 2560, height: 1440 });
   await nav('Processes').click();
@@ -221,7 +230,7 @@ test('every page is usable at large-screen width', async () => {
   await page.locator('article.host').first().waitFor();
   await screenshot(page, 'hosts-2560');
   // Every control has an accessible name.
-  for (const target of ['processes', 'containers', 'services', 'events']) {
+  for (const target of ['processes', 'containers', 'services', 'events', 'cluster']) {
     await nav(target.charAt(0).toUpperCase() + target.slice(1)).click();
     await page.locator('h1').first().waitFor();
     await page.waitForFunction(() => !document.querySelector('#app[aria-busy]'));

@@ -13,7 +13,9 @@ use crate::AgentArgs;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Identity {
-    /// The server.
+    /// The server, or a comma-separated list of a cluster's nodes: the one the agent
+    /// registered with, or the `--url` it runs with (which wins over the stored one; the keys
+    /// are valid on every node of the cluster, which share one database).
     pub url: String,
     /// The agent key.
     pub access_key: String,
@@ -28,25 +30,33 @@ pub struct Identity {
 const FILE: &str = "identity.json";
 
 /// The identity to run with: the stored one, else keys from the environment, else a new
-/// registration with the token (stored for next time).
+/// registration with the token (stored for next time). Its `url` is `--url` when given (the
+/// stored file is not rewritten), else the stored one.
 pub async fn establish(args: &AgentArgs) -> anyhow::Result<Identity> {
     let path = args.state_dir.join(FILE);
     if let Ok(text) = std::fs::read_to_string(&path) {
-        let identity: Identity = serde_json::from_str(&text).map_err(|error| {
+        let mut identity: Identity = serde_json::from_str(&text).map_err(|error| {
             anyhow::anyhow!("{} is not a valid identity file: {error}", path.display())
         })?;
+        if let Some(url) = &args.url
+            && *url != identity.url
+        {
+            tracing::info!(registered = %identity.url, url = %url, "using --url, not the URL the agent registered with");
+            identity.url = url.clone();
+        }
         return Ok(identity);
     }
+    let url = args.url.as_deref().unwrap_or(crate::DEFAULT_URL);
     if let (Some(access_key), Some(secret_key)) = (&args.access_key, &args.secret_key) {
         // Existing agent keys: the server knows which agent they belong to.
-        let client = Client::new(&args.url, access_key, secret_key)?;
+        let client = Client::new(url, access_key, secret_key)?;
         let agents = client.get("agents").await?;
         let agent_id = agents["data"][0]["id"]
             .as_str()
             .map(str::to_owned)
             .unwrap_or_default();
         return Ok(Identity {
-            url: args.url.clone(),
+            url: url.to_owned(),
             access_key: access_key.clone(),
             secret_key: secret_key.clone(),
             agent_id,
@@ -61,14 +71,22 @@ pub async fn establish(args: &AgentArgs) -> anyhow::Result<Identity> {
         .ok_or_else(|| anyhow::anyhow!("a registration token looks like ACCESSKEY:SECRET"))?;
     let host_key = host_key(&args.state_dir)?;
     let name = args.name.clone().unwrap_or_else(crate::handlers::hostname);
-    let registrar = Client::new(&args.url, token_key, token_secret)?;
-    let registered = registrar
-        .post(
-            "register",
-            &json!({"key": host_key, "name": name, "host": crate::handlers::host_facts()}),
-        )
-        .await
-        .map_err(|error| anyhow::anyhow!("registration failed: {error}"))?;
+    // Registering again with the same host key is harmless: the server answers with the same
+    // agent and host and a fresh key (the key of an answer that was lost stops working). So a
+    // registration whose server failed is sent to the next server, each at most once.
+    let registrar = Client::new(url, token_key, token_secret)?;
+    let request = json!({"key": host_key, "name": name, "host": crate::handlers::host_facts()});
+    let mut attempts = registrar.base_urls().len();
+    let registered = loop {
+        attempts -= 1;
+        match registrar.post("register", &request).await {
+            Ok(registered) => break registered,
+            Err(error) if attempts > 0 && error.is_server_failure() => {
+                tracing::warn!(%error, next = registrar.base_url(), "registration failed; trying the next server");
+            }
+            Err(error) => return Err(anyhow::anyhow!("registration failed: {error}")),
+        }
+    };
     let field = |name: &str| {
         registered[name]
             .as_str()
@@ -76,7 +94,7 @@ pub async fn establish(args: &AgentArgs) -> anyhow::Result<Identity> {
             .ok_or_else(|| anyhow::anyhow!("registration answer lacks {name}"))
     };
     let identity = Identity {
-        url: args.url.clone(),
+        url: url.to_owned(),
         access_key: field("accessKey")?,
         secret_key: field("secretKey")?,
         agent_id: field("agentId")?,
@@ -104,4 +122,51 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     std::io::Write::write_all(&mut options.open(path)?, text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(state_dir: &Path, url: Option<&str>) -> AgentArgs {
+        AgentArgs {
+            url: url.map(str::to_owned),
+            registration_token: None,
+            access_key: None,
+            secret_key: None,
+            state_dir: state_dir.to_owned(),
+            name: None,
+            health_port: None,
+            log_file: None,
+            workers: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_given_url_list_wins_over_the_stored_one_and_the_keys_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let stored = Identity {
+            url: "http://a:8080".into(),
+            access_key: "ACCESS".into(),
+            secret_key: "SECRET".into(),
+            agent_id: "1ag3".into(),
+            host_key: "host-key".into(),
+        };
+        let text = serde_json::to_string(&stored).unwrap();
+        write_private(&dir.path().join(FILE), &text).unwrap();
+
+        let kept = establish(&args(dir.path(), None)).await.unwrap();
+        assert_eq!(kept.url, "http://a:8080", "no --url: the stored one");
+
+        let list = "http://a:8080,http://b:8080";
+        let moved = establish(&args(dir.path(), Some(list))).await.unwrap();
+        assert_eq!(moved.url, list);
+        assert_eq!(
+            (moved.access_key, moved.agent_id, moved.host_key),
+            ("ACCESS".into(), "1ag3".into(), "host-key".into()),
+            "the same agent, keys and host"
+        );
+        let file = std::fs::read_to_string(dir.path().join(FILE)).unwrap();
+        assert_eq!(file, text, "the file is not rewritten");
+    }
 }

@@ -23,9 +23,12 @@ use tokio_util::sync::CancellationToken;
 /// How to run the agent.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AgentArgs {
-    /// The server's URL.
-    #[arg(long, env = "CATTLE_URL", default_value = "http://localhost:8080")]
-    pub url: String,
+    /// The server's URL, or the URLs of a cluster's nodes, comma-separated
+    /// (`http://a:8080,http://b:8080`): the agent stays with one while it works and moves to
+    /// the next when it fails. Default: the URL the identity in the state directory was
+    /// registered with, else http://localhost:8080.
+    #[arg(long, env = "CATTLE_URL")]
+    pub url: Option<String>,
     /// A project's registration token (`ACCESSKEY:SECRET`), used when the agent has no keys yet.
     #[arg(long, env = "DROVER_REGISTRATION_TOKEN", hide_env_values = true)]
     pub registration_token: Option<String>,
@@ -51,6 +54,9 @@ pub struct AgentArgs {
     #[arg(long, env = "DROVER_AGENT_WORKERS", default_value_t = 16)]
     pub workers: usize,
 }
+
+/// The server URL when neither `--url` nor a stored identity gives one.
+pub const DEFAULT_URL: &str = "http://localhost:8080";
 
 /// Runs the agent until `shutdown` is cancelled: registers if it must, subscribes (and
 /// resubscribes after any failure), handles events, serves its health port.

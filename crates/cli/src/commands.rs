@@ -7,7 +7,8 @@ use serde_json::{Value, json};
 /// Where the server is and which key to use: the same variables as the original's agents.
 #[derive(Debug, clap::Args)]
 pub struct Connection {
-    /// The server's URL.
+    /// The server's URL, or several comma-separated (`http://a:8080,http://b:8080`): the
+    /// next is tried when one fails.
     #[arg(long, env = "CATTLE_URL", default_value = "http://localhost:8080")]
     url: String,
     /// The access key.

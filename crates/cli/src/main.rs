@@ -221,7 +221,7 @@ async fn up(args: ServerArgs) -> anyhow::Result<()> {
     let shutdown = server.shutdown_token();
     let agent_shutdown = tokio_util::sync::CancellationToken::new();
     let agent_args = drover_agent::AgentArgs {
-        url: url.clone(),
+        url: Some(url.clone()),
         registration_token,
         access_key: None,
         secret_key: None,

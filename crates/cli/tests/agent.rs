@@ -783,3 +783,60 @@ async fn drover_purge_runs_the_cleanup_now_and_prints_its_report() {
         .unwrap();
     assert!(!refused.status.success(), "a wrong key fails: {refused:?}");
 }
+
+#[tokio::test]
+async fn an_agent_and_the_cli_given_several_urls_skip_a_dead_server() {
+    let mut harness = Harness::start().await;
+    let dead = {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let live = harness.url.clone();
+    // `--url dead,live`: registration, subscription and replies all go to the live server.
+    harness.url = format!("{dead},{live}");
+    let _agent = harness.start_agent(None);
+    harness.wait_agent_active().await;
+    let identity: Value =
+        serde_json::from_str(&read_when_there(&harness.agent_dir().join("identity.json")).await)
+            .unwrap();
+    assert_eq!(identity["url"], harness.url);
+    let created = harness
+        .admin
+        .post(
+            "containers",
+            &json!({"name": "listed", "command": ["sleep", "600"]}),
+        )
+        .await
+        .unwrap();
+    let path = format!("containers/{}", created["id"].as_str().unwrap());
+    wait_state(&harness.admin, &path, "running").await;
+
+    // The CLI takes the same list, from CATTLE_URL and from --url.
+    let urls = harness.url.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        let by_env = Command::new(env!("CARGO_BIN_EXE_drover"))
+            .args(["ps", "--json"])
+            .env("CATTLE_URL", &urls)
+            .env("CATTLE_ACCESS_KEY", ADMIN_ACCESS)
+            .env("CATTLE_SECRET_KEY", ADMIN_SECRET)
+            .output()
+            .unwrap();
+        let by_flag = Command::new(env!("CARGO_BIN_EXE_drover"))
+            .args(["ps", "--json", "--url", &urls])
+            .env_remove("CATTLE_URL")
+            .env("CATTLE_ACCESS_KEY", ADMIN_ACCESS)
+            .env("CATTLE_SECRET_KEY", ADMIN_SECRET)
+            .output()
+            .unwrap();
+        [by_env, by_flag]
+    })
+    .await
+    .unwrap();
+    for output in output {
+        assert!(output.status.success(), "{output:?}");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(stdout.contains("\"listed\""), "{stdout}");
+    }
+    harness.admin.delete(&path).await.unwrap();
+    wait_state(&harness.admin, &path, "removed").await;
+}

@@ -1,6 +1,8 @@
 //! The drover client library: what agents and extensions build on.
 //!
-//! - [`Client`]: a REST client for the Rancher v1 style API, with HTTP Basic auth.
+//! - [`Client`]: a REST client for the Rancher v1 style API, with HTTP Basic auth, of one
+//!   server or of several (`http://a:8080,http://b:8080`): it stays with one while it works
+//!   and moves to the next when it fails (see [several servers](Client#several-servers)).
 //! - [`Client::subscribe`]: a WebSocket subscription that yields [`Event`]s (or, with
 //!   [`EventStream::next_frame`], control frames too), with a handshake timeout, a small read
 //!   buffer and a bounded write buffer.
@@ -65,6 +67,7 @@
 //! # Ok(()) }
 //! ```
 
+mod backoff;
 mod change;
 mod client;
 pub mod router;
@@ -117,6 +120,29 @@ pub enum Error {
     /// A URL or a frame could not be understood.
     #[error("invalid: {0}")]
     Invalid(String),
+}
+
+impl Error {
+    /// Whether the error says the server, or the way to it, failed (the connection was
+    /// refused, reset or timed out, or a `502`/`503`/`504` came back), rather than the server
+    /// refused the request: what makes a client of several servers move to the next one.
+    pub fn is_server_failure(&self) -> bool {
+        use tokio_tungstenite::tungstenite::Error as Ws;
+        match self {
+            Error::Http(error) => {
+                error.is_connect() || error.is_timeout() || error.is_request() || error.is_body()
+            }
+            Error::Api { status, .. } | Error::Refused { status, .. } => {
+                matches!(status, 502..=504)
+            }
+            Error::Timeout(_) => true,
+            Error::WebSocket(error) => matches!(
+                **error,
+                Ws::Io(_) | Ws::Tls(_) | Ws::Protocol(_) | Ws::ConnectionClosed | Ws::AlreadyClosed
+            ),
+            Error::Closed { .. } | Error::Invalid(_) => false,
+        }
+    }
 }
 
 impl From<tokio_tungstenite::tungstenite::Error> for Error {

@@ -30,15 +30,17 @@
 //! - Any lost or refused connection is retried forever with jittered exponential backoff,
 //!   reset after a connection that stayed up for [`STABLE_CONNECTION`]; the same names are
 //!   subscribed again. Queued events and running handlers survive a reconnect.
+//! - With a [`Client`] of several servers, the router stays on one while it works; a lost
+//!   connection moves it to the next server, and a failed subscription tries each server once
+//!   before backing off (see [several servers](Client#several-servers)).
 //! - Shutdown closes the socket at once, drops queued events that have not started (the server
 //!   retries what was never answered) and gives running handlers
 //!   [`shutdown_grace`](RouterBuilder::shutdown_grace) to finish before they are cancelled.
 
-use std::collections::hash_map::{Entry, RandomState};
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
-use std::hash::{BuildHasher, Hasher};
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -407,7 +409,6 @@ impl Router {
             abort: CancellationToken::new(),
             config,
         });
-        let url = shared.client.subscribe_url(&subscribe);
         let mut failures: u32 = 0;
         loop {
             let connected = tokio::select! {
@@ -419,28 +420,32 @@ impl Router {
             match connected {
                 Ok(stream) => {
                     let since = Instant::now();
-                    tracing::debug!(%url, "event router connected");
+                    let server = stream.server_url().to_owned();
+                    let index = stream.server_index();
+                    tracing::debug!(%server, "event router connected");
                     let lost = match serve(&shared, stream, &shutdown, &connections).await {
                         Ended::Shutdown => break,
                         Ended::Lost(why) => why,
                     };
+                    // The next subscription goes to the next server, if there are several.
+                    shared.client.leave(index);
                     if since.elapsed() >= STABLE_CONNECTION {
                         failures = 0;
                     }
                     delay = backoff(&shared.config, failures);
-                    tracing::warn!(%url, reason = %lost, retry_in = ?delay, "event router lost its connection; reconnecting");
+                    tracing::warn!(%server, reason = %lost, retry_in = ?delay, next = shared.client.base_url(), "event router lost its connection; reconnecting");
                 }
                 Err(Error::Refused { status, body }) if status == 401 || status == 403 => {
                     delay = backoff(&shared.config, failures);
                     tracing::warn!(
-                        %url, status, %body, retry_in = ?delay,
+                        server = shared.client.base_url(), status, %body, retry_in = ?delay,
                         "event router: the server REFUSED the subscription ({status}); check the access key, \
                          the secret key and the agentId. Retrying with backoff"
                     );
                 }
                 Err(error) => {
                     delay = backoff(&shared.config, failures);
-                    tracing::warn!(%url, %error, retry_in = ?delay, "event router could not subscribe; retrying");
+                    tracing::warn!(servers = ?shared.client.base_urls(), %error, retry_in = ?delay, "event router could not subscribe; retrying");
                 }
             }
             failures = failures.saturating_add(1);
@@ -837,24 +842,7 @@ fn retryable(error: &Error) -> bool {
 /// The delay before reconnect attempt `failures` (0-based): `min · 2^failures` capped at `max`,
 /// jittered to between half and all of it.
 fn backoff(config: &Config, failures: u32) -> Duration {
-    let ceiling = config
-        .backoff_min
-        .saturating_mul(2u32.saturating_pow(failures.min(31)))
-        .min(config.backoff_max);
-    let half = ceiling / 2;
-    half + half.mul_f64(random_unit())
-}
-
-/// A random number in `[0, 1)`, from the standard library's randomly keyed hasher.
-fn random_unit() -> f64 {
-    let mut hasher = RandomState::new().build_hasher();
-    hasher.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|elapsed| elapsed.as_nanos())
-            .unwrap_or(0),
-    );
-    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
+    crate::backoff::jittered(config.backoff_min, config.backoff_max, failures)
 }
 
 #[cfg(test)]

@@ -54,12 +54,20 @@ const PING_PAYLOAD: &[u8] = b"drover";
 #[derive(Debug)]
 pub struct EventStream {
     socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Which of the client's servers it is connected to.
+    index: usize,
+    /// That server's `http://host:port/v1`.
+    server: String,
 }
 
 impl Client {
-    /// The `ws://` URL of a subscription.
+    /// The `ws://` URL of a subscription on the current server.
     pub fn subscribe_url(&self, subscribe: &Subscribe) -> String {
-        let base = self.base_url().replacen("http", "ws", 1);
+        self.subscribe_url_at(self.current_index(), subscribe)
+    }
+
+    fn subscribe_url_at(&self, index: usize, subscribe: &Subscribe) -> String {
+        let base = self.base_at(index).replacen("http", "ws", 1);
         let path = match &subscribe.project_id {
             Some(project) => format!("{base}/projects/{project}/subscribe"),
             None => format!("{base}/subscribe"),
@@ -74,9 +82,38 @@ impl Client {
         format!("{path}?{}", query.finish())
     }
 
-    /// Opens a subscription.
+    /// Opens a subscription on the current server; when that server fails (no connection, a
+    /// reset, a `502`/`503`/`504`, a handshake timeout) on the next, each at most once. A
+    /// refusal (a wrong key, an invalid name) is returned at once.
     pub async fn subscribe(&self, subscribe: Subscribe) -> Result<EventStream> {
-        let mut request = self.subscribe_url(&subscribe).into_client_request()?;
+        let count = self.base_urls().len();
+        let first = self.current_index();
+        let mut step = 0;
+        loop {
+            let index = (first + step) % count;
+            let error = match self.subscribe_at(index, &subscribe).await {
+                Ok(stream) => {
+                    self.stay(index);
+                    return Ok(stream);
+                }
+                Err(error) => error,
+            };
+            let failed = error.is_server_failure();
+            if failed {
+                self.leave(index);
+            }
+            step += 1;
+            if !failed || step >= count {
+                return Err(error);
+            }
+            tracing::debug!(server = self.base_at(index), %error, "subscribing on the next server");
+        }
+    }
+
+    async fn subscribe_at(&self, index: usize, subscribe: &Subscribe) -> Result<EventStream> {
+        let mut request = self
+            .subscribe_url_at(index, subscribe)
+            .into_client_request()?;
         request.headers_mut().insert(
             http::header::AUTHORIZATION,
             self.authorization()
@@ -93,7 +130,11 @@ impl Client {
         let connect = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
         match tokio::time::timeout(timeout, connect).await {
             Err(_) => Err(Error::Timeout("subscribe handshake")),
-            Ok(Ok((socket, _))) => Ok(EventStream { socket }),
+            Ok(Ok((socket, _))) => Ok(EventStream {
+                socket,
+                index,
+                server: self.base_at(index).to_owned(),
+            }),
             Ok(Err(tokio_tungstenite::tungstenite::Error::Http(response))) => Err(Error::Refused {
                 status: response.status().as_u16(),
                 body: response
@@ -120,6 +161,16 @@ pub enum Frame {
 }
 
 impl EventStream {
+    /// The `http://host:port/v1` of the server it is connected to.
+    pub fn server_url(&self) -> &str {
+        &self.server
+    }
+
+    /// Which of its client's servers it is connected to.
+    pub(crate) fn server_index(&self) -> usize {
+        self.index
+    }
+
     /// The next frame: an event or a control ping or pong; `Ok(None)` when the server closed
     /// the socket normally without a reason, [`Error::Closed`] when it closed it with one.
     /// A text frame that is not an event is [`Error::Invalid`]; the socket stays usable.

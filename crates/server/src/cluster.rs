@@ -96,7 +96,13 @@ pub struct Cluster {
     pub stats: Arc<ClusterStats>,
     /// Cancelled when this node must stop (its name was taken by another process).
     fatal: CancellationToken,
+    /// Where `cluster.change` goes.
+    hub: Hub,
 }
+
+/// `cluster.change`: membership or leadership changed (published raw, for admins: the web
+/// UI's Cluster page refetches on it).
+pub const CLUSTER_CHANGE: &str = "cluster.change";
 
 /// Why a node could not join.
 #[derive(Debug, thiserror::Error)]
@@ -159,11 +165,13 @@ impl Cluster {
             link,
             stats,
             fatal: CancellationToken::new(),
+            hub: hub.clone(),
         });
         if let Some(link) = &cluster.link {
             hub.set_remote(link.clone());
         }
         tracing::info!(node = %cluster.info.name, id = %cluster.info.id, epoch, cluster = cluster.link.is_some(), "joined");
+        cluster.announce("joined");
         Ok(cluster)
     }
 
@@ -185,6 +193,17 @@ impl Cluster {
     /// Whether it runs with NATS.
     pub fn is_clustered(&self) -> bool {
         self.link.is_some()
+    }
+
+    /// Publishes `cluster.change` (to every node's admins).
+    fn announce(&self, what: &str) {
+        self.hub
+            .publish(&Event::new(CLUSTER_CHANGE).with_data(serde_json::json!({
+                "node": self.info.name,
+                "id": self.info.id,
+                "epoch": self.epoch(),
+                "change": what,
+            })));
     }
 
     fn mono_ms(&self) -> u64 {
@@ -327,6 +346,7 @@ impl Cluster {
                         self.stats.rejoins.fetch_add(1, Relaxed);
                         self.stats.database_ok.store(true, Relaxed);
                         tracing::info!(epoch, "joined again");
+                        self.announce("joined again");
                     }
                     Err(drover_store::Error::Conflict(message)) => {
                         tracing::error!(%message, "cannot join again; stopping");
@@ -349,18 +369,6 @@ impl Cluster {
                 return;
             }
         }
-        match self.store.sweep_dead_nodes(now).await {
-            Ok(dead) if !dead.is_empty() => {
-                self.stats.takeovers.fetch_add(dead.len() as u64, Relaxed);
-                tracing::warn!(nodes = ?dead, "nodes whose lease ran out are dead; their work is released");
-                engine.wake();
-                if let Some(link) = &self.link {
-                    link.hint(Hint::Work);
-                }
-            }
-            Ok(_) => {}
-            Err(error) => tracing::warn!(%error, "sweeping dead nodes failed"),
-        }
         match self
             .store
             .duty_acquire(LEADER_DUTY, &self.info.id, self.epoch(), now, ttl)
@@ -374,9 +382,27 @@ impl Cluster {
                 if held != was {
                     tracing::info!(node = %self.info.name, leader = held, "leadership changed");
                     self.leader.send_replace(held);
+                    self.announce(if held {
+                        "became leader"
+                    } else {
+                        "left leadership"
+                    });
                 }
             }
             Err(error) => tracing::warn!(%error, "renewing the leader duty failed"),
+        }
+        match self.store.sweep_dead_nodes(now_millis()).await {
+            Ok(dead) if !dead.is_empty() => {
+                self.stats.takeovers.fetch_add(dead.len() as u64, Relaxed);
+                tracing::warn!(nodes = ?dead, "nodes whose lease ran out are dead; their work is released");
+                engine.wake();
+                if let Some(link) = &self.link {
+                    link.hint(Hint::Work);
+                }
+                self.announce("took over dead nodes");
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "sweeping dead nodes failed"),
         }
         if let Ok(peers) = self.store.live_nodes(now).await {
             self.stats.peers.store(peers, Relaxed);

@@ -275,10 +275,12 @@ impl Server {
             let state = state.clone();
             cluster.on_hints(Box::new(move |hint| on_hint(&state, hint)));
         }
+        // The node leaves the cluster (releasing its leases) only after its engine stopped.
+        let cluster_stop = CancellationToken::new();
         let cluster_task = tokio::spawn(cluster.clone().run(
             state.settings.clone(),
             state.engine.clone(),
-            shutdown.child_token(),
+            cluster_stop.clone(),
         ));
         {
             // A node whose name another process took over stops.
@@ -313,6 +315,7 @@ impl Server {
             let _ = events_task.await;
             let _ = cleanup_task.await;
             let _ = changes_task.await;
+            cluster_stop.cancel();
             let _ = cluster_task.await;
             // Sockets were told to close (going away); give them a moment to say so.
             let deadline = tokio::time::Instant::now() + Duration::from_secs(5);

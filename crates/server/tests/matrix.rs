@@ -38,6 +38,7 @@ const READS: &[(&str, [u16; 5])] = &[
     ("processsummary", [200, 403, 403, 403, 403]),
     ("schemas", [200, 200, 200, 200, 200]),
     ("settings", [200, 403, 403, 403, 403]),
+    ("clusternodes", [200, 403, 403, 403, 403]),
     ("registrationtokens", [200, 200, 403, 403, 403]),
     ("containerevents", [200, 200, 200, 200, 200]),
     ("serviceevents", [200, 200, 200, 200, 200]),

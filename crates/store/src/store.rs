@@ -218,6 +218,14 @@ pub(crate) const ACCOUNT_COLUMNS: &str =
 pub(crate) const CREDENTIAL_COLUMNS: &str =
     "id, name, description, kind, state, created, account_id, public_value";
 
+/// PostgreSQL ends a session that stays this long (ms) inside a transaction without sending
+/// a statement. A node stopped mid-transaction (paused, frozen VM) would otherwise keep its
+/// row locks until it resumes: the other nodes' claims skip those rows and their sweep of the
+/// dead node waits on them, delaying their own heartbeats past their TTL. Below the node TTL
+/// (seconds), the locks are gone before any node needs them; a live node never idles that
+/// long between the statements of a transaction.
+const IDLE_IN_TRANSACTION_TIMEOUT_MILLIS: &str = "1000";
+
 impl Store {
     /// Opens the store and applies the migrations.
     pub async fn connect(options: &StoreOptions) -> Result<Store> {
@@ -238,7 +246,11 @@ impl Store {
             sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
             Pool::Sqlite(pool)
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-            let mut connect = PgConnectOptions::from_str(url)?;
+            // A stopped node's open transaction must not hold its locks for long.
+            let mut connect = PgConnectOptions::from_str(url)?.options([(
+                "idle_in_transaction_session_timeout",
+                IDLE_IN_TRANSACTION_TIMEOUT_MILLIS,
+            )]);
             if let Some(schema) = &options.pg_schema {
                 connect = connect.options([("search_path", schema.as_str())]);
             }

@@ -11,6 +11,8 @@
 //!   [`within`] bounds any future. Every wait fails with what it last saw.
 //! - [`agent::TestAgent`]: a WebSocket agent whose answers a test scripts.
 //! - [`process::DroverProcess`]: the real `drover` binary as a child, killed when dropped.
+//! - [`cluster::Cluster`]: N `drover server` children on one PostgreSQL database and one
+//!   nats-server (`DROVER_TEST_NATS_URL`), to kill, pause and restart.
 //!
 //! ```no_run
 //! # async fn example() {
@@ -23,6 +25,7 @@
 //! ```
 
 pub mod agent;
+pub mod cluster;
 pub mod postgres;
 pub mod process;
 mod server;

@@ -71,6 +71,11 @@ impl DroverProcess {
         process
     }
 
+    /// Its pid, while it has not been reaped.
+    pub fn id(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
     /// The child, e.g. for its pid.
     pub fn child_mut(&mut self) -> &mut Child {
         self.child.as_mut().expect("a running child")

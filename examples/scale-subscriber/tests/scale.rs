@@ -66,7 +66,7 @@ async fn a_service_is_kept_at_its_scale() {
         .to_owned();
     let shutdown = CancellationToken::new();
     let agent_args = drover_agent::AgentArgs {
-        url: url.clone(),
+        url: Some(url.clone()),
         registration_token: Some(token),
         access_key: None,
         secret_key: None,

@@ -22,6 +22,7 @@ pub const PAGES: &[&str] = &[
     "volumes",
     "services",
     "events",
+    "cluster",
 ];
 
 /// The UI's routes (with the `web-ui` feature off, `/` says how to get it).

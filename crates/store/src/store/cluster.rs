@@ -221,8 +221,16 @@ impl Store {
 
     /// Declares dead every node whose lease ran out before `now` and releases its process
     /// leases, duties and agent sessions, in one transaction; returns their ids.
+    ///
+    /// On PostgreSQL the sweep waits at most 500 ms for a row lock (a stopped node's open
+    /// transaction holds some until PostgreSQL ends its session): it fails instead, and the
+    /// next heartbeat sweeps again, so the sweep never holds up the caller's own heartbeat.
     pub async fn sweep_dead_nodes(&self, now: i64) -> Result<Vec<String>> {
         let mut tx = self.pool.begin_write().await?;
+        if tx.backend() == Backend::Postgres {
+            tx.execute("SET LOCAL lock_timeout = '500ms'", args![])
+                .await?;
+        }
         let dead: Vec<IdRow> = tx
             .fetch_all(
                 "UPDATE cluster_node SET state = 'dead' WHERE state = 'alive' AND lease_until < $1 RETURNING id",

@@ -4,7 +4,7 @@
 import { session, socketProtocols } from './api.js';
 
 /** What every page may react to. */
-export const BASE_NAMES = ['resource.change', 'state.change', 'process.change', 'agent.ping'];
+export const BASE_NAMES = ['resource.change', 'state.change', 'process.change', 'agent.ping', 'cluster.change'];
 
 export class Live {
   constructor() {

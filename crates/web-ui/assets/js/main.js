@@ -9,6 +9,7 @@ import * as processPage from './pages/process.js';
 import * as hostsPage from './pages/hosts.js';
 import * as resourcesPage from './pages/resources.js';
 import * as eventsPage from './pages/events.js';
+import * as clusterPage from './pages/cluster.js';
 
 const ICONS = {
   processes: 'M4 6h16M4 12h10M4 18h6M17 15l3 3-3 3',
@@ -17,6 +18,7 @@ const ICONS = {
   volumes: 'M4 7c0-1.7 3.6-3 8-3s8 1.3 8 3-3.6 3-8 3-8-1.3-8-3zM4 7v10c0 1.7 3.6 3 8 3s8-1.3 8-3V7M4 12c0 1.7 3.6 3 8 3s8-1.3 8-3',
   services: 'M5 5h5v5H5zM14 5h5v5h-5zM5 14h5v5H5zM14 14h5v5h-5z',
   events: 'M3 12h4l3-8 4 16 3-8h4',
+  cluster: 'M12 4a2 2 0 1 0 0 .01M5 18a2 2 0 1 0 0 .01M19 18a2 2 0 1 0 0 .01M12 6v5M12 11l-6 6M12 11l6 6',
 };
 
 const NAV = [
@@ -26,6 +28,7 @@ const NAV = [
   { page: 'volumes', label: 'Volumes' },
   { page: 'services', label: 'Services' },
   { page: 'events', label: 'Events' },
+  { page: 'cluster', label: 'Cluster', admin: true },
 ];
 
 function icon(name) {
@@ -68,6 +71,8 @@ function resolve(pathname) {
       return { page: resourcesPage, name: first, params: { kind: first } };
     case 'events':
       return { page: eventsPage, name: 'events' };
+    case 'cluster':
+      return { page: clusterPage, name: 'cluster' };
     default:
       return { page: null, name: 'missing' };
   }
