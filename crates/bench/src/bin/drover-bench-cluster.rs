@@ -139,7 +139,8 @@ struct RunResult {
     all: Option<Duration>,
     /// Kill → every container running.
     running: Option<Duration>,
-    /// Nodes seen holding `n1`'s processes after the kill.
+    /// Nodes seen holding `n1`'s processes after the kill: processes per node (a process
+    /// that ended between two polls is not seen).
     new_owners: BTreeMap<String, usize>,
     /// Executions per process of `n1`'s (process_execution rows), as `count → processes`.
     executions: BTreeMap<i64, usize>,
@@ -448,6 +449,8 @@ async fn measure(
     let poll = Duration::from_millis(args.poll_ms.max(1));
     let deadline = killed + timeout;
     let mut last_node_poll = Instant::now() - Duration::from_secs(1);
+    // n1's processes seen claimed by another node, by process id: the last owner seen.
+    let mut taken: HashMap<i64, String> = HashMap::new();
     loop {
         let now_at = killed.elapsed();
         let remaining: i64 = sqlx::query_scalar(
@@ -462,16 +465,16 @@ async fn measure(
         if remaining == 0 && result.all.is_none() && !a_processes.is_empty() {
             result.all = Some(now_at);
         }
-        let owners: Vec<Option<String>> = sqlx::query_scalar(
-            "SELECT running_process_server_id FROM process_instance WHERE id = ANY($1) AND end_time IS NULL",
+        let owners = sqlx::query(
+            "SELECT id, running_process_server_id FROM process_instance WHERE id = ANY($1) AND end_time IS NULL AND running_process_server_id IS NOT NULL",
         )
         .bind(&a_processes)
         .fetch_all(&pool)
         .await?;
-        for owner in owners.into_iter().flatten() {
+        for row in &owners {
+            let (id, owner): (i64, String) = (row.try_get(0)?, row.try_get(1)?);
             if owner != a_id {
-                let name = ids.get(&owner).cloned().unwrap_or(owner);
-                *result.new_owners.entry(name).or_default() += 1;
+                taken.insert(id, ids.get(&owner).cloned().unwrap_or(owner));
             }
         }
         if result.running.is_none() {
@@ -511,6 +514,9 @@ async fn measure(
     }
     if a_processes.is_empty() {
         println!("  WARNING: n1 held no in-flight process at the kill: nothing to measure");
+    }
+    for owner in taken.into_values() {
+        *result.new_owners.entry(owner).or_default() += 1;
     }
 
     // What happened to n1's processes.
