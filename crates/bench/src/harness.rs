@@ -182,7 +182,7 @@ impl Hold {
     }
 
     /// Waits until the gate is open.
-    async fn open(&self) {
+    pub async fn open(&self) {
         loop {
             let released = self.released.notified();
             if !self.is_on() {

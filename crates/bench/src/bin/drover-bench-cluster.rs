@@ -5,26 +5,31 @@
 //! run) and the bench's own nats-server with JetStream (a free port, a temporary store
 //! directory); N `drover server` nodes `n1`…`nN` on both (`DROVER_NODE_NAME`,
 //! `DROVER_NATS_URL`), started one after the other and awaited in `/v1/clusternodes` (all
-//! alive, one leader). A simulated agent (the harness's, registered and subscribed through
-//! `n2`) holds its replies to `compute.instance.*` requests (pings are answered). Then M
+//! alive, one leader). A simulated agent on the client library's event router, given every
+//! node's URL (`n2` first by default, `--agent-node`), holds its replies to
+//! `compute.instance.*` requests (pings are answered) and subscribes on the next node when its
+//! connection is lost (with `--agent-node 1` it loses its node with the kill). Then M
 //! containers are created through `n1` (`--concurrency` callers) and the bench waits until the
 //! agent has received the start request of every one of them: the `instance.start` processes
 //! are claimed by the nodes' engines and wait for the agent. The process rows say which node
 //! holds each (`process_instance.running_process_server_id`, the node id of
 //! `/v1/clusternodes`); `n1`'s are "its in-flight processes". Then **kill -9 of `n1`**, and at
-//! the same moment (or `--release-after-ms` later) the agent sends every held reply (to `n2`,
-//! where it is connected). The bench polls the database every `--poll-ms` until every one of
-//! `n1`'s in-flight processes has ended (`end_time` set) and every container is `running`.
+//! the same moment (or `--release-after-ms` later) the agent sends every held reply (to the
+//! node it is subscribed on, or to the next one when that was `n1`). The bench polls the
+//! database every `--poll-ms` until every one of `n1`'s in-flight processes has ended
+//! (`end_time` set) and every container is `running`.
 //!
 //! **Failover time** = kill → the last of `n1`'s in-flight processes ended. Also reported: kill
-//! → `n1` listed `dead` by `n2`, kill → the first of them ended, kill → all containers
-//! running, the nodes that took them over (seen in `running_process_server_id` while they ran),
-//! executions per process, and the requests the agent received per container (more than one:
-//! the new owner sent the request again).
+//! → `n1` listed `dead` by `n2`, kill → the agent subscribed again (when it lost its node),
+//! kill → the first of them ended, kill → all containers running, the nodes that took them
+//! over (seen in `running_process_server_id` while they ran), executions per process, and the
+//! requests the agent received per container (more than one: the new owner sent the request
+//! again).
 //!
 //! ```text
 //! cargo build --release -p drover -p drover-bench
 //! target/release/drover-bench-cluster failover --runs 5 --nodes 3 --containers 30
+//! target/release/drover-bench-cluster failover --runs 5 --nodes 3 --containers 30 --agent-node 1
 //! ```
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -40,7 +45,7 @@ use drover_bench::cluster::{
 };
 use drover_bench::harness::{
     self, ACCESS_KEY, AgentStats, Latency, PgDatabase, SECRET_KEY, metric, ms, print_machine,
-    start_agents, wait_active,
+    wait_active,
 };
 use drover_client::Client;
 use serde_json::json;
@@ -80,6 +85,12 @@ struct FailoverArgs {
     /// Send the held replies this long after the kill (0: at once).
     #[arg(long, default_value_t = 0)]
     release_after_ms: u64,
+    /// The node the agent subscribes on first (1-based). It is given every node's URL, that
+    /// one first, and moves to the next when its connection is lost: with 1, the agent loses
+    /// its node with the kill and must subscribe again elsewhere before the new owners' requests
+    /// reach it.
+    #[arg(long, default_value_t = 2)]
+    agent_node: usize,
     /// Database poll interval while waiting, in ms.
     #[arg(long, default_value_t = 20)]
     poll_ms: u64,
@@ -139,6 +150,8 @@ struct RunResult {
     all: Option<Duration>,
     /// Kill → every container running.
     running: Option<Duration>,
+    /// Kill → the agent subscribed again (when it lost its node).
+    resubscribed: Option<Duration>,
     /// Nodes seen holding `n1`'s processes after the kill: processes per node (a process
     /// that ended between two polls is not seen).
     new_owners: BTreeMap<String, usize>,
@@ -156,12 +169,16 @@ async fn failover(args: &FailoverArgs) -> Result<()> {
     if args.nodes < 2 {
         bail!("--nodes must be at least 2");
     }
+    if args.agent_node == 0 || args.agent_node > args.nodes {
+        bail!("--agent-node must be between 1 and --nodes");
+    }
     print_machine();
     let bin = harness::drover_bin(args.drover_bin.as_deref())?;
     println!(
-        "failover: {} runs, {} nodes, {} containers through n1 ({} callers), replies released {} ms after the kill, settings {:?}, drover {}",
+        "failover: {} runs, {} nodes, agent on n{} first, {} containers through n1 ({} callers), replies released {} ms after the kill, settings {:?}, drover {}",
         args.runs,
         args.nodes,
+        args.agent_node,
         args.containers,
         args.concurrency,
         args.release_after_ms,
@@ -177,9 +194,9 @@ async fn failover(args: &FailoverArgs) -> Result<()> {
     }
     println!();
     println!(
-        "| run | n1 processes in flight (others) | n1 dead after | first ended | **all of n1's ended** | all containers running | new owners | executions per process | requests resent | takeovers |"
+        "| run | n1 processes in flight (others) | n1 dead after | agent subscribed again | first ended | **all of n1's ended** | all containers running | new owners | executions per process | requests resent | takeovers |"
     );
-    println!("|---:|---|---:|---:|---:|---:|---|---|---:|---:|");
+    println!("|---:|---|---:|---:|---:|---:|---:|---|---|---:|---:|");
     for (k, result) in results.iter().enumerate() {
         let others: Vec<String> = result
             .held
@@ -188,11 +205,12 @@ async fn failover(args: &FailoverArgs) -> Result<()> {
             .map(|(name, count)| format!("{name} {count}"))
             .collect();
         println!(
-            "| {} | {} ({}) | {} | {} | **{}** | {} | {:?} | {:?} | {} | {} |",
+            "| {} | {} ({}) | {} | {} | {} | **{}** | {} | {:?} | {:?} | {} | {} |",
             k + 1,
             result.held.get("n1").copied().unwrap_or(0),
             others.join(", "),
             opt_ms(result.dead),
+            opt_ms(result.resubscribed),
             opt_ms(result.first),
             opt_ms(result.all),
             opt_ms(result.running),
@@ -228,10 +246,11 @@ fn opt_ms(duration: Option<Duration>) -> String {
 
 fn print_run(result: &RunResult) {
     println!(
-        "  in flight at the kill: {:?} (listed by /v1/clusternodes: {:?}); n1 dead after {}, first ended {}, all ended {}, all running {}; new owners {:?}; executions {:?}; exit reasons {:?}; resent {}; takeovers {}",
+        "  in flight at the kill: {:?} (listed by /v1/clusternodes: {:?}); n1 dead after {}, agent subscribed again after {}, first ended {}, all ended {}, all running {}; new owners {:?}; executions {:?}; exit reasons {:?}; resent {}; takeovers {}",
         result.held,
         result.listed,
         opt_ms(result.dead),
+        opt_ms(result.resubscribed),
         opt_ms(result.first),
         opt_ms(result.all),
         opt_ms(result.running),
@@ -336,9 +355,14 @@ async fn measure(
         .as_str()
         .context("the registration token has no `token`")?
         .to_owned();
+    // The agent's URL list: its first node, then the others in order.
+    let first = args.agent_node - 1;
+    let agent_urls: Vec<String> = (0..nodes.len())
+        .map(|k| nodes.url((first + k) % nodes.len()))
+        .collect();
     let stats = Arc::new(AgentStats::default());
-    let (agents, agent_tasks) = start_agents(&b_url, &token, 1, 1, stats.clone(), timeout).await?;
-    wait_active(&admin_b, &agents, timeout).await?;
+    let agent = RouterAgent::start(&agent_urls, &token, stats.clone()).await?;
+    wait_active(&admin_b, std::slice::from_ref(&agent.agent), timeout).await?;
     stats.hold.count.store(true, Ordering::Relaxed);
     stats.hold.hold();
 
@@ -430,6 +454,7 @@ async fn measure(
     }
 
     // kill -9 of n1; the held replies go out.
+    let subscriptions = *agent.connections.borrow();
     let killed = Instant::now();
     let pid = nodes.slots[0].pid.context("n1 runs")?;
     nix::sys::signal::kill(
@@ -452,13 +477,14 @@ async fn measure(
     // n1's processes seen claimed by another node, by process id: the last owner seen.
     let mut taken: HashMap<i64, String> = HashMap::new();
     loop {
-        let now_at = killed.elapsed();
         let remaining: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM process_instance WHERE id = ANY($1) AND end_time IS NULL",
         )
         .bind(&a_processes)
         .fetch_one(&pool)
         .await?;
+        // An upper bound: the state read is at most this old.
+        let now_at = killed.elapsed();
         if remaining < a_processes.len() as i64 && result.first.is_none() {
             result.first = Some(now_at);
         }
@@ -476,6 +502,9 @@ async fn measure(
             if owner != a_id {
                 taken.insert(id, ids.get(&owner).cloned().unwrap_or(owner));
             }
+        }
+        if result.resubscribed.is_none() && *agent.connections.borrow() > subscriptions {
+            result.resubscribed = Some(killed.elapsed());
         }
         if result.running.is_none() {
             let running: i64 = sqlx::query_scalar(
@@ -552,9 +581,132 @@ async fn measure(
             stats.first_error.lock().unwrap_or_else(|p| p.into_inner())
         );
     }
-    drop(agent_tasks);
+    agent.stop().await;
     pool.close().await;
     Ok(result)
+}
+
+/// A simulated agent on the client library's event router, given every node's URL: it
+/// answers `compute.instance.*` requests (held while `stats.hold` is on) and pings (with the
+/// containers it runs), and subscribes again on the next node when its connection is lost.
+struct RouterAgent {
+    agent: harness::Agent,
+    /// Subscriptions so far (the router's count).
+    connections: tokio::sync::watch::Receiver<u64>,
+    shutdown: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RouterAgent {
+    async fn start(urls: &[String], token: &str, stats: Arc<AgentStats>) -> Result<RouterAgent> {
+        let list = urls.join(",");
+        let (access, secret) = token
+            .split_once(':')
+            .context("a registration token is ACCESS:SECRET")?;
+        let registered = Client::new(&list, access, secret)?
+            .post(
+                "register",
+                &json!({"key": format!("failover-{}", std::process::id()), "name": "failover"}),
+            )
+            .await
+            .context("POST /v1/register")?;
+        let field = |name: &str| {
+            registered[name]
+                .as_str()
+                .map(str::to_owned)
+                .with_context(|| format!("the registration has no {name}: {registered}"))
+        };
+        let client = Client::new(&list, &field("accessKey")?, &field("secretKey")?)?;
+        let agent = harness::Agent {
+            agent_id: field("agentId")?,
+            host_id: field("hostId")?,
+            client: client.clone(),
+            running: Arc::default(),
+        };
+        let mut builder = drover_client::RouterBuilder::new(client)
+            .agent_id(agent.agent_id.clone())
+            .workers(1024)
+            .queue_capacity(4096)
+            .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(500));
+        for name in [
+            "compute.instance.activate",
+            "compute.instance.deactivate",
+            "compute.instance.remove",
+        ] {
+            let (stats, running) = (stats.clone(), agent.running.clone());
+            builder = builder.on(name, move |event, _context| {
+                let (stats, running) = (stats.clone(), running.clone());
+                async move {
+                    stats.requests.fetch_add(1, Ordering::Relaxed);
+                    if let Some(id) = &event.resource_id {
+                        if stats.hold.count.load(Ordering::Relaxed) {
+                            *stats
+                                .hold
+                                .received
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .entry(id.clone())
+                                .or_default() += 1;
+                        }
+                        let mut running = running.lock().unwrap_or_else(|p| p.into_inner());
+                        if event.name() == "compute.instance.activate" {
+                            running.insert(id.clone());
+                        } else {
+                            running.remove(id);
+                        }
+                    }
+                    if stats.hold.is_on() {
+                        stats.hold.held.fetch_add(1, Ordering::Relaxed);
+                        stats.hold.open().await;
+                    }
+                    Ok(Some(json!({"instance": {"externalId": "x"}})))
+                }
+            });
+        }
+        let (ping_stats, running) = (stats.clone(), agent.running.clone());
+        builder = builder.on("ping", move |_event, _context| {
+            let resources: Vec<serde_json::Value> = running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|id| json!({"type": "instance", "id": id, "state": "running"}))
+                .collect();
+            ping_stats.pings.fetch_add(1, Ordering::Relaxed);
+            async move { Ok(Some(json!({ "resources": resources }))) }
+        });
+        let router = builder.build();
+        let mut connections = router.connections();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let task = {
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                if let Err(error) = router.run(shutdown).await {
+                    eprintln!("agent router: {error}");
+                }
+            })
+        };
+        // Subscribed once the router counts a connection.
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while *connections.borrow_and_update() == 0 {
+                if connections.changed().await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await
+        .context("the agent did not subscribe within 30 s")?;
+        Ok(RouterAgent {
+            agent,
+            connections,
+            shutdown,
+            task,
+        })
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
 }
 
 #[cfg(test)]
