@@ -44,6 +44,8 @@ use crate::settings::Settings;
 
 /// Messages waiting to be handed to NATS; more are dropped and counted.
 const OUTGOING_QUEUE: usize = 65_536;
+/// Bytes of payload waiting to be handed to NATS; more are dropped and counted.
+const OUTGOING_BYTES: usize = 64 << 20;
 /// The header that carries the publisher's origin.
 const ORIGIN_HEADER: &str = "Drover-Origin";
 
@@ -140,7 +142,7 @@ impl Cluster {
         };
         let ttl = settings.int("cluster.node.ttl.millis");
         let origin = Instant::now();
-        let epoch = match store.node_join(&info, now_millis(), ttl).await {
+        let epoch = match store.node_join(&info, now_millis(), ttl, false).await {
             Ok(epoch) => epoch,
             Err(drover_store::Error::Conflict(message)) => return Err(JoinError::Refused(message)),
             Err(error) => return Err(error.into()),
@@ -305,17 +307,45 @@ impl Cluster {
         engine: drover_engine::EngineHandle,
         shutdown: CancellationToken,
     ) {
+        // Ticks on a fixed period (not sleep + work), each bounded in time: a heartbeat that
+        // cannot reach the database is given up and the next one tries again.
+        let mut every = settings.uint("cluster.heartbeat.millis").max(10);
+        let mut ticker = tokio::time::interval(Duration::from_millis(every));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await;
         loop {
-            let every = settings.uint("cluster.heartbeat.millis").max(10);
             tokio::select! {
-                () = tokio::time::sleep(Duration::from_millis(every)) => {}
+                _ = ticker.tick() => {}
                 () = shutdown.cancelled() => break,
             }
-            self.tick(&settings, &engine).await;
+            let ttl = settings.uint("cluster.node.ttl.millis");
+            let bound = Duration::from_millis(ttl.saturating_sub(every).max(every));
+            if tokio::time::timeout(bound, self.tick(&settings, &engine))
+                .await
+                .is_err()
+            {
+                self.stats.database_ok.store(false, Relaxed);
+                tracing::warn!(?bound, "a cluster heartbeat took too long; trying again");
+            }
+            let now_every = settings.uint("cluster.heartbeat.millis").max(10);
+            if now_every != every {
+                every = now_every;
+                ticker = tokio::time::interval(Duration::from_millis(every));
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                ticker.tick().await;
+            }
         }
         self.leader.send_replace(false);
-        if let Err(error) = self.store.node_leave(&self.info.id, self.epoch()).await {
-            tracing::warn!(%error, "leaving the cluster failed; the node's lease runs out instead");
+        match self.store.node_leave(&self.info.id, self.epoch()).await {
+            Ok(()) => {
+                // The others claim what this node released at once rather than at their poll.
+                if let Some(link) = &self.link {
+                    link.hint(Hint::Work);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "leaving the cluster failed; the node's lease runs out instead")
+            }
         }
     }
 
@@ -339,7 +369,7 @@ impl Cluster {
                     epoch = self.epoch(),
                     "this node's lease ran out (paused or cut off): its work was taken over; joining again"
                 );
-                match self.store.node_join(&self.info, now, ttl).await {
+                match self.store.node_join(&self.info, now, ttl, true).await {
                     Ok(epoch) => {
                         self.epoch.store(epoch, Relaxed);
                         self.node_until.store(sent + ttl as u64, Relaxed);
@@ -437,7 +467,12 @@ enum Outgoing {
 pub struct Link {
     prefix: String,
     out: mpsc::Sender<Outgoing>,
+    /// Payload bytes in `out`, bounded by [`OUTGOING_BYTES`].
+    queued_bytes: Arc<std::sync::atomic::AtomicUsize>,
     interest: Mutex<HashSet<Box<str>>>,
+    /// Names sockets here subscribed to, announced by the interest loop once their NATS
+    /// subscriptions are on the wire (so a resent request finds them).
+    announce: Mutex<HashSet<Box<str>>>,
     interest_changed: Notify,
     stats: Arc<ClusterStats>,
     hook: std::sync::OnceLock<HintHook>,
@@ -486,7 +521,9 @@ impl Link {
         let link = Arc::new(Link {
             prefix: format!("drover.{cluster_id}."),
             out: out_tx,
+            queued_bytes: Arc::default(),
             interest: Mutex::new(HashSet::new()),
+            announce: Mutex::new(HashSet::new()),
             interest_changed: Notify::new(),
             stats: stats.clone(),
             hook: std::sync::OnceLock::new(),
@@ -499,6 +536,7 @@ impl Link {
             client.clone(),
             out_rx,
             format!("drover.{cluster_id}.hint"),
+            link.queued_bytes.clone(),
         ));
         tokio::spawn(interest_loop(link.clone(), client.clone(), hub.clone()));
         tokio::spawn(hint_loop(link.clone(), client.clone(), hub.clone()));
@@ -555,16 +593,27 @@ impl Link {
 
 impl Remote for Link {
     fn forward(&self, name: &str, text: Utf8Bytes, origin: &Origin) {
+        // While NATS is away nothing piles up: pending calls are resent when it is back, and
+        // events (like NATS's own) are not kept.
+        let size = text.len();
+        if !self.stats.nats_connected.load(Relaxed)
+            || self.queued_bytes.load(Relaxed) + size > OUTGOING_BYTES
+        {
+            self.stats.dropped.fetch_add(1, Relaxed);
+            return;
+        }
         let outgoing = Outgoing::Event {
             subject: self.subject(name),
             origin: encode_origin(origin),
-            payload: Bytes::copy_from_slice(text.as_bytes()),
+            payload: Bytes::from_owner(SharedText(text)),
         };
+        self.queued_bytes.fetch_add(size, Relaxed);
         match self.out.try_send(outgoing) {
             Ok(()) => {
                 self.stats.published.fetch_add(1, Relaxed);
             }
             Err(_) => {
+                self.queued_bytes.fetch_sub(size, Relaxed);
                 self.stats.dropped.fetch_add(1, Relaxed);
             }
         }
@@ -582,9 +631,20 @@ impl Remote for Link {
     }
 
     fn subscribed(&self, names: &[Box<str>]) {
-        self.hint(Hint::Subscribed(
-            names.iter().map(|name| name.to_string()).collect(),
-        ));
+        self.announce
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .extend(names.iter().cloned());
+        self.interest_changed.notify_one();
+    }
+}
+
+/// The serialized event, shared with the local sockets' queues (no copy for NATS).
+struct SharedText(Utf8Bytes);
+
+impl AsRef<[u8]> for SharedText {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_bytes()
     }
 }
 
@@ -593,6 +653,7 @@ async fn publisher(
     client: async_nats::Client,
     mut rx: mpsc::Receiver<Outgoing>,
     hint_subject: String,
+    queued_bytes: Arc<std::sync::atomic::AtomicUsize>,
 ) {
     let mut batch = Vec::with_capacity(256);
     while rx.recv_many(&mut batch, 256).await > 0 {
@@ -603,6 +664,7 @@ async fn publisher(
                     origin,
                     payload,
                 } => {
+                    queued_bytes.fetch_sub(payload.len(), Relaxed);
                     let mut headers = async_nats::HeaderMap::new();
                     headers.insert(ORIGIN_HEADER, origin.as_str());
                     client.publish_with_headers(subject, headers, payload).await
@@ -659,6 +721,24 @@ async fn interest_loop(link: Arc<Link>, client: async_nats::Client, hub: Hub) {
                 _ => {}
             }
         }
+        // The names sockets subscribed to, now that their subscriptions are sent (on the same
+        // connection, so before this): calls waiting on them elsewhere send their requests again.
+        let announce: Vec<String> = link
+            .announce
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .drain()
+            .map(String::from)
+            .collect();
+        if !announce.is_empty() {
+            let payload = serde_json::to_vec(&Hint::Subscribed(announce)).unwrap_or_default();
+            if let Err(error) = client
+                .publish(format!("{}hint", link.prefix), payload.into())
+                .await
+            {
+                tracing::debug!(%error, "announcing subscriptions failed");
+            }
+        }
     }
 }
 
@@ -672,11 +752,12 @@ async fn receive(
 ) {
     loop {
         let message = tokio::select! {
-            message = subscriber.next() => message,
+            biased;
             () = stop.cancelled() => {
                 let _ = subscriber.unsubscribe().await;
                 return;
             }
+            message = subscriber.next() => message,
         };
         let Some(message) = message else { return };
         let origin = message

@@ -59,6 +59,10 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
         }
         if !leading {
             if !state.cluster.begin_task("event.worker").await {
+                tokio::select! {
+                    () = tokio::time::sleep(IDLE) => {}
+                    () = shutdown.cancelled() => return,
+                }
                 continue;
             }
             leading = true;
@@ -80,6 +84,11 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
                 Ok(events) => {
                     busy |= events.len() as i64 == BATCH;
                     for event in events {
+                        // Fenced per event: a node whose duty ran out mid-batch stops; what it
+                        // claimed and left is handed back by the next leader's requeue.
+                        if !state.cluster.is_leader() {
+                            break;
+                        }
                         handle(&state, event).await;
                     }
                 }

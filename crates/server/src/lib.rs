@@ -232,8 +232,20 @@ impl Server {
                 source,
             })?,
         };
+        // Membership has its own small pool on PostgreSQL, so a busy API or writer never holds
+        // up a heartbeat past the node's TTL (SQLite has one server only).
+        let membership = match store.backend() {
+            drover_store::Backend::Postgres => {
+                Store::connect(&StoreOptions {
+                    max_connections: 2,
+                    ..config.store_options()
+                })
+                .await?
+            }
+            drover_store::Backend::Sqlite => store.clone(),
+        };
         let cluster = cluster::Cluster::join(
-            store.clone(),
+            membership.clone(),
             &cluster::ClusterOptions {
                 nats_url: config.nats_url.clone(),
                 node_name,
@@ -317,6 +329,9 @@ impl Server {
             let _ = changes_task.await;
             cluster_stop.cancel();
             let _ = cluster_task.await;
+            if serve_state.store.backend() == drover_store::Backend::Postgres {
+                membership.close().await;
+            }
             // Sockets were told to close (going away); give them a moment to say so.
             let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
             while serve_state.hub.topic_count() > 1 && tokio::time::Instant::now() < deadline {

@@ -645,7 +645,7 @@ async fn a_dead_nodes_processes_are_released_at_once_and_its_late_writes_change_
         let (project, _host) = project_with_host(store).await;
         let t = now();
         let epoch = store
-            .node_join(&node("node-a", "a", false), t, 1_000)
+            .node_join(&node("node-a", "a", false), t, 1_000, false)
             .await
             .unwrap();
         store
@@ -718,7 +718,7 @@ async fn a_dead_nodes_processes_are_released_at_once_and_its_late_writes_change_
             .expect("the live owner's finish applies");
         assert_eq!(finished.state, "running");
         let again = store
-            .node_join(&node("node-a", "a", false), t + 1_300, 1_000)
+            .node_join(&node("node-a", "a", false), t + 1_300, 1_000, false)
             .await
             .unwrap();
         assert!(
@@ -742,11 +742,14 @@ async fn joins_that_would_split_the_cluster_are_refused_and_duties_are_held_once
     .unwrap();
     let t = now();
     let alone = store
-        .node_join(&node("n-alone", "alone", false), t, 3_000)
+        .node_join(&node("n-alone", "alone", false), t, 3_000, false)
         .await
         .unwrap();
     for (id, nats) in [("n-b", false), ("n-c", true)] {
-        match store.node_join(&node(id, id, nats), t + 10, 3_000).await {
+        match store
+            .node_join(&node(id, id, nats), t + 10, 3_000, false)
+            .await
+        {
             Err(drover_store::Error::Conflict(message)) => {
                 assert!(message.contains("alone"), "{message}")
             }
@@ -755,7 +758,7 @@ async fn joins_that_would_split_the_cluster_are_refused_and_duties_are_held_once
     }
     // The same name with another id is the lone server restarted: it takes over at once.
     store
-        .node_join(&node("n-alone-2", "alone", false), t + 20, 3_000)
+        .node_join(&node("n-alone-2", "alone", false), t + 20, 3_000, false)
         .await
         .unwrap();
     assert!(
@@ -764,18 +767,29 @@ async fn joins_that_would_split_the_cluster_are_refused_and_duties_are_held_once
             .await
             .unwrap()
     );
+    // The old process comes back and joins again: the name is taken, it must stop (not take
+    // the new one's work in turn).
+    match store
+        .node_join(&node("n-alone", "alone", false), t + 40, 3_000, true)
+        .await
+    {
+        Err(drover_store::Error::Conflict(message)) => {
+            assert!(message.contains("took over"), "{message}")
+        }
+        other => panic!("a rejoin under a taken name must be refused: {other:?}"),
+    }
     store.node_leave("n-alone-2", alone + 1).await.unwrap();
     // Cluster nodes join beside each other; one holds the leader duty at a time.
     let ea = store
-        .node_join(&node("n-a", "a", true), t + 40, 1_000)
+        .node_join(&node("n-a", "a", true), t + 40, 1_000, false)
         .await
         .unwrap();
     let eb = store
-        .node_join(&node("n-b", "b", true), t + 40, 1_000)
+        .node_join(&node("n-b", "b", true), t + 40, 1_000, false)
         .await
         .unwrap();
     match store
-        .node_join(&node("n-x", "x", false), t + 50, 1_000)
+        .node_join(&node("n-x", "x", false), t + 50, 1_000, false)
         .await
     {
         Err(drover_store::Error::Conflict(message)) => assert!(message.contains("--nats-url")),

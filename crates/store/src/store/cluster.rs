@@ -111,7 +111,17 @@ impl Store {
     /// of the same name and another id is this server's previous incarnation (a restart): it is
     /// declared dead and its work released at once. On SQLite every other row is such a one:
     /// only one server can use the file.
-    pub async fn node_join(&self, node: &NodeInfo, now: i64, ttl: i64) -> Result<i64> {
+    ///
+    /// With `rejoin` (this process lost its lease and joins again) such a row is not an
+    /// earlier incarnation but another live process with this node's name: refused, so that
+    /// two processes with one name never take each other's work in turn.
+    pub async fn node_join(
+        &self,
+        node: &NodeInfo,
+        now: i64,
+        ttl: i64,
+        rejoin: bool,
+    ) -> Result<i64> {
         let mut tx = self.pool.begin_write().await?;
         if tx.backend() == Backend::Postgres {
             // Joins are serialized, so two nodes starting at once see each other.
@@ -130,6 +140,13 @@ impl Store {
             .await?;
         let sqlite = tx.backend() == Backend::Sqlite;
         for other in &live {
+            if rejoin && other.name == node.name {
+                return Err(Error::Conflict(format!(
+                    "another drover server took over node name {} (at {}) while this one was \
+                     away; give each server its own --node-name and data directory",
+                    node.name, other.address
+                )));
+            }
             if sqlite || other.name == node.name {
                 continue;
             }
