@@ -600,8 +600,10 @@ pub struct Api {
     http: reqwest::Client,
     bases: Arc<Vec<String>>,
     current: Arc<std::sync::atomic::AtomicUsize>,
-    /// Calls that were tried again.
+    /// Writes that were tried again.
     pub retries: Arc<AtomicU64>,
+    /// Reads (`GET`) that were tried again.
+    pub read_retries: Arc<AtomicU64>,
 }
 
 impl Api {
@@ -619,6 +621,7 @@ impl Api {
             bases: Arc::new(bases.to_vec()),
             current: Arc::default(),
             retries: Arc::default(),
+            read_retries: Arc::default(),
         })
     }
 
@@ -681,6 +684,7 @@ impl Api {
                 _ if Instant::now() + delay > deadline => return None,
                 _ => {
                     self.next_server();
+                    self.read_retries.fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(1));
                 }
@@ -1817,12 +1821,13 @@ fn print_report(
     );
     let _ = writeln!(
         out,
-        "  unacknowledged (no answer within the retries, or refused after a try without one): {} ({}); refused at once: {} ({}); retried calls {}; waits that ran out {}; containers seen in error {}",
+        "  unacknowledged (no answer within the retries, or refused after a try without one): {} ({}); refused at once: {} ({}); retried writes {}, retried reads {}; waits that ran out {}; containers seen in error {}",
         total(&ledger.unacked),
         by_op(&ledger.unacked),
         total(&ledger.refused),
         by_op(&ledger.refused),
         api.retries.load(Ordering::Relaxed),
+        api.read_retries.load(Ordering::Relaxed),
         ledger.wait_timeouts.load(Ordering::Relaxed),
         ledger.errors_seen.load(Ordering::Relaxed),
     );
