@@ -192,11 +192,6 @@ impl Cluster {
         self.epoch.load(Relaxed)
     }
 
-    /// Whether it runs with NATS.
-    pub fn is_clustered(&self) -> bool {
-        self.link.is_some()
-    }
-
     /// Publishes `cluster.change` (to every node's admins).
     fn announce(&self, what: &str) {
         self.hub
