@@ -6,6 +6,8 @@
 //! the API offers and what the engine accepts cannot disagree.
 
 use drover_store::{ResourceKind, Step};
+
+use crate::external::Registry;
 use serde_json::{Map, Value};
 
 /// What a process does besides moving states.
@@ -354,6 +356,15 @@ pub static DEFINITIONS: std::sync::LazyLock<Vec<ProcessDef>> = std::sync::LazyLo
         "service.remove",
         "service.purge"
     ));
+    defs.extend(generic!(
+        ExternalHandler,
+        "external_handler.create",
+        "external_handler.activate",
+        "external_handler.deactivate",
+        "external_handler.update",
+        "external_handler.remove",
+        "external_handler.purge"
+    ));
     defs
 });
 
@@ -376,12 +387,23 @@ pub fn delegate_of(def: &ProcessDef, data: &Map<String, Value>) -> Option<&'stat
 /// applied in the scheduling transaction, and so is each delegate after it that has none; the
 /// first process that calls an agent stays pending, for the engine to claim.
 pub fn plan(def: &'static ProcessDef, state: &str, data: &Map<String, Value>) -> Vec<Step> {
+    plan_with(def, state, data, &Registry::new())
+}
+
+/// [`plan`], where a process that an active external handler takes part in is never a hop:
+/// it stays pending, for the engine to run its handlers.
+pub fn plan_with(
+    def: &'static ProcessDef,
+    state: &str,
+    data: &Map<String, Value>,
+    external: &Registry,
+) -> Vec<Step> {
     let mut steps = Vec::new();
     let mut current = def;
     let mut state = state.to_owned();
     loop {
         let transitioning = current.transitioning_from(&state);
-        if current.handler != Handler::None {
+        if current.handler != Handler::None || external.handles(current.name) {
             steps.push(Step::pending(current.name, &transitioning));
             return steps;
         }
@@ -404,6 +426,15 @@ pub fn plan(def: &'static ProcessDef, state: &str, data: &Map<String, Value>) ->
 /// The plan of creating a resource of `kind` (from `requested`).
 pub fn create_plan(kind: ResourceKind, data: &Map<String, Value>) -> Vec<Step> {
     plan(create_of(kind), "requested", data)
+}
+
+/// [`create_plan`] with the active external handlers (see [`plan_with`]).
+pub fn create_plan_with(
+    kind: ResourceKind,
+    data: &Map<String, Value>,
+    external: &Registry,
+) -> Vec<Step> {
+    plan_with(create_of(kind), "requested", data, external)
 }
 
 /// The create process of a kind.

@@ -23,6 +23,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::defs::{self, Handler, PREVIOUS, ProcessDef};
+use crate::external::{BUILT_IN_PRIORITY, HandlerCall, ProcessHandlers, Registry};
 use crate::render::resource_json;
 use crate::{Bus, CallFailure, Clock, SharedTunables, Tunables};
 
@@ -44,6 +45,8 @@ pub struct Engine<B> {
     /// Every time the engine computes (attempt times, `run_after`, max age, leases, the
     /// claim's now) is on this clock.
     clock: Clock,
+    /// The active external handlers.
+    external: Registry,
 }
 
 /// A handle to wake the engine when work was scheduled.
@@ -78,6 +81,10 @@ struct AttemptError {
     message: String,
     /// Trying again cannot help: the process fails at once.
     permanent: bool,
+    /// The process an external handler's `onError` names: the attempt ends by running it.
+    on_error: Option<String>,
+    /// The steps that ran before the failure.
+    log: Vec<Value>,
 }
 
 impl AttemptError {
@@ -86,14 +93,15 @@ impl AttemptError {
             reason,
             message: message.into(),
             permanent: false,
+            on_error: None,
+            log: Vec::new(),
         }
     }
 
     fn permanent(message: impl Into<String>) -> Self {
         AttemptError {
-            reason: "PERMANENT",
-            message: message.into(),
             permanent: true,
+            ..AttemptError::new("PERMANENT", message)
         }
     }
 }
@@ -167,7 +175,14 @@ impl<B: Bus> Engine<B> {
             place,
             agent_key,
             clock: Clock::new(),
+            external: Registry::new(),
         }
+    }
+
+    /// The engine with these external handlers (shared with whoever updates them).
+    pub fn with_external(mut self, registry: Registry) -> Self {
+        self.external = registry;
+        self
     }
 
     /// The engine's clock.
@@ -309,7 +324,7 @@ impl<B: Bus> Engine<B> {
         let canceled = matches!(finish, Finish::Canceled { .. });
         let next = matches!(
             finish,
-            Finish::Done { next: Some(_), .. } | Finish::Retry { .. }
+            Finish::Done { next: Some(_), .. } | Finish::Retry { .. } | Finish::Chained { .. }
         );
         let (id, transitioning) = (process.id, process.transitioning_state().map(str::to_owned));
         let item = FinishItem {
@@ -385,7 +400,49 @@ impl<B: Bus> Engine<B> {
                 Vec::new(),
             );
         }
-        match self.run_handler(def, claimed, resource).await {
+        let external = if resource.kind == ResourceKind::ExternalHandler {
+            ProcessHandlers::default()
+        } else {
+            self.external.for_process(def.name, resource.account_id)
+        };
+        let result = if external.is_empty() {
+            self.run_handler(def, claimed, resource).await
+        } else {
+            self.run_phases(def, claimed, resource, &external).await
+        };
+        match result {
+            Err(AttemptError {
+                on_error: Some(next),
+                message,
+                reason,
+                log,
+                ..
+            }) => {
+                let mut steps = log;
+                steps.push(json!({"error": message, "reason": reason, "onError": next}));
+                let transitioning = process.transitioning_state().unwrap_or("").to_owned();
+                let finish = match defs::find(&next).filter(|next| next.kind == def.kind) {
+                    Some(next_def) => Finish::Chained {
+                        message: format!("{} failed: {message}; running {next}", def.name),
+                        reason: reason.to_owned(),
+                        next: (
+                            next_def.name.to_owned(),
+                            next_def.transitioning_from(&transitioning),
+                            Map::new(),
+                        ),
+                        previous_state: transitioning,
+                    },
+                    None => Finish::Failed {
+                        message: format!(
+                            "{} failed: {message} (onError names no process {next:?} of a {})",
+                            def.name,
+                            def.kind.api_type()
+                        ),
+                        reason: reason.to_owned(),
+                    },
+                };
+                (finish, steps)
+            }
             Ok(outcome) => {
                 let done_state = if let Some(state) = outcome.ended_as {
                     state.to_owned()
@@ -408,8 +465,9 @@ impl<B: Bus> Engine<B> {
                 };
                 (finish, outcome.log)
             }
-            Err(error) => {
-                let log = vec![json!({"error": error.message, "reason": error.reason})];
+            Err(mut error) => {
+                let mut log = std::mem::take(&mut error.log);
+                log.push(json!({"error": error.message, "reason": error.reason}));
                 (self.retry_or_fail(process, def, error), log)
             }
         }
@@ -464,6 +522,135 @@ impl<B: Bus> Engine<B> {
         }
     }
 
+    /// An attempt with external handlers: the pre-listeners, the handler phase (external
+    /// handlers and the built-in one in priority order, the first that answers ends it), the
+    /// post-listeners. Each reply's data is merged into the resource the next step sees.
+    async fn run_phases(
+        &self,
+        def: &ProcessDef,
+        claimed: &Claimed,
+        resource: &Resource,
+        external: &ProcessHandlers,
+    ) -> Result<Outcome, AttemptError> {
+        let mut current = resource.clone();
+        let mut log = Vec::new();
+        let mut ended_as = None;
+        for call in &external.pre {
+            self.call_external(def, claimed, &mut current, call, "pre", &mut log)
+                .await?;
+        }
+        let first = external
+            .handlers
+            .first()
+            .filter(|call| call.priority < BUILT_IN_PRIORITY || def.handler == Handler::None);
+        match first {
+            Some(call) => {
+                self.call_external(def, claimed, &mut current, call, "handler", &mut log)
+                    .await?
+            }
+            None => {
+                let outcome = match self.run_handler(def, claimed, &current).await {
+                    Ok(outcome) => outcome,
+                    Err(mut error) => {
+                        error.log = log;
+                        return Err(error);
+                    }
+                };
+                log.extend(outcome.log);
+                if let Some(data) = outcome.data {
+                    current.data = data;
+                }
+                ended_as = outcome.ended_as;
+            }
+        }
+        for call in &external.post {
+            self.call_external(def, claimed, &mut current, call, "post", &mut log)
+                .await?;
+        }
+        Ok(Outcome {
+            data: (current.data != resource.data).then_some(current.data),
+            ended_as,
+            log,
+        })
+    }
+
+    /// Calls one external handler (`<event>;handler=<name>`, in its project's scope when it has
+    /// one) with the resource as it is now, sends the call again after a timeout up to its
+    /// `retries`, and merges its reply's data into `current`. An error reply fails the attempt
+    /// and carries the handler's `onError` process.
+    async fn call_external(
+        &self,
+        def: &ProcessDef,
+        claimed: &Claimed,
+        current: &mut Resource,
+        call: &HandlerCall,
+        phase: &'static str,
+        log: &mut Vec<Value>,
+    ) -> Result<(), AttemptError> {
+        let name = handler_event_name(&call.event, &call.name, call.project);
+        let data_key = data_key_of(current.kind);
+        let timeout_millis = call
+            .timeout_millis
+            .unwrap_or(self.tunables().call_timeout_millis);
+        let timeout = Duration::from_millis(timeout_millis.max(1) as u64);
+        let api_type = current.kind.api_type();
+        let started = self.now_millis();
+        let mut sent = 0u32;
+        loop {
+            sent += 1;
+            let request = Event::new(name.clone())
+                .with_resource(api_type, ids::format(api_type, current.id))
+                .with_data(json!({
+                    data_key: resource_json(current),
+                    "processName": def.name,
+                    "processId": ids::format("processInstance", claimed.process.id),
+                    "phase": phase,
+                }));
+            let on_progress = self.progress_sink(&claimed.process);
+            let step = |result: &str, reply: Option<&str>, ms: i64| {
+                json!({"phase": phase, "handler": call.name, "event": name, "priority": call.priority,
+                       "result": result, "reply": reply, "sent": sent, "ms": ms})
+            };
+            match self.bus.call(request, timeout, on_progress).await {
+                Ok(reply) => {
+                    merge_reply(&mut current.data, reply.data.as_ref(), data_key);
+                    log.push(step("ok", reply.id.as_deref(), self.now_millis() - started));
+                    return Ok(());
+                }
+                Err(CallFailure::Timeout(_)) if sent <= call.retries => continue,
+                Err(failure) => {
+                    let (result, mut error) = match failure {
+                        CallFailure::Timeout(_) => (
+                            "timeout",
+                            AttemptError::new(
+                                "TIMEOUT",
+                                format!(
+                                    "external handler {} did not answer {name} within {timeout_millis} ms ({sent} sent)",
+                                    call.name
+                                ),
+                            ),
+                        ),
+                        CallFailure::ErrorReply(message) | CallFailure::Permanent(message) => {
+                            let mut error = AttemptError::new(
+                                "ERROR",
+                                format!("external handler {}: {message}", call.name),
+                            );
+                            error.on_error.clone_from(&call.on_error);
+                            ("error", error)
+                        }
+                        CallFailure::Shutdown => (
+                            "shutdown",
+                            AttemptError::new("SHUTDOWN", "server shutting down"),
+                        ),
+                    };
+                    log.push(step(result, None, self.now_millis() - started));
+                    error.log = std::mem::take(log);
+                    return Err(error);
+                }
+            }
+        }
+    }
+
     /// Calls the agent of the resource's host (placed in the claim if it was not) with each
     /// command in turn, merging each reply's data into the resource.
     async fn call_agent(
@@ -510,10 +697,7 @@ impl<B: Bus> Engine<B> {
             ));
         }
         let timeout = Duration::from_millis(self.tunables().call_timeout_millis as u64);
-        let data_key = match resource.kind {
-            ResourceKind::Instance => "instance",
-            other => other.table(),
-        };
+        let data_key = data_key_of(resource.kind);
         let mut data = resource.data.clone();
         let injected = claimed.agent_key.as_ref().map(agent_environment);
         for command in commands {
@@ -596,6 +780,43 @@ impl<B: Bus> Engine<B> {
                 );
             }
         })
+    }
+}
+
+/// The key a request's `data` carries the resource under (`instance` for containers).
+fn data_key_of(kind: ResourceKind) -> &'static str {
+    match kind {
+        ResourceKind::Instance => "instance",
+        ResourceKind::ExternalHandler => "externalHandler",
+        other => other.table(),
+    }
+}
+
+/// The name an external handler's call goes by: `<event>;handler=<name>`, and
+/// `;account=<project>` after it for a handler confined to a project (only that project's
+/// subscribers of `<event>;handler=<name>` receive it).
+fn handler_event_name(event: &str, handler: &str, project: Option<i64>) -> String {
+    match project {
+        None => format!("{event};handler={handler}"),
+        Some(project) => format!("{event};handler={handler};account={project}"),
+    }
+}
+
+/// Merges an external handler's reply into the resource's data: the fields under the
+/// resource's key (`data.instance`) when the reply has them, else the reply's top-level
+/// fields, as the original merged a handler's result. Fields the server owns are skipped.
+fn merge_reply(data: &mut Map<String, Value>, reply: Option<&Value>, data_key: &str) {
+    let Some(Value::Object(reply)) = reply else {
+        return;
+    };
+    let fields = match reply.get(data_key) {
+        Some(Value::Object(fields)) => fields,
+        _ => reply,
+    };
+    for (key, value) in fields {
+        if !crate::render::RESERVED.contains(&key.as_str()) && key != data_key {
+            data.insert(key.clone(), value.clone());
+        }
     }
 }
 

@@ -5,6 +5,8 @@
 //!   handler, delegate): one table drives state checks, the API's actions and the engine.
 //! - [`engine`]: the claim loop (leases, one process per resource), handlers that call agents,
 //!   retries with backoff, `max_attempts` / `max_age`, lease renewal.
+//! - [`external`]: external handlers, the extensions that take part in processes
+//!   (`<process>;handler=<name>`), and the [`Registry`] of the active ones.
 //! - [`render`]: the plain JSON of a resource that agents receive and the API extends.
 //!
 //! **Invariant:** the engine knows nothing about HTTP or WebSockets: it talks to agents through
@@ -12,6 +14,7 @@
 
 pub mod defs;
 pub mod engine;
+pub mod external;
 pub mod render;
 
 use std::future::Future;
@@ -22,6 +25,7 @@ use drover_store::Resource;
 
 pub use arc_swap::ArcSwap;
 pub use engine::{Engine, EngineHandle};
+pub use external::Registry;
 
 /// The engine's clock, in milliseconds since the epoch: the wall clock shifted by how far
 /// tokio's time has moved apart from real time since the clock was made. In real time the two

@@ -18,6 +18,7 @@ pub fn prefix(api_type: &str) -> Option<&'static str> {
         "processExecution" => "pe",
         "containerEvent" => "ce",
         "serviceEvent" => "se",
+        "externalHandler" => "eh",
         _ => return None,
     })
 }

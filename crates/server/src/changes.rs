@@ -10,10 +10,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use drover_engine::{Bus, CallFailure};
+use drover_engine::{Bus, CallFailure, Registry};
 use drover_proto::{Event, ids, names};
 use drover_store::{Resource, ResourceKind, Store};
 use serde_json::json;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::hub::{CallError, Hub};
@@ -33,21 +34,36 @@ pub struct Changes {
 struct Inner {
     hub: Hub,
     pending: Mutex<HashMap<(ResourceKind, i64), Option<i64>>>,
+    /// The active external handlers, updated with every change of one.
+    external: Registry,
+    /// Signalled when the active external handlers changed (the cluster tells the others).
+    external_changed: Notify,
 }
 
 impl Changes {
-    /// A change queue publishing through `hub`.
-    pub fn new(hub: Hub) -> Changes {
+    /// A change queue publishing through `hub`, keeping `external` up to date.
+    pub fn new(hub: Hub, external: Registry) -> Changes {
         Changes {
             inner: Arc::new(Inner {
                 hub,
                 pending: Mutex::new(HashMap::new()),
+                external,
+                external_changed: Notify::new(),
             }),
         }
     }
 
-    /// Records a change: `state.change` now, `resource.change` at the next tick.
+    /// Resolves at the next change of the active external handlers on this node.
+    pub async fn external_changed(&self) {
+        self.inner.external_changed.notified().await;
+    }
+
+    /// Records a change: `state.change` now, `resource.change` at the next tick. A change of
+    /// an external handler takes effect in the engine at once (before the caller answers).
     pub fn changed(&self, resource: &Resource, previous_state: Option<&str>) {
+        if self.inner.external.apply(resource) {
+            self.inner.external_changed.notify_one();
+        }
         let api_type = resource.kind.api_type();
         let mut event =
             Event::new("state.change").with_resource(api_type, ids::format(api_type, resource.id));

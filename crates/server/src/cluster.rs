@@ -259,6 +259,13 @@ impl Cluster {
         }
     }
 
+    /// Tells the other nodes that external handlers changed.
+    pub fn handlers_changed(&self) {
+        if let Some(link) = &self.link {
+            link.hint(Hint::Handlers);
+        }
+    }
+
     /// Tells the other nodes that an API key was removed or changed.
     pub fn key_changed(&self, access_key: &str) {
         if let Some(link) = &self.link {
@@ -445,6 +452,8 @@ pub enum Hint {
     Forget(String),
     /// Work was released or scheduled: look for ready processes.
     Work,
+    /// External handlers changed: reload the active ones.
+    Handlers,
     /// Sockets subscribed to these names: calls waiting on them send their request again.
     Subscribed(Vec<String>),
 }

@@ -215,7 +215,9 @@ impl Server {
         let shutdown = CancellationToken::new();
         let metrics = Metrics::new();
         let hub = Hub::new(metrics.clone(), shutdown.child_token());
-        let changes = Changes::new(hub.clone());
+        let external = drover_engine::Registry::new();
+        external.reload(&store).await?;
+        let changes = Changes::new(hub.clone(), external.clone());
         let node = format!("node-{}", uuid::Uuid::new_v4().simple());
         let public_url = config.public_url.clone().unwrap_or_else(|| {
             let host = if addr.ip().is_unspecified() {
@@ -256,16 +258,19 @@ impl Server {
             &settings,
         )
         .await?;
-        let engine = Arc::new(Engine::new(
-            store.clone(),
-            Arc::new(EngineBus {
-                hub: hub.clone(),
-                changes: changes.clone(),
-            }),
-            settings.engine(),
-            node,
-            shutdown.child_token(),
-        ));
+        let engine = Arc::new(
+            Engine::new(
+                store.clone(),
+                Arc::new(EngineBus {
+                    hub: hub.clone(),
+                    changes: changes.clone(),
+                }),
+                settings.engine(),
+                node,
+                shutdown.child_token(),
+            )
+            .with_external(external.clone()),
+        );
         let (subscriber_slots, open_files) =
             ws::Slots::from_nofile(settings.uint("api.sub.max.connections"));
         let header_timeout = Duration::from_millis(settings.uint("api.http.header.timeout.millis"));
@@ -282,6 +287,7 @@ impl Server {
             events: container_events::EventWorker::default(),
             subscriber_slots,
             cluster: cluster.clone(),
+            external,
         });
         {
             let state = state.clone();
@@ -302,6 +308,19 @@ impl Server {
                 tokio::select! {
                     () = cluster.fatal() => shutdown.cancel(),
                     () = shutdown.cancelled() => {}
+                }
+            });
+        }
+        {
+            // Other nodes reload their external handlers when this one's change.
+            let (changes, cluster, shutdown) =
+                (changes.clone(), state.cluster.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = changes.external_changed() => cluster.handlers_changed(),
+                        () = shutdown.cancelled() => return,
+                    }
                 }
             });
         }
@@ -470,6 +489,14 @@ fn on_hint(state: &AppState, hint: cluster::Hint) {
         }
         cluster::Hint::Forget(access_key) => state.keys.forget(&access_key),
         cluster::Hint::Work => state.engine.wake(),
+        cluster::Hint::Handlers => {
+            let state = state.clone();
+            tokio::spawn(async move {
+                if let Err(error) = state.external.reload(&state.store).await {
+                    tracing::warn!(%error, "reloading external handlers failed");
+                }
+            });
+        }
         cluster::Hint::Subscribed(_) => {}
     }
 }

@@ -34,6 +34,8 @@ impl std::ops::Deref for AppState {
 /// What [`AppState`] shares: cheap-clone handles only.
 #[derive(Debug)]
 pub struct Shared {
+    /// The active external handlers (the engine's and the planner's view).
+    pub external: drover_engine::Registry,
     /// The database.
     pub store: Store,
     /// The event hub.

@@ -169,17 +169,20 @@ pub enum ResourceKind {
     Stack,
     /// A service.
     Service,
+    /// An external handler: an extension that takes part in processes.
+    ExternalHandler,
 }
 
 impl ResourceKind {
     /// Every kind.
-    pub const ALL: [ResourceKind; 6] = [
+    pub const ALL: [ResourceKind; 7] = [
         ResourceKind::Host,
         ResourceKind::Agent,
         ResourceKind::Instance,
         ResourceKind::Volume,
         ResourceKind::Stack,
         ResourceKind::Service,
+        ResourceKind::ExternalHandler,
     ];
 
     /// The table, and the prefix of its process names (`instance.start`).
@@ -191,6 +194,7 @@ impl ResourceKind {
             ResourceKind::Volume => "volume",
             ResourceKind::Stack => "stack",
             ResourceKind::Service => "service",
+            ResourceKind::ExternalHandler => "external_handler",
         }
     }
 
@@ -198,6 +202,7 @@ impl ResourceKind {
     pub fn api_type(self) -> &'static str {
         match self {
             ResourceKind::Instance => "container",
+            ResourceKind::ExternalHandler => "externalHandler",
             other => other.table(),
         }
     }

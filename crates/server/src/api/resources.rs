@@ -281,6 +281,7 @@ fn check_type(field: &schema::Field, value: &Value) -> Result<(), ApiError> {
         "array[string]" => value
             .as_array()
             .is_some_and(|items| items.iter().all(Value::is_string)),
+        "array[externalHandlerProcessConfig]" => value.is_array(),
         "map[string]" => value
             .as_object()
             .is_some_and(|map| map.values().all(Value::is_string)),
@@ -296,6 +297,134 @@ fn check_type(field: &schema::Field, value: &Value) -> Result<(), ApiError> {
             format!("{} must be of type {}", field.name, field.kind),
         ))
     }
+}
+
+/// An external handler's name: what follows `;handler=` in the events it receives.
+fn check_handler_name(name: &str) -> Result<(), ApiError> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            "InvalidFormat",
+            "name",
+            "an external handler's name is 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' and '-'",
+        ))
+    }
+}
+
+/// Checks and normalizes an external handler's `processConfigs` (objects `{name, onError}`;
+/// plain names and the older clients' `processNames` are taken too), `priority`, `retries` and
+/// `timeoutMillis` into `data`. Every process named must exist (`pre.`/`post.` before it
+/// attach a listener) and `onError` must name a process of the same resource type.
+fn external_handler_fields(
+    body: &Map<String, Value>,
+    data: &mut Map<String, Value>,
+) -> Result<(), ApiError> {
+    use drover_engine::external::{MAX_RETRIES, MAX_TIMEOUT_MILLIS, Phase};
+    let invalid = |field: &str, message: String| ApiError::invalid("InvalidOption", field, message);
+    let configs = match (body.get("processConfigs"), body.get("processNames")) {
+        (Some(Value::Array(items)), _) => Some(items.clone()),
+        (Some(Value::Null) | None, Some(Value::Array(names))) => Some(names.clone()),
+        (Some(Value::Null) | None, None | Some(Value::Null)) => None,
+        (None | Some(Value::Null), Some(_)) => {
+            return Err(invalid(
+                "processNames",
+                "processNames must be an array of process names".into(),
+            ));
+        }
+        (Some(_), _) => {
+            return Err(invalid(
+                "processConfigs",
+                "processConfigs must be an array".into(),
+            ));
+        }
+    };
+    if let Some(configs) = configs {
+        if configs.is_empty() || configs.len() > 100 {
+            return Err(invalid(
+                "processConfigs",
+                "processConfigs must name 1 to 100 processes".into(),
+            ));
+        }
+        let mut normalized = Vec::with_capacity(configs.len());
+        for config in &configs {
+            let (name, on_error) = match config {
+                Value::String(name) => (name.as_str(), None),
+                Value::Object(fields) => (
+                    fields.get("name").and_then(Value::as_str).unwrap_or(""),
+                    match fields.get("onError") {
+                        None | Some(Value::Null) => None,
+                        Some(Value::String(next)) if next.is_empty() => None,
+                        Some(Value::String(next)) => Some(next.as_str()),
+                        Some(_) => {
+                            return Err(invalid(
+                                "processConfigs",
+                                "onError must be a process name".into(),
+                            ));
+                        }
+                    },
+                ),
+                _ => {
+                    return Err(invalid(
+                        "processConfigs",
+                        "each process config is {\"name\": \"<process>\", \"onError\": \"<process>\"}".into(),
+                    ));
+                }
+            };
+            let (_, process) = Phase::parse(name);
+            let def = defs::find(process)
+                .filter(|def| def.kind != ResourceKind::ExternalHandler)
+                .ok_or_else(|| {
+                    invalid(
+                        "processConfigs",
+                        format!("{name:?} is not a process an external handler can take part in (e.g. instance.start, pre.instance.start, post.instance.start)"),
+                    )
+                })?;
+            if let Some(next) = on_error
+                && defs::find(next).is_none_or(|next| next.kind != def.kind)
+            {
+                return Err(invalid(
+                    "processConfigs",
+                    format!(
+                        "onError {next:?} is not a process of a {}",
+                        def.kind.api_type()
+                    ),
+                ));
+            }
+            normalized.push(json!({"name": name, "onError": on_error}));
+        }
+        data.remove("processNames");
+        data.insert("processConfigs".into(), Value::Array(normalized));
+    }
+    for (field, range) in [
+        ("priority", 0..=1_000_000),
+        ("retries", 0..=MAX_RETRIES),
+        ("timeoutMillis", 1..=MAX_TIMEOUT_MILLIS),
+    ] {
+        match body.get(field) {
+            None | Some(Value::Null) => {}
+            Some(value) => match value.as_i64().filter(|v| range.contains(v)) {
+                Some(number) => {
+                    data.insert(field.into(), json!(number));
+                }
+                None => {
+                    return Err(invalid(
+                        field,
+                        format!(
+                            "{field} must be a whole number from {} to {}",
+                            range.start(),
+                            range.end()
+                        ),
+                    ));
+                }
+            },
+        }
+    }
+    Ok(())
 }
 
 /// Resolves every reference a request body carries (`requestedHostId`, `agentId`, `stackId`,
@@ -445,6 +574,22 @@ async fn create(
             _ => {}
         }
     }
+    if kind == ResourceKind::ExternalHandler {
+        let name = new.name.clone().unwrap_or_default();
+        check_handler_name(&name)?;
+        external_handler_fields(&body, &mut new.data)?;
+        if !new.data.contains_key("processConfigs") {
+            return Err(ApiError::invalid(
+                "MissingRequired",
+                "processConfigs",
+                "an external handler needs processConfigs: [{\"name\": \"<process>\", \"onError\": \"<process>\"}]",
+            ));
+        }
+        // Outside a project (an admin or service key at /v1/externalhandlers) a handler is
+        // global: called by its raw name for every project's processes.
+        let global = principal.is_privileged() && !params.contains_key("project");
+        new.data.insert("global".into(), Value::Bool(global));
+    }
     if kind == ResourceKind::Instance {
         let command_ok = new
             .data
@@ -462,7 +607,7 @@ async fn create(
     }
     let create = NewCreate {
         kind,
-        steps: defs::create_plan(kind, &new.data),
+        steps: defs::create_plan_with(kind, &new.data, &state.external),
         resource: new,
         node: state.engine.node().to_owned(),
     };
@@ -504,7 +649,7 @@ async fn schedule(
         resource_id: resource.id,
         start_states,
         cancel_pending: def.cancels_pending,
-        steps: defs::plan(def, &resource.state, &resource.data),
+        steps: defs::plan_with(def, &resource.state, &resource.data, &state.external),
         data,
         node: state.engine.node().to_owned(),
     };
@@ -636,6 +781,12 @@ async fn update(
     let project = resource.account_id.unwrap_or(state.default_project.id);
     resolve_references(&state, project, schema, &body).await?;
     let mut data = resource.data.clone();
+    if resource.kind == ResourceKind::ExternalHandler {
+        if let Some(name) = body.get("name") {
+            check_handler_name(name.as_str().unwrap_or_default())?;
+        }
+        external_handler_fields(&body, &mut data)?;
+    }
     let (mut name, mut description) = (None, None);
     for (key, value) in &body {
         let Some(field) = schema::field(schema, key).filter(|field| field.update) else {
@@ -645,6 +796,9 @@ async fn update(
         match field.name {
             "name" => name = value.as_str().map(str::to_owned),
             "description" => description = value.as_str().map(str::to_owned),
+            // Normalized above.
+            "processConfigs" | "priority" | "retries" | "timeoutMillis"
+                if resource.kind == ResourceKind::ExternalHandler => {}
             _ => {
                 data.insert(key.clone(), value.clone());
             }
@@ -662,6 +816,9 @@ async fn update(
         )
         .await?
         .unwrap_or(scheduled);
+    // What changed in the fields is announced too (an external handler's processes take
+    // effect at once; `resource.change` carries the new fields).
+    state.changes.changed(&updated, None);
     Ok((
         StatusCode::ACCEPTED,
         Json(render(&base_url(&headers), &updated)),

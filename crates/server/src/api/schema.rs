@@ -140,6 +140,17 @@ const SERVICE: &[Field] = &[
     updatable(input("launchConfig", "json")),
 ];
 
+const EXTERNAL_HANDLER: &[Field] = &[
+    updatable(input(
+        "processConfigs",
+        "array[externalHandlerProcessConfig]",
+    )),
+    updatable(input("priority", "int")),
+    updatable(input("retries", "int")),
+    updatable(input("timeoutMillis", "int")),
+    f("global", "boolean"),
+];
+
 /// The engine-driven types, with their collections.
 pub const RESOURCE_TYPES: &[TypeSchema] = &[
     TypeSchema {
@@ -187,6 +198,14 @@ pub const RESOURCE_TYPES: &[TypeSchema] = &[
         plural: "services",
         kind: Some(ResourceKind::Service),
         fields: SERVICE,
+        collection_methods: &["GET", "POST"],
+        resource_methods: &["GET", "PUT", "DELETE"],
+    },
+    TypeSchema {
+        id: "externalHandler",
+        plural: "externalhandlers",
+        kind: Some(ResourceKind::ExternalHandler),
+        fields: EXTERNAL_HANDLER,
         collection_methods: &["GET", "POST"],
         resource_methods: &["GET", "PUT", "DELETE"],
     },

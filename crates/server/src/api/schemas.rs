@@ -54,6 +54,16 @@ fn all(base: &str) -> Vec<Value> {
     ));
     out.push(schema_json(
         base,
+        "externalHandlerProcessConfig",
+        "externalHandlerProcessConfigs",
+        &[],
+        &[],
+        fields(&[("name", "string", true), ("onError", "string", true)]),
+        none(),
+        none(),
+    ));
+    out.push(schema_json(
+        base,
         "project",
         "projects",
         &["GET", "POST"],

@@ -227,6 +227,19 @@ pub enum Finish {
         /// The last attempt's reason.
         reason: String,
     },
+    /// A handler failed and named the process to run instead (an external handler's
+    /// `onError`): the process ends `FAILURE` with exit reason `CHAIN`, and `next` is scheduled
+    /// in the same transaction, from the state the resource is in (`previous_state`).
+    Chained {
+        /// Why, for people.
+        message: String,
+        /// The failed handler's reason.
+        reason: String,
+        /// The state the next process starts from (the failed process's transitioning state).
+        previous_state: String,
+        /// The process to run: name, transitioning state, data.
+        next: (String, String, Map<String, Value>),
+    },
     /// The process no longer applies (the resource changed state under it).
     Canceled {
         /// Why.
@@ -244,6 +257,7 @@ impl Finish {
                 reason, message, ..
             }
             | Finish::Failed { reason, message } => (reason, Some(message)),
+            Finish::Chained { message, .. } => ("CHAIN", Some(message)),
             Finish::Canceled { reason } => (reason, Some(reason)),
         }
     }

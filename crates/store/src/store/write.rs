@@ -1060,7 +1060,9 @@ pub(crate) async fn finish(tx: &mut Tx, items: &[&FinishItem]) -> Result<Vec<Opt
         let (end_time, result, phase, run_after) = match &item.finish {
             Finish::Done { .. } => (Some(now), Some("SUCCESS"), "DONE", None),
             Finish::Retry { run_after, .. } => (None, None, "WAITING", Some(*run_after)),
-            Finish::Failed { .. } => (Some(now), Some("FAILURE"), "DONE", None),
+            Finish::Failed { .. } | Finish::Chained { .. } => {
+                (Some(now), Some("FAILURE"), "DONE", None)
+            }
             Finish::Canceled { .. } => (Some(now), Some("CANCELED"), "DONE", None),
         };
         let (exit_reason, last_error) = item.finish.reason_and_message();
@@ -1179,6 +1181,10 @@ pub(crate) async fn finish(tx: &mut Tx, items: &[&FinishItem]) -> Result<Vec<Opt
                     json!({"id": item.process.resource_id, "expect": expect, "state": "error", "flag": "error",
                            "message": message, "keep": 0, "data": null, "now": now})
                 }
+                Finish::Chained { message, next, .. } => {
+                    json!({"id": item.process.resource_id, "expect": expect, "state": next.1, "flag": "yes",
+                           "message": message, "keep": 0, "data": null, "now": now})
+                }
                 Finish::Canceled { .. } => continue,
             };
             rows.push(row);
@@ -1221,24 +1227,32 @@ pub(crate) async fn finish(tx: &mut Tx, items: &[&FinishItem]) -> Result<Vec<Opt
         let Some(resource) = moved.get(&(item.process.kind, item.process.resource_id)) else {
             continue;
         };
-        if let Finish::Done {
-            done_state, next, ..
-        } = &item.finish
-        {
-            on_state(tx, resource.kind, resource.id, &resource.state, now).await?;
-            if let Some((name, transitioning, data)) = next {
-                let plan = plan_rows(
-                    &[Step::pending(name, transitioning)],
-                    resource.kind,
-                    resource.id,
-                    item.process.account_id,
-                    done_state,
-                    data,
-                    &item.node,
-                    now,
-                );
-                next_rows.extend(plan.rows);
+        let (from_state, next) = match &item.finish {
+            Finish::Done {
+                done_state, next, ..
+            } => {
+                on_state(tx, resource.kind, resource.id, &resource.state, now).await?;
+                (done_state, next.as_ref())
             }
+            Finish::Chained {
+                previous_state,
+                next,
+                ..
+            } => (previous_state, Some(next)),
+            _ => continue,
+        };
+        if let Some((name, transitioning, data)) = next {
+            let plan = plan_rows(
+                &[Step::pending(name, transitioning)],
+                resource.kind,
+                resource.id,
+                item.process.account_id,
+                from_state,
+                data,
+                &item.node,
+                now,
+            );
+            next_rows.extend(plan.rows);
         }
     }
     insert_processes(tx, &next_rows).await?;

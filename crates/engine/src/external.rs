@@ -1,0 +1,286 @@
+//! External handlers: extensions that take part in processes (the original's extension point).
+//!
+//! An `externalHandler` resource names the processes it handles in `processConfigs`
+//! (`[{name: "instance.start", onError: "instance.stop"}]`), a `priority`, `retries` and
+//! `timeoutMillis`. While it is `active`, every attempt of those processes sends it
+//! `<process>;handler=<name>` and waits for its reply:
+//! - a config named `pre.<process>` is a pre-listener and `post.<process>` a post-listener: each
+//!   is called, in priority order, before (after) the handler phase;
+//! - a config named `<process>` takes part in the handler phase with the built-in handler
+//!   (priority [`BUILT_IN_PRIORITY`]): the phase runs in priority order and ends with the first
+//!   that answers, so an external handler below 2000 replaces the built-in one.
+//!
+//! A handler created by an admin or service key outside a project (`/v1/externalhandlers`)
+//! is global: it is called by its raw name for every project's processes, and only admin and
+//! service subscribers receive it. One created in a project (a project key, or any key under
+//! `/v1/projects/{id}/…`) is called as `<process>;handler=<name>;account=<project>` for that
+//! project's processes only, which only that project's subscribers receive.
+//!
+//! The [`Registry`] is the engine's view of the active handlers: a snapshot swapped whole
+//! ([`ArcSwap`]), replaced as soon as a handler changes (`Registry::apply`, called with every
+//! changed resource before the API answers) and reloaded from the store at start and when
+//! another node says handlers changed.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use drover_store::{Filter, FilterOp, FilterValue, ListQuery, Resource, ResourceKind, Store};
+use serde_json::Value;
+
+/// The priority of the built-in handler of a process (agent calls, pings).
+pub const BUILT_IN_PRIORITY: i64 = 2000;
+/// The priority of a handler that gives none.
+pub const DEFAULT_PRIORITY: i64 = 1000;
+/// The most retries of one call a handler may ask for.
+pub const MAX_RETRIES: i64 = 10;
+/// The longest call timeout a handler may ask for.
+pub const MAX_TIMEOUT_MILLIS: i64 = 15 * 60 * 1000;
+
+/// Where a handler attaches to a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// `pre.<process>`: before the handler phase.
+    Pre,
+    /// `<process>`: the handler phase, beside the built-in handler.
+    Handler,
+    /// `post.<process>`: after the handler phase.
+    Post,
+}
+
+impl Phase {
+    /// The phase and process a config name means.
+    pub fn parse(config: &str) -> (Phase, &str) {
+        if let Some(process) = config.strip_prefix("pre.") {
+            (Phase::Pre, process)
+        } else if let Some(process) = config.strip_prefix("post.") {
+            (Phase::Post, process)
+        } else {
+            (Phase::Handler, config)
+        }
+    }
+}
+
+/// One active handler's part in one process.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HandlerCall {
+    /// The handler's resource id.
+    pub id: i64,
+    /// Its name (the `;handler=` suffix).
+    pub name: String,
+    /// The event name it receives: `pre.instance.start`, `instance.start`, …
+    pub event: String,
+    /// The project it is confined to; `None` for a global handler.
+    pub project: Option<i64>,
+    /// Lower runs first.
+    pub priority: i64,
+    /// Calls sent again after a timeout before the attempt fails.
+    pub retries: u32,
+    /// The call's timeout, when the handler set one.
+    pub timeout_millis: Option<i64>,
+    /// The process scheduled when the handler answers with an error.
+    pub on_error: Option<String>,
+}
+
+/// The handlers of one process for one resource, in the order they run.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProcessHandlers {
+    /// Pre-listeners.
+    pub pre: Vec<Arc<HandlerCall>>,
+    /// Handler-phase handlers (the built-in one is not listed).
+    pub handlers: Vec<Arc<HandlerCall>>,
+    /// Post-listeners.
+    pub post: Vec<Arc<HandlerCall>>,
+}
+
+impl ProcessHandlers {
+    /// Whether no external handler takes part.
+    pub fn is_empty(&self) -> bool {
+        self.pre.is_empty() && self.handlers.is_empty() && self.post.is_empty()
+    }
+}
+
+type Table = HashMap<(String, Phase), Vec<Arc<HandlerCall>>>;
+
+#[derive(Debug, Default)]
+struct Snapshot {
+    /// The active handlers' resources, by id (to apply one change without a reload).
+    active: HashMap<i64, Resource>,
+    /// By process and phase, in priority order.
+    table: Table,
+}
+
+/// The active external handlers. Cheap to clone; clones share the snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    /// Serializes writers (a change and a reload); readers never wait.
+    write: Arc<std::sync::Mutex<()>>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Registry {
+        Registry::default()
+    }
+
+    /// Reads every active handler from the store and swaps them in.
+    pub async fn reload(&self, store: &Store) -> drover_store::Result<()> {
+        let mut found = HashMap::new();
+        let mut marker = None;
+        loop {
+            let page = store
+                .list_resources(
+                    ResourceKind::ExternalHandler,
+                    &ListQuery {
+                        account_id: None,
+                        filters: vec![Filter {
+                            column: "state",
+                            op: FilterOp::Eq,
+                            value: FilterValue::Text("active".into()),
+                        }],
+                        marker,
+                        limit: 1000,
+                    },
+                )
+                .await?;
+            for resource in page.data {
+                found.insert(resource.id, resource);
+            }
+            match page.next_marker {
+                Some(next) => marker = Some(next),
+                None => break,
+            }
+        }
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        self.snapshot.store(Arc::new(build(found)));
+        Ok(())
+    }
+
+    /// Applies one changed resource: an external handler that became active joins, one that
+    /// left `active` leaves. Anything else is ignored. Returns whether the registry changed.
+    pub fn apply(&self, resource: &Resource) -> bool {
+        if resource.kind != ResourceKind::ExternalHandler {
+            return false;
+        }
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.snapshot.load();
+        let active = resource.state == "active";
+        if !active && !current.active.contains_key(&resource.id) {
+            return false;
+        }
+        if active && current.active.get(&resource.id) == Some(resource) {
+            return false;
+        }
+        let mut handlers = current.active.clone();
+        if active {
+            handlers.insert(resource.id, resource.clone());
+        } else {
+            handlers.remove(&resource.id);
+        }
+        self.snapshot.store(Arc::new(build(handlers)));
+        true
+    }
+
+    /// Whether any active handler could take part in `process` (for any project): such a
+    /// process is not a hop but a step the engine runs.
+    pub fn handles(&self, process: &str) -> bool {
+        let snapshot = self.snapshot.load();
+        [Phase::Pre, Phase::Handler, Phase::Post]
+            .into_iter()
+            .any(|phase| snapshot.table.contains_key(&(process.to_owned(), phase)))
+    }
+
+    /// The handlers of `process` for a resource of `project`, in the order they run.
+    pub fn for_process(&self, process: &str, project: Option<i64>) -> ProcessHandlers {
+        let snapshot = self.snapshot.load();
+        if snapshot.table.is_empty() {
+            return ProcessHandlers::default();
+        }
+        let pick = |phase: Phase| -> Vec<Arc<HandlerCall>> {
+            snapshot
+                .table
+                .get(&(process.to_owned(), phase))
+                .map(|calls| {
+                    calls
+                        .iter()
+                        .filter(|call| call.project.is_none() || call.project == project)
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        ProcessHandlers {
+            pre: pick(Phase::Pre),
+            handlers: pick(Phase::Handler),
+            post: pick(Phase::Post),
+        }
+    }
+
+    /// How many handlers are active.
+    pub fn len(&self) -> usize {
+        self.snapshot.load().active.len()
+    }
+
+    /// Whether none is active.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Whether a handler resource is global (called by its raw name for every project).
+pub fn is_global(resource: &Resource) -> bool {
+    resource.data.get("global").and_then(Value::as_bool) == Some(true)
+}
+
+fn build(active: HashMap<i64, Resource>) -> Snapshot {
+    let mut table: Table = HashMap::new();
+    for resource in active.values() {
+        let Some(name) = resource.name.clone().filter(|name| !name.is_empty()) else {
+            continue;
+        };
+        let int = |key: &str| resource.data.get(key).and_then(Value::as_i64);
+        let priority = int("priority").unwrap_or(DEFAULT_PRIORITY);
+        let retries = int("retries").unwrap_or(0).clamp(0, MAX_RETRIES) as u32;
+        let timeout_millis = int("timeoutMillis").map(|t| t.clamp(1, MAX_TIMEOUT_MILLIS));
+        let project = if is_global(resource) {
+            None
+        } else {
+            resource.account_id
+        };
+        let configs = resource
+            .data
+            .get("processConfigs")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        for config in configs {
+            let Some(event) = config.get("name").and_then(Value::as_str) else {
+                continue;
+            };
+            let (phase, process) = Phase::parse(event);
+            let call = HandlerCall {
+                id: resource.id,
+                name: name.clone(),
+                event: event.to_owned(),
+                project,
+                priority,
+                retries,
+                timeout_millis,
+                on_error: config
+                    .get("onError")
+                    .and_then(Value::as_str)
+                    .filter(|next| !next.is_empty())
+                    .map(str::to_owned),
+            };
+            table
+                .entry((process.to_owned(), phase))
+                .or_default()
+                .push(Arc::new(call));
+        }
+    }
+    for calls in table.values_mut() {
+        calls.sort_by_key(|call| (call.priority, call.id));
+    }
+    Snapshot { active, table }
+}
