@@ -137,7 +137,7 @@ test('a process that cannot succeed fails at once and shows the agent\'s error',
   const attempts = page.locator('tr[data-execution]');
   await attempts.first().waitFor();
   assert.equal(await attempts.count(), 1);
-  await attempts.first().locator('.badge', { hasText: 'PERMANENT' }).waitFor();
+  await attempts.first().locator('td > .badge', { hasText: 'PERMANENT' }).waitFor();
   await attempts.first().getByText(/cannot run "\/nonexistent\/drover-ui-test"/).first().waitFor();
   assert.equal(await page.getByRole('button', { name: 'Replay this process', exact: true }).isEnabled(), true);
   assert.equal(await page.getByRole('button', { name: 'Cancel this process', exact: true }).isEnabled(), false);
@@ -245,6 +245,38 @@ test('every page is usable at large-screen width', async () => {
       return missing;
     });
     assert.deepEqual(unnamed, [], `controls without an accessible name on ${target}`);
+  }
+  assert.equal(await page.evaluate(() => window.noReloadMark), 'still here');
+});
+
+test('an attempt shows its external handler steps', async () => {
+  // A global pre-listener nobody answers: each attempt sends it twice (a retry), times out and
+  // fails; the process detail lists that step with its handler, phase and result.
+  const handler = await harness.api('POST', 'externalhandlers', {
+    name: 'ui-audit', priority: 10, retries: 1, timeoutMillis: 300,
+    processConfigs: [{ name: 'pre.instance.start' }],
+  });
+  try {
+    const created = await harness.api('POST', 'containers', { name: 'audited', command: ['sleep', '600'] });
+    await nav('Processes').click();
+    await page.getByRole('tab', { name: /Done/ }).click();
+    await page.getByLabel('Result', { exact: true }).selectOption('FAILURE');
+    await page.getByLabel('Resource', { exact: true }).fill(created.id);
+    const failed = page.locator('#process-panel tr[data-process="instance.start"]')
+      .filter({ has: page.locator(`a.id:text-is("${created.id}")`) });
+    await failed.locator('.badge', { hasText: 'FAILURE' }).waitFor();
+    await failed.getByRole('link', { name: 'instance.start' }).click();
+    await page.getByRole('heading', { name: 'instance.start', level: 1 }).waitFor();
+    const step = page.locator('tr[data-execution] li.step[data-handler="ui-audit"]').first();
+    await step.waitFor();
+    assert.equal(await step.getAttribute('data-phase'), 'pre');
+    assert.equal(await step.getAttribute('data-result'), 'timeout');
+    await step.getByText('pre.instance.start;handler=ui-audit').waitFor();
+    await step.getByText('sent 2×').waitFor();
+    await page.locator('tr[data-execution] li.step[data-phase="error"]').first().getByText(/did not answer/).waitFor();
+    await screenshot(page, 'process-external-steps');
+  } finally {
+    await harness.api('DELETE', `externalhandlers/${handler.id}`);
   }
   assert.equal(await page.evaluate(() => window.noReloadMark), 'still here');
 });

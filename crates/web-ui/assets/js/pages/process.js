@@ -7,6 +7,34 @@ import {
   resourceHref, timeEl, toast, transition,
 } from '../dom.js';
 
+/** The steps of one attempt, in the order they ran: external handlers by phase (pre, handler,
+ * post) with their result and time, the built-in agent call, and the error that ended it. */
+function stepList(steps) {
+  if (!steps.length) return h('span', { class: 'muted' }, 'no step');
+  const tone = { ok: 'green', error: 'red', timeout: 'amber', shutdown: 'gray' };
+  return h('ol', { class: 'steps' }, steps.map((step) => {
+    if (step.handler) {
+      return h('li', { class: 'step', dataset: { phase: step.phase || 'handler', handler: step.handler, result: step.result || '' } },
+        badge(step.phase || 'handler', step.phase || 'handler', 'gray'), ' ',
+        h('span', { class: 'mono', title: `priority ${step.priority ?? '—'}` }, step.event || step.handler), ' ',
+        badge(step.result || 'sent', step.result || 'sent', tone[step.result] || 'gray'),
+        step.ms != null ? h('span', { class: 'secondary' }, ` ${step.ms} ms`) : null,
+        step.sent > 1 ? h('span', { class: 'secondary' }, ` · sent ${step.sent}×`) : null);
+    }
+    if (step.command) {
+      return h('li', { class: 'step', dataset: { phase: 'handler', handler: 'built-in', result: 'ok' } },
+        badge('agent', 'agent', 'gray'), ' ', h('span', { class: 'mono' }, step.command),
+        step.agent ? h('span', { class: 'secondary' }, ` → ${step.agent}`) : null);
+    }
+    if (step.error) {
+      return h('li', { class: 'step', dataset: { phase: 'error', result: 'error' } },
+        badge('error', step.reason || 'error', 'red'), ' ', h('span', { class: 'msg' }, step.error),
+        step.onError ? h('span', { class: 'secondary' }, ` → runs ${step.onError}`) : null);
+    }
+    return h('li', { class: 'step' }, h('span', { class: 'mono' }, JSON.stringify(step)));
+  }));
+}
+
 export function mount(root, { id }) {
   let disposed = false;
   let process = null;
@@ -106,7 +134,7 @@ export function mount(root, { id }) {
         h('td', { class: 'num nowrap' }, duration(run.durationMillis)),
         h('td', null, run.exitReason ? badge(ok ? 'success' : run.exitReason === 'CANCELED' ? 'canceled' : 'error', run.exitReason) : badge('running', null, 'blue')),
         h('td', { class: run.message && !ok ? 'error-cell' : '' }, run.message ? h('span', { class: 'mono', style: 'font-size:.84rem' }, run.message) : h('span', { class: 'muted' }, ok ? 'done' : '—')),
-        h('td', null, run.log ? h('details', null, h('summary', null, `${(run.log.steps || []).length} step${(run.log.steps || []).length === 1 ? '' : 's'}`), jsonBlock(run.log)) : '—'));
+        h('td', null, run.log ? h('div', null, stepList(run.log.steps || []), h('details', null, h('summary', null, 'raw log'), jsonBlock(run.log))) : '—'));
     }) : emptyRow(6, p.state === 'ready' ? 'Not started yet' : 'No attempt recorded', p.state === 'ready' ? 'It waits for a worker, or for the process ahead of it on the same resource.' : null));
 
     replace(resourceBox, resource ? h('div', null,
