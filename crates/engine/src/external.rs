@@ -100,7 +100,9 @@ impl ProcessHandlers {
     }
 }
 
-type Table = HashMap<(String, Phase), Vec<Arc<HandlerCall>>>;
+/// By process name: its handlers in each phase, in priority order (looked up by `&str`, so
+/// an attempt's lookup allocates nothing).
+type Table = HashMap<String, ProcessHandlers>;
 
 #[derive(Debug, Default)]
 struct Snapshot {
@@ -185,35 +187,26 @@ impl Registry {
     /// Whether any active handler could take part in `process` (for any project): such a
     /// process is not a hop but a step the engine runs.
     pub fn handles(&self, process: &str) -> bool {
-        let snapshot = self.snapshot.load();
-        [Phase::Pre, Phase::Handler, Phase::Post]
-            .into_iter()
-            .any(|phase| snapshot.table.contains_key(&(process.to_owned(), phase)))
+        self.snapshot.load().table.contains_key(process)
     }
 
     /// The handlers of `process` for a resource of `project`, in the order they run.
     pub fn for_process(&self, process: &str, project: Option<i64>) -> ProcessHandlers {
         let snapshot = self.snapshot.load();
-        if snapshot.table.is_empty() {
+        let Some(all) = snapshot.table.get(process) else {
             return ProcessHandlers::default();
-        }
-        let pick = |phase: Phase| -> Vec<Arc<HandlerCall>> {
-            snapshot
-                .table
-                .get(&(process.to_owned(), phase))
-                .map(|calls| {
-                    calls
-                        .iter()
-                        .filter(|call| call.project.is_none() || call.project == project)
-                        .cloned()
-                        .collect()
-                })
-                .unwrap_or_default()
+        };
+        let pick = |calls: &[Arc<HandlerCall>]| -> Vec<Arc<HandlerCall>> {
+            calls
+                .iter()
+                .filter(|call| call.project.is_none() || call.project == project)
+                .cloned()
+                .collect()
         };
         ProcessHandlers {
-            pre: pick(Phase::Pre),
-            handlers: pick(Phase::Handler),
-            post: pick(Phase::Post),
+            pre: pick(&all.pre),
+            handlers: pick(&all.handlers),
+            post: pick(&all.post),
         }
     }
 
@@ -273,14 +266,108 @@ fn build(active: HashMap<i64, Resource>) -> Snapshot {
                     .filter(|next| !next.is_empty())
                     .map(str::to_owned),
             };
-            table
-                .entry((process.to_owned(), phase))
-                .or_default()
-                .push(Arc::new(call));
+            let entry = table.entry(process.to_owned()).or_default();
+            match phase {
+                Phase::Pre => entry.pre.push(Arc::new(call)),
+                Phase::Handler => entry.handlers.push(Arc::new(call)),
+                Phase::Post => entry.post.push(Arc::new(call)),
+            }
         }
     }
     for calls in table.values_mut() {
-        calls.sort_by_key(|call| (call.priority, call.id));
+        for list in [&mut calls.pre, &mut calls.handlers, &mut calls.post] {
+            list.sort_by_key(|call| (call.priority, call.id));
+        }
     }
     Snapshot { active, table }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn handler(id: i64, name: &str, project: Option<i64>, state: &str, data: Value) -> Resource {
+        let Value::Object(data) = data else {
+            panic!("data is an object")
+        };
+        Resource {
+            kind: ResourceKind::ExternalHandler,
+            id,
+            name: Some(name.into()),
+            account_id: project.or(Some(1)),
+            sub_kind: "externalHandler".into(),
+            uuid: format!("u{id}"),
+            description: None,
+            state: state.into(),
+            transitioning: "no".into(),
+            transitioning_message: None,
+            transitioning_progress: None,
+            created: 0,
+            removed: None,
+            data,
+            host_id: None,
+            agent_id: None,
+            stack_id: None,
+            service_id: None,
+            instance_id: None,
+            last_ping: None,
+        }
+    }
+
+    #[test]
+    fn phases_run_in_priority_order_and_project_handlers_stay_in_their_project() {
+        let registry = Registry::new();
+        let configs = json!([{"name": "pre.instance.start"}, {"name": "instance.start", "onError": "instance.stop"}]);
+        assert!(registry.apply(&handler(
+            1,
+            "late",
+            None,
+            "active",
+            json!({"global": true, "priority": 50, "processConfigs": configs})
+        )));
+        assert!(registry.apply(&handler(
+            2,
+            "early",
+            None,
+            "active",
+            json!({"global": true, "priority": 5, "processConfigs": configs})
+        )));
+        assert!(registry.apply(&handler(3, "mine", Some(7), "active",
+            json!({"priority": 1, "retries": 99, "processConfigs": [{"name": "post.instance.start"}]}))));
+        let names =
+            |calls: &[Arc<HandlerCall>]| calls.iter().map(|c| c.name.clone()).collect::<Vec<_>>();
+        let in_7 = registry.for_process("instance.start", Some(7));
+        assert_eq!(names(&in_7.pre), ["early", "late"]);
+        assert_eq!(names(&in_7.handlers), ["early", "late"]);
+        assert_eq!(in_7.handlers[0].on_error.as_deref(), Some("instance.stop"));
+        assert_eq!(names(&in_7.post), ["mine"]);
+        assert_eq!(in_7.post[0].project, Some(7));
+        assert_eq!(in_7.post[0].retries, MAX_RETRIES as u32);
+        let in_8 = registry.for_process("instance.start", Some(8));
+        assert!(in_8.post.is_empty());
+        assert_eq!(names(&in_8.pre), ["early", "late"]);
+        assert!(registry.handles("instance.start"));
+        assert!(!registry.handles("instance.stop"));
+        // Leaving `active` takes a handler out at once; the same state again changes nothing.
+        assert!(registry.apply(&handler(
+            2,
+            "early",
+            None,
+            "inactive",
+            json!({"global": true})
+        )));
+        assert!(!registry.apply(&handler(
+            2,
+            "early",
+            None,
+            "removed",
+            json!({"global": true})
+        )));
+        assert_eq!(
+            names(&registry.for_process("instance.start", None).pre),
+            ["late"]
+        );
+        assert_eq!(registry.len(), 2);
+    }
 }
