@@ -167,6 +167,45 @@ async fn agent(args: drover_agent::AgentArgs) -> anyhow::Result<()> {
     drover_agent::run(args, shutdown).await
 }
 
+/// Whether the local agent (its id is in the identity file it writes once registered) became
+/// active and has an active host within `limit`: what placing a container needs. (A host is
+/// active only once its agent answered its activation; both are checked all the same.)
+async fn local_agent_ready(
+    store: &drover_store::Store,
+    identity: &std::path::Path,
+    limit: std::time::Duration,
+) -> bool {
+    use drover_store::ResourceKind;
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let agent_id = std::fs::read_to_string(identity)
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .and_then(|identity| {
+                identity["agentId"]
+                    .as_str()
+                    .and_then(|id| id.strip_prefix("1ag"))
+                    .and_then(|id| id.parse::<i64>().ok())
+            });
+        if let Some(agent_id) = agent_id
+            && let Ok(Some(agent)) = store.get_resource(ResourceKind::Agent, agent_id).await
+            && agent.state == "active"
+        {
+            for host_id in store.hosts_of_agent(agent_id).await.unwrap_or_default() {
+                if let Ok(Some(host)) = store.get_resource(ResourceKind::Host, host_id).await
+                    && host.state == "active"
+                {
+                    return true;
+                }
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// `drover up`: the server on the embedded store and one local agent in this process.
 async fn up(args: ServerArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -237,34 +276,28 @@ async fn up(args: ServerArgs) -> anyhow::Result<()> {
             tracing::error!(%error, "the local agent stopped");
         }
     });
-    // Wait (bounded) for the local agent to be active, so the commands below work at once.
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let query = drover_store::ListQuery {
-            account_id: None,
-            filters: Vec::new(),
-            marker: None,
-            limit: 100,
-        };
-        let agents = server
-            .state
-            .store
-            .list_resources(drover_store::ResourceKind::Agent, &query)
-            .await?;
-        if agents.data.iter().any(|agent| agent.state == "active") {
-            break;
-        }
-        if tokio::time::Instant::now() > deadline {
-            eprintln!("The local agent is not active yet; see `drover processes`.");
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    // Ready means ready: wait (bounded) until the local agent answered its activation and its
+    // host is active, so that a container created at once is placed at once.
+    let identity = data_dir.join("agent").join("identity.json");
+    let ready = local_agent_ready(
+        &server.state.store,
+        &identity,
+        std::time::Duration::from_secs(60),
+    )
+    .await;
     eprintln!();
-    eprintln!(
-        "drover is up: server {url}/v1 with one local agent (data in {})",
-        data_dir.display()
-    );
+    if ready {
+        eprintln!(
+            "drover is up: server {url}/v1 with one local agent, ready (data in {})",
+            data_dir.display()
+        );
+    } else {
+        eprintln!(
+            "drover is running (server {url}/v1, data in {}), but its local agent is not active yet: \
+             containers wait until it is; see `drover hosts` and `drover processes`",
+            data_dir.display()
+        );
+    }
     match &keys {
         Some((access, secret)) => {
             eprintln!();

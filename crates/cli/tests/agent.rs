@@ -1,5 +1,6 @@
 //! The host agent end to end: the real server (in this process) and the real `drover agent`
-//! binary as a child process, running real local processes.
+//! binary as a child process, running real local processes; and `drover up` (server and agent
+//! in one child process).
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -839,4 +840,95 @@ async fn an_agent_and_the_cli_given_several_urls_skip_a_dead_server() {
     }
     harness.admin.delete(&path).await.unwrap();
     wait_state(&harness.admin, &path, "removed").await;
+}
+
+/// `drover up` as a child on a free port with its own data directory, up to the moment it says
+/// it is ready; dropped, it is killed with every process its agent started.
+struct Up {
+    agent: AgentProcess,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Up {
+    async fn start() -> Up {
+        drover_test_support::init();
+        let dir = tempfile::tempdir().unwrap();
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_drover"));
+        command
+            .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .env("DROVER_ADMIN_ACCESS_KEY", ADMIN_ACCESS)
+            .env("DROVER_ADMIN_SECRET_KEY", ADMIN_SECRET)
+            .env_remove("CATTLE_ACCESS_KEY")
+            .env_remove("CATTLE_SECRET_KEY")
+            .env_remove("CATTLE_URL")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut agent = AgentProcess {
+            process: DroverProcess::spawn(command),
+            dir: dir.path().join("agent"),
+        };
+        let stderr = agent.process.child_mut().stderr.take().unwrap();
+        let (ready, said) = tokio::sync::oneshot::channel();
+        // Reads stderr to its end, so the child never blocks on a full pipe.
+        tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt;
+            let mut ready = Some(ready);
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(rest) = line.strip_prefix("drover is up: server ")
+                    && let Some(ready) = ready.take()
+                {
+                    let url = rest.split_whitespace().next().unwrap_or_default();
+                    let _ = ready.send(url.trim_end_matches("/v1").to_owned());
+                }
+            }
+        });
+        let url = drover_test_support::within("`drover up` to say it is ready", said)
+            .await
+            .expect("`drover up` says it is ready before it exits");
+        Up {
+            agent,
+            url,
+            _dir: dir,
+        }
+    }
+}
+
+#[tokio::test]
+async fn right_after_drover_up_says_it_is_ready_a_container_runs_at_its_first_try() {
+    for round in 0..10 {
+        let up = Up::start().await;
+        let admin = Client::new(&up.url, ADMIN_ACCESS, ADMIN_SECRET).unwrap();
+        // At once, as a user would after reading the line.
+        let created = admin
+            .post(
+                "containers",
+                &json!({"name": format!("at-once-{round}"), "command": ["sleep", "600"]}),
+            )
+            .await
+            .unwrap();
+        let id = created["id"].as_str().unwrap().to_owned();
+        let running = wait_state(&admin, &format!("containers/{id}"), "running").await;
+        assert!(running["hostId"].is_string(), "round {round}: {running:#}");
+        // It was placed on its first claim: it never waited for a host.
+        let processes = admin
+            .get(&format!(
+                "processinstances?resourceType=instance&resourceId={id}&processName=instance.start"
+            ))
+            .await
+            .unwrap();
+        let start = &processes["data"][0];
+        assert_eq!(start["result"], "SUCCESS", "round {round}: {start:#}");
+        assert_eq!(
+            (
+                start["waitCount"].as_i64(),
+                start["executionCount"].as_i64()
+            ),
+            (Some(0), Some(1)),
+            "round {round}: the create had to wait for the host: {start:#}"
+        );
+        drop(up.agent);
+    }
 }

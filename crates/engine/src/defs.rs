@@ -45,6 +45,10 @@ pub struct ProcessDef {
     pub delegate: Option<&'static str>,
     /// Whether it cancels pending processes instead of being refused by them (remove).
     pub cancels_pending: bool,
+    /// Whether it runs only once its resource's agent is active (answered its activation): a
+    /// host's activation. Until then the claim puts it back to wait, using up no attempt, and
+    /// the agent's activation wakes it. Such a process is never a hop.
+    pub awaits_agent: bool,
 }
 
 /// A transitioning state computed from the state before (`updating-running`).
@@ -106,6 +110,7 @@ macro_rules! def {
             handler: $handler,
             delegate: $delegate,
             cancels_pending: false,
+            awaits_agent: false,
         }
     };
 }
@@ -310,7 +315,7 @@ pub static DEFINITIONS: std::sync::LazyLock<Vec<ProcessDef>> = std::sync::LazyLo
             None
         ),
     ];
-    defs.extend(generic!(
+    let mut host = generic!(
         Host,
         "host.create",
         "host.activate",
@@ -318,7 +323,12 @@ pub static DEFINITIONS: std::sync::LazyLock<Vec<ProcessDef>> = std::sync::LazyLo
         "host.update",
         "host.remove",
         "host.purge"
-    ));
+    );
+    // A host is active only once its agent answered its own activation: placement picks only
+    // active hosts, so an active host can take a container at once. (A host with no agent has
+    // nothing to wait for.)
+    host[1].awaits_agent = true;
+    defs.extend(host);
     let mut agent = generic!(
         Agent,
         "agent.create",
@@ -385,7 +395,7 @@ pub fn delegate_of(def: &ProcessDef, data: &Map<String, Value>) -> Option<&'stat
 
 /// What scheduling `def` on a resource in `state` records: a process with no handler is a hop,
 /// applied in the scheduling transaction, and so is each delegate after it that has none; the
-/// first process that calls an agent stays pending, for the engine to claim.
+/// first process that calls an agent (or awaits one) stays pending, for the engine to claim.
 pub fn plan(def: &'static ProcessDef, state: &str, data: &Map<String, Value>) -> Vec<Step> {
     plan_with(def, state, data, &Registry::new())
 }
@@ -403,7 +413,10 @@ pub fn plan_with(
     let mut state = state.to_owned();
     loop {
         let transitioning = current.transitioning_from(&state);
-        if current.handler != Handler::None || external.handles(current.name) {
+        if current.handler != Handler::None
+            || current.awaits_agent
+            || external.handles(current.name)
+        {
             steps.push(Step::pending(current.name, &transitioning));
             return steps;
         }
@@ -529,6 +542,14 @@ mod tests {
             [
                 Step::hop("agent.create", "registering", "inactive"),
                 Step::pending("agent.activate", "activating")
+            ]
+        );
+        // A host's activation waits for its agent's, in the engine.
+        assert_eq!(
+            create_plan(ResourceKind::Host, &Map::new()),
+            [
+                Step::hop("host.create", "registering", "inactive"),
+                Step::pending("host.activate", "activating")
             ]
         );
         let update = find("stack.update").unwrap();

@@ -9,6 +9,10 @@
 //! - An attempt that fails is retried after min(`process.retry_max_wait.millis`,
 //!   2 s + 2^(n−1)·100 ms) plus jitter; after `process.max_attempts` attempts or
 //!   `process.max_age.seconds` the process fails for good and the resource goes to `error`.
+//! - A process that cannot run yet (no host to place it on, a host whose agent is not active) is
+//!   put back by the claim itself with the same backoff, using up no attempt, and woken when
+//!   what it waits for becomes active (`drover_store::wakes_waiting`); the engine runs nothing
+//!   for it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +46,8 @@ pub struct Engine<B> {
     place: Vec<&'static str>,
     /// Processes that start a container (its `create_agent` key is made in the claim).
     agent_key: Vec<&'static str>,
+    /// Processes that wait in the claim until their resource's agent is active.
+    await_agent: Vec<&'static str>,
     /// Every time the engine computes (attempt times, `run_after`, max age, leases, the
     /// claim's now) is on this clock.
     clock: Clock,
@@ -164,6 +170,11 @@ impl<B: Bus> Engine<B> {
             })
             .map(|def| def.name)
             .collect();
+        let await_agent = defs::DEFINITIONS
+            .iter()
+            .filter(|def| def.awaits_agent)
+            .map(|def| def.name)
+            .collect();
         Engine {
             store,
             bus,
@@ -174,6 +185,7 @@ impl<B: Bus> Engine<B> {
             shutdown,
             place,
             agent_key,
+            await_agent,
             clock: Clock::new(),
             external: Registry::new(),
         }
@@ -230,6 +242,9 @@ impl<B: Bus> Engine<B> {
                     lease_until: now + tunables.lease_millis,
                     place: self.place.clone(),
                     agent_key: self.agent_key.clone(),
+                    await_agent: self.await_agent.clone(),
+                    max_age_millis: tunables.max_age_millis,
+                    retry_max_wait_millis: tunables.retry_max_wait_millis,
                 };
                 match self.store.claim(request).await {
                     Ok(claimed) => claimed,
@@ -247,6 +262,14 @@ impl<B: Bus> Engine<B> {
                 (batch as usize) < tunables.claim_batch && full_batch || batch == 0,
             ));
             for claimed in claimed {
+                // Put back by the claim to wait (for a host, for its agent), using up no
+                // attempt: nothing to run; its resource shows why.
+                if claimed.waiting.is_some() {
+                    if let Some(resource) = &claimed.resource {
+                        self.bus.changed(resource, None);
+                    }
+                    continue;
+                }
                 let permit = workers
                     .clone()
                     .acquire_owned()
@@ -338,7 +361,8 @@ impl<B: Bus> Engine<B> {
                 if !canceled {
                     self.bus.changed(&resource, transitioning.as_deref());
                 }
-                return next;
+                // An agent or host that became active woke what waited for it (in the finish).
+                return next || drover_store::wakes_waiting(resource.kind, &resource.state);
             }
             Ok(None) => {
                 self.fenced
@@ -853,15 +877,8 @@ impl<B: Bus> Engine<B> {
     }
 }
 
-/// The wait before attempt `attempts + 1`: min(max, 2 s + 2^(n−1)·100 ms), plus up to 10 %
-/// jitter so that many failures at once do not retry in lockstep.
-pub fn backoff_millis(attempts: i64, max_wait: i64) -> i64 {
-    let exponent = attempts.clamp(1, 30) - 1;
-    let base = 2000i64
-        .saturating_add(100i64.saturating_mul(1i64 << exponent))
-        .min(max_wait.max(1));
-    base + rand::random_range(0..=base / 10)
-}
+/// The wait before attempt `attempts + 1` (the store's, which backs off waits alike).
+pub use drover_store::backoff_millis;
 
 #[cfg(test)]
 mod tests {

@@ -617,6 +617,155 @@ async fn a_process_older_than_max_age_fails_without_calling_again() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_create_with_no_host_waits_without_using_attempts_and_runs_once_an_agent_activates() {
+    let _time = hold_time();
+    for subject in subjects().await {
+        // One attempt allowed: the waits must not count as attempts.
+        let settings = Tunables {
+            max_attempts: 1,
+            ..tunables()
+        };
+        let mut h = Harness::new(&subject, settings, Vec::new());
+        let project = h.store.bootstrap(None).await.unwrap().default_project.id;
+        let (resource, start) = container(&h, project).await;
+        h.start();
+
+        // No host at all: the start waits in its process, with its reason, backing off like a
+        // retry. Eight waits, so that the last backoff (2 s + 12.8 s) leaves room to tell a wake
+        // from a retry below.
+        let mut parked = 0;
+        for waits in 1..=8 {
+            let changed = h.next_changed().await;
+            assert_eq!(
+                (changed.state.as_str(), changed.transitioning.as_str()),
+                ("starting", "yes"),
+                "{}",
+                h.name
+            );
+            assert_eq!(
+                changed.transitioning_message.as_deref(),
+                Some(drover_store::NO_HOST_MESSAGE)
+            );
+            let process = h.process(start.id).await;
+            assert_eq!(
+                (
+                    process.execution_count,
+                    process.wait_count,
+                    process.end_time
+                ),
+                (0, waits, None),
+                "{}: a wait is no attempt",
+                h.name
+            );
+            parked = process.run_after.unwrap();
+            let base = backoff_base(waits as u32);
+            let waited = parked - h.clock().now_millis();
+            assert!(
+                waited >= base - 250 && waited <= base + base / 10,
+                "{}: wait {waits} backs off {waited} ms, base {base} ms",
+                h.name
+            );
+            if waits < 8 {
+                let ahead = parked - 1 - h.clock().now_millis();
+                tokio::time::advance(Duration::from_millis(ahead.max(0) as u64)).await;
+                let next = advancing("the next wait", Duration::from_millis(1), h.changed.recv())
+                    .await
+                    .unwrap();
+                assert_eq!(next.id, resource.id);
+                // Put it back for the loop's own check.
+                h.bus.changed(&next, None);
+            }
+        }
+        assert!(h.bus.calls().is_empty(), "{}: nothing called", h.name);
+
+        // An agent registers as the server registers one: its activation pings it, its host's
+        // waits for that, and the start runs as soon as the host is active, long before its
+        // backoff is over: the activations wake it.
+        h.store
+            .register_agent(
+                project,
+                "late-host",
+                "late-host",
+                Map::new(),
+                &defs::create_plan(ResourceKind::Agent, &Map::new()),
+                &defs::create_plan(ResourceKind::Host, &Map::new()),
+                NODE,
+            )
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let mut calls = Vec::new();
+        while calls.len() < 2 {
+            // The engine notices the registration at its next poll (the server's registration
+            // wakes it; this one does not); what follows wakes it. The engine's clock is ahead
+            // of the wall clock the store writes with (the waits moved it on), so what the store
+            // makes ready now is ready for the engine too.
+            tokio::time::advance(Duration::from_millis(20)).await;
+            tokio::select! {
+                biased;
+                call = h.calls.recv() => calls.push(call.unwrap()),
+                () = real_pause(5) => {}
+            }
+            assert!(
+                started.elapsed() < WATCHDOG,
+                "{}: timed out waiting for the agent's ping and the start",
+                h.name
+            );
+        }
+        assert!(
+            calls[0].name.starts_with("ping;"),
+            "{}: {}",
+            h.name,
+            calls[0].name
+        );
+        assert!(
+            calls[1].name.starts_with("compute.instance.activate"),
+            "{}: {}",
+            h.name,
+            calls[1].name
+        );
+        let called = h.at(&calls[1]);
+        assert!(
+            called < parked,
+            "{}: the start ran {} ms after its backoff: not woken",
+            h.name,
+            called - parked
+        );
+        let running = loop {
+            let changed = h.next_changed().await;
+            if changed.kind == ResourceKind::Instance && changed.state == "running" {
+                break changed;
+            }
+        };
+        assert_eq!(running.transitioning, "no", "{}", h.name);
+        h.stop().await;
+        let process = h.process(start.id).await;
+        assert_eq!(process.result.as_deref(), Some("SUCCESS"), "{}", h.name);
+        // One attempt; the waits (the 8, and one more if the agent's activation woke it
+        // before its host's was done) used up none.
+        assert_eq!(process.execution_count, 1, "{}", h.name);
+        assert!(process.wait_count >= 8, "{}", h.name);
+        let host_processes = h
+            .store
+            .list_processes(&ProcessFilter {
+                kind: Some(ResourceKind::Host),
+                limit: 10,
+                ..ProcessFilter::default()
+            })
+            .await
+            .unwrap()
+            .data;
+        assert!(
+            host_processes
+                .iter()
+                .all(|process| process.result.as_deref() == Some("SUCCESS")),
+            "{}: {host_processes:?}",
+            h.name
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_permanent_error_fails_at_once() {
     let _time = hold_time();
     for subject in subjects().await {

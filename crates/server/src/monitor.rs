@@ -3,7 +3,9 @@
 //! reconciled: a container the server thinks is running but the agent reports stopped (its
 //! process died) becomes `stopped`, recorded as a container event. After
 //! `agent.ping.reconnect.after.failed.count` misses an agent becomes `reconnecting`, after
-//! `agent.disconnect.after.seconds` `disconnected`; its hosts follow. An answer brings it back.
+//! `agent.disconnect.after.seconds` `disconnected`; its hosts follow. An answer brings it back
+//! (an `activating` host is not moved: its `host.activate` waits for the agent, and the agent
+//! coming back wakes it). Placement takes only active hosts whose agent is active.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -254,6 +256,10 @@ async fn move_agent(state: &AppState, agent_id: i64, from: &[&str], to: &str) {
                 {
                     state.changes.changed(&host, None);
                 }
+            }
+            // Back to active: the store woke what waited for the agent or its hosts.
+            if drover_store::wakes_waiting(ResourceKind::Agent, to) {
+                state.engine.wake();
             }
         }
         Ok(None) => {}

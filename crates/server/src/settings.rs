@@ -110,7 +110,7 @@ pub const DEFINITIONS: &[Definition] = &[
         name: "process.max_attempts",
         default: "10",
         min: 1,
-        description: "Attempts of a process before it fails for good and its resource goes to `error`.",
+        description: "Attempts of a process before it fails for good and its resource goes to `error`. Waiting for a host or an agent (see `waitCount`) is no attempt.",
     },
     Definition {
         name: "process.max_age.seconds",

@@ -764,3 +764,137 @@ async fn registration_activation_and_the_ping_monitor() {
         .await;
     }
 }
+
+/// The `instance.start` of container `id` as the process list shows it.
+async fn start_process(
+    admin: &Client,
+    id: &str,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let list = poll(
+        admin,
+        &format!(
+            "processinstances?resourceType=instance&resourceId={id}&processName=instance.start"
+        ),
+        what,
+        |list| {
+            list["data"]
+                .as_array()
+                .is_some_and(|data| data.len() == 1 && done(&data[0]))
+        },
+    )
+    .await;
+    list["data"][0].clone()
+}
+
+#[tokio::test]
+async fn a_create_with_no_host_waits_delayed_with_its_reason_and_runs_when_an_agent_comes() {
+    // One attempt allowed: waiting for a host must not use it up.
+    for server in servers(&[
+        ("process.max_attempts", "1"),
+        ("process.retry_max_wait.millis", "100"),
+        // The agent's ping waits for the test agent to subscribe (then it is sent again).
+        ("agent.activate.ping.timeout.millis", "10000"),
+    ])
+    .await
+    {
+        let created = server
+            .admin
+            .post("containers", &container_body("early"))
+            .await
+            .unwrap();
+        let id = created["id"].as_str().unwrap().to_owned();
+        // No host at all: the start waits, Delayed, with its reason, again and again.
+        let waiting = start_process(&server.admin, &id, "a start that waited 10 times", |p| {
+            p["state"] == "delayed" && p["waitCount"].as_i64().unwrap_or(0) >= 10
+        })
+        .await;
+        assert_eq!(
+            waiting["lastError"],
+            "waiting for an active host with an active agent"
+        );
+        assert_eq!(waiting["exitReason"], "NO_HOST");
+        assert_eq!(waiting["phase"], "WAITING");
+        assert_eq!(waiting["executionCount"], 0, "a wait is no attempt");
+        assert!(waiting["endTime"].is_null());
+        let container = server.admin.get(&format!("containers/{id}")).await.unwrap();
+        assert_eq!(container["state"], "starting");
+        assert_eq!(container["transitioning"], "yes");
+        assert_eq!(
+            container["transitioningMessage"],
+            "waiting for an active host with an active agent"
+        );
+        poll(
+            &server.admin,
+            "processsummary",
+            "the wait counted as delayed",
+            |summary| {
+                summary["data"].as_array().is_some_and(|rows| {
+                    rows.iter()
+                        .any(|row| row["processName"] == "instance.start" && row["delay"] == 1)
+                })
+            },
+        )
+        .await;
+
+        // Backoffs from now on are long (2 s + 102.4 s for the 11th wait): what runs the start
+        // within the test's waits below is the agent's coming, not its backoff.
+        server
+            .admin
+            .put(
+                "settings/process.retry_max_wait.millis",
+                &json!({"value": "600000"}),
+            )
+            .await
+            .unwrap();
+        start_process(
+            &server.admin,
+            &id,
+            "a start parked for a minute or more",
+            |p| p["runAfterTS"].as_i64().unwrap_or(0) - drover_proto::event::now_millis() > 60_000,
+        )
+        .await;
+
+        // An agent registers: its host stays activating until the agent answers.
+        let token = server
+            .admin
+            .post("registrationtokens", &json!({}))
+            .await
+            .unwrap();
+        let (access, secret) = token["token"].as_str().unwrap().split_once(':').unwrap();
+        let registered = server
+            .client(access, secret)
+            .post("register", &json!({"key": "late-host", "name": "late"}))
+            .await
+            .unwrap();
+        let host_path = format!("hosts/{}", registered["hostId"].as_str().unwrap());
+        let host = server.admin.get(&host_path).await.unwrap();
+        assert_eq!(
+            host["state"], "activating",
+            "not active before its agent answered"
+        );
+        let agent_id: i64 = registered["agentId"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("1ag")
+            .parse()
+            .unwrap();
+        let agent_client = server.client(
+            registered["accessKey"].as_str().unwrap(),
+            registered["secretKey"].as_str().unwrap(),
+        );
+        let _agent = TestAgent::start(agent_client, agent_id, TestAgent::always_ok()).await;
+        let running = wait_state(&server.admin, &format!("containers/{id}"), "running").await;
+        assert_eq!(running["hostId"], registered["hostId"]);
+        let host = server.admin.get(&host_path).await.unwrap();
+        assert_eq!(host["state"], "active");
+        let done = start_process(&server.admin, &id, "the start done", |p| {
+            p["state"] == "done"
+        })
+        .await;
+        assert_eq!(done["result"], "SUCCESS");
+        assert_eq!(done["executionCount"], 1, "its one attempt");
+        assert!(done["waitCount"].as_i64().unwrap() >= 10);
+    }
+}

@@ -20,15 +20,16 @@ pub use model::{
     Account, AccountKind, Credential, CredentialKind, NewKey, NewResource, Resource, ResourceKind,
 };
 pub use store::{
+    AGENT_NOT_ACTIVE, ClaimRequest, Claimed, FinishItem, HostAgent, InstanceAgentKey, NO_HOST,
+    NO_HOST_MESSAGE, NewCreate, PlacementError, ProgressItem, Step, Waiting, backoff_millis,
+    wakes_waiting,
+};
+pub use store::{
     Backend, Bootstrap, CLEANUP_STEPS, CleanupAge, CleanupStep, EventFilter, EventKind,
     EventRecord, ExecutionRecord, ExecutionRow, Filter, FilterOp, FilterValue, Finish, HostLookup,
     IdempotencyKey, Idempotent, ListQuery, NewContainerEvent, NewProcess, NewServiceEvent, Page,
     PostEventError, ProcessFilter, ProcessInstance, ProcessSummary, Registered, ScheduleError,
     Scheduled, StepResult, Store, StoreOptions,
-};
-pub use store::{
-    ClaimRequest, Claimed, FinishItem, HostAgent, InstanceAgentKey, NewCreate, PlacementError,
-    ProgressItem, Step,
 };
 pub use store::{LEADER_DUTY, NodeInfo, NodeRow};
 pub use writer::{WriterOptions, WriterStats};

@@ -107,8 +107,9 @@ pub use process::{
 };
 pub use resource::{Filter, FilterOp, FilterValue, ListQuery, Page, Registered};
 pub use write::{
-    ClaimRequest, Claimed, FinishItem, HostAgent, InstanceAgentKey, NewCreate, NewProcess,
-    PlacementError, ProgressItem, Step,
+    AGENT_NOT_ACTIVE, ClaimRequest, Claimed, FinishItem, HostAgent, InstanceAgentKey, NO_HOST,
+    NO_HOST_MESSAGE, NewCreate, NewProcess, PlacementError, ProgressItem, Step, Waiting,
+    backoff_millis, wakes_waiting,
 };
 
 /// A cheap-clone handle to the database, and to its writer.

@@ -106,6 +106,9 @@ fn claim_request(node: &str, lease_until: i64) -> ClaimRequest {
         lease_until,
         place: vec!["instance.start"],
         agent_key: vec!["instance.start"],
+        await_agent: vec!["host.activate"],
+        max_age_millis: 1_800_000,
+        retry_max_wait_millis: 120_000,
     }
 }
 
@@ -238,6 +241,262 @@ async fn a_create_hops_to_its_first_agent_step_and_a_claim_places_it() {
         let start = store.get_process(item.process.id).await.unwrap().unwrap();
         assert_eq!(start.result.as_deref(), Some("SUCCESS"));
         assert_eq!(store.list_executions(start.id).await.unwrap().len(), 1);
+    }
+}
+
+/// One claimed process by name.
+fn claimed_named<'a>(
+    claimed: &'a [drover_store::Claimed],
+    name: &str,
+) -> &'a drover_store::Claimed {
+    claimed
+        .iter()
+        .find(|item| item.process.process_name == name)
+        .unwrap_or_else(|| panic!("{name} claimed"))
+}
+
+#[tokio::test]
+async fn what_cannot_run_yet_waits_in_the_claim_without_using_attempts_and_is_woken_by_what_it_waits_for()
+ {
+    for subject in subjects(WriterOptions::default()).await {
+        let store = &subject.store;
+        let name = subject.name;
+        let project = store.bootstrap(None).await.unwrap().default_project.id;
+        // A registration as the server makes it: both activations are pending.
+        let registered = store
+            .register_agent(
+                project,
+                "host-key",
+                "host-1",
+                Map::new(),
+                &[
+                    Step::hop("agent.create", "registering", "inactive"),
+                    Step::pending("agent.activate", "activating"),
+                ],
+                &[
+                    Step::hop("host.create", "registering", "inactive"),
+                    Step::pending("host.activate", "activating"),
+                ],
+                NODE,
+            )
+            .await
+            .unwrap();
+        let early = store
+            .create_and_schedule(container(project, "early"))
+            .await
+            .unwrap()
+            .resource;
+
+        // The agent's activation runs; the host's waits for it; the start waits for a host.
+        let claimed = store
+            .claim(claim_request(NODE, now() + 60_000))
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 3, "{name}");
+        let activate_agent = claimed_named(&claimed, "agent.activate");
+        assert!(activate_agent.waiting.is_none(), "{name}");
+        let host_wait = claimed_named(&claimed, "host.activate");
+        let waiting = host_wait.waiting.as_ref().expect("the host waits");
+        assert_eq!(waiting.reason, drover_store::AGENT_NOT_ACTIVE, "{name}");
+        let start = claimed_named(&claimed, "instance.start");
+        let waiting = start.waiting.as_ref().expect("the start waits");
+        assert_eq!(waiting.reason, drover_store::NO_HOST, "{name}");
+        assert!(
+            start.placement.is_none() && start.agent_key.is_none(),
+            "{name}"
+        );
+        let stored = store.get_process(start.process.id).await.unwrap().unwrap();
+        assert_eq!(
+            stored, start.process,
+            "{name}: the answer is what was stored"
+        );
+        assert_eq!(
+            (
+                stored.execution_count,
+                stored.wait_count,
+                stored.lease_expires
+            ),
+            (0, 1, None),
+            "{name}: a wait is no attempt"
+        );
+        assert_eq!(stored.phase.as_deref(), Some("WAITING"));
+        assert_eq!(stored.exit_reason.as_deref(), Some("NO_HOST"));
+        assert_eq!(
+            stored.last_error.as_deref(),
+            Some(drover_store::NO_HOST_MESSAGE)
+        );
+        let first_wait = stored.run_after.unwrap();
+        assert!(first_wait >= now() + 1000, "{name}: backs off like a retry");
+        let shown = store
+            .get_resource(ResourceKind::Instance, early.id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (shown.state.as_str(), shown.transitioning.as_str()),
+            ("starting", "yes"),
+            "{name}"
+        );
+        assert_eq!(
+            shown.transitioning_message.as_deref(),
+            Some(drover_store::NO_HOST_MESSAGE)
+        );
+        let host = store
+            .get_resource(ResourceKind::Host, registered.host.id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            host.state, "activating",
+            "{name}: not active before its agent"
+        );
+
+        // Again and again past its backoff: still no attempt used.
+        let mut later = ClaimRequest {
+            now: first_wait,
+            ..claim_request(NODE, first_wait + 60_000)
+        };
+        for waits in 2..=4 {
+            let claimed = store.claim(later.clone()).await.unwrap();
+            let start = claimed_named(&claimed, "instance.start");
+            assert!(start.waiting.is_some(), "{name}");
+            assert_eq!(
+                (start.process.execution_count, start.process.wait_count),
+                (0, waits),
+                "{name}"
+            );
+            later.now = start.process.run_after.unwrap();
+            later.lease_until = later.now + 60_000;
+        }
+
+        // The agent answers: its hosts' activations are ready at once.
+        store
+            .finish(done(activate_agent.process.clone(), NODE, "active"))
+            .await
+            .unwrap()
+            .expect("the agent's activation ends");
+        let host_activation = store
+            .get_process(host_wait.process.id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            host_activation.run_after.unwrap() <= now(),
+            "{name}: woken by the agent's activation"
+        );
+        let claimed = store
+            .claim(claim_request(NODE, now() + 60_000))
+            .await
+            .unwrap();
+        let host_run = claimed_named(&claimed, "host.activate");
+        assert!(host_run.waiting.is_none(), "{name}: its agent is active");
+        assert_eq!(host_run.process.execution_count, 1, "{name}");
+        // The start was woken too (its project's agent became active), and waits on: the
+        // host is not active yet.
+        assert!(claimed_named(&claimed, "instance.start").waiting.is_some());
+        store
+            .finish(done(host_run.process.clone(), NODE, "active"))
+            .await
+            .unwrap()
+            .expect("the host's activation ends");
+
+        // The host is active: the start is ready at once and placed on it.
+        let claimed = store
+            .claim(claim_request(NODE, now() + 60_000))
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 1, "{name}");
+        let start = &claimed[0];
+        assert!(
+            start.waiting.is_none() && start.placement.is_none(),
+            "{name}"
+        );
+        assert_eq!(
+            start.process.execution_count, 1,
+            "{name}: its first attempt"
+        );
+        assert_eq!(
+            start.agent.as_ref().map(|agent| agent.host_id),
+            Some(registered.host.id)
+        );
+        store
+            .finish(done(start.process.clone(), NODE, "running"))
+            .await
+            .unwrap()
+            .unwrap();
+
+        // A reconnecting agent's host takes nothing new; its coming back wakes the wait.
+        for (kind, id) in [
+            (ResourceKind::Agent, registered.agent.id),
+            (ResourceKind::Host, registered.host.id),
+        ] {
+            store
+                .set_state(kind, id, &["active"], "reconnecting")
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let second = store
+            .create_and_schedule(container(project, "second"))
+            .await
+            .unwrap()
+            .resource;
+        let claimed = store
+            .claim(claim_request(NODE, now() + 60_000))
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 1, "{name}");
+        assert_eq!(
+            claimed[0].waiting.as_ref().map(|w| w.reason),
+            Some(drover_store::NO_HOST),
+            "{name}: a reconnecting agent's host is no candidate"
+        );
+        for (kind, id) in [
+            (ResourceKind::Agent, registered.agent.id),
+            (ResourceKind::Host, registered.host.id),
+        ] {
+            store
+                .set_state(kind, id, &["reconnecting"], "active")
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let claimed = store
+            .claim(claim_request(NODE, now() + 60_000))
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 1, "{name}: woken by the host coming back");
+        assert_eq!(claimed[0].process.resource_id, second.id);
+        assert!(claimed[0].waiting.is_none(), "{name}");
+        assert_eq!(
+            claimed[0].resource.as_ref().unwrap().host_id,
+            Some(registered.host.id)
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_wait_past_max_age_goes_to_the_engine_which_fails_it() {
+    for subject in subjects(WriterOptions::default()).await {
+        let store = &subject.store;
+        let project = store.bootstrap(None).await.unwrap().default_project.id;
+        let created = store
+            .create_and_schedule(container(project, "never"))
+            .await
+            .unwrap();
+        let request = ClaimRequest {
+            now: created.process.created + 10,
+            max_age_millis: 5,
+            ..claim_request(NODE, now() + 60_000)
+        };
+        let claimed = store.claim(request).await.unwrap();
+        assert_eq!(claimed.len(), 1, "{}", subject.name);
+        assert!(claimed[0].waiting.is_none(), "{}", subject.name);
+        assert_eq!(
+            claimed[0].placement.as_ref().map(|error| error.reason),
+            Some(drover_store::NO_HOST)
+        );
+        assert_eq!(claimed[0].process.execution_count, 1);
     }
 }
 

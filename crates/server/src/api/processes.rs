@@ -75,6 +75,7 @@ fn render(base: &str, process: &ProcessInstance, now: i64) -> Value {
         "runAfter": process.run_after.map(rfc3339),
         "runAfterTS": process.run_after,
         "executionCount": process.execution_count,
+        "waitCount": process.wait_count,
         "exitReason": process.exit_reason,
         "result": process.result,
         "phase": process.phase,

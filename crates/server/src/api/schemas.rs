@@ -128,6 +128,7 @@ fn all(base: &str) -> Vec<Value> {
             ("endTime", "date", false),
             ("runAfter", "date", false),
             ("executionCount", "int", false),
+            ("waitCount", "int", false),
             ("exitReason", "string", false),
             ("result", "string", false),
             ("phase", "string", false),

@@ -37,8 +37,11 @@ pub struct ProcessInstance {
     pub created: i64,
     /// The next time it may run.
     pub run_after: Option<i64>,
-    /// Attempts so far.
+    /// Attempts so far (the claim's fencing token: every attempt has its own number).
     pub execution_count: i64,
+    /// Times the claim put it back to wait for what it needs (a host to run on, its agent's
+    /// activation) without running it: not attempts, so not counted against `max_attempts`.
+    pub wait_count: i64,
     /// `SUCCESS`, `FAILURE` or `CANCELED` once ended.
     pub result: Option<String>,
     /// Why the last attempt or the process ended (`DONE`, `TIMEOUT`, `ERROR`, `CANCELED`, …).
@@ -88,6 +91,7 @@ pub(super) struct ProcessRow {
     created: i64,
     run_after: Option<i64>,
     execution_count: i64,
+    wait_count: i64,
     result: Option<String>,
     exit_reason: Option<String>,
     phase: Option<String>,
@@ -100,7 +104,7 @@ pub(super) struct ProcessRow {
 }
 
 pub(super) const PROCESS_COLUMNS: &str = "id, process_name, resource_type, resource_id, account_id, start_time, end_time, created, \
-    run_after, execution_count, result, exit_reason, phase, running_process_server_id, start_process_server_id, \
+    run_after, execution_count, wait_count, result, exit_reason, phase, running_process_server_id, start_process_server_id, \
     lease_expires, last_error, data, priority";
 
 impl TryFrom<ProcessRow> for ProcessInstance {
@@ -122,6 +126,7 @@ impl TryFrom<ProcessRow> for ProcessInstance {
             created: row.created,
             run_after: row.run_after,
             execution_count: row.execution_count,
+            wait_count: row.wait_count,
             result: row.result,
             exit_reason: row.exit_reason,
             phase: row.phase,
@@ -531,7 +536,7 @@ async fn replay_in(tx: &mut Tx, id: i64) -> Result<Result<(), ScheduleError>> {
     match (process.end_time, process.result.as_deref()) {
         (None, _) => {
             tx.execute(
-                "UPDATE process_instance SET run_after = $1, execution_count = 0, lease_expires = NULL, \
+                "UPDATE process_instance SET run_after = $1, execution_count = 0, wait_count = 0, lease_expires = NULL, \
                  running_process_server_id = NULL WHERE id = $2 AND end_time IS NULL",
                 args![now, id],
             )

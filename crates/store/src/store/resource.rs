@@ -415,7 +415,8 @@ impl Store {
     }
 
     /// Moves a resource from one of `from` to `to` without a process (the ping monitor's
-    /// agent and host states); returns it if it moved.
+    /// agent and host states); returns it if it moved. An agent or host that became active
+    /// wakes, in the same transaction, what waits for it (see [`crate::wakes_waiting`]).
     pub async fn set_state(
         &self,
         kind: ResourceKind,
@@ -425,26 +426,29 @@ impl Store {
     ) -> Result<Option<Resource>> {
         let placeholders: Vec<String> =
             (0..from.len()).map(|idx| format!("${}", idx + 3)).collect();
+        let table = kind.table();
         let sql = format!(
-            "UPDATE {} SET state = $1, transitioning = 'no', transitioning_message = NULL WHERE id = $2 AND state IN ({})",
-            kind.table(),
+            "UPDATE {table} SET state = $1, transitioning = 'no', transitioning_message = NULL \
+             WHERE id = $2 AND state IN ({}) RETURNING {}",
             if placeholders.is_empty() {
                 "NULL".to_owned()
             } else {
                 placeholders.join(", ")
-            }
+            },
+            select_list(kind, table)
         );
-        let moved = dispatch!(self, pool => {
-            let mut query = sqlx::query(AssertSqlSafe(sql.as_str())).bind(to).bind(id);
-            for state in from {
-                query = query.bind(*state);
-            }
-            query.execute(pool).await?.rows_affected()
-        });
-        if moved == 0 {
+        let mut values = args![to, id];
+        values.extend(from.iter().map(|state| crate::db::Arg::from(*state)));
+        let mut tx = self.pool.begin_write().await?;
+        let Some(row) = tx.fetch_optional::<ResourceRow>(&sql, values).await? else {
             return Ok(None);
+        };
+        let resource = row.into_resource(kind)?;
+        if write::wakes_waiting(kind, to) {
+            write::wake_waiting(&mut tx, kind, id, resource.account_id, now_millis()).await?;
         }
-        self.get_resource(kind, id).await
+        tx.commit().await?;
+        Ok(Some(resource))
     }
 
     /// Agents the ping monitor watches: `(agent_id, state, last_ping)`.

@@ -8,7 +8,8 @@
 //!
 //! **Invariant:** a process changes its resource only here, and only where its lease is checked
 //! in the same statement or transaction: at schedule (the process is new), claim (the lease is
-//! taken), placement and key injection (in the claim's transaction), progress and finish
+//! taken), placement, putting back what waits and key injection (in the claim's transaction),
+//! progress and finish
 //! (`running_process_server_id` and the attempt number `execution_count` must still be the
 //! caller's, so a node whose lease was taken over, or an older attempt, changes nothing).
 
@@ -110,6 +111,14 @@ pub struct ClaimRequest {
     /// Processes that start a container: one labelled `io.rancher.container.create_agent=true`
     /// gets its agent key made or rotated in the claim's transaction.
     pub agent_key: Vec<&'static str>,
+    /// Processes that run only once their resource's agent is active (a host's activation
+    /// waits for its agent to answer its own): one whose agent is not is put back to wait.
+    pub await_agent: Vec<&'static str>,
+    /// `process.max_age.seconds` in milliseconds: a process older than this is never put back
+    /// to wait but handed to the engine, which fails it.
+    pub max_age_millis: i64,
+    /// `process.retry_max_wait.millis`: the cap of a wait's backoff.
+    pub retry_max_wait_millis: i64,
 }
 
 /// The agent of a resource's host.
@@ -130,6 +139,21 @@ pub struct PlacementError {
     pub reason: &'static str,
     /// For people.
     pub message: String,
+}
+
+/// Why the claim put a process back instead of handing it to the engine: what it needs is not
+/// there yet (no host it could be placed on, its agent not active). Such a wait is no attempt:
+/// the process's `execution_count` is as before the claim, its `wait_count` grows, it is ready
+/// again after the same backoff as a retry, or at once when what it waits for comes
+/// ([`wakes_waiting`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waiting {
+    /// `NO_HOST` or `AGENT_NOT_ACTIVE`.
+    pub reason: &'static str,
+    /// For people; also the process's `last_error` and the resource's transitioning message.
+    pub message: String,
+    /// When it is ready again, unless woken earlier.
+    pub run_after: i64,
 }
 
 /// A container's own agent and its fresh key (`io.rancher.container.create_agent`).
@@ -154,6 +178,8 @@ pub struct Claimed {
     pub agent: Option<HostAgent>,
     /// Set when the process needed placing and no host would do.
     pub placement: Option<PlacementError>,
+    /// Set when the claim put the process back to wait: the engine runs nothing for it.
+    pub waiting: Option<Waiting>,
     /// The container's own agent key, when it asked for one.
     pub agent_key: Option<InstanceAgentKey>,
 }
@@ -480,6 +506,11 @@ pub(crate) async fn create(tx: &mut Tx, items: &[&NewCreate]) -> Result<Vec<Sche
             }
         }
         let processes = insert_processes(tx, &process_rows).await?;
+        for resource in &resources {
+            if wakes_waiting(kind, &resource.state) {
+                wake_waiting(tx, kind, resource.id, resource.account_id, now).await?;
+            }
+        }
         // The last process of each plan is the one a caller is answered with.
         let mut last: HashMap<i64, ProcessInstance> = HashMap::with_capacity(resources.len());
         for process in processes {
@@ -504,8 +535,13 @@ pub(crate) async fn create(tx: &mut Tx, items: &[&NewCreate]) -> Result<Vec<Sche
 }
 
 /// Applies what a resource reaching `state` implies beyond its row: a removed agent's keys
-/// stop working with it.
-async fn on_state(tx: &mut Tx, kind: ResourceKind, id: i64, state: &str, now: i64) -> Result<()> {
+/// stop working with it; an agent or host that became active wakes what waits for it
+/// ([`wake_waiting`]).
+async fn on_state(tx: &mut Tx, resource: &Resource, state: &str, now: i64) -> Result<()> {
+    let (kind, id) = (resource.kind, resource.id);
+    if wakes_waiting(kind, state) {
+        wake_waiting(tx, kind, id, resource.account_id, now).await?;
+    }
     if kind == ResourceKind::Agent && state == "removed" {
         tx.execute(
             "UPDATE credential SET state = 'removed', removed = $1 WHERE state = 'active' \
@@ -608,7 +644,7 @@ pub(crate) async fn schedule(
             new.resource_id
         )));
     }
-    on_state(tx, kind, new.resource_id, &plan.state, now).await?;
+    on_state(tx, &resource, &plan.state, now).await?;
     let processes = insert_processes(tx, &plan.rows).await?;
     let process = processes
         .into_iter()
@@ -688,6 +724,7 @@ pub(crate) async fn claim(tx: &mut Tx, request: &ClaimRequest) -> Result<Vec<Cla
             resource: None,
             agent: None,
             placement: None,
+            waiting: None,
             agent_key: None,
         })
         .collect();
@@ -704,6 +741,10 @@ pub(crate) async fn claim(tx: &mut Tx, request: &ClaimRequest) -> Result<Vec<Cla
         let join = if kind.has_column("host_id") {
             "h.agent_id AS h_agent_id, a.state AS h_agent_state FROM {table} r \
              LEFT JOIN host h ON h.id = r.host_id LEFT JOIN agent a ON a.id = h.agent_id"
+        } else if kind == ResourceKind::Host {
+            // A host's own agent.
+            "r.agent_id AS h_agent_id, a.state AS h_agent_state FROM {table} r \
+             LEFT JOIN agent a ON a.id = r.agent_id"
         } else {
             "CAST(NULL AS BIGINT) AS h_agent_id, CAST(NULL AS TEXT) AS h_agent_state FROM {table} r"
         };
@@ -723,7 +764,11 @@ pub(crate) async fn claim(tx: &mut Tx, request: &ClaimRequest) -> Result<Vec<Cla
         }
         for item in claimed.iter_mut().filter(|item| item.process.kind == kind) {
             if let Some((resource, agent)) = by_id.get(&item.process.resource_id) {
-                item.agent = match (resource.host_id, agent) {
+                let host_id = match kind {
+                    ResourceKind::Host => Some(resource.id),
+                    _ => resource.host_id,
+                };
+                item.agent = match (host_id, agent) {
                     (Some(host_id), Some((agent_id, state))) => Some(HostAgent {
                         host_id,
                         agent_id: *agent_id,
@@ -736,6 +781,7 @@ pub(crate) async fn claim(tx: &mut Tx, request: &ClaimRequest) -> Result<Vec<Cla
         }
     }
     place(tx, request, &mut claimed).await?;
+    park(tx, request, &mut claimed).await?;
     for item in &mut claimed {
         if !request
             .agent_key
@@ -746,7 +792,10 @@ pub(crate) async fn claim(tx: &mut Tx, request: &ClaimRequest) -> Result<Vec<Cla
         let Some(resource) = &item.resource else {
             continue;
         };
-        if resource.kind != ResourceKind::Instance || item.placement.is_some() {
+        if resource.kind != ResourceKind::Instance
+            || item.placement.is_some()
+            || item.waiting.is_some()
+        {
             continue;
         }
         let labels = resource.data.get("labels").and_then(Value::as_object);
@@ -791,9 +840,9 @@ fn requested_host(resource: &Resource) -> Option<Option<i64>> {
 }
 
 /// Places the claimed processes' unplaced resources: on their requested host (which must be
-/// a host of the resource's project), else on the active host with an active (or
-/// reconnecting) agent that has the fewest live instances. One read of the candidates and
-/// one write of the placements per batch.
+/// a host of the resource's project), else on the active host whose agent is active (it
+/// answered activation, and has not missed pings since) that has the fewest live instances.
+/// One read of the candidates and one write of the placements per batch.
 async fn place(tx: &mut Tx, request: &ClaimRequest, claimed: &mut [Claimed]) -> Result<()> {
     let needs: Vec<usize> = (0..claimed.len())
         .filter(|&index| {
@@ -823,7 +872,7 @@ async fn place(tx: &mut Tx, request: &ClaimRequest, claimed: &mut [Claimed]) -> 
         "SELECT h.id, h.account_id, h.agent_id, a.state AS agent_state, h.state, \
          (SELECT COUNT(*) FROM instance i WHERE i.host_id = h.id AND i.removed IS NULL) AS live \
          FROM host h LEFT JOIN agent a ON a.id = h.agent_id WHERE h.removed IS NULL \
-         AND (h.id IN {} OR (h.account_id IN {} AND h.state = 'active' AND a.state IN ('active', 'reconnecting'))) \
+         AND (h.id IN {} OR (h.account_id IN {} AND h.state = 'active' AND a.state = 'active')) \
          ORDER BY h.id",
         tx.json_ids(1),
         tx.json_ids(2)
@@ -869,13 +918,13 @@ async fn place(tx: &mut Tx, request: &ClaimRequest, claimed: &mut [Claimed]) -> 
                     .filter(|(_, c)| {
                         c.account_id == resource.account_id
                             && c.state == "active"
-                            && matches!(c.agent_state.as_deref(), Some("active" | "reconnecting"))
+                            && c.agent_state.as_deref() == Some("active")
                     })
                     .min_by_key(|(_, c)| (c.live, c.id))
                     .map(|(position, _)| position);
                 if best.is_none() {
                     item.placement = Some(PlacementError {
-                        reason: "NO_HOST",
+                        reason: NO_HOST,
                         message: "no active host with an active agent to run on".into(),
                     });
                 }
@@ -917,6 +966,190 @@ async fn place(tx: &mut Tx, request: &ClaimRequest, claimed: &mut [Claimed]) -> 
         }
     }
     Ok(())
+}
+
+/// [`Waiting::reason`] (and [`PlacementError::reason`]) of a process with no host it could be
+/// placed on.
+pub const NO_HOST: &str = "NO_HOST";
+/// [`Waiting::reason`] of a process whose resource's agent has not answered its activation.
+pub const AGENT_NOT_ACTIVE: &str = "AGENT_NOT_ACTIVE";
+/// What a process waiting for a host says (its `last_error`, its resource's message).
+pub const NO_HOST_MESSAGE: &str = "waiting for an active host with an active agent";
+
+/// The wait before attempt (or wait) `attempts + 1`: min(max, 2 s + 2^(n−1)·100 ms), plus up
+/// to 10 % jitter so that many failures at once do not retry in lockstep.
+pub fn backoff_millis(attempts: i64, max_wait: i64) -> i64 {
+    let exponent = attempts.clamp(1, 30) - 1;
+    let base = 2000i64
+        .saturating_add(100i64.saturating_mul(1i64 << exponent))
+        .min(max_wait.max(1));
+    base + rand::random_range(0..=base / 10)
+}
+
+/// Puts back, in the claim's transaction, the claimed processes that cannot run yet: those
+/// that found no host to be placed on, and those that wait for their resource's agent to be
+/// active ([`ClaimRequest::await_agent`]). Each is left as if it had not been claimed (lease
+/// released, `execution_count` and `start_time` as before), with `wait_count` one more, its
+/// reason in `exit_reason`/`last_error` and on its resource's transitioning message, and
+/// `run_after` the retry backoff of its waits away: the engine runs nothing for it, and it
+/// uses up no attempt. [`wake_waiting`] makes it ready at once when what it waits for comes.
+/// One past `max_age` is not put back: the engine fails it. Costs nothing when nothing
+/// waits; else one statement for the processes and one per kind for the resources.
+async fn park(tx: &mut Tx, request: &ClaimRequest, claimed: &mut [Claimed]) -> Result<()> {
+    let mut rows = Vec::new();
+    for item in claimed.iter_mut() {
+        let process = &item.process;
+        if request.now - process.created > request.max_age_millis {
+            continue;
+        }
+        let (reason, message) = match (&item.placement, &item.agent) {
+            (Some(error), _) if error.reason == NO_HOST => (NO_HOST, NO_HOST_MESSAGE.to_owned()),
+            (None, Some(agent))
+                if agent.agent_state != "active"
+                    && request.await_agent.contains(&process.process_name.as_str()) =>
+            {
+                (
+                    AGENT_NOT_ACTIVE,
+                    format!(
+                        "waiting for its agent to answer activation (the agent is {})",
+                        agent.agent_state
+                    ),
+                )
+            }
+            _ => continue,
+        };
+        let run_after =
+            request.now + backoff_millis(process.wait_count + 1, request.retry_max_wait_millis);
+        rows.push(json!({
+            "id": process.id,
+            "node": request.node,
+            "run_after": run_after,
+            "reason": reason,
+            "message": message,
+            "kind": process.kind.table(),
+            "resource_id": process.resource_id,
+        }));
+        let process = &mut item.process;
+        process.execution_count -= 1;
+        process.wait_count += 1;
+        process.run_after = Some(run_after);
+        process.running_process_server_id = None;
+        process.lease_expires = None;
+        process.phase = Some("WAITING".into());
+        process.exit_reason = Some(reason.into());
+        process.last_error = Some(message.clone());
+        if process.execution_count == 0 {
+            process.start_time = None;
+        }
+        if let Some(resource) = &mut item.resource {
+            resource.transitioning_message = Some(message.clone());
+        }
+        item.placement = None;
+        item.waiting = Some(Waiting {
+            reason,
+            message,
+            run_after,
+        });
+    }
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let sql = format!(
+        "UPDATE process_instance SET running_process_server_id = NULL, lease_expires = NULL, \
+         execution_count = execution_count - 1, \
+         start_time = CASE WHEN execution_count <= 1 THEN NULL ELSE start_time END, \
+         wait_count = wait_count + 1, phase = 'WAITING', run_after = v.run_after, \
+         exit_reason = v.reason, last_error = v.message \
+         FROM {} WHERE process_instance.id = v.id AND process_instance.running_process_server_id = v.node \
+         AND process_instance.end_time IS NULL",
+        tx.json_rows(
+            1,
+            &[
+                ("id", "BIGINT"),
+                ("node", "TEXT"),
+                ("run_after", "BIGINT"),
+                ("reason", "TEXT"),
+                ("message", "TEXT"),
+            ]
+        )
+    );
+    let parked = tx
+        .execute(&sql, args![Value::Array(rows.clone()).to_string()])
+        .await?;
+    if parked != rows.len() as u64 {
+        return Err(Error::Conflict(format!(
+            "put back {parked} of {} waiting processes",
+            rows.len()
+        )));
+    }
+    for kind in ResourceKind::ALL {
+        let of_kind: Vec<&Value> = rows
+            .iter()
+            .filter(|row| row["kind"] == json!(kind.table()))
+            .collect();
+        if of_kind.is_empty() {
+            continue;
+        }
+        let table = kind.table();
+        let sql = format!(
+            "UPDATE {table} SET transitioning_message = v.message FROM {} WHERE {table}.id = v.resource_id",
+            tx.json_rows(1, &[("resource_id", "BIGINT"), ("message", "TEXT")])
+        );
+        tx.execute(&sql, args![json!(of_kind).to_string()]).await?;
+    }
+    Ok(())
+}
+
+/// Whether a resource of `kind` reaching `state` may let waiting processes run: an agent or a
+/// host that became active. The store wakes them in the transaction that moves the resource
+/// ([`wake_waiting`]); the caller then wakes its engine.
+pub fn wakes_waiting(kind: ResourceKind, state: &str) -> bool {
+    matches!(kind, ResourceKind::Agent | ResourceKind::Host) && state == "active"
+}
+
+/// Wakes what an agent or host that became active may let run: the pending processes of the
+/// agent's hosts (a host's activation waits for its agent), and in its project every pending
+/// process of an instance or volume that is on no host yet (waiting to be placed). Their
+/// `run_after` becomes `now` (never later than it was).
+///
+/// The condition reads nothing that [`park`] changes on a process, so on PostgreSQL a wake that
+/// meets a claim in flight waits for the claim's row lock and then wakes what the claim put
+/// back: a claim either sees what the wake's transaction made active, or its parked processes
+/// are woken after it. No wake is lost (on SQLite, transactions do not overlap at all).
+pub(crate) async fn wake_waiting(
+    tx: &mut Tx,
+    kind: ResourceKind,
+    id: i64,
+    account_id: Option<i64>,
+    now: i64,
+) -> Result<u64> {
+    const WAKE: &str = "UPDATE process_instance SET run_after = CASE WHEN run_after > $1 THEN $1 ELSE run_after END \
+         WHERE end_time IS NULL AND ";
+    let mut woken = 0;
+    if kind == ResourceKind::Agent {
+        woken += tx
+            .execute(
+                &format!(
+                    "{WAKE}resource_type = 'host' AND resource_id IN (SELECT id FROM host WHERE agent_id = $2)"
+                ),
+                args![now, id],
+            )
+            .await?;
+    }
+    if let Some(account) = account_id {
+        woken += tx
+            .execute(
+                &format!(
+                    "{WAKE}account_id = $2 AND ((resource_type = 'instance' AND resource_id IN \
+                     (SELECT id FROM instance WHERE account_id = $2 AND host_id IS NULL)) \
+                     OR (resource_type = 'volume' AND resource_id IN \
+                     (SELECT id FROM volume WHERE account_id = $2 AND host_id IS NULL)))"
+                ),
+                args![now, account],
+            )
+            .await?;
+    }
+    Ok(woken)
 }
 
 /// The agent of a container labelled `io.rancher.container.create_agent=true`: made the
@@ -1231,7 +1464,7 @@ pub(crate) async fn finish(tx: &mut Tx, items: &[&FinishItem]) -> Result<Vec<Opt
             Finish::Done {
                 done_state, next, ..
             } => {
-                on_state(tx, resource.kind, resource.id, &resource.state, now).await?;
+                on_state(tx, resource, &resource.state, now).await?;
                 (done_state, next.as_ref())
             }
             Finish::Chained {
@@ -1323,6 +1556,11 @@ pub(crate) async fn insert_resource(
     state: &str,
 ) -> Result<Resource> {
     let mut rows = insert_resources(tx, kind, &[(new, state, "no")]).await?;
-    rows.pop()
-        .ok_or_else(|| Error::Conflict("resource not inserted".into()))
+    let resource = rows
+        .pop()
+        .ok_or_else(|| Error::Conflict("resource not inserted".into()))?;
+    if wakes_waiting(kind, state) {
+        wake_waiting(tx, kind, resource.id, resource.account_id, now_millis()).await?;
+    }
+    Ok(resource)
 }

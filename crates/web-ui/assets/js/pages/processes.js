@@ -6,7 +6,7 @@ import { badge, debounce, emptyRow, h, idTag, processBadge, replace, resourceHre
 
 const TABS = [
   { id: 'running', label: 'Running', hint: 'claimed by a server node, working now (often waiting for an agent)' },
-  { id: 'delayed', label: 'Delayed', hint: 'an attempt failed; the next one is scheduled' },
+  { id: 'delayed', label: 'Delayed', hint: 'an attempt failed, or it waits for a host or an agent; the next try is scheduled' },
   { id: 'ready', label: 'Ready', hint: 'waiting for a worker (or for the process ahead of it on the same resource)' },
   { id: 'done', label: 'Done', hint: 'ended: succeeded, failed for good, or canceled' },
 ];
@@ -204,7 +204,7 @@ export function mount(root, { navigate }) {
       const filtered = state.name || state.resource || state.result;
       const text = {
         running: 'Nothing is running now.',
-        delayed: 'No process is waiting for a retry.',
+        delayed: 'No process is waiting for a retry, a host or an agent.',
         ready: 'No process is waiting for a worker.',
         done: 'No process has ended yet.',
       }[state.tab];
