@@ -26,6 +26,7 @@ pub use store::{
     PostEventError, ProcessFilter, ProcessInstance, ProcessSummary, Registered, ScheduleError,
     Scheduled, StepResult, Store, StoreOptions,
 };
+pub use store::{CHANGE_LOG_LOCK, ChangeBounds, ChangeRow, ChangeScope, NewChange};
 pub use store::{
     ClaimRequest, Claimed, FinishItem, HostAgent, InstanceAgentKey, NewCreate, PlacementError,
     ProgressItem, Step,
