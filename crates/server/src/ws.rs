@@ -829,6 +829,51 @@ mod tests {
     }
 
     #[test]
+    fn resume_from_must_be_a_position() {
+        assert_eq!(parse_query(Some("resumeFrom=42")).unwrap().resume_from, Some(42));
+        assert_eq!(parse_query(Some("eventNames=x")).unwrap().resume_from, None);
+        for bad in ["resumeFrom=-1", "resumeFrom=x", "resumeFrom=", "resumeFrom=1.5"] {
+            let error = parse_query(Some(bad)).unwrap_err();
+            assert_eq!(error.status(), StatusCode::BAD_REQUEST, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_resume_replays_what_the_names_see_under_the_names_they_see() {
+        let raw = resume_plan(3, &["resource.change".into(), "ping".into()], false).unwrap();
+        assert_eq!((raw.from, &raw.scope), (3, &ChangeScope::All));
+        assert_eq!(raw.name_for(None), Some("resource.change"));
+        assert_eq!(raw.name_for(Some(7)), Some("resource.change"));
+        let project = resume_plan(0, &["resource.change;account=7".into()], true).unwrap();
+        assert_eq!(project.scope, ChangeScope::Accounts(vec![7]));
+        assert_eq!(project.name_for(Some(7)), Some("resource.change"));
+        assert_eq!(project.name_for(Some(8)), None);
+        assert_eq!(project.name_for(None), None);
+        let admin = resume_plan(0, &["resource.change;account=7".into()], false).unwrap();
+        assert_eq!(admin.name_for(Some(7)), Some("resource.change;account=7"));
+        let agent = resume_plan(0, &["resource.change;agent=2".into()], true).unwrap();
+        assert_eq!(agent.scope, ChangeScope::Accounts(vec![]));
+        assert!(resume_plan(0, &["state.change".into(), "ping".into()], false).is_none());
+    }
+
+    #[test]
+    fn live_duplicates_of_a_replay_are_recognised() {
+        let change = |name: &str, position: i64| {
+            Event::new(name)
+                .with_data(json!({"resource": {"position": 1, "name": "resource.change"}, "position": position}))
+                .to_json()
+        };
+        assert!(replayed_already(&change("resource.change", 5), 5));
+        assert!(replayed_already(&change("resource.change;account=3", 4), 5));
+        assert!(!replayed_already(&change("resource.change", 6), 5));
+        assert!(!replayed_already(&change("other", 1), 5), "only resource.change");
+        let no_position = Event::new("resource.change").with_data(json!({"resource": {}})).to_json();
+        assert!(!replayed_already(&no_position, 5));
+        let odd = Event::new("resource.change").with_data(json!([1, 2])).to_json();
+        assert!(!replayed_already(&odd, 5));
+    }
+
+    #[test]
     fn query_keeps_repeated_names_and_decodes() {
         let query = parse_query(Some(
             "eventNames=ping&eventNames=compute.instance.activate%3Bagent%3D5&agentId=1ag5&x=1",
