@@ -150,7 +150,10 @@ async fn watch(url: &str) -> Watching {
 impl Watching {
     async fn stop(self) {
         self.shutdown.cancel();
-        within("the router to stop", self.task).await.unwrap().unwrap();
+        within("the router to stop", self.task)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }
 
@@ -171,7 +174,10 @@ async fn the_change_helper_resumes_across_a_dropped_socket_and_a_server_restart(
     assert_eq!(got.len(), missed.len(), "each change once: {got:?}");
     let got_positions = positions(&got);
     assert!(got_positions[0] > last);
-    assert!(got_positions.windows(2).all(|pair| pair[0] < pair[1]), "{got_positions:?}");
+    assert!(
+        got_positions.windows(2).all(|pair| pair[0] < pair[1]),
+        "{got_positions:?}"
+    );
     last = *got_positions.last().unwrap();
 
     // A server restart, with changes made before the router gets back.
@@ -182,7 +188,10 @@ async fn the_change_helper_resumes_across_a_dropped_socket_and_a_server_restart(
     let got = receive(&mut watching.changes, &after).await;
     assert_eq!(got.len(), after.len(), "each change once: {got:?}");
     assert!(positions(&got).iter().all(|position| *position > last));
-    assert!(watching.relists.try_recv().is_err(), "nothing had to be re-listed");
+    assert!(
+        watching.relists.try_recv().is_err(),
+        "nothing had to be re-listed"
+    );
     watching.stop().await;
 }
 

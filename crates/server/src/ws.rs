@@ -830,9 +830,17 @@ mod tests {
 
     #[test]
     fn resume_from_must_be_a_position() {
-        assert_eq!(parse_query(Some("resumeFrom=42")).unwrap().resume_from, Some(42));
+        assert_eq!(
+            parse_query(Some("resumeFrom=42")).unwrap().resume_from,
+            Some(42)
+        );
         assert_eq!(parse_query(Some("eventNames=x")).unwrap().resume_from, None);
-        for bad in ["resumeFrom=-1", "resumeFrom=x", "resumeFrom=", "resumeFrom=1.5"] {
+        for bad in [
+            "resumeFrom=-1",
+            "resumeFrom=x",
+            "resumeFrom=",
+            "resumeFrom=1.5",
+        ] {
             let error = parse_query(Some(bad)).unwrap_err();
             assert_eq!(error.status(), StatusCode::BAD_REQUEST, "{bad}");
         }
@@ -866,10 +874,17 @@ mod tests {
         assert!(replayed_already(&change("resource.change", 5), 5));
         assert!(replayed_already(&change("resource.change;account=3", 4), 5));
         assert!(!replayed_already(&change("resource.change", 6), 5));
-        assert!(!replayed_already(&change("other", 1), 5), "only resource.change");
-        let no_position = Event::new("resource.change").with_data(json!({"resource": {}})).to_json();
+        assert!(
+            !replayed_already(&change("other", 1), 5),
+            "only resource.change"
+        );
+        let no_position = Event::new("resource.change")
+            .with_data(json!({"resource": {}}))
+            .to_json();
         assert!(!replayed_already(&no_position, 5));
-        let odd = Event::new("resource.change").with_data(json!([1, 2])).to_json();
+        let odd = Event::new("resource.change")
+            .with_data(json!([1, 2]))
+            .to_json();
         assert!(!replayed_already(&odd, 5));
     }
 

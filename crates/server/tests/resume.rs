@@ -36,7 +36,7 @@ async fn next_change(stream: &mut EventStream) -> (String, i64) {
     let position = event.data.as_ref().unwrap()["position"]
         .as_i64()
         .unwrap_or_else(|| panic!("no data.position in {event:?}"));
-    (event.resource_id.clone().unwrap(), position)
+    (event.resource_id.unwrap(), position)
 }
 
 /// Reads changes until every id in `ids` has been seen; returns all it read, in order.
@@ -105,7 +105,9 @@ async fn a_resume_from_a_position_no_longer_retained_gets_410_and_the_head() {
     for server in servers(&[("resource.change.retain.count", "10")]).await {
         let admin = &server.admin;
         let mut observer = changes(admin, Subscribe::names(["resource.change"])).await;
-        let start = observer.stream_position().expect("the handshake names the head");
+        let start = observer
+            .stream_position()
+            .expect("the handshake names the head");
         let mut made = Vec::new();
         for n in 0..20 {
             made.push(stack(admin, &format!("s-{n}")).await);
@@ -113,7 +115,14 @@ async fn a_resume_from_a_position_no_longer_retained_gets_410_and_the_head() {
         let seen = until_seen(&mut observer, &made).await;
         let head = seen.last().unwrap().1;
         assert!(
-            server.server.state.store.count_rows("change_log").await.unwrap() <= 10,
+            server
+                .server
+                .state
+                .store
+                .count_rows("change_log")
+                .await
+                .unwrap()
+                <= 10,
             "the log is trimmed to resource.change.retain.count"
         );
 
@@ -129,7 +138,10 @@ async fn a_resume_from_a_position_no_longer_retained_gets_410_and_the_head() {
                 assert!(body["message"].as_str().unwrap().contains("re-list"));
                 assert_eq!(
                     body["detail"],
-                    format!("oldest retained position: {}; head position: {head}", head - 9)
+                    format!(
+                        "oldest retained position: {}; head position: {head}",
+                        head - 9
+                    )
                 );
             }
             other => panic!("expected 410 ResumeTooOld, got {other:?}"),
@@ -173,7 +185,9 @@ async fn a_resume_from_a_position_no_longer_retained_gets_410_and_the_head() {
             .await
             .unwrap();
         assert_eq!(
-            listed.headers()["x-drover-stream-position"].to_str().unwrap(),
+            listed.headers()["x-drover-stream-position"]
+                .to_str()
+                .unwrap(),
             head.to_string()
         );
     }
@@ -197,7 +211,11 @@ async fn a_project_subscriber_that_resumes_gets_its_own_projects_changes_only() 
         let all: Vec<String> = mine.iter().chain(&theirs).cloned().collect();
         until_seen(&mut observer, &all).await;
 
-        let mut back = changes(&one, Subscribe::names(["resource.change"]).resume_from(from)).await;
+        let mut back = changes(
+            &one,
+            Subscribe::names(["resource.change"]).resume_from(from),
+        )
+        .await;
         let mut replayed = Vec::new();
         for _ in 0..mine.len() {
             replayed.push(next_change(&mut back).await);

@@ -344,14 +344,26 @@ async fn change_log_positions_are_gap_free_across_concurrent_writers_and_trimmed
         assert_eq!(firsts, (0..50).map(|n| 1 + n * 4).collect::<Vec<_>>());
         let store = &test_store.store;
         let bounds = store.change_bounds().await.unwrap();
-        assert_eq!(bounds, ChangeBounds { oldest: Some(141), head: 200 });
+        assert_eq!(
+            bounds,
+            ChangeBounds {
+                oldest: Some(141),
+                head: 200
+            }
+        );
         assert!(bounds.covers(140) && !bounds.covers(139) && !bounds.covers(201));
-        let all = store.changes_after(140, &ChangeScope::All, 1000).await.unwrap();
+        let all = store
+            .changes_after(140, &ChangeScope::All, 1000)
+            .await
+            .unwrap();
         assert_eq!(
             all.iter().map(|row| row.position).collect::<Vec<_>>(),
             (141..=200).collect::<Vec<_>>()
         );
-        let page = store.changes_after(150, &ChangeScope::All, 7).await.unwrap();
+        let page = store
+            .changes_after(150, &ChangeScope::All, 7)
+            .await
+            .unwrap();
         assert_eq!(page.first().unwrap().position, 151);
         assert_eq!(page.len(), 7);
         let mine = store
@@ -360,10 +372,21 @@ async fn change_log_positions_are_gap_free_across_concurrent_writers_and_trimmed
             .unwrap();
         assert!(!mine.is_empty() && mine.iter().all(|row| row.account_id == Some(2)));
         assert_eq!(
-            mine.len() + store.changes_after(0, &ChangeScope::Accounts(vec![1]), 1000).await.unwrap().len(),
+            mine.len()
+                + store
+                    .changes_after(0, &ChangeScope::Accounts(vec![1]), 1000)
+                    .await
+                    .unwrap()
+                    .len(),
             60
         );
-        assert!(store.changes_after(0, &ChangeScope::Accounts(vec![]), 10).await.unwrap().is_empty());
+        assert!(
+            store
+                .changes_after(0, &ChangeScope::Accounts(vec![]), 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
         assert_eq!(store.append_changes(&[], 60).await.unwrap(), None);
     }
 }
