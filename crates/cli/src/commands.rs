@@ -44,6 +44,11 @@ pub struct EventsArgs {
     /// Print each event as one line of JSON.
     #[arg(long)]
     json: bool,
+    /// First send the `resource.change` events after this stream position (their
+    /// `data.position`), then the live ones; a position no longer retained is refused (410):
+    /// re-list, then follow from the head it names.
+    #[arg(long, value_name = "POSITION")]
+    resume_from: Option<i64>,
 }
 
 pub async fn events(args: EventsArgs) -> anyhow::Result<()> {
@@ -51,8 +56,17 @@ pub async fn events(args: EventsArgs) -> anyhow::Result<()> {
     let mut subscribe = Subscribe::names(args.names.iter().cloned());
     subscribe.project_id = args.project.clone();
     subscribe.agent_id = args.agent_id.clone();
+    subscribe.resume_from = args.resume_from;
     let mut stream = client.subscribe(subscribe).await?;
-    eprintln!("subscribed to {}; Ctrl-C to stop", args.names.join(", "));
+    let from = match (args.resume_from, stream.stream_position()) {
+        (Some(resumed), _) => format!(" after position {resumed}"),
+        (None, Some(head)) => format!(" after position {head} (the head)"),
+        (None, None) => String::new(),
+    };
+    eprintln!(
+        "subscribed to {}{from}; Ctrl-C to stop",
+        args.names.join(", ")
+    );
     loop {
         let event = tokio::select! {
             event = stream.next_event() => event?,

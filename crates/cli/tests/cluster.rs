@@ -434,6 +434,74 @@ async fn a_project_subscriber_on_c_never_sees_another_projects_changes() {
     cluster.finish().await;
 }
 
+/// Changes made through every node at once get one gap-free sequence of positions, and a
+/// subscriber that resumes on another node than it left gets all of them, in order.
+#[tokio::test]
+async fn a_subscriber_resumes_on_another_node_with_what_every_node_changed() {
+    let _serial = SERIAL.lock().await;
+    let Some(cluster) = three_nodes("resuming the change stream across nodes", &[]).await else {
+        return;
+    };
+    let mut observer = subscribed(&cluster.node(B).admin, &["resource.change"]).await;
+    let away = subscribed(&cluster.node(A).admin, &["resource.change"]).await;
+    let from = away
+        .stream_position()
+        .expect("the handshake names the head");
+    away.close().await.unwrap();
+    let mut writers = Vec::new();
+    for node in [A, B, C] {
+        let admin = cluster.node(node).admin.clone();
+        writers.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for n in 0..10 {
+                let stack = admin
+                    .post("stacks", &json!({"name": format!("n{node}-{n}")}))
+                    .await
+                    .unwrap();
+                ids.push(stack["id"].as_str().unwrap().to_owned());
+            }
+            ids
+        }));
+    }
+    let mut made = HashSet::new();
+    for writer in writers {
+        made.extend(writer.await.unwrap());
+    }
+    // Every change is committed (and published) before the resume.
+    let mut waiting = made.clone();
+    within("the observer on B to see every change", async {
+        while !waiting.is_empty() {
+            let event = next_event(&mut observer).await;
+            waiting.remove(event.resource_id.as_deref().unwrap_or_default());
+        }
+    })
+    .await;
+    let mut back = cluster
+        .node(C)
+        .admin
+        .subscribe(Subscribe::names(["resource.change"]).resume_from(from))
+        .await
+        .unwrap();
+    let mut replayed = Vec::new();
+    within("the replay on C", async {
+        while replayed.len() < made.len() {
+            let event = next_event(&mut back).await;
+            let position = event.data.as_ref().unwrap()["position"].as_i64().unwrap();
+            replayed.push((event.resource_id.unwrap(), position));
+        }
+    })
+    .await;
+    let positions: Vec<i64> = replayed.iter().map(|(_, position)| *position).collect();
+    assert_eq!(
+        positions,
+        (from + 1..=from + made.len() as i64).collect::<Vec<_>>(),
+        "one gap-free sequence across the nodes, in order"
+    );
+    let ids: HashSet<String> = replayed.into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ids, made);
+    cluster.finish().await;
+}
+
 /// The `cluster_task_run` rows after `after` (millis): `(task, node, epoch, at)`.
 async fn task_runs(cluster: &Cluster, after: i64) -> Vec<(String, String, i64, i64)> {
     cluster

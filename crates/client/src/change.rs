@@ -15,6 +15,9 @@ pub struct ResourceChange {
     pub resource_id: String,
     /// The full resource (`data.resource`).
     pub resource: Value,
+    /// The change's stream position (`data.position`): increasing, cluster-wide; what a
+    /// subscription resumes from (`Subscribe::resume_from`).
+    pub position: Option<i64>,
 }
 
 impl ResourceChange {
@@ -38,6 +41,7 @@ impl ResourceChange {
             resource_type: field(&event.resource_type, "type"),
             resource_id: field(&event.resource_id, "id"),
             resource: resource.clone(),
+            position: position(event),
         })
     }
 
@@ -52,6 +56,11 @@ impl ResourceChange {
     }
 }
 
+/// The stream position of a `resource.change` event (`data.position`).
+pub fn position(event: &Event) -> Option<i64> {
+    event.data.as_ref()?.get("position")?.as_i64()
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -62,8 +71,9 @@ mod tests {
     fn unpacks_and_parses() {
         let event = Event::new("resource.change")
             .with_resource("container", "1i5")
-            .with_data(json!({"resource": {"id": "1i5", "type": "container", "state": "running"}}));
+            .with_data(json!({"resource": {"id": "1i5", "type": "container", "state": "running"}, "position": 42}));
         let change = ResourceChange::from_event(&event).unwrap();
+        assert_eq!(change.position, Some(42));
         assert_eq!(change.resource_type, "container");
         assert_eq!(change.resource_id, "1i5");
         #[derive(serde::Deserialize)]

@@ -77,7 +77,7 @@ pub use change::ResourceChange;
 pub use client::{Client, IDEMPOTENCY_KEY};
 pub use drover_proto::{Event, Transitioning};
 pub use router::{Context, HandlerError, HandlerResult, Router, RouterBuilder};
-pub use subscribe::{EventStream, Frame, Subscribe};
+pub use subscribe::{EventStream, Frame, STREAM_POSITION_HEADER, Subscribe};
 
 /// What a client call can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +104,17 @@ pub enum Error {
         /// HTTP status.
         status: u16,
         /// The response body (a GDAPI error).
+        body: String,
+    },
+    /// `410 Gone`: the server no longer has every `resource.change` after the subscription's
+    /// `resumeFrom` (it keeps `resource.change.retain.count` positions), or it never had that
+    /// position. Re-list what you watch, then subscribe again with `resumeFrom` = `head` (or
+    /// without it).
+    #[error("resume refused, re-list: head position {head}: {body}")]
+    Relist {
+        /// The stream's head position when the server refused.
+        head: i64,
+        /// The response body (a GDAPI error: `ResumeTooOld` or `ResumeAhead`).
         body: String,
     },
     /// The server closed the subscription.
@@ -140,7 +151,7 @@ impl Error {
                 **error,
                 Ws::Io(_) | Ws::Tls(_) | Ws::Protocol(_) | Ws::ConnectionClosed | Ws::AlreadyClosed
             ),
-            Error::Closed { .. } | Error::Invalid(_) => false,
+            Error::Closed { .. } | Error::Invalid(_) | Error::Relist { .. } => false,
         }
     }
 }

@@ -30,6 +30,11 @@
 //! - Any lost or refused connection is retried forever with jittered exponential backoff,
 //!   reset after a connection that stayed up for [`STABLE_CONNECTION`]; the same names are
 //!   subscribed again. Queued events and running handlers survive a reconnect.
+//! - `resource.change` resumes (with [`on_resource_change`](RouterBuilder::on_resource_change)):
+//!   each reconnect sends `resumeFrom` with the last stream position read, so what happened
+//!   while the router was away arrives first, in order; a position the server no longer
+//!   retains calls [`on_relist`](RouterBuilder::on_relist) and the router resubscribes from
+//!   the head.
 //! - With a [`Client`] of several servers, the router stays on one while it works; a lost
 //!   connection moves it to the next server, and a failed subscription tries each server once
 //!   before backing off (see [several servers](Client#several-servers)).
@@ -43,6 +48,7 @@ use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -185,7 +191,20 @@ pub struct RouterBuilder {
     agent_id: Option<String>,
     project_id: Option<String>,
     config: Config,
+    resume: Resume,
 }
+
+/// How the router resumes `resource.change` (set by
+/// [`on_resource_change`](RouterBuilder::on_resource_change)).
+#[derive(Clone, Default)]
+struct Resume {
+    enabled: bool,
+    /// Where the first subscription starts ([`RouterBuilder::resume_from`]).
+    from: Option<i64>,
+    relist: Option<RelistHandler>,
+}
+
+type RelistHandler = Arc<dyn Fn(i64) -> BoxFuture<()> + Send + Sync>;
 
 impl fmt::Debug for RouterBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -197,6 +216,7 @@ impl fmt::Debug for RouterBuilder {
             .field("agent_id", &self.agent_id)
             .field("project_id", &self.project_id)
             .field("config", &self.config)
+            .field("resume", &self.resume.enabled)
             .finish()
     }
 }
@@ -219,6 +239,7 @@ impl RouterBuilder {
                 backoff_max: Duration::from_secs(30),
                 shutdown_grace: Duration::from_secs(5),
             },
+            resume: Resume::default(),
         }
     }
 
@@ -240,11 +261,20 @@ impl RouterBuilder {
     /// (events without `data.resource` are skipped). Changes of one resource arrive one at a
     /// time, in order. This is the `resource.change` handler: it replaces one given to
     /// [`on`](RouterBuilder::on), and the other way round.
-    pub fn on_resource_change<F, Fut>(self, handler: F) -> Self
+    ///
+    /// **Resuming.** The router remembers the last stream position it read
+    /// ([`ResourceChange::position`]) and reconnects with `resumeFrom`, so a dropped socket, a
+    /// server restart or a move to another server loses no change: what happened meanwhile
+    /// arrives first, in order, then the live stream. When the server no longer retains that
+    /// position (`410`), the router calls the [`on_relist`](RouterBuilder::on_relist) handler
+    /// with the stream's head position and resubscribes from that head: re-list what you watch
+    /// there.
+    pub fn on_resource_change<F, Fut>(mut self, handler: F) -> Self
     where
         F: Fn(ResourceChange) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
+        self.resume.enabled = true;
         let handler = Arc::new(handler);
         self.on("resource.change", move |event, _context| {
             let handler = handler.clone();
@@ -259,6 +289,32 @@ impl RouterBuilder {
                 Ok(None)
             }
         })
+    }
+
+    /// Called when the change stream cannot be resumed (the server answered `410`: the changes
+    /// after the last position seen are no longer retained): changes were lost, so re-list
+    /// what you watch. The argument is the head position the router resubscribes from; the
+    /// handler runs beside the changes that follow it. Without one, the router logs a warning
+    /// and resubscribes from the head.
+    pub fn on_relist<F, Fut>(mut self, handler: F) -> Self
+    where
+        F: Fn(i64) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.resume.relist = Some(Arc::new(move |head| {
+            Box::pin(handler(head)) as BoxFuture<()>
+        }));
+        self
+    }
+
+    /// Starts the change stream after this position (e.g. the `X-Drover-Stream-Position` of
+    /// the list the caller made before), instead of at the head when the router first
+    /// subscribes. Implies resuming (see
+    /// [`on_resource_change`](RouterBuilder::on_resource_change)).
+    pub fn resume_from(mut self, position: i64) -> Self {
+        self.resume.enabled = true;
+        self.resume.from = Some(position);
+        self
     }
 
     /// Passes `agentId` (agent keys, and admins subscribing on an agent's behalf).
@@ -333,6 +389,7 @@ impl RouterBuilder {
             agent_id: self.agent_id,
             project_id: self.project_id,
             handshake_timeout: Some(self.config.handshake_timeout),
+            resume_from: None,
         };
         Router {
             client: self.client,
@@ -341,6 +398,7 @@ impl RouterBuilder {
             subscribe,
             config: self.config,
             connections: watch::Sender::new(0),
+            resume: self.resume,
         }
     }
 }
@@ -353,6 +411,7 @@ pub struct Router {
     subscribe: Subscribe,
     config: Config,
     connections: watch::Sender<u64>,
+    resume: Resume,
 }
 
 impl fmt::Debug for Router {
@@ -395,8 +454,12 @@ impl Router {
             subscribe,
             config,
             connections,
+            resume,
         } = self;
         let shared = Arc::new(Shared {
+            position: AtomicI64::new(resume.from.unwrap_or(NO_POSITION)),
+            resume: resume.enabled,
+            relist: resume.relist,
             client,
             handlers,
             ping,
@@ -410,15 +473,30 @@ impl Router {
             config,
         });
         let mut failures: u32 = 0;
+        let mut relisted = false;
         loop {
+            let mut subscribe = subscribe.clone();
+            subscribe.resume_from = shared.resume_position();
             let connected = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
-                connected = shared.client.subscribe(subscribe.clone()) => connected,
+                connected = shared.client.subscribe(subscribe) => connected,
             };
             let delay;
             match connected {
                 Ok(stream) => {
+                    relisted = false;
+                    if shared.resume {
+                        // Where the server starts this stream when it did not resume one.
+                        if let Some(head) = stream.stream_position() {
+                            let _ = shared.position.compare_exchange(
+                                NO_POSITION,
+                                head,
+                                Ordering::AcqRel,
+                                Ordering::Acquire,
+                            );
+                        }
+                    }
                     let since = Instant::now();
                     let server = stream.server_url().to_owned();
                     let index = stream.server_index();
@@ -434,6 +512,16 @@ impl Router {
                     }
                     delay = backoff(&shared.config, failures);
                     tracing::warn!(%server, reason = %lost, retry_in = ?delay, next = shared.client.base_url(), "event router lost its connection; reconnecting");
+                }
+                Err(Error::Relist { head, body }) => {
+                    shared.relist(head, &body).await;
+                    // Resubscribe from the head at once: nothing failed (but never twice in a
+                    // row without a pause).
+                    relisted = !relisted;
+                    if relisted {
+                        continue;
+                    }
+                    delay = backoff(&shared.config, failures);
                 }
                 Err(Error::Refused { status, body }) if status == 401 || status == 403 => {
                     delay = backoff(&shared.config, failures);
@@ -460,8 +548,17 @@ impl Router {
     }
 }
 
+/// No `resource.change` position known yet.
+const NO_POSITION: i64 = -1;
+
 /// The router's state shared by the reader and the handler tasks.
 struct Shared {
+    /// Whether it resumes `resource.change`.
+    resume: bool,
+    /// The highest `resource.change` position read, or [`NO_POSITION`].
+    position: AtomicI64,
+    /// Called on a `410`.
+    relist: Option<RelistHandler>,
     client: Client,
     handlers: HashMap<String, Handler>,
     ping: Option<Handler>,
@@ -518,6 +615,49 @@ fn lane_key(event: &Event) -> Option<LaneKey> {
 }
 
 impl Shared {
+    /// The `resumeFrom` of the next subscription.
+    fn resume_position(&self) -> Option<i64> {
+        let position = self.position.load(Ordering::Acquire);
+        (self.resume && position >= 0).then_some(position)
+    }
+
+    /// Remembers the position of a `resource.change` read from the socket.
+    fn saw(&self, event: &Event) {
+        if self.resume
+            && names::base(event.name()) == "resource.change"
+            && let Some(position) = crate::change::position(event)
+        {
+            self.position.fetch_max(position, Ordering::AcqRel);
+        }
+    }
+
+    /// The server no longer has the changes after our position: start again from `head`
+    /// and tell the caller to re-list.
+    async fn relist(self: &Arc<Self>, head: i64, body: &str) {
+        self.position.store(head, Ordering::Release);
+        match &self.relist {
+            Some(handler) => {
+                tracing::info!(
+                    head,
+                    "event router: the change stream cannot resume ({body}); re-listing and resubscribing from the head"
+                );
+                let handler = handler.clone();
+                let abort = self.abort.clone();
+                self.tasks.spawn(async move {
+                    tokio::select! {
+                        biased;
+                        () = abort.cancelled() => {}
+                        () = handler(head) => {}
+                    }
+                });
+            }
+            None => tracing::warn!(
+                head,
+                "event router: the change stream cannot resume ({body}); changes were lost and no on_relist handler is set; resubscribing from the head"
+            ),
+        }
+    }
+
     fn handler_for(&self, name: &str) -> Option<Handler> {
         self.handlers
             .get(name)
@@ -736,7 +876,10 @@ async fn serve(
                     tracing::info!("event router subscribed");
                 }
                 match frame {
-                    Ok(Some(Frame::Event(event))) => pending = shared.route(*event),
+                    Ok(Some(Frame::Event(event))) => {
+                        shared.saw(&event);
+                        pending = shared.route(*event);
+                    }
                     Ok(Some(_)) => {}
                     Ok(None) => return Ended::Lost("the server closed the connection".to_owned()),
                     Err(Error::Invalid(message)) => {

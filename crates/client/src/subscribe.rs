@@ -23,6 +23,10 @@ pub struct Subscribe {
     pub project_id: Option<String>,
     /// How long the handshake may take (the original had no limit, and hung).
     pub handshake_timeout: Option<Duration>,
+    /// `resumeFrom`: the last `resource.change` position seen; the server first sends the
+    /// changes after it that this key may see, then the live stream. A position it no longer
+    /// retains is refused with [`Error::Relist`].
+    pub resume_from: Option<i64>,
 }
 
 impl Subscribe {
@@ -45,6 +49,26 @@ impl Subscribe {
         self.project_id = Some(project_id.into());
         self
     }
+
+    /// Resumes `resource.change` after this stream position (see [`Subscribe::resume_from`]).
+    pub fn resume_from(mut self, position: i64) -> Subscribe {
+        self.resume_from = Some(position);
+        self
+    }
+}
+
+/// The header that carries the `resource.change` stream's head position: on collection lists,
+/// on a subscription's handshake (when it includes `resource.change`) and on a `410`.
+pub const STREAM_POSITION_HEADER: &str = "x-drover-stream-position";
+
+fn stream_position(headers: &http::HeaderMap) -> Option<i64> {
+    headers
+        .get(STREAM_POSITION_HEADER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// The payload of the client's control pings.
@@ -58,6 +82,8 @@ pub struct EventStream {
     index: usize,
     /// That server's `http://host:port/v1`.
     server: String,
+    /// The head of the change stream when it subscribed, from the handshake.
+    position: Option<i64>,
 }
 
 impl Client {
@@ -78,6 +104,9 @@ impl Client {
         }
         if let Some(agent) = &subscribe.agent_id {
             query.append_pair("agentId", agent);
+        }
+        if let Some(position) = subscribe.resume_from {
+            query.append_pair("resumeFrom", &position.to_string());
         }
         format!("{path}?{}", query.finish())
     }
@@ -130,11 +159,24 @@ impl Client {
         let connect = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
         match tokio::time::timeout(timeout, connect).await {
             Err(_) => Err(Error::Timeout("subscribe handshake")),
-            Ok(Ok((socket, _))) => Ok(EventStream {
+            Ok(Ok((socket, response))) => Ok(EventStream {
                 socket,
                 index,
                 server: self.base_at(index).to_owned(),
+                position: stream_position(response.headers()),
             }),
+            Ok(Err(tokio_tungstenite::tungstenite::Error::Http(response)))
+                if response.status().as_u16() == 410 =>
+            {
+                Err(Error::Relist {
+                    head: stream_position(response.headers()).unwrap_or(0),
+                    body: response
+                        .body()
+                        .as_deref()
+                        .map(|body| String::from_utf8_lossy(body).into_owned())
+                        .unwrap_or_default(),
+                })
+            }
             Ok(Err(tokio_tungstenite::tungstenite::Error::Http(response))) => Err(Error::Refused {
                 status: response.status().as_u16(),
                 body: response
@@ -169,6 +211,13 @@ impl EventStream {
     /// Which of its client's servers it is connected to.
     pub(crate) fn server_index(&self) -> usize {
         self.index
+    }
+
+    /// The head of the `resource.change` stream when it subscribed (the handshake's
+    /// `X-Drover-Stream-Position`; subscriptions that include `resource.change` have it): the
+    /// server sends every change after it, so resuming from it later misses nothing.
+    pub fn stream_position(&self) -> Option<i64> {
+        self.position
     }
 
     /// The next frame: an event or a control ping or pong; `Ok(None)` when the server closed

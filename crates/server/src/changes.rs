@@ -5,6 +5,11 @@
 //! once as `resource.change`, with the full resource as the API renders it in
 //! `data.resource`: a raw copy for admin and service subscribers, and a
 //! `resource.change;account=<project>` copy that only that project's subscribers receive.
+//!
+//! Each tick's events are first written to the store's change log in one statement, which
+//! gives each its stream position (`data.position`, cluster-wide, committed in order); a
+//! subscriber that reconnects with `?resumeFrom=<position>` is sent the logged events after it
+//! (`crate::ws`). The same insert trims the log to `resource.change.retain.count` positions.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -12,13 +17,16 @@ use std::time::Duration;
 
 use drover_engine::{Bus, CallFailure, Registry};
 use drover_proto::{Event, ids, names};
-use drover_store::{Resource, ResourceKind, Store};
-use serde_json::json;
+use drover_store::{NewChange, Resource, ResourceKind, Store};
+use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::hub::{CallError, Hub};
 use crate::settings::Settings;
+
+/// The field of `resource.change`'s `data` that holds its stream position.
+pub const POSITION: &str = "position";
 
 /// The most distinct resources waiting to be published; past it the oldest interval's
 /// changes are still published, new ones are dropped and counted.
@@ -108,25 +116,92 @@ impl Changes {
                     .unwrap_or_else(|poisoned| poisoned.into_inner());
                 pending.drain().collect()
             };
-            for ((kind, id), account) in batch {
-                let resource = match store.get_resource(kind, id).await {
-                    Ok(Some(resource)) => resource,
-                    Ok(None) => continue,
-                    Err(error) => {
-                        tracing::warn!(%error, "loading a changed resource failed");
-                        continue;
-                    }
-                };
-                let api_type = kind.api_type();
-                let rendered = crate::api::resources::render(&public_url, &resource);
-                let mut event = Event::new("resource.change")
-                    .with_resource(api_type, ids::format(api_type, id));
-                event.data = Some(json!({ "resource": rendered }));
-                self.inner.hub.publish(&event);
-                if let Some(account) = account.or(resource.account_id) {
-                    event.name = Some(names::for_account("resource.change", account));
-                    self.inner.hub.publish(&event);
+            if !batch.is_empty() {
+                let retain = settings.server().change_retain;
+                self.publish_batch(&store, &public_url, retain, batch).await;
+            }
+        }
+    }
+
+    /// One tick: loads the changed resources (one query per kind), logs their events in one
+    /// statement, which gives them their stream positions, then publishes them with
+    /// `data.position`. What could not be loaded or logged waits for the next tick.
+    async fn publish_batch(
+        &self,
+        store: &Store,
+        public_url: &str,
+        retain: i64,
+        batch: Vec<((ResourceKind, i64), Option<i64>)>,
+    ) {
+        let accounts: HashMap<(ResourceKind, i64), Option<i64>> = batch.into_iter().collect();
+        let mut by_kind: HashMap<ResourceKind, Vec<i64>> = HashMap::new();
+        for (kind, id) in accounts.keys() {
+            by_kind.entry(*kind).or_default().push(*id);
+        }
+        let mut events = Vec::with_capacity(accounts.len());
+        let mut rows = Vec::with_capacity(accounts.len());
+        for (kind, mut ids) in by_kind {
+            ids.sort_unstable();
+            let resources = match store.get_resources(kind, &ids).await {
+                Ok(resources) => resources,
+                Err(error) => {
+                    tracing::warn!(%error, "loading changed resources failed; retrying next tick");
+                    self.requeue(ids.iter().map(|id| ((kind, *id), accounts[&(kind, *id)])));
+                    continue;
                 }
+            };
+            for resource in resources {
+                let account = accounts
+                    .get(&(kind, resource.id))
+                    .copied()
+                    .flatten()
+                    .or(resource.account_id);
+                let api_type = kind.api_type();
+                let rendered = crate::api::resources::render(public_url, &resource);
+                let mut event = Event::new("resource.change")
+                    .with_resource(api_type, ids::format(api_type, resource.id));
+                event.data = Some(json!({ "resource": rendered }));
+                rows.push(NewChange {
+                    time: event.time.unwrap_or_default(),
+                    resource_type: api_type.to_owned(),
+                    resource_id: resource.id,
+                    account_id: account,
+                    data: event.to_json(),
+                });
+                events.push(((kind, resource.id), account, event));
+            }
+        }
+        let first = match store.append_changes(&rows, retain).await {
+            Ok(Some(first)) => first,
+            Ok(None) => return,
+            Err(error) => {
+                tracing::warn!(%error, "logging resource changes failed; retrying next tick");
+                self.requeue(events.iter().map(|(key, account, _)| (*key, *account)));
+                return;
+            }
+        };
+        for (offset, (_, account, mut event)) in events.into_iter().enumerate() {
+            if let Some(Value::Object(data)) = event.data.as_mut() {
+                data.insert(POSITION.to_owned(), Value::from(first + offset as i64));
+            }
+            self.inner.hub.publish(&event);
+            if let Some(account) = account {
+                event.name = Some(names::for_account("resource.change", account));
+                self.inner.hub.publish(&event);
+            }
+        }
+    }
+
+    /// Puts changes back for the next tick, unless a newer change of the resource is there.
+    fn requeue(&self, keys: impl Iterator<Item = ((ResourceKind, i64), Option<i64>)>) {
+        let mut pending = self
+            .inner
+            .pending
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (key, account) in keys {
+            if pending.len() < MAX_PENDING {
+                pending.entry(key).or_insert(account);
             }
         }
     }

@@ -220,6 +220,12 @@ pub const DEFINITIONS: &[Definition] = &[
         min: 1,
         description: "Changes are coalesced into at most one `resource.change` per resource per interval.",
     },
+    Definition {
+        name: "resource.change.retain.count",
+        default: "10000",
+        min: 1,
+        description: "Stream positions of `resource.change` kept in the change log for subscribers that resume (`?resumeFrom=`); a resume from an older position gets 410 `ResumeTooOld` (re-list). Trimmed by each tick's insert.",
+    },
 ];
 
 /// Where a value came from.
@@ -260,6 +266,8 @@ pub struct ServerTunables {
     pub resource_change_interval: Duration,
     /// `container.event.max.size`: events a host may have waiting.
     pub container_event_max: i64,
+    /// `resource.change.retain.count`: positions kept in the change log (at least 1).
+    pub change_retain: i64,
 }
 
 /// The live settings: cheap to clone, cheap to read.
@@ -337,6 +345,7 @@ impl Settings {
                 auth_cache: Duration::ZERO,
                 resource_change_interval: Duration::ZERO,
                 container_event_max: 0,
+                change_retain: 1,
             })),
         };
         // The values read at start, once.
@@ -373,6 +382,7 @@ impl Settings {
             resource_change_interval: millis("resource.change.interval.millis")
                 .max(Duration::from_millis(1)),
             container_event_max: self.int("container.event.max.size"),
+            change_retain: self.int("resource.change.retain.count").max(1),
         }
     }
 

@@ -4,18 +4,21 @@
 //! the keep-alive `ping` event, and reads only control frames: the socket is receive-only,
 //! publishing goes through `POST /v1/publish`.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use drover_proto::names::{self, Qualifier};
 use drover_proto::{Event, ids};
+use drover_store::{ChangeBounds, ChangeScope};
 use futures_util::SinkExt;
+use tokio::sync::mpsc;
 
 use serde_json::json;
 
@@ -149,6 +152,8 @@ pub fn connection_limit(state: &AppState) -> u64 {
 struct SubscribeQuery {
     event_names: Vec<String>,
     agent_id: Option<String>,
+    /// `resumeFrom`: the last stream position of `resource.change` the subscriber saw.
+    resume_from: Option<i64>,
 }
 
 fn parse_query(raw: Option<&str>) -> Result<SubscribeQuery, ApiError> {
@@ -157,10 +162,134 @@ fn parse_query(raw: Option<&str>) -> Result<SubscribeQuery, ApiError> {
         match key.as_ref() {
             "eventNames" | "eventNames[]" => query.event_names.push(value.into_owned()),
             "agentId" => query.agent_id = Some(value.into_owned()),
+            "resumeFrom" => {
+                query.resume_from = Some(value.trim().parse().ok().filter(|p: &i64| *p >= 0).ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "InvalidResumeFrom",
+                        format!("resumeFrom {value:?} is not a stream position (an integer >= 0)"),
+                    )
+                    .with_field("resumeFrom")
+                    .with_detail("use the data.position of the last resource.change received, or the X-Drover-Stream-Position header of a list")
+                })?);
+            }
             _ => {}
         }
     }
     Ok(query)
+}
+
+/// The header that carries the change stream's head position (on collections and on a 410).
+pub const STREAM_POSITION_HEADER: &str = "x-drover-stream-position";
+
+/// Close code when rows a replay still had to send were trimmed meanwhile: reconnecting with
+/// the same `resumeFrom` gets the 410 that says to re-list.
+pub const CLOSE_RESUME_TOO_OLD: u16 = 4410;
+
+/// Logged changes read and written per replay page.
+const REPLAY_PAGE: i64 = MAX_BATCH as i64;
+
+/// How long after a replay live `resource.change` events at or below its last position are
+/// dropped as duplicates: events committed before the replay's last read reach this node within
+/// it (from this node at once, from other nodes through NATS).
+const DEDUPE_WINDOW: Duration = Duration::from_secs(10);
+
+/// A subscription that resumes: what to replay before the live stream.
+#[derive(Debug, Clone)]
+struct Resume {
+    /// Replay the changes after this position.
+    from: i64,
+    /// Whose changes.
+    scope: ChangeScope,
+    /// A raw `resource.change` name: every change, under that name.
+    all: bool,
+    /// `resource.change;account=<id>` names: that project's changes, under the name the
+    /// subscriber sees (without the suffix when the subscription strips it).
+    accounts: Vec<(i64, String)>,
+}
+
+/// What to replay for the qualified names: every change for a raw `resource.change`, one
+/// project's for `resource.change;account=<id>`; `None` when no name is `resource.change`.
+fn resume_plan(from: i64, qualified: &[String], strips: bool) -> Option<Resume> {
+    let mut wanted = false;
+    let mut all = false;
+    let mut accounts = Vec::new();
+    for name in qualified {
+        if names::base(name) != "resource.change" {
+            continue;
+        }
+        wanted = true;
+        match crate::hub::addressee(name) {
+            Qualifier::Account(account) => {
+                let shown = if strips {
+                    names::base(name)
+                } else {
+                    name.as_str()
+                };
+                accounts.push((account, shown.to_owned()));
+            }
+            Qualifier::Raw => all |= name == "resource.change",
+            // `;agent=` copies of resource.change are never published: nothing to replay.
+            Qualifier::Agent(_) => {}
+        }
+    }
+    wanted.then(|| Resume {
+        from,
+        scope: if all {
+            ChangeScope::All
+        } else {
+            ChangeScope::Accounts(accounts.iter().map(|(account, _)| *account).collect())
+        },
+        all,
+        accounts,
+    })
+}
+
+impl Resume {
+    /// The name a logged change is replayed under, if this subscription sees it.
+    fn name_for(&self, account: Option<i64>) -> Option<&str> {
+        if self.all {
+            return Some("resource.change");
+        }
+        let account = account?;
+        self.accounts
+            .iter()
+            .find(|(scope, _)| *scope == account)
+            .map(|(_, name)| name.as_str())
+    }
+}
+
+/// The 410 a resume from a position the log no longer covers gets.
+fn resume_gone(from: i64, bounds: ChangeBounds) -> Response {
+    let head = bounds.head;
+    let (code, message) = if from > head {
+        (
+            "ResumeAhead",
+            format!(
+                "resumeFrom {from} is ahead of the change stream's head position {head} (a different or reset store): re-list, then subscribe again without resumeFrom or with resumeFrom={head}"
+            ),
+        )
+    } else {
+        (
+            "ResumeTooOld",
+            format!(
+                "the changes after position {from} are no longer retained (resource.change.retain.count): re-list, then subscribe again without resumeFrom or with resumeFrom={head}"
+            ),
+        )
+    };
+    let oldest = bounds
+        .oldest
+        .map_or_else(|| "none".to_owned(), |oldest| oldest.to_string());
+    let mut response = ApiError::new(StatusCode::GONE, code, message)
+        .with_field("resumeFrom")
+        .with_detail(format!(
+            "oldest retained position: {oldest}; head position: {head}"
+        ))
+        .into_response();
+    response
+        .headers_mut()
+        .insert(STREAM_POSITION_HEADER, HeaderValue::from(head));
+    response
 }
 
 /// `GET /v1/subscribe`.
@@ -228,6 +357,27 @@ async fn start(
         })?;
         qualified.push(qualifier.qualify(name));
     }
+    // A subscription to resource.change starts at a position: the one it resumes from, else
+    // the head now. The changes after it that were logged before the socket is registered
+    // with the hub are replayed, so the stream has no gap from that position on.
+    let mut head = None;
+    let resume = match resume_plan(
+        query.resume_from.unwrap_or(0),
+        &qualified,
+        qualifier.strips(),
+    ) {
+        Some(mut resume) => {
+            let bounds = state.store.change_bounds().await?;
+            match query.resume_from {
+                Some(from) if !bounds.covers(from) => return Ok(resume_gone(from, bounds)),
+                Some(_) => {}
+                None => resume.from = bounds.head,
+            }
+            head = Some(bounds.head);
+            Some(resume)
+        }
+        None => None,
+    };
     let limit = connection_limit(&state);
     let Some(slot) = state.subscriber_slots.try_take(limit) else {
         state.metrics.subscribe_refused.increment(1);
@@ -246,7 +396,7 @@ async fn start(
     };
     let max_body = state.settings.server().max_body_bytes;
     let logout_account = principal.account.id;
-    Ok(upgrade
+    let mut response = upgrade
         // A browser that sent its key as a subprotocol offered this one too; echo it.
         .protocols([WS_PROTOCOL])
         .read_buffer_size(READ_BUFFER)
@@ -262,10 +412,16 @@ async fn start(
                     .hub
                     .subscribe(qualified, qualifier.strips(), queue, Some(logout_account));
             async move {
-                serve(socket, state, subscription, qualifier).await;
+                serve(socket, state, subscription, qualifier, resume).await;
                 drop(_slot);
             }
-        }))
+        });
+    if let Some(head) = head {
+        response
+            .headers_mut()
+            .insert(STREAM_POSITION_HEADER, HeaderValue::from(head));
+    }
+    Ok(response)
 }
 
 /// The keep-alive `ping` event, as the original's agents expect it.
@@ -279,6 +435,7 @@ async fn serve(
     state: AppState,
     mut subscription: Subscription,
     qualifier: Qualifier,
+    resume: Option<Resume>,
 ) {
     let (ping_every, max_pings, write_timeout) = {
         let tunables = state.settings.server();
@@ -313,6 +470,10 @@ async fn serve(
     // the socket subscribed (a request resent to an agent that came back): the ticker's first
     // tick is not ready until the timer driver turns, so it is not left to the race below.
     let mut greeted = false;
+    // A resuming subscription replays the logged changes right after the greeting; live events
+    // queue meanwhile and are written after it, without the ones it already sent.
+    let mut replay = resume;
+    let mut dedupe: Option<Dedupe> = None;
     let close: Option<(u16, String)> = loop {
         // Every write is raced against the hub's close request and bounded in time, so a peer
         // that stops reading can never hold this task (or its queue) forever.
@@ -325,9 +486,33 @@ async fn serve(
                 pings_sent += 1;
                 bounded(&subscriber, write_timeout, socket.send(ping_message())).await
             }
+            () = std::future::ready(()), if replay.is_some() => {
+                let resume = replay.take().expect("guarded by the branch condition");
+                let mut held = VecDeque::new();
+                let sent = replay_changes(&mut socket, &state, &subscriber, &mut subscription.rx, &resume, &mut held, write_timeout).await;
+                match sent {
+                    Ok(last) => {
+                        let filter = Dedupe { last, until: tokio::time::Instant::now() + DEDUPE_WINDOW };
+                        dedupe = Some(filter);
+                        let held = write_held(&mut socket, held, filter.last);
+                        bounded(&subscriber, write_timeout, held).await
+                    }
+                    Err(ReplayStop::Written(written)) => written,
+                    Err(ReplayStop::Trimmed(at)) => break Some((CLOSE_RESUME_TOO_OLD, format!(
+                        "ResumeTooOld: changes after position {at} were trimmed during the replay; re-list"))),
+                    Err(ReplayStop::Store(error)) => {
+                        tracing::warn!(%error, "reading the change log for a replay failed");
+                        break Some((close_code::ERROR, "the change log could not be read; resume again".to_owned()));
+                    }
+                }
+            }
             first = subscription.rx.recv() => {
                 let Some(first) = first else { break None };
-                let batch = write_batch(&mut socket, first, &mut subscription.rx);
+                let stale_up_to = dedupe.and_then(|filter| filter.active());
+                if stale_up_to.is_none() {
+                    dedupe = None;
+                }
+                let batch = write_batch(&mut socket, first, &mut subscription.rx, stale_up_to);
                 bounded(&subscriber, write_timeout, batch).await
             }
             _ = ticker.tick() => {
@@ -430,17 +615,162 @@ async fn bounded<E>(
 }
 
 /// Writes the first queued event and whatever else is queued (up to [`MAX_BATCH`]), then
-/// flushes once: under load many events share one system call.
+/// flushes once: under load many events share one system call. With `stale_up_to`, a
+/// `resource.change` at or below that position is a duplicate of a replayed one and skipped.
 async fn write_batch(
     socket: &mut WebSocket,
-    first: axum::extract::ws::Utf8Bytes,
-    rx: &mut tokio::sync::mpsc::Receiver<axum::extract::ws::Utf8Bytes>,
+    first: Utf8Bytes,
+    rx: &mut mpsc::Receiver<Utf8Bytes>,
+    stale_up_to: Option<i64>,
 ) -> Result<(), axum::Error> {
-    socket.feed(Message::Text(first)).await?;
-    for _ in 1..MAX_BATCH {
-        match rx.try_recv() {
-            Ok(text) => socket.feed(Message::Text(text)).await?,
-            Err(_) => break,
+    let mut next = Some(first);
+    let mut count = 0;
+    while let Some(text) = next.take() {
+        if !stale_up_to.is_some_and(|last| replayed_already(&text, last)) {
+            socket.feed(Message::Text(text)).await?;
+        }
+        count += 1;
+        if count < MAX_BATCH {
+            next = rx.try_recv().ok();
+        }
+    }
+    socket.flush().await
+}
+
+/// Drops live duplicates of replayed changes for a while after a replay.
+#[derive(Debug, Clone, Copy)]
+struct Dedupe {
+    /// The last position the replay read up to.
+    last: i64,
+    /// Until when live events are checked.
+    until: tokio::time::Instant,
+}
+
+impl Dedupe {
+    /// The position at or below which live changes are duplicates, while the window lasts.
+    fn active(self) -> Option<i64> {
+        (tokio::time::Instant::now() < self.until).then_some(self.last)
+    }
+}
+
+/// Whether a serialized event is a `resource.change` whose position is at most `last`.
+fn replayed_already(text: &str, last: i64) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Peek<'a> {
+        #[serde(borrow)]
+        name: Option<std::borrow::Cow<'a, str>>,
+        data: Option<PeekData>,
+    }
+    #[derive(serde::Deserialize)]
+    struct PeekData {
+        position: Option<i64>,
+    }
+    if !text.contains("\"resource.change") {
+        return false;
+    }
+    match serde_json::from_str::<Peek<'_>>(text) {
+        Ok(Peek {
+            name: Some(name),
+            data: Some(PeekData {
+                position: Some(position),
+            }),
+        }) => names::base(&name) == "resource.change" && position <= last,
+        _ => false,
+    }
+}
+
+/// Why a replay stopped before the live stream.
+enum ReplayStop {
+    /// A write failed, timed out, or the hub closed the socket.
+    Written(Written),
+    /// Changes it still had to send were trimmed: the subscriber must re-list.
+    Trimmed(i64),
+    /// The store failed.
+    Store(drover_store::Error),
+}
+
+impl From<drover_store::Error> for ReplayStop {
+    fn from(error: drover_store::Error) -> Self {
+        ReplayStop::Store(error)
+    }
+}
+
+/// Sends the logged changes after `resume.from` that the subscriber may see, in position
+/// order, a page at a time: each page is written and flushed before the next is read, so the
+/// socket's own backpressure paces the replay and a reader that keeps up is never cut off.
+/// Live events that arrive meanwhile move from the hub's queue to `held` (up to the same
+/// bound), so a long replay does not fill the queue. Returns the last position it read up to.
+async fn replay_changes(
+    socket: &mut WebSocket,
+    state: &AppState,
+    subscriber: &crate::hub::Subscriber,
+    rx: &mut mpsc::Receiver<Utf8Bytes>,
+    resume: &Resume,
+    held: &mut VecDeque<Utf8Bytes>,
+    write_timeout: Duration,
+) -> Result<i64, ReplayStop> {
+    let hold = state.settings.server().sub_queue;
+    let mut cursor = resume.from;
+    loop {
+        let rows = state
+            .store
+            .changes_after(cursor, &resume.scope, REPLAY_PAGE)
+            .await?;
+        // Trimmed past the cursor before the page was read: what lay between is gone.
+        let bounds = state.store.change_bounds().await?;
+        if bounds.oldest.is_some_and(|oldest| oldest > cursor + 1)
+            && rows.first().is_none_or(|row| row.position > cursor + 1)
+        {
+            return Err(ReplayStop::Trimmed(cursor));
+        }
+        let full = rows.len() as i64 >= REPLAY_PAGE;
+        let page = async {
+            for row in &rows {
+                cursor = row.position;
+                let Some(name) = resume.name_for(row.account_id) else {
+                    continue;
+                };
+                let mut event: Event = match serde_json::from_str(&row.data) {
+                    Ok(event) => event,
+                    Err(error) => {
+                        tracing::warn!(%error, position = row.position, "a logged change does not parse; skipped");
+                        continue;
+                    }
+                };
+                if let Some(serde_json::Value::Object(data)) = event.data.as_mut() {
+                    data.insert(crate::changes::POSITION.to_owned(), row.position.into());
+                }
+                socket
+                    .feed(Message::Text(event.to_json_with_name(name).into()))
+                    .await?;
+            }
+            socket.flush().await
+        };
+        match bounded(subscriber, write_timeout, page).await {
+            Written::Ok => {}
+            written => return Err(ReplayStop::Written(written)),
+        }
+        while held.len() < hold {
+            match rx.try_recv() {
+                Ok(text) => held.push_back(text),
+                Err(_) => break,
+            }
+        }
+        if !full {
+            return Ok(cursor);
+        }
+    }
+}
+
+/// Writes the live events held during a replay, without the ones it sent.
+async fn write_held(
+    socket: &mut WebSocket,
+    held: VecDeque<Utf8Bytes>,
+    last: i64,
+) -> Result<(), axum::Error> {
+    for text in held {
+        if !replayed_already(&text, last) {
+            socket.feed(Message::Text(text)).await?;
         }
     }
     socket.flush().await
@@ -496,6 +826,66 @@ mod tests {
         let reserve = (limit / 8).max(FD_RESERVE_MIN);
         assert_eq!(slots.cap as u64, limit.saturating_sub(reserve).max(1));
         assert!((slots.cap as u64) < limit);
+    }
+
+    #[test]
+    fn resume_from_must_be_a_position() {
+        assert_eq!(
+            parse_query(Some("resumeFrom=42")).unwrap().resume_from,
+            Some(42)
+        );
+        assert_eq!(parse_query(Some("eventNames=x")).unwrap().resume_from, None);
+        for bad in [
+            "resumeFrom=-1",
+            "resumeFrom=x",
+            "resumeFrom=",
+            "resumeFrom=1.5",
+        ] {
+            let error = parse_query(Some(bad)).unwrap_err();
+            assert_eq!(error.status(), StatusCode::BAD_REQUEST, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_resume_replays_what_the_names_see_under_the_names_they_see() {
+        let raw = resume_plan(3, &["resource.change".into(), "ping".into()], false).unwrap();
+        assert_eq!((raw.from, &raw.scope), (3, &ChangeScope::All));
+        assert_eq!(raw.name_for(None), Some("resource.change"));
+        assert_eq!(raw.name_for(Some(7)), Some("resource.change"));
+        let project = resume_plan(0, &["resource.change;account=7".into()], true).unwrap();
+        assert_eq!(project.scope, ChangeScope::Accounts(vec![7]));
+        assert_eq!(project.name_for(Some(7)), Some("resource.change"));
+        assert_eq!(project.name_for(Some(8)), None);
+        assert_eq!(project.name_for(None), None);
+        let admin = resume_plan(0, &["resource.change;account=7".into()], false).unwrap();
+        assert_eq!(admin.name_for(Some(7)), Some("resource.change;account=7"));
+        let agent = resume_plan(0, &["resource.change;agent=2".into()], true).unwrap();
+        assert_eq!(agent.scope, ChangeScope::Accounts(vec![]));
+        assert!(resume_plan(0, &["state.change".into(), "ping".into()], false).is_none());
+    }
+
+    #[test]
+    fn live_duplicates_of_a_replay_are_recognised() {
+        let change = |name: &str, position: i64| {
+            Event::new(name)
+                .with_data(json!({"resource": {"position": 1, "name": "resource.change"}, "position": position}))
+                .to_json()
+        };
+        assert!(replayed_already(&change("resource.change", 5), 5));
+        assert!(replayed_already(&change("resource.change;account=3", 4), 5));
+        assert!(!replayed_already(&change("resource.change", 6), 5));
+        assert!(
+            !replayed_already(&change("other", 1), 5),
+            "only resource.change"
+        );
+        let no_position = Event::new("resource.change")
+            .with_data(json!({"resource": {}}))
+            .to_json();
+        assert!(!replayed_already(&no_position, 5));
+        let odd = Event::new("resource.change")
+            .with_data(json!([1, 2]))
+            .to_json();
+        assert!(!replayed_already(&odd, 5));
     }
 
     #[test]

@@ -224,13 +224,18 @@ impl Tx {
 
     /// `(SELECT …)` of the integers in the JSON array bound at `$param`, for `id IN …`.
     pub(crate) fn json_ids(&self, param: usize) -> String {
-        match self.backend() {
-            Backend::Sqlite => format!("(SELECT value FROM json_each(${param}))"),
-            Backend::Postgres => {
-                format!(
-                    "(SELECT CAST(value AS BIGINT) FROM json_array_elements_text(CAST(${param} AS JSON)))"
-                )
-            }
+        json_ids(self.backend(), param)
+    }
+}
+
+/// See [`Tx::json_ids`].
+pub(crate) fn json_ids(backend: Backend, param: usize) -> String {
+    match backend {
+        Backend::Sqlite => format!("(SELECT value FROM json_each(${param}))"),
+        Backend::Postgres => {
+            format!(
+                "(SELECT CAST(value AS BIGINT) FROM json_array_elements_text(CAST(${param} AS JSON)))"
+            )
         }
     }
 }

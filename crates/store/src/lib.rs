@@ -31,6 +31,7 @@ pub use store::{
     PostEventError, ProcessFilter, ProcessInstance, ProcessSummary, Registered, ScheduleError,
     Scheduled, StepResult, Store, StoreOptions,
 };
+pub use store::{CHANGE_LOG_LOCK, ChangeBounds, ChangeRow, ChangeScope, NewChange};
 pub use store::{LEADER_DUTY, NodeInfo, NodeRow};
 pub use writer::{WriterOptions, WriterStats};
 

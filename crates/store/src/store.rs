@@ -87,6 +87,7 @@ macro_rules! dispatch {
     };
 }
 
+mod changes;
 mod cleanup;
 mod cluster;
 mod events;
@@ -94,6 +95,7 @@ mod process;
 pub(crate) mod resource;
 pub(crate) mod write;
 
+pub use changes::{CHANGE_LOG_LOCK, ChangeBounds, ChangeRow, ChangeScope, NewChange};
 pub use cleanup::{CLEANUP_STEPS, CleanupAge, CleanupStep, StepResult};
 pub use cluster::{LEADER_DUTY, NodeInfo, NodeRow};
 pub use events::{

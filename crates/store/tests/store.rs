@@ -2,7 +2,9 @@
 //! PostgreSQL too (`.ci/run` sets it; with `CI` set and no URL the tests fail). Each
 //! PostgreSQL test works in a schema of its own.
 
-use drover_store::{AccountKind, CredentialKind, Store, StoreOptions, secret};
+use drover_store::{
+    AccountKind, ChangeBounds, ChangeScope, CredentialKind, NewChange, Store, StoreOptions, secret,
+};
 use drover_test_support::postgres::Schema;
 use sqlx::{Connection, Row};
 
@@ -285,9 +287,106 @@ async fn every_table_of_the_schema_exists() {
             "process_execution",
             "container_event",
             "service_event",
+            "change_log",
         ] {
             assert_eq!(store.count_rows(table).await.unwrap(), 0, "{table}");
         }
         assert!(store.count_rows("account; DROP TABLE x").await.is_err());
+    }
+}
+
+impl TestStore {
+    /// Another handle on the same database, as a second server node would have.
+    async fn second_handle(&self) -> Store {
+        let options = match &self.place {
+            Place::Sqlite(dir) => StoreOptions::sqlite_file(&dir.path().join("drover.db")),
+            Place::Postgres(schema) => StoreOptions {
+                pg_schema: Some(schema.name.clone()),
+                ..StoreOptions::url(schema.url.clone())
+            },
+        };
+        Store::connect(&options).await.unwrap()
+    }
+}
+
+fn change(resource_id: i64, account_id: Option<i64>) -> NewChange {
+    NewChange {
+        time: 1,
+        resource_type: "stack".into(),
+        resource_id,
+        account_id,
+        data: format!(r#"{{"name":"resource.change","resourceId":"1st{resource_id}"}}"#),
+    }
+}
+
+/// Two nodes logging changes at once: every batch commits, positions are gap-free, each
+/// batch's are consecutive, and the log keeps the newest `retain` only.
+#[tokio::test]
+async fn change_log_positions_are_gap_free_across_concurrent_writers_and_trimmed() {
+    for test_store in stores().await {
+        let other = test_store.second_handle().await;
+        let write = |store: Store, node: i64| async move {
+            let mut firsts = Vec::new();
+            for batch in 0..25 {
+                let changes: Vec<NewChange> = (0..4)
+                    .map(|n| change(node * 1000 + batch * 10 + n, Some(node)))
+                    .collect();
+                firsts.push(store.append_changes(&changes, 60).await.unwrap().unwrap());
+            }
+            firsts
+        };
+        let (a, b) = tokio::join!(
+            tokio::spawn(write(test_store.store.clone(), 1)),
+            tokio::spawn(write(other, 2))
+        );
+        let mut firsts: Vec<i64> = a.unwrap().into_iter().chain(b.unwrap()).collect();
+        firsts.sort_unstable();
+        assert_eq!(firsts, (0..50).map(|n| 1 + n * 4).collect::<Vec<_>>());
+        let store = &test_store.store;
+        let bounds = store.change_bounds().await.unwrap();
+        assert_eq!(
+            bounds,
+            ChangeBounds {
+                oldest: Some(141),
+                head: 200
+            }
+        );
+        assert!(bounds.covers(140) && !bounds.covers(139) && !bounds.covers(201));
+        let all = store
+            .changes_after(140, &ChangeScope::All, 1000)
+            .await
+            .unwrap();
+        assert_eq!(
+            all.iter().map(|row| row.position).collect::<Vec<_>>(),
+            (141..=200).collect::<Vec<_>>()
+        );
+        let page = store
+            .changes_after(150, &ChangeScope::All, 7)
+            .await
+            .unwrap();
+        assert_eq!(page.first().unwrap().position, 151);
+        assert_eq!(page.len(), 7);
+        // Which node wrote last depends on scheduling; its rows and the other's add up.
+        let newest = all.last().unwrap().account_id.unwrap();
+        let mine = store
+            .changes_after(0, &ChangeScope::Accounts(vec![newest]), 1000)
+            .await
+            .unwrap();
+        assert_eq!(mine.last().unwrap().position, 200);
+        assert!(mine.iter().all(|row| row.account_id == Some(newest)));
+        let other = store
+            .changes_after(0, &ChangeScope::Accounts(vec![3 - newest]), 1000)
+            .await
+            .unwrap();
+        assert!(other.iter().all(|row| row.account_id == Some(3 - newest)));
+        assert_eq!(mine.len() + other.len(), 60);
+        assert!(
+            store
+                .changes_after(0, &ChangeScope::Accounts(vec![]), 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(store.append_changes(&[], 60).await.unwrap(), None);
     }
 }

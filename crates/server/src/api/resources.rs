@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use drover_engine::defs::{self, UPDATING};
@@ -212,10 +213,12 @@ async fn list(
     Path(params): Params,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<impl IntoResponse, ApiError> {
     let schema = schema_of(&params)?;
     let project = scope(&state, &principal, &params).await?;
     let query = list_query(schema, project, raw.as_deref())?;
+    // Read before the list: a subscriber that resumes from it misses no change the list lacks.
+    let head = state.store.change_bounds().await?.head;
     let page = state
         .store
         .list_resources(schema.kind.expect("resource type"), &query)
@@ -237,7 +240,10 @@ async fn list(
     } else {
         json!({})
     };
-    Ok(Json(body))
+    Ok((
+        [(crate::ws::STREAM_POSITION_HEADER, head.to_string())],
+        Json(body),
+    ))
 }
 
 /// GDAPI pagination: `limit`, `partial`, and a `next` link carrying the marker.

@@ -209,6 +209,25 @@ impl Store {
         row.map(|row| row.into_resource(kind)).transpose()
     }
 
+    /// Resources of one kind by id, in one query (removed ones included; ids that do not
+    /// exist are left out).
+    pub async fn get_resources(&self, kind: ResourceKind, ids: &[i64]) -> Result<Vec<Resource>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT {} FROM {} r WHERE r.id IN {}",
+            select_list(kind, "r"),
+            kind.table(),
+            crate::db::json_ids(self.backend(), 1)
+        );
+        let ids = serde_json::to_string(ids).unwrap_or_else(|_| "[]".to_owned());
+        let rows: Vec<ResourceRow> = dispatch!(self, pool => sqlx::query_as(AssertSqlSafe(sql.as_str())).bind(&ids).fetch_all(pool).await?);
+        rows.into_iter()
+            .map(|row| row.into_resource(kind))
+            .collect()
+    }
+
     /// Resources of a kind, oldest first, filtered and paged.
     pub async fn list_resources(
         &self,
