@@ -33,6 +33,8 @@ pub struct Changes {
 struct Inner {
     hub: Hub,
     pending: Mutex<HashMap<(ResourceKind, i64), Option<i64>>>,
+    /// Services whose state or containers changed, for the service reconciler.
+    services: crate::services::Wakeups,
 }
 
 impl Changes {
@@ -42,6 +44,7 @@ impl Changes {
             inner: Arc::new(Inner {
                 hub,
                 pending: Mutex::new(HashMap::new()),
+                services: crate::services::Wakeups::default(),
             }),
         }
     }
@@ -58,6 +61,13 @@ impl Changes {
             "transitioning": resource.transitioning,
         }));
         self.inner.hub.publish(&event);
+        self.touched(resource);
+    }
+
+    /// Records a change of a resource's fields that moved no state (an update's data, the
+    /// service reconciler's status): `resource.change` at the next tick, no `state.change`.
+    pub fn touched(&self, resource: &Resource) {
+        self.inner.services.note(resource);
         let mut pending = self
             .inner
             .pending
@@ -68,6 +78,11 @@ impl Changes {
         } else {
             tracing::warn!("resource.change queue full; a change was dropped");
         }
+    }
+
+    /// The services marked for the service reconciler.
+    pub fn services(&self) -> &crate::services::Wakeups {
+        &self.inner.services
     }
 
     /// Publishes the coalesced changes every interval until shutdown.

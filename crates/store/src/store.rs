@@ -92,6 +92,7 @@ mod cluster;
 mod events;
 mod process;
 pub(crate) mod resource;
+mod service;
 pub(crate) mod write;
 
 pub use cleanup::{CLEANUP_STEPS, CleanupAge, CleanupStep, StepResult};
@@ -106,6 +107,7 @@ pub use process::{
     ProcessInstance, ProcessSummary, ScheduleError, Scheduled,
 };
 pub use resource::{Filter, FilterOp, FilterValue, ListQuery, Page, Registered};
+pub use service::ServiceContainer;
 pub use write::{
     ClaimRequest, Claimed, FinishItem, HostAgent, InstanceAgentKey, NewCreate, NewProcess,
     PlacementError, ProgressItem, Step,
