@@ -611,10 +611,28 @@ async fn apply(
         .iter()
         .map(|c| (c.id, c.state.as_str()))
         .collect();
+    // A restart's process says which restart in a row it is and when it was decided.
+    let mut restart = Map::new();
+    for (key, field) in [
+        ("consecutiveRestarts", "consecutiveRestarts"),
+        ("lastRestartAtTS", "restartAtTS"),
+    ] {
+        if let Some(value) = plan.status.get(key) {
+            restart.insert(field.into(), value.clone());
+        }
+    }
+    let restart = &restart;
     let done = futures_util::stream::iter(plan.actions)
         .map(|action| {
             let state_of = states.get(&action_target(action)).copied();
-            run_action(state, service, stack_name.as_deref(), action, state_of)
+            run_action(
+                state,
+                service,
+                stack_name.as_deref(),
+                action,
+                state_of,
+                restart,
+            )
         })
         .buffer_unordered(PARALLEL)
         .collect::<Vec<bool>>()
@@ -635,6 +653,7 @@ async fn run_action(
     stack_name: Option<&str>,
     action: Action,
     container_state: Option<&str>,
+    restart: &Map<String, Value>,
 ) -> bool {
     let service_api_id = ids::format("service", service.id);
     let (id, process, reason) = match action {
@@ -659,6 +678,9 @@ async fn run_action(
     let mut data = Map::new();
     data.insert("serviceId".into(), json!(service_api_id));
     data.insert("reason".into(), json!(reason));
+    if matches!(action, Action::Start { .. }) {
+        data.extend(restart.clone());
+    }
     let new = NewProcess {
         kind: ResourceKind::Instance,
         resource_id: id,
