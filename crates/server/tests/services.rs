@@ -309,6 +309,12 @@ async fn bad_scales_and_launch_configs_are_refused_and_a_service_with_nothing_to
     let (status, code, _) = api_error(admin.put(&path, &json!({"scale": 5000})).await.unwrap_err());
     assert_eq!((status, code.as_str()), (422, "MaxLimitExceeded"));
     assert_eq!(admin.get(&path).await.unwrap()["scale"], 1, "unchanged");
+    // `_notnull` takes no value, on a reference field too.
+    let none = admin
+        .get("containers?serviceId_notnull=true")
+        .await
+        .unwrap();
+    assert_eq!(none["data"].as_array().unwrap().len(), 0);
     let schema = admin.get("schemas/service").await.unwrap();
     assert_eq!(schema["resourceFields"]["scale"]["default"], 1);
     assert_eq!(schema["resourceFields"]["currentScale"]["create"], false);

@@ -176,7 +176,10 @@ pub(crate) fn list_query(
                         )
                     })?;
                 let column = field.column.expect("filtered above");
-                let value = if let Some(target) = field
+                // `_null` and `_notnull` take no value (`hostId_notnull=true`).
+                let value = if matches!(op, FilterOp::Null | FilterOp::NotNull) {
+                    FilterValue::Text(String::new())
+                } else if let Some(target) = field
                     .kind
                     .strip_prefix("reference[")
                     .and_then(|rest| rest.strip_suffix(']'))
