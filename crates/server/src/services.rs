@@ -801,7 +801,13 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
                 retries.clear();
                 retries.extend(reconcile_all(&state).await);
             } else {
+                // The duty is not this node's after all (or the store failed): look again
+                // in a while, not at once.
                 leading = false;
+                tokio::select! {
+                    () = tokio::time::sleep(IDLE) => {}
+                    () = shutdown.cancelled() => return,
+                }
                 continue;
             }
         } else {
