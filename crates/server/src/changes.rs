@@ -46,6 +46,8 @@ struct Inner {
     external: Registry,
     /// Signalled when the active external handlers changed (the cluster tells the others).
     external_changed: Notify,
+    /// Services whose state or containers changed, for the service reconciler.
+    services: crate::services::Wakeups,
 }
 
 impl Changes {
@@ -57,6 +59,7 @@ impl Changes {
                 pending: Mutex::new(HashMap::new()),
                 external,
                 external_changed: Notify::new(),
+                services: crate::services::Wakeups::default(),
             }),
         }
     }
@@ -69,9 +72,6 @@ impl Changes {
     /// Records a change: `state.change` now, `resource.change` at the next tick. A change of
     /// an external handler takes effect in the engine at once (before the caller answers).
     pub fn changed(&self, resource: &Resource, previous_state: Option<&str>) {
-        if self.inner.external.apply(resource) {
-            self.inner.external_changed.notify_one();
-        }
         let api_type = resource.kind.api_type();
         let mut event =
             Event::new("state.change").with_resource(api_type, ids::format(api_type, resource.id));
@@ -82,6 +82,17 @@ impl Changes {
             "transitioning": resource.transitioning,
         }));
         self.inner.hub.publish(&event);
+        self.touched(resource);
+    }
+
+    /// Records a change of a resource's fields that moved no state (an update's data, the
+    /// service reconciler's status): `resource.change` at the next tick, no `state.change`.
+    /// A change of an external handler takes effect in the engine at once.
+    pub fn touched(&self, resource: &Resource) {
+        if self.inner.external.apply(resource) {
+            self.inner.external_changed.notify_one();
+        }
+        self.inner.services.note(resource);
         let mut pending = self
             .inner
             .pending
@@ -92,6 +103,11 @@ impl Changes {
         } else {
             tracing::warn!("resource.change queue full; a change was dropped");
         }
+    }
+
+    /// The services marked for the service reconciler.
+    pub fn services(&self) -> &crate::services::Wakeups {
+        &self.inner.services
     }
 
     /// Publishes the coalesced changes every interval until shutdown.

@@ -273,6 +273,13 @@ impl Cluster {
         }
     }
 
+    /// Tells the leader that services changed here (all of them, when `ids` is empty).
+    pub fn services_changed(&self, ids: Vec<i64>) {
+        if let Some(link) = &self.link {
+            link.hint(Hint::Services(ids));
+        }
+    }
+
     /// Resolves when the node must stop: another server took over its name.
     pub fn fatal(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
         self.fatal.cancelled()
@@ -456,6 +463,9 @@ pub enum Hint {
     Handlers,
     /// Sockets subscribed to these names: calls waiting on them send their request again.
     Subscribed(Vec<String>),
+    /// These services (all, when empty) or their containers changed: the leader's service
+    /// reconciler looks at them.
+    Services(Vec<i64>),
 }
 
 enum Outgoing {

@@ -12,6 +12,7 @@
 //! - [`metrics`]: Prometheus counters and gauges.
 //! - [`container_events`]: the worker that reconciles instances with what agents report.
 //! - [`cleanup`]: the `table.cleanup` job (purge of old events, processes and resources).
+//! - [`services`]: the service reconciler, which keeps every service at its scale.
 
 pub mod api;
 pub mod auth;
@@ -23,6 +24,7 @@ pub mod error;
 pub mod hub;
 pub mod metrics;
 pub mod monitor;
+pub mod services;
 pub mod settings;
 pub mod state;
 pub mod ws;
@@ -329,6 +331,7 @@ impl Server {
         let events_task =
             tokio::spawn(container_events::run(state.clone(), shutdown.child_token()));
         let cleanup_task = tokio::spawn(cleanup::run(state.clone(), shutdown.child_token()));
+        let services_task = tokio::spawn(services::run(state.clone(), shutdown.child_token()));
         let changes_task = tokio::spawn(changes.run(
             state.store.clone(),
             state.settings.clone(),
@@ -345,6 +348,7 @@ impl Server {
             let _ = monitor_task.await;
             let _ = events_task.await;
             let _ = cleanup_task.await;
+            let _ = services_task.await;
             let _ = changes_task.await;
             cluster_stop.cancel();
             let _ = cluster_task.await;
@@ -497,6 +501,18 @@ fn on_hint(state: &AppState, hint: cluster::Hint) {
                 }
             });
         }
+        // Only the leader reconciles services; a node that does not lead forwards nothing
+        // it was told, so hints never go round.
+        cluster::Hint::Services(ids) if state.cluster.is_leader() => {
+            let wakeups = state.changes.services();
+            if ids.is_empty() {
+                wakeups.mark_all();
+            }
+            for id in ids {
+                wakeups.mark(id);
+            }
+        }
+        cluster::Hint::Services(_) => {}
         cluster::Hint::Subscribed(_) => {}
     }
 }

@@ -215,6 +215,30 @@ pub const DEFINITIONS: &[Definition] = &[
         description: "Age (by `removed`) after which `table.cleanup` deletes purged containers, volumes, hosts, agents, stacks, services and removed keys; removed resources are purged through the engine first, and rows still referenced are kept.",
     },
     Definition {
+        name: "service.reconcile.interval.millis",
+        default: "10000",
+        min: 100,
+        description: "How often the service reconciler (on the leader) looks at every service, besides the passes that changes of services and their containers start at once.",
+    },
+    Definition {
+        name: "service.restart.backoff.initial.millis",
+        default: "1000",
+        min: 1,
+        description: "The wait before restarting a service's stopped containers the second time in a row; it doubles with each restart in a row (the first is at once).",
+    },
+    Definition {
+        name: "service.restart.backoff.max.millis",
+        default: "120000",
+        min: 1,
+        description: "Cap on the wait between restarts in a row of a service's containers.",
+    },
+    Definition {
+        name: "service.restart.backoff.reset.seconds",
+        default: "300",
+        min: 1,
+        description: "A service whose containers all ran this long after its last restart starts its restart backoff afresh.",
+    },
+    Definition {
         name: "resource.change.interval.millis",
         default: "1000",
         min: 1,

@@ -29,7 +29,7 @@ pub use store::{
     EventRecord, ExecutionRecord, ExecutionRow, Filter, FilterOp, FilterValue, Finish, HostLookup,
     IdempotencyKey, Idempotent, ListQuery, NewContainerEvent, NewProcess, NewServiceEvent, Page,
     PostEventError, ProcessFilter, ProcessInstance, ProcessSummary, Registered, ScheduleError,
-    Scheduled, StepResult, Store, StoreOptions,
+    Scheduled, ServiceContainer, StepResult, Store, StoreOptions,
 };
 pub use store::{CHANGE_LOG_LOCK, ChangeBounds, ChangeRow, ChangeScope, NewChange};
 pub use store::{LEADER_DUTY, NodeInfo, NodeRow};
@@ -56,6 +56,14 @@ pub enum Error {
     /// A stored value could not be read back.
     #[error("corrupt row: {0}")]
     Corrupt(String),
+}
+
+impl Error {
+    /// Whether the database refused a write because it would duplicate a unique key (e.g. a
+    /// second live container in a service's slot).
+    pub fn is_unique_violation(&self) -> bool {
+        matches!(self, Error::Database(sqlx::Error::Database(error)) if error.is_unique_violation())
+    }
 }
 
 /// The store's result type.

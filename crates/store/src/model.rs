@@ -299,6 +299,9 @@ pub struct NewResource {
     pub service_id: Option<i64>,
     /// The instance.
     pub instance_id: Option<i64>,
+    /// For a service's container: its slot (1 to the service's scale); at most one live
+    /// container of a service holds a slot.
+    pub service_index: Option<i64>,
     /// An identity outside drover (an agent's registration key, a process id).
     pub external_id: Option<String>,
 }

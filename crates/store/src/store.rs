@@ -93,6 +93,7 @@ mod cluster;
 mod events;
 mod process;
 pub(crate) mod resource;
+mod service;
 pub(crate) mod write;
 
 pub use changes::{CHANGE_LOG_LOCK, ChangeBounds, ChangeRow, ChangeScope, NewChange};
@@ -108,6 +109,7 @@ pub use process::{
     ProcessInstance, ProcessSummary, ScheduleError, Scheduled,
 };
 pub use resource::{Filter, FilterOp, FilterValue, ListQuery, Page, Registered};
+pub use service::ServiceContainer;
 pub use write::{
     AGENT_NOT_ACTIVE, ClaimRequest, Claimed, FinishItem, HostAgent, InstanceAgentKey, NO_HOST,
     NO_HOST_MESSAGE, NewCreate, NewProcess, PlacementError, ProgressItem, Step, Waiting,

@@ -1,45 +1,37 @@
-//! The example against the real server and a real agent (both in this process): a service's
-//! containers follow its scale.
+//! The example against the real server and a real agent (both in this process): the server
+//! keeps a service at its scale, and the watcher's view follows what `resource.change` says,
+//! changing nothing itself.
 
 use std::time::Duration;
 
 use drover_client::Client;
-use serde_json::{Value, json};
+use scale_subscriber::{Drift, Watch};
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-async fn live_containers(client: &Client, service: &str) -> Vec<Value> {
-    let containers = client
-        .get("containers?state_ne=removed&limit=1000")
-        .await
-        .unwrap();
-    containers["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| {
-            c["labels"][scale_subscriber::SERVICE_LABEL] == service && c["state"] != "removing"
-        })
-        .cloned()
-        .collect()
-}
-
-async fn wait_count(client: &Client, service: &str, running: usize) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let live = live_containers(client, service).await;
-        if live.len() == running && live.iter().all(|c| c["state"] == "running") {
-            return;
+/// Waits (at most 30 s, woken by the watcher's own changes) until its view of `service` holds.
+async fn wait_view(watch: &Watch, service: &str, what: &str, done: impl Fn(&Drift) -> bool) {
+    let mut changes = watch.changes();
+    let wait = async {
+        loop {
+            if watch.drift(service).as_ref().is_some_and(&done) {
+                return;
+            }
+            changes.changed().await.unwrap();
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "wanted {running} running, have {live:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    };
+    tokio::time::timeout(Duration::from_secs(30), wait)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "timed out waiting for {what}; the watcher sees {:?}",
+                watch.drift(service)
+            )
+        });
 }
 
 #[tokio::test]
-async fn a_service_is_kept_at_its_scale() {
+async fn the_watcher_follows_a_service_the_server_keeps_at_its_scale() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
     let mut config = drover_server::Config::new(dir.path().join("server"));
@@ -77,10 +69,20 @@ async fn a_service_is_kept_at_its_scale() {
         workers: 8,
     };
     let agent = tokio::spawn(drover_agent::run(agent_args, shutdown.clone()));
-    let mut connections = scale_subscriber::run(admin.clone(), shutdown.clone())
+
+    // A service that exists before the watcher starts is in its first view.
+    let early = admin
+        .post(
+            "services",
+            &json!({"name": "early", "scale": 0, "launchConfig": {"command": ["sleep", "600"]}}),
+        )
         .await
         .unwrap();
-    connections.wait_for(|n| *n > 0).await.unwrap();
+    let (watch, _connections) = scale_subscriber::run(admin.clone(), shutdown.clone())
+        .await
+        .unwrap();
+    let early = early["id"].as_str().unwrap();
+    assert_eq!(watch.drift(early).map(|d| d.wanted), Some(0));
 
     let service = admin
         .post(
@@ -90,17 +92,27 @@ async fn a_service_is_kept_at_its_scale() {
         .await
         .unwrap();
     let id = service["id"].as_str().unwrap().to_owned();
-    wait_count(&admin, &id, 2).await;
+    wait_view(&watch, &id, "2 of 2", |d| d.wanted == 2 && d.running == 2).await;
     admin
-        .put(&format!("services/{id}"), &json!({"scale": 1}))
+        .put(&format!("services/{id}"), &json!({"scale": 3}))
         .await
         .unwrap();
-    wait_count(&admin, &id, 1).await;
+    wait_view(&watch, &id, "3 of 3", |d| d.wanted == 3 && d.running == 3).await;
     admin
-        .put(&format!("services/{id}"), &json!({"scale": 0}))
+        .post(&format!("services/{id}?action=deactivate"), &json!({}))
         .await
         .unwrap();
-    wait_count(&admin, &id, 0).await;
+    wait_view(&watch, &id, "stopped", |d| {
+        d.state == "inactive" && d.wanted == 0 && d.running == 0
+    })
+    .await;
+    // The containers are the server's, three of them: the watcher made none.
+    let containers = admin
+        .get(&format!("containers?serviceId={id}&state_ne=removed"))
+        .await
+        .unwrap();
+    assert_eq!(containers["data"].as_array().unwrap().len(), 3);
+    assert_eq!(watch.all().len(), 2);
     shutdown.cancel();
     let _ = agent.await;
     server.stop().await;

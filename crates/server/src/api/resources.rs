@@ -177,7 +177,10 @@ pub(crate) fn list_query(
                         )
                     })?;
                 let column = field.column.expect("filtered above");
-                let value = if let Some(target) = field
+                // `_null` and `_notnull` take no value (`hostId_notnull=true`).
+                let value = if matches!(op, FilterOp::Null | FilterOp::NotNull) {
+                    FilterValue::Text(String::new())
+                } else if let Some(target) = field
                     .kind
                     .strip_prefix("reference[")
                     .and_then(|rest| rest.strip_suffix(']'))
@@ -276,9 +279,9 @@ async fn get_one(
     Ok(Json(render(&base_url(&headers), &resource)))
 }
 
-/// Checks a value against a field's GDAPI type.
-fn check_type(field: &schema::Field, value: &Value) -> Result<(), ApiError> {
-    let ok = match field.kind {
+/// Whether a value has a field's GDAPI type (`null` only when the field is not required).
+pub(crate) fn type_ok(field: &schema::Field, value: &Value) -> bool {
+    match field.kind {
         _ if value.is_null() => !field.required,
         "string" | "date" | "enum" => value.is_string(),
         "int" => value.is_i64(),
@@ -293,15 +296,44 @@ fn check_type(field: &schema::Field, value: &Value) -> Result<(), ApiError> {
             .is_some_and(|map| map.values().all(Value::is_string)),
         kind if kind.starts_with("reference[") => value.is_string(),
         _ => false,
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::invalid(
+    }
+}
+
+/// Checks a value against a field's GDAPI type, and a service's `scale` and `launchConfig`
+/// against what the service reconciler can run.
+fn check_type(schema: &TypeSchema, field: &schema::Field, value: &Value) -> Result<(), ApiError> {
+    if !type_ok(field, value) {
+        return Err(ApiError::invalid(
             "InvalidType",
             field.name,
             format!("{} must be of type {}", field.name, field.kind),
-        ))
+        ));
+    }
+    if schema.kind != Some(ResourceKind::Service) || value.is_null() {
+        return Ok(());
+    }
+    match field.name {
+        "scale" => {
+            let scale = value.as_i64().unwrap_or(0);
+            if scale < 0 {
+                return Err(ApiError::invalid(
+                    "MinLimitExceeded",
+                    "scale",
+                    "scale must be at least 0",
+                ));
+            }
+            if scale > crate::services::MAX_SCALE {
+                return Err(ApiError::invalid(
+                    "MaxLimitExceeded",
+                    "scale",
+                    format!("scale must be at most {}", crate::services::MAX_SCALE),
+                ));
+            }
+            Ok(())
+        }
+        "launchConfig" => crate::services::check_launch_config(value)
+            .map_err(|(name, message)| ApiError::invalid("InvalidType", &name, message)),
+        _ => Ok(()),
     }
 }
 
@@ -564,7 +596,7 @@ async fn create(
             }
             continue;
         };
-        check_type(field, value)?;
+        check_type(schema, field, value)?;
         if field.in_data {
             if field.kind.starts_with("reference[") {
                 reference(field, value)?;
@@ -595,6 +627,12 @@ async fn create(
         // global: called by its raw name for every project's processes.
         let global = principal.is_privileged() && !params.contains_key("project");
         new.data.insert("global".into(), Value::Bool(global));
+    }
+    if kind == ResourceKind::Service {
+        // The original's default: a service runs one container unless told otherwise.
+        new.data
+            .entry("scale")
+            .or_insert(json!(crate::services::DEFAULT_SCALE));
     }
     if kind == ResourceKind::Instance {
         let command_ok = new
@@ -798,7 +836,7 @@ async fn update(
         let Some(field) = schema::field(schema, key).filter(|field| field.update) else {
             continue;
         };
-        check_type(field, value)?;
+        check_type(schema, field, value)?;
         match field.name {
             "name" => name = value.as_str().map(str::to_owned),
             "description" => description = value.as_str().map(str::to_owned),
@@ -822,9 +860,9 @@ async fn update(
         )
         .await?
         .unwrap_or(scheduled);
-    // What changed in the fields is announced too (an external handler's processes take
-    // effect at once; `resource.change` carries the new fields).
-    state.changes.changed(&updated, None);
+    // The fields were written after the update's state change was announced: announce them
+    // too (a new scale is what the service reconciler acts on).
+    state.changes.touched(&updated);
     Ok((
         StatusCode::ACCEPTED,
         Json(render(&base_url(&headers), &updated)),

@@ -110,6 +110,7 @@ const CONTAINER: &[Field] = &[
     filter(f("hostId", "reference[host]"), "host_id"),
     f("agentId", "reference[agent]"),
     filter(f("serviceId", "reference[service]"), "service_id"),
+    f("serviceIndex", "int"),
     f("externalId", "string"),
 ];
 
@@ -138,6 +139,12 @@ const SERVICE: &[Field] = &[
     filter(column_input(f("stackId", "reference[stack]")), "stack_id"),
     updatable(input("scale", "int")),
     updatable(input("launchConfig", "json")),
+    // What the service reconciler thinks (services.rs).
+    f("currentScale", "int"),
+    f("reconcileMessage", "string"),
+    f("consecutiveRestarts", "int"),
+    f("lastRestartAt", "date"),
+    f("nextRetryAt", "date"),
 ];
 
 const EXTERNAL_HANDLER: &[Field] = &[
@@ -251,6 +258,11 @@ fn field_json(field: &Field) -> Value {
     }
     if field.name == "startOnCreate" {
         out.insert("default".into(), json!(true));
+    }
+    if field.name == "scale" {
+        out.insert("default".into(), json!(crate::services::DEFAULT_SCALE));
+        out.insert("min".into(), json!(0));
+        out.insert("max".into(), json!(crate::services::MAX_SCALE));
     }
     Value::Object(out)
 }

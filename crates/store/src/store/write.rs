@@ -390,6 +390,9 @@ async fn insert_resources(
             columns.push((column, "BIGINT"));
         }
     }
+    if kind == ResourceKind::Instance {
+        columns.push(("service_index", "BIGINT"));
+    }
     let mut resources = Vec::with_capacity(items.len());
     let mut rows = Vec::with_capacity(items.len());
     for (new, state, transitioning) in items {
@@ -410,6 +413,9 @@ async fn insert_resources(
             if kind.has_column(column) {
                 row[column] = json!(reference_of(new, column));
             }
+        }
+        if kind == ResourceKind::Instance {
+            row["service_index"] = json!(new.service_index);
         }
         rows.push(row);
         let has = |column| kind.has_column(column);

@@ -24,7 +24,7 @@ const KINDS = {
   services: {
     title: 'Services',
     type: 'service',
-    sub: 'A service keeps a number of containers from its launch configuration; change its scale and a scale subscriber creates or removes containers.',
+    sub: 'A service keeps a number of containers from its launch configuration: the server creates or removes containers when its scale changes, and starts again those that stop.',
     actions: ['activate', 'deactivate', 'remove'],
     formTitle: 'Create a service',
   },
@@ -183,7 +183,8 @@ export function mount(root, { kind }) {
     return [name, stateCol,
       { label: 'Stack', cell: (r) => r.stackId ? idTag(r.stackId) : h('span', { class: 'muted' }, '—') },
       { label: 'Scale', cell: scaleCell },
-      { label: 'Containers', num: true, cell: (r) => String(state.containers.filter((c) => c.serviceId === r.id && c.state !== 'removed').length) },
+      { label: 'Running', num: true, cell: (r) => String(r.currentScale ?? state.containers.filter((c) => c.serviceId === r.id && c.state === 'running').length) },
+      { label: 'Reconciler', cell: (r) => r.reconcileMessage ? h('span', { class: 'muted' }, r.reconcileMessage) : h('span', { class: 'muted' }, '—') },
       { label: 'Command', cell: (r) => r.launchConfig && r.launchConfig.command ? h('span', { class: 'cmd' }, [].concat(r.launchConfig.command).join(' ')) : h('span', { class: 'muted' }, '—') },
       created, actions];
   }
