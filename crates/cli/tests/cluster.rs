@@ -1033,3 +1033,85 @@ async fn a_node_without_nats_is_refused_beside_a_running_node() {
     assert_eq!(status, 200, "{health:#}");
     cluster.finish().await;
 }
+
+/// An external handler registered through A takes part in processes that B runs, its calls
+/// reaching an extension connected to C and its replies coming back through NATS.
+#[tokio::test]
+async fn an_external_handler_registered_on_one_node_takes_part_on_every_node() {
+    let _serial = SERIAL.lock().await;
+    let Some(cluster) = three_nodes("an external handler across 3 nodes", &[]).await else {
+        return;
+    };
+    let (agent_id, access, secret) = cluster.agent_key("host-a").await;
+    host(&cluster.node(A).admin, "host-a", agent_id).await;
+    let agent = TestAgent::start(
+        cluster.node(A).client(&access, &secret),
+        agent_id,
+        TestAgent::always_ok(),
+    )
+    .await;
+    let mut extension = subscribed(
+        &cluster.node(C).admin,
+        &["instance.start;handler=cluster-gate"],
+    )
+    .await;
+    cluster
+        .node(A)
+        .admin
+        .post(
+            "externalhandlers",
+            &json!({"name": "cluster-gate", "priority": 100,
+                    "processConfigs": [{"name": "instance.start"}]}),
+        )
+        .await
+        .unwrap();
+    // Every node's engine has it (A at once, the others by the hint).
+    for i in [A, B, C] {
+        wait_for("the handler in every node's registry", || async {
+            (cluster
+                .node(i)
+                .metric("drover_external_handlers_active")
+                .await
+                == Some(1.0))
+            .then_some(())
+        })
+        .await;
+    }
+    let created = cluster
+        .node(B)
+        .admin
+        .post(
+            "containers",
+            &json!({"name": "gated", "command": ["sleep", "600"]}),
+        )
+        .await
+        .unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    let request = within("the handler's call on C", async {
+        loop {
+            let event = next_event(&mut extension).await;
+            if event.resource_id.as_deref() == Some(id.as_str()) {
+                return event;
+            }
+        }
+    })
+    .await;
+    assert_eq!(request.name(), "instance.start;handler=cluster-gate");
+    cluster
+        .node(C)
+        .admin
+        .reply(&request, json!({"instance": {"gatedBy": "cluster-gate"}}))
+        .await
+        .unwrap();
+    let running = wait_change(
+        &cluster.node(B).admin,
+        &format!("containers/{id}"),
+        "the gated container running",
+        |c| c["state"] == "running",
+    )
+    .await;
+    assert_eq!(running["gatedBy"], "cluster-gate", "{running:#}");
+    assert_eq!(agent.requests_named("compute.instance.activate").await, 0);
+    drop(agent);
+    cluster.finish().await;
+}

@@ -278,7 +278,12 @@ async fn clean(state: &AppState, report: &mut Report) -> Result<(), drover_store
                     resource_id: id,
                     start_states: def.start.iter().map(|state| (*state).to_owned()).collect(),
                     cancel_pending: false,
-                    steps: defs::plan_with(def, "removed", &serde_json::Map::new(), &state.external),
+                    steps: defs::plan_with(
+                        def,
+                        "removed",
+                        &serde_json::Map::new(),
+                        &state.external,
+                    ),
                     data: serde_json::Map::new(),
                     node: state.engine.node().to_owned(),
                 };

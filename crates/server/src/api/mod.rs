@@ -201,6 +201,12 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             cluster.peers.load(Relaxed).max(0) as u64,
         ),
         (
+            "drover_external_handlers_active",
+            "gauge",
+            "Active external handlers this node's engine calls (its registry, updated at once on this node and by a hint on the others).",
+            state.external.len() as u64,
+        ),
+        (
             "drover_cluster_leader",
             "gauge",
             "1 while this node holds the leader duty (clean-up, ping monitor, event worker).",

@@ -238,8 +238,16 @@ async fn register(
             &key,
             &name,
             body.host.unwrap_or_default(),
-            &drover_engine::defs::create_plan_with(ResourceKind::Agent, &Default::default(), &state.external),
-            &drover_engine::defs::create_plan_with(ResourceKind::Host, &Default::default(), &state.external),
+            &drover_engine::defs::create_plan_with(
+                ResourceKind::Agent,
+                &Default::default(),
+                &state.external,
+            ),
+            &drover_engine::defs::create_plan_with(
+                ResourceKind::Host,
+                &Default::default(),
+                &state.external,
+            ),
             state.engine.node(),
         )
         .await?;
