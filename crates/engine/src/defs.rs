@@ -397,16 +397,18 @@ pub fn delegate_of(def: &ProcessDef, data: &Map<String, Value>) -> Option<&'stat
 /// applied in the scheduling transaction, and so is each delegate after it that has none; the
 /// first process that calls an agent (or awaits one) stays pending, for the engine to claim.
 pub fn plan(def: &'static ProcessDef, state: &str, data: &Map<String, Value>) -> Vec<Step> {
-    plan_with(def, state, data, &Registry::new())
+    plan_with(def, state, data, &Registry::new(), None)
 }
 
-/// [`plan`], where a process that an active external handler takes part in is never a hop:
-/// it stays pending, for the engine to run its handlers.
+/// [`plan`], where a process that an active external handler takes part in for a resource of
+/// `project` (a global handler, or one of that project's) is never a hop: it stays pending,
+/// for the engine to run its handlers.
 pub fn plan_with(
     def: &'static ProcessDef,
     state: &str,
     data: &Map<String, Value>,
     external: &Registry,
+    project: Option<i64>,
 ) -> Vec<Step> {
     let mut steps = Vec::new();
     let mut current = def;
@@ -415,7 +417,7 @@ pub fn plan_with(
         let transitioning = current.transitioning_from(&state);
         if current.handler != Handler::None
             || current.awaits_agent
-            || external.handles(current.name)
+            || external.handles(current.name, project)
         {
             steps.push(Step::pending(current.name, &transitioning));
             return steps;
@@ -446,8 +448,9 @@ pub fn create_plan_with(
     kind: ResourceKind,
     data: &Map<String, Value>,
     external: &Registry,
+    project: Option<i64>,
 ) -> Vec<Step> {
-    plan_with(create_of(kind), "requested", data, external)
+    plan_with(create_of(kind), "requested", data, external, project)
 }
 
 /// The create process of a kind.

@@ -81,6 +81,9 @@ impl EngineHandle {
     }
 }
 
+/// The most `onError` processes that may follow each other before the chain is failed.
+const MAX_CHAIN: i64 = 3;
+
 /// Why an attempt failed.
 struct AttemptError {
     reason: &'static str,
@@ -445,14 +448,31 @@ impl<B: Bus> Engine<B> {
                 let mut steps = log;
                 steps.push(json!({"error": message, "reason": reason, "onError": next}));
                 let transitioning = process.transitioning_state().unwrap_or("").to_owned();
+                let depth = process
+                    .data
+                    .get("chainDepth")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(0);
+                let mut chained = Map::new();
+                chained.insert("chainedFrom".into(), json!(def.name));
+                chained.insert("chainDepth".into(), json!(depth + 1));
                 let finish = match defs::find(&next).filter(|next| next.kind == def.kind) {
+                    // Handlers whose errors chain into each other (start → stop → start …)
+                    // end after a few links instead of running forever.
+                    Some(_) if depth >= MAX_CHAIN => Finish::Failed {
+                        message: format!(
+                            "{} failed: {message}; not running {next}: {MAX_CHAIN} onError processes ran in a row",
+                            def.name
+                        ),
+                        reason: reason.to_owned(),
+                    },
                     Some(next_def) => Finish::Chained {
                         message: format!("{} failed: {message}; running {next}", def.name),
                         reason: reason.to_owned(),
                         next: (
                             next_def.name.to_owned(),
                             next_def.transitioning_from(&transitioning),
-                            Map::new(),
+                            chained,
                         ),
                         previous_state: transitioning,
                     },
@@ -560,35 +580,36 @@ impl<B: Bus> Engine<B> {
         let mut log = Vec::new();
         let mut ended_as = None;
         for call in &external.pre {
-            self.call_external(def, claimed, &mut current, call, "pre", &mut log)
+            self.external_step(def, claimed, &mut current, call, "pre", &mut log)
                 .await?;
         }
         let first = external
             .handlers
             .first()
             .filter(|call| call.priority < BUILT_IN_PRIORITY || def.handler == Handler::None);
-        match first {
+        let answered = match first {
             Some(call) => {
-                self.call_external(def, claimed, &mut current, call, "handler", &mut log)
+                self.external_step(def, claimed, &mut current, call, "handler", &mut log)
                     .await?
             }
-            None => {
-                let outcome = match self.run_handler(def, claimed, &current).await {
-                    Ok(outcome) => outcome,
-                    Err(mut error) => {
-                        error.log = log;
-                        return Err(error);
-                    }
-                };
-                log.extend(outcome.log);
-                if let Some(data) = outcome.data {
-                    current.data = data;
+            None => false,
+        };
+        if !answered && (first.is_none() || def.handler != Handler::None) {
+            let outcome = match self.run_handler(def, claimed, &current).await {
+                Ok(outcome) => outcome,
+                Err(mut error) => {
+                    error.log = log;
+                    return Err(error);
                 }
-                ended_as = outcome.ended_as;
+            };
+            log.extend(outcome.log);
+            if let Some(data) = outcome.data {
+                current.data = data;
             }
+            ended_as = outcome.ended_as;
         }
         for call in &external.post {
-            self.call_external(def, claimed, &mut current, call, "post", &mut log)
+            self.external_step(def, claimed, &mut current, call, "post", &mut log)
                 .await?;
         }
         Ok(Outcome {
@@ -596,6 +617,33 @@ impl<B: Bus> Engine<B> {
             ended_as,
             log,
         })
+    }
+
+    /// One external handler's step: whether it answered. A remove always goes through (a stuck
+    /// resource can always be removed): there a handler that fails or does not answer is
+    /// recorded and passed over, and the built-in handler runs in its place.
+    async fn external_step(
+        &self,
+        def: &ProcessDef,
+        claimed: &Claimed,
+        current: &mut Resource,
+        call: &HandlerCall,
+        phase: &'static str,
+        log: &mut Vec<Value>,
+    ) -> Result<bool, AttemptError> {
+        match self
+            .call_external(def, claimed, current, call, phase, log)
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(mut error) if def.cancels_pending && error.reason != "SHUTDOWN" => {
+                *log = std::mem::take(&mut error.log);
+                log.push(json!({"passedOver": call.name, "reason": error.reason,
+                                "message": "a remove goes through whatever its external handlers answer"}));
+                Ok(false)
+            }
+            Err(error) => Err(error),
+        }
     }
 
     /// Calls one external handler (`<event>;handler=<name>`, in its project's scope when it has

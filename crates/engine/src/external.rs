@@ -24,9 +24,12 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use arc_swap::ArcSwap;
 use drover_store::{Filter, FilterOp, FilterValue, ListQuery, Resource, ResourceKind, Store};
 use serde_json::Value;
+use tokio::sync::Notify;
 
 /// The priority of the built-in handler of a process (agent calls, pings).
 pub const BUILT_IN_PRIORITY: i64 = 2000;
@@ -118,6 +121,11 @@ pub struct Registry {
     snapshot: Arc<ArcSwap<Snapshot>>,
     /// Serializes writers (a change and a reload); readers never wait.
     write: Arc<std::sync::Mutex<()>>,
+    /// Bumped by every change [`Registry::apply`] makes, so a reload that read the store
+    /// before it does not swap an older view in over it.
+    generation: Arc<AtomicU64>,
+    /// Asks the node's reloader for a reload (another node's hint).
+    reload_wanted: Arc<Notify>,
 }
 
 impl Registry {
@@ -127,38 +135,68 @@ impl Registry {
     }
 
     /// Reads every active handler from the store and swaps them in.
+    ///
+    /// A change applied while the store was read makes the read stale: it is read again (a
+    /// few times; then the newest read is kept, and the next reload corrects it).
     pub async fn reload(&self, store: &Store) -> drover_store::Result<()> {
-        let mut found = HashMap::new();
-        let mut marker = None;
-        loop {
-            let page = store
-                .list_resources(
-                    ResourceKind::ExternalHandler,
-                    &ListQuery {
-                        account_id: None,
-                        filters: vec![Filter {
-                            column: "state",
-                            op: FilterOp::Eq,
-                            value: FilterValue::Text("active".into()),
-                        }],
-                        marker,
-                        limit: 1000,
-                    },
-                )
-                .await?;
-            for resource in page.data {
-                found.insert(resource.id, resource);
-            }
-            match page.next_marker {
-                Some(next) => marker = Some(next),
-                None => break,
+        for _ in 0..3 {
+            let before = self.generation.load(Ordering::SeqCst);
+            let found = read_active(store).await?;
+            let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+            if self.generation.load(Ordering::SeqCst) == before {
+                self.snapshot.store(Arc::new(build(found)));
+                return Ok(());
             }
         }
+        let found = read_active(store).await?;
         let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
         self.snapshot.store(Arc::new(build(found)));
         Ok(())
     }
 
+    /// Asks for a reload (served by [`Registry::reload_wanted`]'s waiter).
+    pub fn want_reload(&self) {
+        self.reload_wanted.notify_one();
+    }
+
+    /// Resolves when a reload was asked for.
+    pub async fn reload_wanted(&self) {
+        self.reload_wanted.notified().await;
+    }
+}
+
+/// Every active handler in the store.
+async fn read_active(store: &Store) -> drover_store::Result<HashMap<i64, Resource>> {
+    let mut found = HashMap::new();
+    let mut marker = None;
+    loop {
+        let page = store
+            .list_resources(
+                ResourceKind::ExternalHandler,
+                &ListQuery {
+                    account_id: None,
+                    filters: vec![Filter {
+                        column: "state",
+                        op: FilterOp::Eq,
+                        value: FilterValue::Text("active".into()),
+                    }],
+                    marker,
+                    limit: 1000,
+                },
+            )
+            .await?;
+        for resource in page.data {
+            found.insert(resource.id, resource);
+        }
+        match page.next_marker {
+            Some(next) => marker = Some(next),
+            None => break,
+        }
+    }
+    Ok(found)
+}
+
+impl Registry {
     /// Applies one changed resource: an external handler that became active joins, one that
     /// left `active` leaves. Anything else is ignored. Returns whether the registry changed.
     pub fn apply(&self, resource: &Resource) -> bool {
@@ -181,13 +219,21 @@ impl Registry {
             handlers.remove(&resource.id);
         }
         self.snapshot.store(Arc::new(build(handlers)));
+        self.generation.fetch_add(1, Ordering::SeqCst);
         true
     }
 
-    /// Whether any active handler could take part in `process` (for any project): such a
-    /// process is not a hop but a step the engine runs.
-    pub fn handles(&self, process: &str) -> bool {
-        self.snapshot.load().table.contains_key(process)
+    /// Whether an active handler takes part in `process` for a resource of `project` (a global
+    /// one, or one of that project's): such a process is not a hop but a step the engine runs.
+    pub fn handles(&self, process: &str, project: Option<i64>) -> bool {
+        let snapshot = self.snapshot.load();
+        let Some(all) = snapshot.table.get(process) else {
+            return false;
+        };
+        [&all.pre, &all.handlers, &all.post]
+            .into_iter()
+            .flatten()
+            .any(|call| call.project.is_none() || call.project == project)
     }
 
     /// The handlers of `process` for a resource of `project`, in the order they run.
@@ -347,8 +393,9 @@ mod tests {
         let in_8 = registry.for_process("instance.start", Some(8));
         assert!(in_8.post.is_empty());
         assert_eq!(names(&in_8.pre), ["early", "late"]);
-        assert!(registry.handles("instance.start"));
-        assert!(!registry.handles("instance.stop"));
+        assert!(registry.handles("instance.start", Some(8)));
+        assert!(!registry.handles("instance.stop", Some(7)));
+        assert!(registry.handles("instance.start", Some(7)));
         // Leaving `active` takes a handler out at once; the same state again changes nothing.
         assert!(registry.apply(&handler(
             2,

@@ -283,6 +283,7 @@ async fn clean(state: &AppState, report: &mut Report) -> Result<(), drover_store
                         "removed",
                         &serde_json::Map::new(),
                         &state.external,
+                        None,
                     ),
                     data: serde_json::Map::new(),
                     node: state.engine.node().to_owned(),

@@ -314,14 +314,25 @@ impl Server {
             });
         }
         {
-            // Other nodes reload their external handlers when this one's change.
-            let (changes, cluster, shutdown) =
-                (changes.clone(), state.cluster.clone(), shutdown.clone());
+            // The external handlers' reloader: after a change here (the other nodes are told,
+            // and this node reads the store back, which settles two changes that raced), on
+            // another node's hint, and every 30 s in case a hint was lost.
+            let (changes, cluster, shutdown, state) = (
+                changes.clone(),
+                state.cluster.clone(),
+                shutdown.clone(),
+                state.clone(),
+            );
             tokio::spawn(async move {
                 loop {
                     tokio::select! {
                         () = changes.external_changed() => cluster.handlers_changed(),
+                        () = state.external.reload_wanted() => {}
+                        () = tokio::time::sleep(Duration::from_secs(30)) => {}
                         () = shutdown.cancelled() => return,
+                    }
+                    if let Err(error) = state.external.reload(&state.store).await {
+                        tracing::warn!(%error, "reloading external handlers failed");
                     }
                 }
             });
@@ -493,14 +504,7 @@ fn on_hint(state: &AppState, hint: cluster::Hint) {
         }
         cluster::Hint::Forget(access_key) => state.keys.forget(&access_key),
         cluster::Hint::Work => state.engine.wake(),
-        cluster::Hint::Handlers => {
-            let state = state.clone();
-            tokio::spawn(async move {
-                if let Err(error) = state.external.reload(&state.store).await {
-                    tracing::warn!(%error, "reloading external handlers failed");
-                }
-            });
-        }
+        cluster::Hint::Handlers => state.external.want_reload(),
         // Only the leader reconciles services; a node that does not lead forwards nothing
         // it was told, so hints never go round.
         cluster::Hint::Services(ids) if state.cluster.is_leader() => {

@@ -686,7 +686,7 @@ async fn run_action(
         resource_id: id,
         start_states: def.start.iter().map(|s| (*s).to_owned()).collect(),
         cancel_pending: def.cancels_pending,
-        steps: defs::plan_with(def, from, &Map::new(), &state.external),
+        steps: defs::plan_with(def, from, &Map::new(), &state.external, service.account_id),
         data,
         node: state.engine.node().to_owned(),
     };
@@ -725,7 +725,12 @@ async fn create(
     };
     let create = NewCreate {
         kind: ResourceKind::Instance,
-        steps: defs::create_plan_with(ResourceKind::Instance, &data, &state.external),
+        steps: defs::create_plan_with(
+            ResourceKind::Instance,
+            &data,
+            &state.external,
+            service.account_id,
+        ),
         resource: NewResource {
             name: Some(container_name(service, stack_name, index)),
             sub_kind: "container".into(),

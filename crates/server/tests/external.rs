@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use drover_client::{Client, Event, Subscribe, Transitioning};
 use drover_test_support::agent::TestAgent;
-use drover_test_support::{TestServer, next_event, servers, wait_for, wait_state};
+use drover_test_support::{TestServer, next_event, servers, wait_change, wait_for, wait_state};
 use serde_json::{Value, json};
 
 /// How an extension answers one request.
@@ -153,6 +153,9 @@ async fn schemas_list_external_handlers_and_bad_bodies_change_nothing() {
             json!({"name": "h", "processConfigs": [{"name": "instance.start"}], "retries": 99}),
             json!({"name": "h", "processConfigs": [{"name": "instance.start"}], "timeoutMillis": 0}),
             json!({"name": "h", "processConfigs": "instance.start"}),
+            json!({"name": "h", "processConfigs": [{"name": "instance.start", "onError": "instance.start"}]}),
+            json!({"name": "h", "processConfigs": [{"name": "instance.remove", "onError": "instance.stop"}]}),
+            json!({"name": "h", "processConfigs": [{"name": "instance.stop", "onError": "instance.purge"}]}),
         ] {
             let error = server
                 .admin
@@ -190,6 +193,48 @@ async fn schemas_list_external_handlers_and_bad_bodies_change_nothing() {
             .await
             .unwrap();
         assert_eq!(found["data"].as_array().unwrap().len(), 1);
+        // A global handler belongs to no project: a key of the Default project (where the
+        // admin's unscoped requests act) neither sees nor changes it.
+        let key = server
+            .admin
+            .post(
+                &format!("projects/1a{}/apikeys", server.default_project()),
+                &json!({}),
+            )
+            .await
+            .unwrap();
+        let default_key = server.client(
+            key["publicValue"].as_str().unwrap(),
+            key["secretValue"].as_str().unwrap(),
+        );
+        let theirs = default_key.get("externalhandlers").await.unwrap();
+        assert_eq!(theirs["data"].as_array().unwrap().len(), 0, "{theirs:#}");
+        let id = created["id"].as_str().unwrap();
+        for attempt in [
+            default_key.get(&format!("externalhandlers/{id}")).await,
+            default_key
+                .post(
+                    &format!("externalhandlers/{id}?action=deactivate"),
+                    &json!({}),
+                )
+                .await,
+            default_key
+                .put(&format!("externalhandlers/{id}"), &json!({"priority": 1}))
+                .await,
+        ] {
+            let error = attempt.expect_err("a project key reaches no global handler");
+            assert!(
+                matches!(error, drover_client::Error::Api { status: 404, .. }),
+                "{error:?}"
+            );
+        }
+        let still = server
+            .admin
+            .get(&format!("externalhandlers/{id}"))
+            .await
+            .unwrap();
+        assert_eq!(still["state"], "active");
+        assert_eq!(still["priority"], 3000);
     }
 }
 
@@ -522,5 +567,85 @@ async fn a_projects_extension_never_receives_another_projects_handler_events() {
             .await;
             assert!(extra.is_err(), "unexpected event: {extra:?}");
         }
+    }
+}
+
+#[tokio::test]
+async fn on_error_chains_end_and_a_remove_always_goes_through() {
+    for server in servers(&[]).await {
+        let (_, _, agent) = server.host_with_agent("h", TestAgent::always_ok()).await;
+        // Two handlers whose errors chain into each other: start → stop → start → stop.
+        let _extension = Extension::start(
+            server.admin.clone(),
+            &[
+                "instance.start;handler=flip",
+                "instance.stop;handler=flop",
+                "instance.remove;handler=keeper",
+            ],
+            |request| Reply::Error(format!("{} says no", request.name())),
+        )
+        .await;
+        for (name, process, on_error) in [
+            ("flip", "instance.start", json!("instance.stop")),
+            ("flop", "instance.stop", json!("instance.start")),
+            ("keeper", "instance.remove", json!(null)),
+        ] {
+            server
+                .admin
+                .post(
+                    "externalhandlers",
+                    &json!({"name": name, "priority": 10,
+                            "processConfigs": [{"name": process, "onError": on_error}]}),
+                )
+                .await
+                .unwrap();
+        }
+        let path = create_container(&server, "ping-pong").await;
+        let errored = wait_change(&server.admin, &path, "the chain failed", |c| {
+            c["state"] == "error"
+        })
+        .await;
+        assert!(
+            errored["transitioningMessage"]
+                .as_str()
+                .unwrap()
+                .contains("onError processes ran in a row"),
+            "{errored:#}"
+        );
+        let id = path.rsplit('/').next().unwrap();
+        let processes = server
+            .admin
+            .get(&format!(
+                "processinstances?resourceType=container&resourceId={id}"
+            ))
+            .await
+            .unwrap();
+        let names: Vec<&str> = processes["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["processName"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "instance.create",
+                "instance.start",
+                "instance.stop",
+                "instance.start",
+                "instance.stop"
+            ],
+            "{processes:#}"
+        );
+        // The remove's handler refuses too, yet the container is removed: it is passed over
+        // and the agent is asked.
+        server.admin.delete(&path).await.unwrap();
+        wait_state(&server.admin, &path, "removed").await;
+        assert_eq!(agent.requests_named("compute.instance.remove").await, 1);
+        let steps = steps_of(&server, &path, "instance.remove").await;
+        assert!(
+            steps.iter().any(|step| step["passedOver"] == "keeper"),
+            "{steps:#?}"
+        );
     }
 }

@@ -242,11 +242,13 @@ async fn register(
                 ResourceKind::Agent,
                 &Default::default(),
                 &state.external,
+                Some(project),
             ),
             &drover_engine::defs::create_plan_with(
                 ResourceKind::Host,
                 &Default::default(),
                 &state.external,
+                Some(project),
             ),
             state.engine.node(),
         )

@@ -219,7 +219,20 @@ async fn list(
 ) -> Result<impl IntoResponse, ApiError> {
     let schema = schema_of(&params)?;
     let project = scope(&state, &principal, &params).await?;
-    let query = list_query(schema, project, raw.as_deref())?;
+    let mut query = list_query(schema, project, raw.as_deref())?;
+    if schema.kind == Some(ResourceKind::ExternalHandler)
+        && principal.is_privileged()
+        && !params.contains_key("project")
+    {
+        // Global handlers belong to no project: an admin or service key lists them at
+        // `/v1/externalhandlers`, a project's own at `/v1/projects/{id}/externalhandlers`.
+        query.account_id = None;
+        query.filters.push(Filter {
+            column: "account_id",
+            op: FilterOp::Null,
+            value: FilterValue::Int(0),
+        });
+    }
     // Read before the list: a subscriber that resumes from it misses no change the list lacks.
     let head = state.store.change_bounds().await?.head;
     let page = state
@@ -337,6 +350,9 @@ fn check_type(schema: &TypeSchema, field: &schema::Field, value: &Value) -> Resu
     }
 }
 
+/// The most external handlers (not removed) one project, or the global scope, may have.
+const MAX_HANDLERS: i64 = 100;
+
 /// An external handler's name: what follows `;handler=` in the events it receives.
 fn check_handler_name(name: &str) -> Result<(), ApiError> {
     let ok = (1..=64).contains(&name.len())
@@ -422,16 +438,32 @@ fn external_handler_fields(
                         format!("{name:?} is not a process an external handler can take part in (e.g. instance.start, pre.instance.start, post.instance.start)"),
                     )
                 })?;
-            if let Some(next) = on_error
-                && defs::find(next).is_none_or(|next| next.kind != def.kind)
-            {
-                return Err(invalid(
-                    "processConfigs",
-                    format!(
-                        "onError {next:?} is not a process of a {}",
-                        def.kind.api_type()
-                    ),
-                ));
+            if let Some(next) = on_error {
+                let Some(next_def) = defs::find(next).filter(|next| next.kind == def.kind) else {
+                    return Err(invalid(
+                        "processConfigs",
+                        format!(
+                            "onError {next:?} is not a process of a {}",
+                            def.kind.api_type()
+                        ),
+                    ));
+                };
+                // An error chains into a process that undoes or settles: never back into the
+                // same process, never from a remove (which always goes through), never into a
+                // create or a purge.
+                if next_def.name == def.name
+                    || def.cancels_pending
+                    || next_def.name.ends_with(".purge")
+                    || next_def.name.ends_with(".create")
+                {
+                    return Err(invalid(
+                        "processConfigs",
+                        format!(
+                            "onError {next:?} cannot follow a failed {}: it must be another process of the resource, not its create, remove or purge",
+                            def.name
+                        ),
+                    ));
+                }
             }
             normalized.push(json!({"name": name, "onError": on_error}));
         }
@@ -624,9 +656,49 @@ async fn create(
             ));
         }
         // Outside a project (an admin or service key at /v1/externalhandlers) a handler is
-        // global: called by its raw name for every project's processes.
+        // global: called by its raw name for every project's processes. It belongs to no
+        // project, so no project's key can see or change it.
         let global = principal.is_privileged() && !params.contains_key("project");
         new.data.insert("global".into(), Value::Bool(global));
+        if global {
+            new.account_id = None;
+        }
+        let existing = state
+            .store
+            .list_resources(
+                ResourceKind::ExternalHandler,
+                &ListQuery {
+                    account_id: new.account_id,
+                    filters: vec![
+                        Filter {
+                            column: "state",
+                            op: FilterOp::Ne,
+                            value: FilterValue::Text("removed".into()),
+                        },
+                        Filter {
+                            column: "account_id",
+                            op: if global {
+                                FilterOp::Null
+                            } else {
+                                FilterOp::NotNull
+                            },
+                            value: FilterValue::Int(0),
+                        },
+                    ],
+                    marker: None,
+                    limit: MAX_HANDLERS + 1,
+                },
+            )
+            .await?;
+        if existing.data.len() as i64 >= MAX_HANDLERS {
+            return Err(ApiError::invalid(
+                "MaxLimitExceeded",
+                "name",
+                format!(
+                    "a project (and the global scope) may have at most {MAX_HANDLERS} external handlers that are not removed"
+                ),
+            ));
+        }
     }
     if kind == ResourceKind::Service {
         // The original's default: a service runs one container unless told otherwise.
@@ -651,7 +723,7 @@ async fn create(
     }
     let create = NewCreate {
         kind,
-        steps: defs::create_plan_with(kind, &new.data, &state.external),
+        steps: defs::create_plan_with(kind, &new.data, &state.external, new.account_id),
         resource: new,
         node: state.engine.node().to_owned(),
     };
@@ -693,7 +765,13 @@ async fn schedule(
         resource_id: resource.id,
         start_states,
         cancel_pending: def.cancels_pending,
-        steps: defs::plan_with(def, &resource.state, &resource.data, &state.external),
+        steps: defs::plan_with(
+            def,
+            &resource.state,
+            &resource.data,
+            &state.external,
+            resource.account_id,
+        ),
         data,
         node: state.engine.node().to_owned(),
     };
