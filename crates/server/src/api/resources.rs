@@ -927,6 +927,12 @@ async fn update(
         }
     }
     let scheduled = schedule(&state, &resource, "update", Map::new()).await?;
+    // Only what this request changes is written: fields others wrote meanwhile (a service's
+    // reconciler status) stay.
+    let changed: Map<String, Value> = data
+        .into_iter()
+        .filter(|(key, value)| resource.data.get(key) != Some(value))
+        .collect();
     let updated = state
         .store
         .update_resource_fields(
@@ -934,7 +940,7 @@ async fn update(
             resource.id,
             name.as_deref(),
             description.as_deref(),
-            &data,
+            &changed,
         )
         .await?
         .unwrap_or(scheduled);

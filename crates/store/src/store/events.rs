@@ -478,7 +478,7 @@ impl Store {
         if data == before {
             return Ok(None);
         }
-        self.update_resource_fields(ResourceKind::Instance, id, None, None, &data)
+        self.update_resource_fields(ResourceKind::Instance, id, None, None, fields)
             .await
     }
 }

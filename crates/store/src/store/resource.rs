@@ -261,22 +261,47 @@ impl Store {
         Ok(Page { data, next_marker })
     }
 
-    /// Writes a resource's fields (name, description, data) without touching its state.
+    /// Writes a resource's name and description (when given) and merges `fields` into its
+    /// data, in one transaction on the row as it is now (what others wrote to other keys
+    /// meanwhile stays), without touching its state.
     pub async fn update_resource_fields(
         &self,
         kind: ResourceKind,
         id: i64,
         name: Option<&str>,
         description: Option<&str>,
-        data: &Map<String, Value>,
+        fields: &Map<String, Value>,
     ) -> Result<Option<Resource>> {
-        let sql = format!(
-            "UPDATE {} SET name = COALESCE($1, name), description = COALESCE($2, description), data = $3 WHERE id = $4",
-            kind.table()
-        );
-        let data = Value::Object(data.clone()).to_string();
-        dispatch!(self, pool => sqlx::query(AssertSqlSafe(sql.as_str()))
-            .bind(name).bind(description).bind(&data).bind(id).execute(pool).await?.rows_affected());
+        let table = kind.table();
+        let mut tx = self.pool.begin_write().await?;
+        let lock = match tx.backend() {
+            super::Backend::Postgres => " FOR UPDATE",
+            super::Backend::Sqlite => "",
+        };
+        let row: Option<(Option<String>,)> = tx
+            .fetch_optional(
+                &format!("SELECT data FROM {table} WHERE id = $1{lock}"),
+                args![id],
+            )
+            .await?;
+        let Some((text,)) = row else {
+            return Ok(None);
+        };
+        let mut data: Map<String, Value> = text
+            .as_deref()
+            .and_then(|text| serde_json::from_str(text).ok())
+            .unwrap_or_default();
+        for (key, value) in fields {
+            data.insert(key.clone(), value.clone());
+        }
+        tx.execute(
+            &format!(
+                "UPDATE {table} SET name = COALESCE($1, name), description = COALESCE($2, description), data = $3 WHERE id = $4"
+            ),
+            args![name, description, Value::Object(data).to_string(), id],
+        )
+        .await?;
+        tx.commit().await?;
         self.get_resource(kind, id).await
     }
 
