@@ -70,7 +70,9 @@ impl Changes {
         }
     }
 
-    /// Publishes the coalesced changes every interval until shutdown.
+    /// Publishes the coalesced changes every interval until shutdown. `public_url` is the
+    /// server's `http://host:port`; the resources' links are under its `/v1` (no request says
+    /// which path a subscriber uses).
     pub async fn run(
         self,
         store: Store,
@@ -78,6 +80,7 @@ impl Changes {
         public_url: String,
         shutdown: CancellationToken,
     ) {
+        let base = format!("{public_url}{}", crate::api::ApiVersion::V1.path());
         loop {
             let interval = settings.server().resource_change_interval;
             tokio::select! {
@@ -102,7 +105,7 @@ impl Changes {
                     }
                 };
                 let api_type = kind.api_type();
-                let rendered = crate::api::resources::render(&public_url, &resource);
+                let rendered = crate::api::resources::render(&base, &resource);
                 let mut event = Event::new("resource.change")
                     .with_resource(api_type, ids::format(api_type, id));
                 event.data = Some(json!({ "resource": rendered }));
