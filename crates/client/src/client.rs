@@ -63,7 +63,8 @@ enum Target {
     Foreign(String),
 }
 
-/// Parses one server URL into its base (`http://host:port/v1`).
+/// Parses one server URL into its base (`http://host:port/v1`); a URL that already names an
+/// API version (`…/v1` or `…/v2-beta`, the same API under the original's two paths) keeps it.
 fn base_of(url: &str) -> Result<String> {
     let url = url.trim().trim_end_matches('/');
     if !(url.starts_with("http://") || url.starts_with("https://")) {
@@ -71,7 +72,7 @@ fn base_of(url: &str) -> Result<String> {
             "server url {url:?} must start with http:// or https://"
         )));
     }
-    Ok(if url.ends_with("/v1") {
+    Ok(if url.ends_with("/v1") || url.ends_with("/v2-beta") {
         url.to_owned()
     } else {
         format!("{url}/v1")
@@ -109,9 +110,10 @@ fn never_sent(error: &Error) -> bool {
 }
 
 impl Client {
-    /// A client for the server at `url` (`http://host:port` or `http://host:port/v1`), or for
-    /// several: `url` may be a comma-separated list (`http://a:8080,http://b:8080/v1`), tried
-    /// in that order; see [several servers](Client#several-servers).
+    /// A client for the server at `url` (`http://host:port`, `http://host:port/v1` or
+    /// `http://host:port/v2-beta`), or for several: `url` may be a comma-separated list
+    /// (`http://a:8080,http://b:8080/v1`), tried in that order; see
+    /// [several servers](Client#several-servers).
     pub fn new(url: &str, access_key: &str, secret_key: &str) -> Result<Client> {
         Client::with_urls([url], access_key, secret_key)
     }
@@ -136,6 +138,18 @@ impl Client {
             bases: bases.into(),
             current: Arc::new(AtomicUsize::new(0)),
             authorization: format!("Basic {token}"),
+        })
+    }
+
+    /// A client with this client's key for other server URLs (a URL or a comma-separated
+    /// list, as [`Client::new`] takes): the same server under its other API path
+    /// (`http://host:port/v2-beta`), or other nodes.
+    pub fn with_key_at(&self, urls: &str) -> Result<Client> {
+        Ok(Client {
+            http: self.http.clone(),
+            bases: bases_of([urls])?.into(),
+            current: Arc::new(AtomicUsize::new(0)),
+            authorization: self.authorization.clone(),
         })
     }
 
@@ -408,6 +422,11 @@ mod tests {
         assert_eq!(client.base_url(), "http://a:8080/v1");
         assert_eq!(client.base_urls(), ["http://a:8080/v1"]);
         assert_eq!(make("https://a/v1").unwrap().base_url(), "https://a/v1");
+        assert_eq!(
+            make("http://a:8080/v2-beta/").unwrap().base_url(),
+            "http://a:8080/v2-beta",
+            "the original's other API path is kept"
+        );
     }
 
     #[test]

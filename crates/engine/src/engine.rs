@@ -659,7 +659,7 @@ impl<B: Bus> Engine<B> {
         phase: &'static str,
         log: &mut Vec<Value>,
     ) -> Result<(), AttemptError> {
-        let name = handler_event_name(&call.event, &call.name, call.project);
+        let name = names::for_handler(&call.event, &call.name, call.project);
         let data_key = data_key_of(current.kind);
         let timeout_millis = call
             .timeout_millis
@@ -861,16 +861,6 @@ fn data_key_of(kind: ResourceKind) -> &'static str {
         ResourceKind::Instance => "instance",
         ResourceKind::ExternalHandler => "externalHandler",
         other => other.table(),
-    }
-}
-
-/// The name an external handler's call goes by: `<event>;handler=<name>`, and
-/// `;account=<project>` after it for a handler confined to a project (only that project's
-/// subscribers of `<event>;handler=<name>` receive it).
-fn handler_event_name(event: &str, handler: &str, project: Option<i64>) -> String {
-    match project {
-        None => format!("{event};handler={handler}"),
-        Some(project) => format!("{event};handler={handler};account={project}"),
     }
 }
 

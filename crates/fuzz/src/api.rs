@@ -213,7 +213,7 @@ impl Api {
             _ => return None,
         };
         let path = self.substitute(words.next()?);
-        if words.next().is_some() || !path.starts_with("/v1") {
+        if words.next().is_some() || !(path.starts_with("/v1") || path.starts_with("/v2-beta")) {
             return None;
         }
         path.parse::<axum::http::Uri>().ok()?;

@@ -19,8 +19,9 @@ pub fn event(data: &[u8]) -> bool {
     );
     assert_eq!(back.to_json(), text, "encoding is not stable");
 
-    // Delivery under the stripped name (`;agent=…` removed) changes the name and nothing else.
-    let stripped = drover_proto::names::base(event.name());
+    // Delivery under the stripped name (the scope `;agent=…`/`;account=…` removed) changes the
+    // name and nothing else.
+    let stripped = drover_proto::names::strip_scope(event.name());
     let renamed: Event = serde_json::from_str(&event.to_json_with_name(stripped))
         .expect("an event renamed on delivery decodes");
     assert_eq!(

@@ -31,6 +31,19 @@ pub fn check(qualifier: Qualifier, name: &str) {
     let base = names::base(name);
     assert!(!base.contains(names::SEPARATOR));
     assert!(name.starts_with(base));
+    // What routes: the base, and a valid `;handler=<h>` right after it.
+    let routable = names::routable(name);
+    assert!(name.starts_with(routable));
+    match routable.strip_prefix(base) {
+        Some("") => {}
+        Some(rest) => {
+            let handler = rest
+                .strip_prefix(names::HANDLER_SUFFIX)
+                .unwrap_or_else(|| panic!("{name:?} routes as {routable:?}"));
+            assert_eq!(names::validate_handler(handler), Ok(()));
+        }
+        None => panic!("{name:?} routes as {routable:?}"),
+    }
 
     let qualified = qualifier.qualify(name);
     assert_eq!(
@@ -48,13 +61,16 @@ pub fn check(qualifier: Qualifier, name: &str) {
                 Qualifier::Agent(_) => format!(";agent={id}"),
                 _ => format!(";account={id}"),
             };
-            // Whatever `;…` the client sent, the server's suffix is the only one.
+            // Whatever `;…` the client sent, the server's suffix is the only scope, and only a
+            // handler stays before it.
             assert_eq!(
                 qualified.strip_suffix(&suffix),
-                Some(base),
+                Some(routable),
                 "{name:?} qualified as {qualified:?}"
             );
-            assert_eq!(qualified.matches(names::SEPARATOR).count(), 1);
+            assert_eq!(names::scope(&qualified), qualifier);
+            // Delivery strips the scope and nothing else.
+            assert_eq!(names::strip_scope(&qualified), routable);
             assert_eq!(names::base(&qualified), base);
             assert!(qualifier.strips());
             let expected = match qualifier {
@@ -66,6 +82,16 @@ pub fn check(qualifier: Qualifier, name: &str) {
             if names::validate(name).is_ok() && !base.is_empty() && qualified.len() <= MAX_NAME_LEN
             {
                 assert_eq!(names::validate(&qualified), Ok(()));
+            }
+            // A handler call's name is what a subscriber of its handler name is qualified to.
+            if let (Qualifier::Account(_), Some(handler)) = (
+                qualifier,
+                routable
+                    .strip_prefix(base)
+                    .and_then(|rest| rest.strip_prefix(names::HANDLER_SUFFIX)),
+            ) && !base.is_empty()
+            {
+                assert_eq!(names::for_handler(base, handler, Some(id)), qualified);
             }
         }
     }

@@ -110,7 +110,9 @@ impl Changes {
         &self.inner.services
     }
 
-    /// Publishes the coalesced changes every interval until shutdown.
+    /// Publishes the coalesced changes every interval until shutdown. `public_url` is the
+    /// server's `http://host:port`; the resources' links are under its `/v1` (no request says
+    /// which path a subscriber uses).
     pub async fn run(
         self,
         store: Store,
@@ -118,6 +120,7 @@ impl Changes {
         public_url: String,
         shutdown: CancellationToken,
     ) {
+        let base = format!("{public_url}{}", crate::api::ApiVersion::V1.path());
         loop {
             let interval = settings.server().resource_change_interval;
             tokio::select! {
@@ -134,7 +137,7 @@ impl Changes {
             };
             if !batch.is_empty() {
                 let retain = settings.server().change_retain;
-                self.publish_batch(&store, &public_url, retain, batch).await;
+                self.publish_batch(&store, &base, retain, batch).await;
             }
         }
     }
@@ -145,7 +148,7 @@ impl Changes {
     async fn publish_batch(
         &self,
         store: &Store,
-        public_url: &str,
+        base: &str,
         retain: i64,
         batch: Vec<((ResourceKind, i64), Option<i64>)>,
     ) {
@@ -173,7 +176,7 @@ impl Changes {
                     .flatten()
                     .or(resource.account_id);
                 let api_type = kind.api_type();
-                let rendered = crate::api::resources::render(public_url, &resource);
+                let rendered = crate::api::resources::render(base, &resource);
                 let mut event = Event::new("resource.change")
                     .with_resource(api_type, ids::format(api_type, resource.id));
                 event.data = Some(json!({ "resource": rendered }));

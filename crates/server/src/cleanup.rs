@@ -366,7 +366,7 @@ pub fn render(base: &str, report: &Report) -> serde_json::Value {
     value["type"] = "cleanupReport".into();
     value["startedAt"] = rfc3339(report.started).into();
     value["endedAt"] = rfc3339(report.ended).into();
-    value["links"] = serde_json::json!({"cleanup": format!("{base}/v1/cleanup")});
+    value["links"] = serde_json::json!({"cleanup": format!("{base}/cleanup")});
     value
 }
 

@@ -7,14 +7,16 @@
 //!   delivers without any lock held; subscribing changes the list in place (`Arc::make_mut`)
 //!   unless a publish is iterating it at that moment, in which case it copies.
 //! - An event is serialized at most twice per publish: once with its full name (for raw
-//!   subscribers) and once with the qualifier stripped (for qualified ones), never per socket.
+//!   subscribers) and once with the scope suffix stripped (for qualified ones: `;agent=`/
+//!   `;account=` go, a `;handler=<h>` part stays), never per socket.
 //!   The resulting text is shared by reference count among all sockets.
 //! - Each socket has a bounded queue. A publish never waits on a subscriber: when a queue is
 //!   full the copy is dropped, the subscriber is disconnected as a slow consumer and counted.
 //! - Server-side calls (`call`) wait for replies matched on `previousIds[0]`, through the
 //!   node's own reply name. A reply completes a call only when its publisher is the principal
-//!   the request was addressed to (`;agent=<id>`: that agent; `;account=<id>`: a key of that
-//!   project; a raw name: admin and service keys), or an admin/service key; any other reply is
+//!   the request was addressed to (read off the name's trailing scope: `;agent=<id>`: that
+//!   agent; `;account=<id>`: a key that subscribes in that project's scope; a raw name such as
+//!   `<process>;handler=<h>`: admin and service keys), or an admin/service key; any other reply is
 //!   dropped and counted, and the call keeps waiting.
 //! - What a client publishes is scoped like what it subscribes to ([`Origin`]): a non-privileged
 //!   publisher's `;…` suffix is discarded, and the event reaches the subscribers of its own scope
@@ -219,29 +221,19 @@ impl Origin {
         project: None,
     };
 
-    /// Whether a reply from this origin may complete a call addressed to `addressee`.
+    /// Whether a reply from this origin may complete a call addressed to `addressee` (the
+    /// request name's trailing scope, [`names::scope`]): a call to `;agent=<id>` is that
+    /// agent's; a call to `;account=<p>` (a project's external handler,
+    /// `<process>;handler=<h>;account=<p>`) belongs to the keys that subscribe in that scope
+    /// (the project's project, user and environment agent keys, not its host agents); a raw
+    /// call (`<process>;handler=<h>`) to admin and service keys only, who may answer any.
     pub fn may_answer(&self, addressee: Qualifier) -> bool {
         match (self.scope, addressee) {
             (Qualifier::Raw, _) => true,
             (_, Qualifier::Agent(agent)) => self.agent == Some(agent),
-            (_, Qualifier::Account(project)) => self.project == Some(project),
+            (scope, Qualifier::Account(project)) => scope == Qualifier::Account(project),
             (_, Qualifier::Raw) => false,
         }
-    }
-}
-
-/// Whom a request is addressed to, read off its name's qualifier.
-pub fn addressee(name: &str) -> Qualifier {
-    let Some((_, suffix)) = name.split_once(names::SEPARATOR) else {
-        return Qualifier::Raw;
-    };
-    let parse = |prefix: &str| suffix.strip_prefix(prefix).and_then(|id| id.parse().ok());
-    if let Some(agent) = parse("agent=") {
-        Qualifier::Agent(agent)
-    } else if let Some(project) = parse("account=") {
-        Qualifier::Account(project)
-    } else {
-        Qualifier::Raw
     }
 }
 
@@ -505,7 +497,7 @@ impl Hub {
                 Target::Socket(subscriber) => {
                     let text = if subscriber.strip {
                         stripped_text.get_or_insert_with(|| {
-                            event.to_json_with_name(names::base(name)).into()
+                            event.to_json_with_name(names::strip_scope(name)).into()
                         })
                     } else {
                         &*full_text.get_or_insert_with(|| event.to_json_with_name(name).into())
@@ -620,7 +612,7 @@ impl Hub {
             .insert(
                 request_id.clone(),
                 PendingCall {
-                    addressee: addressee(request.name()),
+                    addressee: names::scope(request.name()),
                     name: request.name().into(),
                     tx,
                     resend: resend.clone(),
@@ -918,6 +910,82 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(admin.await.unwrap(), 1);
+    }
+
+    fn project_origin(project: i64) -> Origin {
+        Origin {
+            scope: Qualifier::Account(project),
+            agent: None,
+            project: Some(project),
+        }
+    }
+
+    #[tokio::test]
+    async fn handler_calls_are_delivered_with_the_handler_and_answered_in_scope() {
+        let hub = hub();
+        let scoped = names::for_handler("instance.start", "x", Some(1));
+        // A project key's subscription, as ws.rs makes it, and another project's.
+        let mut mine = hub.subscribe(
+            vec![Qualifier::Account(1).qualify("instance.start;handler=x")],
+            true,
+            8,
+            None,
+        );
+        let mut theirs = hub.subscribe(
+            vec![Qualifier::Account(2).qualify("instance.start;handler=x")],
+            true,
+            8,
+            None,
+        );
+        let responder = {
+            let hub = hub.clone();
+            tokio::spawn(async move {
+                let text = mine.rx.recv().await.unwrap();
+                let request: Event = serde_json::from_str(text.as_str()).unwrap();
+                assert_eq!(request.name(), "instance.start;handler=x");
+                // Project 1's host agent, project 2's key: not the addressee.
+                let reply = request.reply().unwrap();
+                assert_eq!(hub.publish_from(&reply, &agent_origin(5, 1)), 0);
+                assert_eq!(hub.publish_from(&reply, &project_origin(2)), 0);
+                assert_eq!(hub.publish_from(&reply, &project_origin(1)), 1);
+                mine
+            })
+        };
+        hub.call(Event::new(&scoped), Duration::from_secs(5), |_| {})
+            .await
+            .unwrap();
+        let _mine = responder.await.unwrap();
+        assert!(
+            theirs.rx.try_recv().is_err(),
+            "project 2 saw project 1's call"
+        );
+        // A raw handler call: only admin and service keys answer it.
+        let mut admin = hub.subscribe(vec!["instance.stop;handler=x".into()], false, 8, None);
+        let responder = {
+            let hub = hub.clone();
+            tokio::spawn(async move {
+                let text = admin.rx.recv().await.unwrap();
+                let request: Event = serde_json::from_str(text.as_str()).unwrap();
+                assert_eq!(request.name(), "instance.stop;handler=x");
+                let reply = request.reply().unwrap();
+                assert_eq!(hub.publish_from(&reply, &project_origin(1)), 0);
+                assert_eq!(hub.publish_from(&reply, &Origin::PRIVILEGED), 1);
+            })
+        };
+        hub.call(
+            Event::new(names::for_handler("instance.stop", "x", None)),
+            Duration::from_secs(5),
+            |_| {},
+        )
+        .await
+        .unwrap();
+        responder.await.unwrap();
+        assert!(
+            hub.inner
+                .metrics
+                .render()
+                .contains("drover_replies_rejected_total 3")
+        );
     }
 
     #[tokio::test]

@@ -219,7 +219,7 @@ fn resume_plan(from: i64, qualified: &[String], strips: bool) -> Option<Resume> 
             continue;
         }
         wanted = true;
-        match crate::hub::addressee(name) {
+        match names::scope(name) {
             Qualifier::Account(account) => {
                 let shown = if strips {
                     names::base(name)

@@ -512,18 +512,35 @@ async fn theirs_marker(_server: &TestServer, other: &Client) -> String {
     created["id"].as_str().unwrap().to_owned()
 }
 
+/// The API's own description drives a container, under each path the API is served at: a
+/// client configured with `…/v1` and one configured with `…/v2-beta` (the original's Go
+/// client's) see the same system, every link under the path they used.
 #[tokio::test]
 async fn schemas_let_a_generic_client_drive_a_container() {
+    for version in ["v1", "v2-beta"] {
+        generic_client_drives_a_container(version).await;
+    }
+}
+
+async fn generic_client_drives_a_container(version: &str) {
     let server = TestServer::start_with(FAST).await;
     let (_, _, _agent) = server
         .host_with_agent("host-1", TestAgent::always_ok())
         .await;
-    let root = server.admin.get("").await.unwrap();
-    let schemas = server
-        .admin
-        .get(root["links"]["schemas"].as_str().unwrap())
-        .await
-        .unwrap();
+    let base = format!("{}/{version}", server.url);
+    let client = server.admin.with_key_at(&base).unwrap();
+    assert_eq!(client.base_url(), base);
+    let under = |link: &Value| {
+        let link = link.as_str().unwrap_or_else(|| panic!("no link: {link}"));
+        assert!(
+            link.starts_with(&format!("{base}/")) || link.starts_with(&format!("{base}?")),
+            "{link} is not under {base}"
+        );
+        link.to_owned()
+    };
+    let root = client.get("").await.unwrap();
+    assert_eq!(root["id"], version);
+    let schemas = client.get(&under(&root["links"]["schemas"])).await.unwrap();
     let container = schemas["data"]
         .as_array()
         .unwrap()
@@ -544,31 +561,27 @@ async fn schemas_let_a_generic_client_drive_a_container() {
     assert!(container["resourceActions"].get("start").is_some());
     assert!(container["collectionFilters"].get("state").is_some());
     // Create through the advertised collection link, poll, act through advertised action links.
-    let created = server
-        .admin
+    let created = client
         .post(
-            container["links"]["collection"].as_str().unwrap(),
+            &under(&container["links"]["collection"]),
             &container_body("generic"),
         )
         .await
         .unwrap();
-    let self_link = created["links"]["self"].as_str().unwrap().to_owned();
-    let running = wait_change(&server.admin, &self_link, "running", |r| {
+    let self_link = under(&created["links"]["self"]);
+    let running = wait_change(&client, &self_link, "running", |r| {
         r["transitioning"] == "no"
     })
     .await;
-    let stop = running["actions"]["stop"].as_str().unwrap();
-    server.admin.post(stop, &json!({})).await.unwrap();
-    let stopped = wait_change(&server.admin, &self_link, "stopped", |r| {
+    let stop = under(&running["actions"]["stop"]);
+    client.post(&stop, &json!({})).await.unwrap();
+    let stopped = wait_change(&client, &self_link, "stopped", |r| {
         r["transitioning"] == "no"
     })
     .await;
     assert_eq!(stopped["state"], "stopped");
-    server.admin.delete(&self_link).await.unwrap();
-    wait_change(&server.admin, &self_link, "removed", |r| {
-        r["state"] == "removed"
-    })
-    .await;
+    client.delete(&self_link).await.unwrap();
+    wait_change(&client, &self_link, "removed", |r| r["state"] == "removed").await;
     // Filters and pagination.
     for n in 0..3 {
         server
@@ -580,24 +593,18 @@ async fn schemas_let_a_generic_client_drive_a_container() {
             .await
             .unwrap();
     }
-    let page = server
-        .admin
+    let page = client
         .get("containers?name_like=page-%25&limit=2")
         .await
         .unwrap();
     assert_eq!(page["data"].as_array().unwrap().len(), 2);
     assert_eq!(page["pagination"]["partial"], true);
-    let next = server
-        .admin
-        .get(page["pagination"]["next"].as_str().unwrap())
+    let next = client
+        .get(&under(&page["pagination"]["next"]))
         .await
         .unwrap();
     assert_eq!(next["data"].as_array().unwrap().len(), 1);
-    let not_removed = server
-        .admin
-        .get("containers?state_ne=removed")
-        .await
-        .unwrap();
+    let not_removed = client.get("containers?state_ne=removed").await.unwrap();
     assert!(
         not_removed["data"]
             .as_array()
@@ -606,8 +613,7 @@ async fn schemas_let_a_generic_client_drive_a_container() {
             .all(|c| c["state"] != "removed")
     );
     // Project-scoped URLs see the same project's resources.
-    let scoped = server
-        .admin
+    let scoped = client
         .get(&format!(
             "projects/1a{}/containers?name=generic",
             server.default_project()
@@ -615,8 +621,10 @@ async fn schemas_let_a_generic_client_drive_a_container() {
         .await
         .unwrap();
     assert_eq!(scoped["data"].as_array().unwrap().len(), 1);
+    under(&scoped["links"]["self"]);
+    under(&scoped["data"][0]["links"]["self"]);
     let response = reqwest::Client::new()
-        .get(format!("{}/v1/containers", server.url))
+        .get(format!("{base}/containers"))
         .basic_auth(
             drover_test_support::ADMIN_ACCESS,
             Some(drover_test_support::ADMIN_SECRET),
@@ -626,14 +634,13 @@ async fn schemas_let_a_generic_client_drive_a_container() {
         .unwrap();
     assert_eq!(
         response.headers()["x-api-schemas"],
-        format!("{}/v1/schemas", server.url).as_str()
+        format!("{base}/schemas").as_str()
     );
-    match server.admin.get("containers?color=blue").await {
+    match client.get("containers?color=blue").await {
         Err(Error::Api { status: 422, .. }) => {}
         other => panic!("expected a 422, got {other:?}"),
     }
-    match server
-        .admin
+    match client
         .post(
             "containers",
             &json!({"name": "x", "command": "not-an-array"}),

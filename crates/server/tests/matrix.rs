@@ -7,6 +7,9 @@
 //! The tables below are the policy. The test walks the API's own description of itself (the
 //! links of `GET /v1` and every schema of `/v1/schemas`): an endpoint or a reference field that
 //! the tables do not cover fails the test, so a new one cannot ship without a line here.
+//! `/v2-beta` is the same routes under another path (`api::version`), so it has no rows of its
+//! own: the test checks that it describes the same endpoints and answers every read of the
+//! tables as `/v1` does, for every kind of key.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -81,6 +84,16 @@ const PUBLISHES: &[(&str, [u16; 5])] = &[
     ("resource.change", [201, 403, 403, 403, 403]),
     ("compute.instance.activate", [201, 403, 403, 403, 403]),
     ("disconnect", [201, 403, 403, 403, 403]),
+];
+
+/// Replies to a call to an external handler (`names::for_handler`), for each kind: whether its
+/// reply completes the call. A project's handler (`<process>;handler=<h>;account=<A>`) is
+/// answered by the keys that subscribe in project A's scope (its project, user and environment
+/// agent keys; not its host agents), a handler of the whole system (`<process>;handler=<h>`)
+/// by admin and service keys only.
+const HANDLER_REPLIES: &[(&str, bool, [bool; 5])] = &[
+    ("project A's handler", true, [true, true, true, false, true]),
+    ("a raw handler", false, [true, false, false, false, false]),
 ];
 
 /// Types whose references an admin may point anywhere: admins make keys and accounts for every
@@ -300,8 +313,49 @@ async fn every_key_kind_reaches_only_what_the_policy_table_allows() {
                 wrong.push(format!("{path}: an endpoint the matrix does not cover"));
             }
         }
+        // `/v2-beta` describes the same endpoints, every link under `/v2-beta`.
+        let v2_base = format!("{}/v2-beta", server.url);
+        let v2_admin = server.admin.with_key_at(&v2_base).unwrap();
+        let v2_root = v2_admin.get("").await.unwrap();
+        let v2_schemas = v2_admin.get("schemas").await.unwrap();
+        let mut v2_described = BTreeSet::new();
+        let v2_links = v2_root["links"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(name, _)| !OTHER_LINKS.contains(&name.as_str()))
+            .map(|(_, link)| link)
+            .chain(
+                v2_schemas["data"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter_map(|schema| schema["links"].get("collection")),
+            );
+        for link in v2_links {
+            let link = link.as_str().unwrap();
+            let (_, path) = link.rsplit_once('/').unwrap();
+            let under = link.strip_prefix(v2_base.as_str()).is_some()
+                || link
+                    .strip_prefix(v2_base.replacen("http", "ws", 1).as_str())
+                    .is_some();
+            if !under {
+                wrong.push(format!("/v2-beta describes {link}, not under /v2-beta"));
+            }
+            v2_described.insert(path.to_owned());
+        }
+        if v2_described != described {
+            wrong.push(format!(
+                "/v2-beta describes {v2_described:?}, /v1 {described:?}"
+            ));
+        }
 
-        // 2. Reads, and what a 200 shows.
+        // 2. Reads, and what a 200 shows; under `/v2-beta` as under `/v1`.
+        let v2_clients: Vec<Client> = keys
+            .clients
+            .iter()
+            .map(|client| client.with_key_at(&v2_base).unwrap())
+            .collect();
         for (path, expected) in READS {
             for (k, client) in keys.clients.iter().enumerate() {
                 let result = client.get(path).await;
@@ -312,6 +366,16 @@ async fn every_key_kind_reaches_only_what_the_policy_table_allows() {
                 if got != expected[k] {
                     wrong.push(format!(
                         "GET {path} as {}: {got}, expected {}",
+                        KINDS[k], expected[k]
+                    ));
+                }
+                let v2_got = match v2_clients[k].get(path).await {
+                    Err(Error::Refused { status, .. }) => status,
+                    other => status(&other),
+                };
+                if v2_got != expected[k] {
+                    wrong.push(format!(
+                        "GET /v2-beta/{path} as {}: {v2_got}, expected {}",
                         KINDS[k], expected[k]
                     ));
                 }
@@ -669,5 +733,55 @@ async fn event_streams_and_replies_stay_inside_the_project() {
             .unwrap();
         let done = wait_state(&keys.clients[1], &path, "running").await;
         assert_eq!(done["externalId"], "real");
+
+        // Calls to external handlers: who completes them.
+        let mut wrong = Vec::new();
+        for (what, scoped, expected) in HANDLER_REPLIES {
+            let name = drover_proto::names::for_handler("matrix.handler", "m", scoped.then_some(a));
+            let mut watch = server
+                .admin
+                .subscribe(Subscribe::names([name.as_str()]))
+                .await
+                .unwrap();
+            tokio::time::timeout(Duration::from_secs(20), watch.next_event())
+                .await
+                .expect("the first ping")
+                .unwrap()
+                .unwrap();
+            for (k, client) in keys.clients.iter().enumerate() {
+                let hub = server.server.state.hub.clone();
+                let call = tokio::spawn({
+                    let name = name.clone();
+                    async move {
+                        hub.call(Event::new(name), Duration::from_secs(60), |_| {})
+                            .await
+                    }
+                });
+                let request = tokio::time::timeout(Duration::from_secs(20), watch.next_non_ping())
+                    .await
+                    .expect("the call is sent")
+                    .unwrap()
+                    .unwrap();
+                client
+                    .reply(&request, json!({"by": KINDS[k]}))
+                    .await
+                    .unwrap();
+                // Whoever was refused, the admin's reply ends the call.
+                server
+                    .admin
+                    .reply(&request, json!({"by": "fallback"}))
+                    .await
+                    .unwrap();
+                let reply = call.await.unwrap().unwrap();
+                let answered = reply.data == Some(json!({"by": KINDS[k]}));
+                if answered != expected[k] {
+                    wrong.push(format!(
+                        "reply to {what} ({name}) as {}: completed={answered}",
+                        KINDS[k]
+                    ));
+                }
+            }
+        }
+        assert!(wrong.is_empty(), "policy violations:\n{}", wrong.join("\n"));
     }
 }

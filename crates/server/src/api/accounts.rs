@@ -4,7 +4,7 @@
 //! projects and user accounts; everyone sees the project they act in.
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use drover_proto::ids;
@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::render::{collection, resource, rfc3339};
-use super::{ApiJson, base_url};
+use super::{ApiJson, Base};
 use crate::auth::Auth;
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -52,15 +52,14 @@ fn render(base: &str, account: &Account) -> Value {
     if let Some(agent) = account.agent_id {
         fields.insert("agentId".into(), json!(ids::format("agent", agent)));
     }
-    resource(api_type, &id, format!("{base}/v1/{path}/{id}"), fields)
+    resource(api_type, &id, format!("{base}/{path}/{id}"), fields)
 }
 
 async fn list_projects(
     State(state): State<AppState>,
     Auth(principal): Auth,
-    headers: HeaderMap,
+    base: Base,
 ) -> Result<Json<Value>, ApiError> {
-    let base = base_url(&headers);
     let data = state
         .store
         .list_accounts(AccountKind::Project)
@@ -71,7 +70,7 @@ async fn list_projects(
         .collect();
     Ok(Json(collection(
         "project",
-        format!("{base}/v1/projects"),
+        format!("{base}/projects"),
         data,
     )))
 }
@@ -80,7 +79,7 @@ async fn get_project(
     State(state): State<AppState>,
     Auth(principal): Auth,
     Path(project): Path<String>,
-    headers: HeaderMap,
+    base: Base,
 ) -> Result<Json<Value>, ApiError> {
     let project_id = super::project_id(&state, &project).await?;
     principal
@@ -91,13 +90,13 @@ async fn get_project(
         .get_account(project_id)
         .await?
         .ok_or_else(|| ApiError::not_found("project vanished"))?;
-    Ok(Json(render(&base_url(&headers), &account)))
+    Ok(Json(render(&base, &account)))
 }
 
 async fn create_project(
     State(state): State<AppState>,
     Auth(principal): Auth,
-    headers: HeaderMap,
+    base: Base,
     ApiJson(body): ApiJson<NewAccount>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     if !principal.is_privileged() {
@@ -111,21 +110,17 @@ async fn create_project(
         .store
         .create_account(AccountKind::Project, &name, None)
         .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(render(&base_url(&headers), &project)),
-    ))
+    Ok((StatusCode::CREATED, Json(render(&base, &project))))
 }
 
 async fn list_accounts(
     State(state): State<AppState>,
     Auth(principal): Auth,
-    headers: HeaderMap,
+    base: Base,
 ) -> Result<Json<Value>, ApiError> {
     if !principal.is_privileged() {
         return Err(ApiError::forbidden("only admins list accounts"));
     }
-    let base = base_url(&headers);
     let mut data = Vec::new();
     for kind in [
         AccountKind::Admin,
@@ -145,7 +140,7 @@ async fn list_accounts(
     }
     Ok(Json(collection(
         "account",
-        format!("{base}/v1/accounts"),
+        format!("{base}/accounts"),
         data,
     )))
 }
@@ -153,7 +148,7 @@ async fn list_accounts(
 async fn create_account(
     State(state): State<AppState>,
     Auth(principal): Auth,
-    headers: HeaderMap,
+    base: Base,
     ApiJson(body): ApiJson<NewAccount>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     if !principal.is_privileged() {
@@ -194,8 +189,5 @@ async fn create_account(
         }
     };
     let account = state.store.create_account(kind, &name, project_id).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(render(&base_url(&headers), &account)),
-    ))
+    Ok((StatusCode::CREATED, Json(render(&base, &account))))
 }

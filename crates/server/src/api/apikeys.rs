@@ -5,7 +5,7 @@
 //! answer to the create.
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use drover_proto::ids;
@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::render::{collection, resource, rfc3339};
-use super::{ApiJson, base_url};
+use super::{ApiJson, Base};
 use crate::auth::{Auth, Principal};
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -55,7 +55,7 @@ fn render(base: &str, credential: &Credential, secret: Option<&str>) -> Value {
     fields.insert("state".into(), json!(credential.state));
     fields.insert("created".into(), json!(rfc3339(credential.created)));
     fields.insert("createdTS".into(), json!(credential.created));
-    let self_link = format!("{base}/v1/apikeys/{id}");
+    let self_link = format!("{base}/apikeys/{id}");
     resource("apiKey", &id, self_link, fields)
 }
 
@@ -67,14 +67,13 @@ fn visible(principal: &Principal, credential: &Credential) -> bool {
 async fn list(
     State(state): State<AppState>,
     Auth(principal): Auth,
-    headers: HeaderMap,
+    base: Base,
 ) -> Result<Json<Value>, ApiError> {
     let scope = if principal.is_privileged() {
         None
     } else {
         Some(principal.account.id)
     };
-    let base = base_url(&headers);
     let data = state
         .store
         .list_keys(scope)
@@ -85,22 +84,17 @@ async fn list(
         })
         .map(|credential| render(&base, credential, None))
         .collect();
-    Ok(Json(collection(
-        "apiKey",
-        format!("{base}/v1/apikeys"),
-        data,
-    )))
+    Ok(Json(collection("apiKey", format!("{base}/apikeys"), data)))
 }
 
 async fn list_project(
     State(state): State<AppState>,
     Auth(principal): Auth,
     Path(project): Path<String>,
-    headers: HeaderMap,
+    base: Base,
 ) -> Result<Json<Value>, ApiError> {
     let project_id = super::project_id(&state, &project).await?;
     principal.check_project(project_id)?;
-    let base = base_url(&headers);
     let data = state
         .store
         .list_keys(Some(project_id))
@@ -111,7 +105,7 @@ async fn list_project(
         .collect();
     Ok(Json(collection(
         "apiKey",
-        format!("{base}/v1/projects/{project}/apikeys"),
+        format!("{base}/projects/{project}/apikeys"),
         data,
     )))
 }
@@ -119,7 +113,7 @@ async fn list_project(
 async fn create(
     State(state): State<AppState>,
     Auth(principal): Auth,
-    headers: HeaderMap,
+    base: Base,
     ApiJson(body): ApiJson<NewApiKey>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let account_id = match body.account_id.as_deref() {
@@ -132,24 +126,24 @@ async fn create(
         })?,
         None => principal.account.id,
     };
-    create_for(&state, &principal, &headers, account_id, body).await
+    create_for(&state, &principal, &base, account_id, body).await
 }
 
 async fn create_project(
     State(state): State<AppState>,
     Auth(principal): Auth,
     Path(project): Path<String>,
-    headers: HeaderMap,
+    base: Base,
     ApiJson(body): ApiJson<NewApiKey>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let project_id = super::project_id(&state, &project).await?;
-    create_for(&state, &principal, &headers, project_id, body).await
+    create_for(&state, &principal, &base, project_id, body).await
 }
 
 async fn create_for(
     state: &AppState,
     principal: &Principal,
-    headers: &HeaderMap,
+    base: &Base,
     account_id: i64,
     body: NewApiKey,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
@@ -185,11 +179,7 @@ async fn create_for(
         .await?;
     Ok((
         StatusCode::CREATED,
-        Json(render(
-            &base_url(headers),
-            &key.credential,
-            Some(&key.secret_value),
-        )),
+        Json(render(base, &key.credential, Some(&key.secret_value))),
     ))
 }
 
@@ -207,17 +197,17 @@ async fn get_one(
     State(state): State<AppState>,
     Auth(principal): Auth,
     Path(id): Path<String>,
-    headers: HeaderMap,
+    base: Base,
 ) -> Result<Json<Value>, ApiError> {
     let credential = find(&state, &principal, &id).await?;
-    Ok(Json(render(&base_url(&headers), &credential, None)))
+    Ok(Json(render(&base, &credential, None)))
 }
 
 async fn remove(
     State(state): State<AppState>,
     Auth(principal): Auth,
     Path(id): Path<String>,
-    headers: HeaderMap,
+    base: Base,
 ) -> Result<Json<Value>, ApiError> {
     let credential = find(&state, &principal, &id).await?;
     let removed = state
@@ -227,5 +217,5 @@ async fn remove(
         .ok_or_else(|| ApiError::not_found("key vanished"))?;
     state.keys.forget(&removed.public_value);
     state.cluster.key_changed(&removed.public_value);
-    Ok(Json(render(&base_url(&headers), &removed, None)))
+    Ok(Json(render(&base, &removed, None)))
 }

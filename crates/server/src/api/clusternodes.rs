@@ -2,13 +2,12 @@
 //! last heartbeat and what each holds: the leader duty, process leases, agent sessions.
 
 use axum::extract::{Path, State};
-use axum::http::HeaderMap;
 use axum::routing::get;
 use axum::{Json, Router};
 use drover_store::NodeRow;
 use serde_json::{Value, json};
 
-use super::base_url;
+use super::Base;
 use super::render::collection;
 use crate::auth::Auth;
 use crate::error::ApiError;
@@ -26,7 +25,7 @@ fn render(base: &str, state: &AppState, node: &NodeRow) -> Value {
     json!({
         "id": node.id,
         "type": "clusterNode",
-        "links": {"self": format!("{base}/v1/clusternodes/{}", node.id)},
+        "links": {"self": format!("{base}/clusternodes/{}", node.id)},
         "actions": {},
         "name": node.name,
         "state": if alive { "alive" } else { "dead" },
@@ -46,10 +45,9 @@ fn render(base: &str, state: &AppState, node: &NodeRow) -> Value {
 async fn list(
     State(state): State<AppState>,
     Auth(principal): Auth,
-    headers: HeaderMap,
+    base: Base,
 ) -> Result<Json<Value>, ApiError> {
     principal.require_privileged("cluster nodes are for admins")?;
-    let base = base_url(&headers);
     let data = state
         .store
         .cluster_nodes()
@@ -59,7 +57,7 @@ async fn list(
         .collect();
     Ok(Json(collection(
         "clusterNode",
-        format!("{base}/v1/clusternodes"),
+        format!("{base}/clusternodes"),
         data,
     )))
 }
@@ -68,10 +66,9 @@ async fn get_one(
     State(state): State<AppState>,
     Auth(principal): Auth,
     Path(id): Path<String>,
-    headers: HeaderMap,
+    base: Base,
 ) -> Result<Json<Value>, ApiError> {
     principal.require_privileged("cluster nodes are for admins")?;
-    let base = base_url(&headers);
     state
         .store
         .cluster_nodes()

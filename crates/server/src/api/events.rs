@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use drover_proto::ids;
@@ -22,7 +22,7 @@ use serde_json::{Map, Value, json};
 
 use super::render::{collection, rfc3339};
 use super::resources::{pagination, parse_limit, parse_marker};
-use super::{ApiJson, base_url};
+use super::{ApiJson, Base};
 use crate::auth::{Auth, Principal};
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -80,12 +80,12 @@ pub fn render(base: &str, event: &EventRecord) -> Value {
     let mut links = Map::new();
     links.insert(
         "self".into(),
-        json!(format!("{base}/v1/{}/{id}", plural(event.kind))),
+        json!(format!("{base}/{}/{id}", plural(event.kind))),
     );
     if let Some(host) = event.host_id {
         links.insert(
             "host".into(),
-            json!(format!("{base}/v1/hosts/{}", ids::format("host", host))),
+            json!(format!("{base}/hosts/{}", ids::format("host", host))),
         );
     }
     let mut out = json!({
@@ -283,7 +283,7 @@ async fn post_container(
     State(state): State<AppState>,
     Auth(principal): Auth,
     Path(params): Params,
-    headers: HeaderMap,
+    base: Base,
     ApiJson(body): ApiJson<ContainerEventBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     check_scope(&state, &principal, &params).await?;
@@ -314,17 +314,14 @@ async fn post_container(
         .await
         .map_err(|error| too_many(&state, error, host_id))?;
     state.events.wake();
-    Ok((
-        StatusCode::CREATED,
-        Json(render(&base_url(&headers), &event)),
-    ))
+    Ok((StatusCode::CREATED, Json(render(&base, &event))))
 }
 
 async fn post_service(
     State(state): State<AppState>,
     Auth(principal): Auth,
     Path(params): Params,
-    headers: HeaderMap,
+    base: Base,
     ApiJson(body): ApiJson<ServiceEventBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     check_scope(&state, &principal, &params).await?;
@@ -379,10 +376,7 @@ async fn post_service(
         .await
         .map_err(|error| too_many(&state, error, host_id))?;
     state.events.wake();
-    Ok((
-        StatusCode::CREATED,
-        Json(render(&base_url(&headers), &event)),
-    ))
+    Ok((StatusCode::CREATED, Json(render(&base, &event))))
 }
 
 /// Who sees which events: admins all (or one project's through a project URL), everyone
@@ -407,7 +401,7 @@ async fn list_events(
     principal: std::sync::Arc<Principal>,
     params: HashMap<String, String>,
     raw: Option<String>,
-    headers: HeaderMap,
+    base: Base,
 ) -> Result<Json<Value>, ApiError> {
     let scoped = check_scope(&state, &principal, &params).await?;
     let mut filter = EventFilter {
@@ -473,10 +467,9 @@ async fn list_events(
         });
     }
     let page = state.store.list_events(kind, &filter).await?;
-    let base = base_url(&headers);
     let path = match params.get("project") {
-        Some(project) => format!("{base}/v1/projects/{project}/{}", plural(kind)),
-        None => format!("{base}/v1/{}", plural(kind)),
+        Some(project) => format!("{base}/projects/{project}/{}", plural(kind)),
+        None => format!("{base}/{}", plural(kind)),
     };
     let data = page.data.iter().map(|event| render(&base, event)).collect();
     let mut body = collection(api_type(kind), path.clone(), data);
@@ -489,7 +482,7 @@ async fn get_event(
     state: AppState,
     principal: std::sync::Arc<Principal>,
     params: HashMap<String, String>,
-    headers: HeaderMap,
+    base: Base,
 ) -> Result<Json<Value>, ApiError> {
     let scoped = check_scope(&state, &principal, &params).await?;
     let text = params.get("id").map(String::as_str).unwrap_or("");
@@ -505,7 +498,7 @@ async fn get_event(
     {
         return Err(not_found());
     }
-    Ok(Json(render(&base_url(&headers), &event)))
+    Ok(Json(render(&base, &event)))
 }
 
 async fn list_container(
@@ -513,9 +506,9 @@ async fn list_container(
     Auth(principal): Auth,
     Path(params): Params,
     RawQuery(raw): RawQuery,
-    headers: HeaderMap,
+    base: Base,
 ) -> Result<Json<Value>, ApiError> {
-    list_events(EventKind::Container, state, principal, params, raw, headers).await
+    list_events(EventKind::Container, state, principal, params, raw, base).await
 }
 
 async fn list_service(
@@ -523,27 +516,27 @@ async fn list_service(
     Auth(principal): Auth,
     Path(params): Params,
     RawQuery(raw): RawQuery,
-    headers: HeaderMap,
+    base: Base,
 ) -> Result<Json<Value>, ApiError> {
-    list_events(EventKind::Service, state, principal, params, raw, headers).await
+    list_events(EventKind::Service, state, principal, params, raw, base).await
 }
 
 async fn get_container(
     State(state): State<AppState>,
     Auth(principal): Auth,
     Path(params): Params,
-    headers: HeaderMap,
+    base: Base,
 ) -> Result<Json<Value>, ApiError> {
-    get_event(EventKind::Container, state, principal, params, headers).await
+    get_event(EventKind::Container, state, principal, params, base).await
 }
 
 async fn get_service(
     State(state): State<AppState>,
     Auth(principal): Auth,
     Path(params): Params,
-    headers: HeaderMap,
+    base: Base,
 ) -> Result<Json<Value>, ApiError> {
-    get_event(EventKind::Service, state, principal, params, headers).await
+    get_event(EventKind::Service, state, principal, params, base).await
 }
 
 fn admin(principal: &Principal) -> Result<(), ApiError> {
@@ -564,8 +557,8 @@ fn cleanup_json(base: &str, state: &AppState) -> Value {
     json!({
         "id": "table.cleanup",
         "type": "cleanup",
-        "links": {"self": format!("{base}/v1/cleanup")},
-        "actions": {"run": format!("{base}/v1/cleanup?action=run")},
+        "links": {"self": format!("{base}/cleanup")},
+        "actions": {"run": format!("{base}/cleanup?action=run")},
         "nextRun": state.cleanup.next_run().map(rfc3339),
         "lastRun": state.cleanup.last().map(|report| crate::cleanup::render(base, &report)),
         "settings": settings,
@@ -575,10 +568,10 @@ fn cleanup_json(base: &str, state: &AppState) -> Value {
 async fn cleanup_status(
     State(state): State<AppState>,
     Auth(principal): Auth,
-    headers: HeaderMap,
+    base: Base,
 ) -> Result<Json<Value>, ApiError> {
     admin(&principal)?;
-    Ok(Json(cleanup_json(&base_url(&headers), &state)))
+    Ok(Json(cleanup_json(&base, &state)))
 }
 
 /// `POST /v1/cleanup?action=run`: runs the job now and answers with its report.
@@ -586,7 +579,7 @@ async fn cleanup_action(
     State(state): State<AppState>,
     Auth(principal): Auth,
     RawQuery(raw): RawQuery,
-    headers: HeaderMap,
+    base: Base,
 ) -> Result<Json<Value>, ApiError> {
     admin(&principal)?;
     let action = form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
@@ -610,5 +603,5 @@ async fn cleanup_action(
         }
     }
     let report = state.cleanup.run_now(&state, "api").await;
-    Ok(Json(crate::cleanup::render(&base_url(&headers), &report)))
+    Ok(Json(crate::cleanup::render(&base, &report)))
 }

@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, StatusCode};
 use drover_store::{IdempotencyKey, Idempotent};
 use serde_json::{Map, Value};
 
-use super::base_url;
+use super::Base;
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -84,20 +84,17 @@ pub(super) fn key(
 /// create answers (201), or why not.
 pub(super) fn answer(
     state: &AppState,
-    headers: &HeaderMap,
+    base: &Base,
     found: Idempotent,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     match found {
         Idempotent::Created(scheduled) => Ok((
             StatusCode::CREATED,
-            Json(super::resources::render(
-                &base_url(headers),
-                &scheduled.resource,
-            )),
+            Json(super::resources::render(base, &scheduled.resource)),
         )),
         Idempotent::Existing(Some(resource)) => Ok((
             StatusCode::CREATED,
-            Json(super::resources::render(&base_url(headers), &resource)),
+            Json(super::resources::render(base, &resource)),
         )),
         Idempotent::Existing(None) => Err(ApiError::new(
             StatusCode::CONFLICT,

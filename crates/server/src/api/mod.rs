@@ -1,4 +1,5 @@
 //! The HTTP API: one file per resource, each exposing its routes; [`router`] merges them.
+//! Routes are written under `/v1`; [`version`] serves the same routes at `/v2-beta`.
 
 mod accounts;
 mod apikeys;
@@ -16,6 +17,7 @@ mod schemas;
 mod settings;
 pub(crate) mod text;
 mod ui;
+pub mod version;
 
 use std::time::Duration;
 
@@ -32,10 +34,19 @@ use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
 use crate::error::ApiError;
 use crate::state::AppState;
 
-pub use render::base_url;
+pub use version::{ApiVersion, Base};
 
-/// The whole HTTP surface of the server.
+/// The whole HTTP surface of the server: the API at `/v1` and `/v2-beta` ([`version::map`]
+/// routes the second as the first, before routing), the web UI, `/healthz`, `/metrics`.
 pub fn router(state: AppState) -> Router {
+    let routes = routes(state);
+    Router::new().fallback_service(tower::util::MapRequest::new(
+        routes,
+        version::map as fn(Request) -> Request,
+    ))
+}
+
+fn routes(state: AppState) -> Router {
     let (max_body, body_timeout) = {
         let tunables = state.settings.server();
         (tunables.max_body_bytes, tunables.http_body_timeout)
@@ -119,13 +130,17 @@ async fn utf8_path(
     next.run(request).await
 }
 
-/// Adds `X-API-Schemas` to every API response, as GDAPI clients expect.
+/// Adds `X-API-Schemas` to every API response, as GDAPI clients expect: the schemas under
+/// the version path the request used.
 async fn schemas_header(
     request: Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     let api = request.uri().path().starts_with("/v1");
-    let schemas = api.then(|| format!("{}/v1/schemas", base_url(request.headers())));
+    let schemas = api.then(|| {
+        let base = Base::new(request.headers(), ApiVersion::of(request.extensions()));
+        format!("{base}/schemas")
+    });
     let mut response = next.run(request).await;
     if let Some(value) = schemas.and_then(|text| axum::http::HeaderValue::from_str(&text).ok()) {
         response.headers_mut().insert("x-api-schemas", value);
@@ -280,7 +295,7 @@ async fn not_found(State(state): State<AppState>, request: Request) -> ApiError 
     ApiError::not_found(format!(
         "no such resource: {} {}",
         request.method(),
-        request.uri().path()
+        ApiVersion::of(request.extensions()).shown(request.uri().path())
     ))
 }
 
@@ -294,7 +309,7 @@ async fn method_not_allowed(State(state): State<AppState>, request: Request) -> 
         format!(
             "{} is not allowed on {}",
             request.method(),
-            request.uri().path()
+            ApiVersion::of(request.extensions()).shown(request.uri().path())
         ),
     )
 }

@@ -2,14 +2,14 @@
 //! `processSummary`: "what is stuck and why" in one request.
 
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use drover_proto::ids;
 use drover_store::{ProcessFilter, ProcessInstance, ResourceKind, ScheduleError};
 use serde_json::{Value, json};
 
-use super::base_url;
+use super::Base;
 use super::render::{collection, rfc3339};
 use crate::auth::{Auth, Principal};
 use crate::error::ApiError;
@@ -46,7 +46,7 @@ fn render(base: &str, process: &ProcessInstance, now: i64) -> Value {
     let api_type = process.kind.api_type();
     let resource_id = ids::format(api_type, process.resource_id);
     let plural = super::schema::of_kind(process.kind).plural;
-    let self_link = format!("{base}/v1/processinstances/{id}");
+    let self_link = format!("{base}/processinstances/{id}");
     let status = status(process, now);
     let mut actions = serde_json::Map::new();
     if status != "running" && process.result.as_deref() != Some("SUCCESS") {
@@ -60,8 +60,8 @@ fn render(base: &str, process: &ProcessInstance, now: i64) -> Value {
         "type": "processInstance",
         "links": {
             "self": self_link,
-            "resource": format!("{base}/v1/{plural}/{resource_id}"),
-            "processExecutions": format!("{base}/v1/processexecutions?processInstanceId={id}"),
+            "resource": format!("{base}/{plural}/{resource_id}"),
+            "processExecutions": format!("{base}/processexecutions?processInstanceId={id}"),
         },
         "actions": actions,
         "processName": process.process_name,
@@ -151,14 +151,13 @@ async fn list(
     State(state): State<AppState>,
     Auth(principal): Auth,
     RawQuery(raw): RawQuery,
-    headers: HeaderMap,
+    base: Base,
 ) -> Result<Json<Value>, ApiError> {
     admin(&principal)?;
     let filter = filter(raw.as_deref())?;
     let page = state.store.list_processes(&filter).await?;
-    let base = base_url(&headers);
     let now = drover_proto::event::now_millis();
-    let path = format!("{base}/v1/processinstances");
+    let path = format!("{base}/processinstances");
     let data = page
         .data
         .iter()
@@ -180,12 +179,12 @@ async fn get_one(
     State(state): State<AppState>,
     Auth(principal): Auth,
     Path(id): Path<String>,
-    headers: HeaderMap,
+    base: Base,
 ) -> Result<Json<Value>, ApiError> {
     admin(&principal)?;
     let process = find(&state, &id).await?;
     Ok(Json(render(
-        &base_url(&headers),
+        &base,
         &process,
         drover_proto::event::now_millis(),
     )))
@@ -196,7 +195,7 @@ async fn action(
     Auth(principal): Auth,
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
-    headers: HeaderMap,
+    base: Base,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     admin(&principal)?;
     let process = find(&state, &id).await?;
@@ -254,11 +253,7 @@ async fn action(
     };
     Ok((
         StatusCode::ACCEPTED,
-        Json(render(
-            &base_url(&headers),
-            &updated,
-            drover_proto::event::now_millis(),
-        )),
+        Json(render(&base, &updated, drover_proto::event::now_millis())),
     ))
 }
 
@@ -268,7 +263,7 @@ fn render_execution(base: &str, row: &drover_store::ExecutionRow) -> Value {
     json!({
         "id": id,
         "type": "processExecution",
-        "links": {"self": format!("{base}/v1/processexecutions/{id}"), "processInstance": format!("{base}/v1/processinstances/{process}")},
+        "links": {"self": format!("{base}/processexecutions/{id}"), "processInstance": format!("{base}/processinstances/{process}")},
         "actions": {},
         "processInstanceId": process,
         "created": rfc3339(row.created),
@@ -285,7 +280,7 @@ async fn list_executions(
     State(state): State<AppState>,
     Auth(principal): Auth,
     RawQuery(raw): RawQuery,
-    headers: HeaderMap,
+    base: Base,
 ) -> Result<Json<Value>, ApiError> {
     admin(&principal)?;
     let process = form_urlencoded::parse(raw.as_deref().unwrap_or("").as_bytes())
@@ -299,7 +294,6 @@ async fn list_executions(
             )
         })?;
     let process = find(&state, &process).await?;
-    let base = base_url(&headers);
     let data = state
         .store
         .list_executions(process.id)
@@ -309,7 +303,7 @@ async fn list_executions(
         .collect();
     Ok(Json(collection(
         "processExecution",
-        format!("{base}/v1/processexecutions"),
+        format!("{base}/processexecutions"),
         data,
     )))
 }
@@ -318,7 +312,7 @@ async fn get_execution(
     State(state): State<AppState>,
     Auth(principal): Auth,
     Path(id): Path<String>,
-    headers: HeaderMap,
+    base: Base,
 ) -> Result<Json<Value>, ApiError> {
     admin(&principal)?;
     let not_found = || ApiError::not_found(format!("no process execution {id:?}"));
@@ -327,16 +321,15 @@ async fn get_execution(
         .get_execution(ids::parse("processExecution", &id).ok_or_else(not_found)?)
         .await?
         .ok_or_else(not_found)?;
-    Ok(Json(render_execution(&base_url(&headers), &row)))
+    Ok(Json(render_execution(&base, &row)))
 }
 
 async fn summary(
     State(state): State<AppState>,
     Auth(principal): Auth,
-    headers: HeaderMap,
+    base: Base,
 ) -> Result<Json<Value>, ApiError> {
     admin(&principal)?;
-    let base = base_url(&headers);
     let data = state
         .store
         .process_summary()
@@ -346,8 +339,8 @@ async fn summary(
             json!({
                 "id": row.process_name,
                 "type": "processSummary",
-                "links": {"self": format!("{base}/v1/processsummary"),
-                          "processInstances": format!("{base}/v1/processinstances?processName={}&state=pending", row.process_name)},
+                "links": {"self": format!("{base}/processsummary"),
+                          "processInstances": format!("{base}/processinstances?processName={}&state=pending", row.process_name)},
                 "actions": {},
                 "processName": row.process_name,
                 "running": row.running,
@@ -359,7 +352,7 @@ async fn summary(
         .collect();
     Ok(Json(collection(
         "processSummary",
-        format!("{base}/v1/processsummary"),
+        format!("{base}/processsummary"),
         data,
     )))
 }

@@ -2,8 +2,8 @@
 //! agent trades a token for its own agent key.
 
 use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use drover_proto::ids;
@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::render::{collection, resource, rfc3339};
-use super::{ApiJson, base_url};
+use super::{ApiJson, Base};
 use crate::auth::{Auth, Principal};
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -47,10 +47,7 @@ fn render(base: &str, credential: &drover_store::Credential, token: Option<&str>
     fields.insert("name".into(), json!(credential.name));
     fields.insert("state".into(), json!(credential.state));
     fields.insert("created".into(), json!(rfc3339(credential.created)));
-    fields.insert(
-        "registrationUrl".into(),
-        json!(format!("{base}/v1/register")),
-    );
+    fields.insert("registrationUrl".into(), json!(format!("{base}/register")));
     if let Some(token) = token {
         fields.insert("token".into(), json!(token));
         fields.insert(
@@ -63,7 +60,7 @@ fn render(base: &str, credential: &drover_store::Credential, token: Option<&str>
     resource(
         "registrationToken",
         &id,
-        format!("{base}/v1/registrationtokens/{id}"),
+        format!("{base}/registrationtokens/{id}"),
         fields,
     )
 }
@@ -71,42 +68,37 @@ fn render(base: &str, credential: &drover_store::Credential, token: Option<&str>
 async fn list(
     State(state): State<AppState>,
     Auth(principal): Auth,
-    headers: HeaderMap,
+    base: Base,
 ) -> Result<Json<Value>, ApiError> {
     may_manage(&principal)?;
     let project = super::resources::scope(&state, &principal, &Default::default()).await?;
-    list_in(&state, project, &headers).await
+    list_in(&state, project, &base).await
 }
 
 async fn list_project(
     State(state): State<AppState>,
     Auth(principal): Auth,
     Path(project): Path<String>,
-    headers: HeaderMap,
+    base: Base,
 ) -> Result<Json<Value>, ApiError> {
     may_manage(&principal)?;
     let project = super::project_id(&state, &project).await?;
     principal.check_project(project)?;
-    list_in(&state, project, &headers).await
+    list_in(&state, project, &base).await
 }
 
-async fn list_in(
-    state: &AppState,
-    project: i64,
-    headers: &HeaderMap,
-) -> Result<Json<Value>, ApiError> {
-    let base = base_url(headers);
+async fn list_in(state: &AppState, project: i64, base: &Base) -> Result<Json<Value>, ApiError> {
     let data = state
         .store
         .list_keys(Some(project))
         .await?
         .iter()
         .filter(|key| key.kind == CredentialKind::RegistrationToken)
-        .map(|key| render(&base, key, None))
+        .map(|key| render(base, key, None))
         .collect();
     Ok(Json(collection(
         "registrationToken",
-        format!("{base}/v1/registrationtokens"),
+        format!("{base}/registrationtokens"),
         data,
     )))
 }
@@ -114,29 +106,29 @@ async fn list_in(
 async fn create(
     State(state): State<AppState>,
     Auth(principal): Auth,
-    headers: HeaderMap,
+    base: Base,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     may_manage(&principal)?;
     let project = super::resources::scope(&state, &principal, &Default::default()).await?;
-    create_in(&state, project, &headers).await
+    create_in(&state, project, &base).await
 }
 
 async fn create_project(
     State(state): State<AppState>,
     Auth(principal): Auth,
     Path(project): Path<String>,
-    headers: HeaderMap,
+    base: Base,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     may_manage(&principal)?;
     let project = super::project_id(&state, &project).await?;
     principal.check_project(project)?;
-    create_in(&state, project, &headers).await
+    create_in(&state, project, &base).await
 }
 
 async fn create_in(
     state: &AppState,
     project: i64,
-    headers: &HeaderMap,
+    base: &Base,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let key = state
         .store
@@ -150,7 +142,7 @@ async fn create_in(
     let token = format!("{}:{}", key.credential.public_value, key.secret_value);
     Ok((
         StatusCode::CREATED,
-        Json(render(&base_url(headers), &key.credential, Some(&token))),
+        Json(render(base, &key.credential, Some(&token))),
     ))
 }
 
@@ -195,7 +187,7 @@ async fn registrar(state: &AppState, parts: &Parts) -> Result<i64, ApiError> {
 
 async fn register(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    base: Base,
     request: axum::extract::Request,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let (parts, body) = request.into_parts();
@@ -257,7 +249,6 @@ async fn register(
     state.changes.changed(&registered.host, None);
     state.engine.wake();
     tracing::info!(agent = %ids::format("agent", registered.agent.id), new = registered.created, "agent registered");
-    let base = base_url(&headers);
     Ok((
         StatusCode::CREATED,
         Json(json!({
@@ -269,8 +260,8 @@ async fn register(
             "hostId": ids::format("host", registered.host.id),
             "accessKey": registered.key.credential.public_value,
             "secretKey": registered.key.secret_value,
-            "url": format!("{base}/v1"),
-            "links": {"agent": format!("{base}/v1/agents/{}", ids::format("agent", registered.agent.id))},
+            "url": base.as_str(),
+            "links": {"agent": format!("{base}/agents/{}", ids::format("agent", registered.agent.id))},
             "actions": {},
         })),
     ))

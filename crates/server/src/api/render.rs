@@ -1,22 +1,6 @@
 //! Rendering resources and collections in the GDAPI shape.
 
-use axum::http::HeaderMap;
-use axum::http::header::HOST;
 use serde_json::{Map, Value, json};
-
-/// The absolute base URL the client used (`http://host:port`), for links.
-pub fn base_url(headers: &HeaderMap) -> String {
-    let host = headers
-        .get(HOST)
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or("localhost");
-    let scheme = headers
-        .get("x-forwarded-proto")
-        .and_then(|value| value.to_str().ok())
-        .filter(|proto| *proto == "https" || *proto == "http")
-        .unwrap_or("http");
-    format!("{scheme}://{host}")
-}
 
 /// A collection: `{type:"collection", resourceType, links, data}`.
 pub fn collection(resource_type: &str, self_link: String, data: Vec<Value>) -> Value {

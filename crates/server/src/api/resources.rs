@@ -17,7 +17,7 @@ use drover_store::{
 use serde_json::{Map, Value, json};
 
 use super::schema::{self, TypeSchema};
-use super::{ApiJson, base_url};
+use super::{ApiJson, Base};
 use crate::auth::{Auth, Principal};
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -102,7 +102,7 @@ pub fn render(base: &str, resource: &Resource) -> Value {
     let schema = schema::of_kind(resource.kind);
     let mut out = drover_engine::render::resource_json(resource);
     let id = ids::format(resource.kind.api_type(), resource.id);
-    let self_link = format!("{base}/v1/{}/{id}", schema.plural);
+    let self_link = format!("{base}/{}/{id}", schema.plural);
     let mut actions = Map::new();
     for action in defs::actions_for(resource.kind, &resource.state) {
         actions.insert(action.into(), json!(format!("{self_link}?action={action}")));
@@ -112,7 +112,7 @@ pub fn render(base: &str, resource: &Resource) -> Value {
         "links".into(),
         json!({
             "self": self_link,
-            "processes": format!("{base}/v1/processinstances?resourceType={}&resourceId={id}", schema.id),
+            "processes": format!("{base}/processinstances?resourceType={}&resourceId={id}", schema.id),
         }),
     );
     out.insert("actions".into(), Value::Object(actions));
@@ -215,7 +215,7 @@ async fn list(
     Auth(principal): Auth,
     Path(params): Params,
     RawQuery(raw): RawQuery,
-    headers: HeaderMap,
+    base: Base,
 ) -> Result<impl IntoResponse, ApiError> {
     let schema = schema_of(&params)?;
     let project = scope(&state, &principal, &params).await?;
@@ -239,10 +239,9 @@ async fn list(
         .store
         .list_resources(schema.kind.expect("resource type"), &query)
         .await?;
-    let base = base_url(&headers);
     let path = match params.get("project") {
-        Some(project) => format!("{base}/v1/projects/{project}/{}", schema.plural),
-        None => format!("{base}/v1/{}", schema.plural),
+        Some(project) => format!("{base}/projects/{project}/{}", schema.plural),
+        None => format!("{base}/{}", schema.plural),
     };
     let data = page
         .data
@@ -286,10 +285,10 @@ async fn get_one(
     State(state): State<AppState>,
     Auth(principal): Auth,
     Path(params): Params,
-    headers: HeaderMap,
+    base: Base,
 ) -> Result<Json<Value>, ApiError> {
     let resource = target(&state, &principal, &params, "GET").await?;
-    Ok(Json(render(&base_url(&headers), &resource)))
+    Ok(Json(render(&base, &resource)))
 }
 
 /// Whether a value has a field's GDAPI type (`null` only when the field is not required).
@@ -584,6 +583,7 @@ async fn create(
     Auth(principal): Auth,
     Path(params): Params,
     headers: HeaderMap,
+    base: Base,
     ApiJson(body): ApiJson<Map<String, Value>>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let schema = schema_of(&params)?;
@@ -609,7 +609,7 @@ async fn create(
     if let Some(key) = &once
         && let Some(found) = state.store.idempotent_create(kind, &key.store()).await?
     {
-        return super::idempotency::answer(&state, &headers, found);
+        return super::idempotency::answer(&state, &base, found);
     }
     resolve_references(&state, project, schema, &body).await?;
     let mut new = NewResource {
@@ -732,7 +732,7 @@ async fn create(
         None => store.create_and_schedule(create).await?,
         Some(key) => match store.create_and_schedule_once(create, &key.store()).await? {
             drover_store::Idempotent::Created(scheduled) => *scheduled,
-            found => return super::idempotency::answer(&state, &headers, found),
+            found => return super::idempotency::answer(&state, &base, found),
         },
     };
     // The change is announced before the engine is woken, so its own later changes follow it.
@@ -740,7 +740,7 @@ async fn create(
     state.engine.wake();
     Ok((
         StatusCode::CREATED,
-        Json(render(&base_url(&headers), &scheduled.resource)),
+        Json(render(&base, &scheduled.resource)),
     ))
 }
 
@@ -806,7 +806,7 @@ async fn action(
     Auth(principal): Auth,
     Path(params): Params,
     RawQuery(raw): RawQuery,
-    headers: HeaderMap,
+    base: Base,
     super::ApiBytes(body): super::ApiBytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let action = form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
@@ -833,10 +833,7 @@ async fn action(
     let project = resource.account_id.unwrap_or(state.default_project.id);
     resolve_references(&state, project, schema::of_kind(resource.kind), &data).await?;
     let resource = schedule(&state, &resource, &action, data).await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(render(&base_url(&headers), &resource)),
-    ))
+    Ok((StatusCode::ACCEPTED, Json(render(&base, &resource))))
 }
 
 /// The resource a request names: the collection must allow `method`, the caller must see the
@@ -881,21 +878,18 @@ async fn remove(
     State(state): State<AppState>,
     Auth(principal): Auth,
     Path(params): Params,
-    headers: HeaderMap,
+    base: Base,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let resource = target(&state, &principal, &params, "DELETE").await?;
     let resource = schedule(&state, &resource, "remove", Map::new()).await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(render(&base_url(&headers), &resource)),
-    ))
+    Ok((StatusCode::ACCEPTED, Json(render(&base, &resource))))
 }
 
 async fn update(
     State(state): State<AppState>,
     Auth(principal): Auth,
     Path(params): Params,
-    headers: HeaderMap,
+    base: Base,
     ApiJson(body): ApiJson<Map<String, Value>>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let schema = schema_of(&params)?;
@@ -947,8 +941,5 @@ async fn update(
     // The fields were written after the update's state change was announced: announce them
     // too (a new scale is what the service reconciler acts on).
     state.changes.touched(&updated);
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(render(&base_url(&headers), &updated)),
-    ))
+    Ok((StatusCode::ACCEPTED, Json(render(&base, &updated))))
 }

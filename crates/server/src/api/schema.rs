@@ -313,10 +313,10 @@ pub fn schema_json(
     let mut links = Map::new();
     links.insert(
         "self".into(),
-        json!(format!("{base}/v1/schemas/{}", id.to_lowercase())),
+        json!(format!("{base}/schemas/{}", id.to_lowercase())),
     );
     if !collection_methods.is_empty() {
-        links.insert("collection".into(), json!(format!("{base}/v1/{plural}")));
+        links.insert("collection".into(), json!(format!("{base}/{plural}")));
     }
     json!({
         "id": id,

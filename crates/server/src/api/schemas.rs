@@ -1,12 +1,11 @@
 //! `/v1/schemas`: every API type, so a generic client can drive the API from it alone.
 
 use axum::extract::Path;
-use axum::http::HeaderMap;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{Map, Value, json};
 
-use super::base_url;
+use super::Base;
 use super::render::collection;
 use super::schema::{RESOURCE_TYPES, render, schema_json};
 use crate::auth::Auth;
@@ -315,21 +314,11 @@ fn all(base: &str) -> Vec<Value> {
     out
 }
 
-async fn list(_auth: Auth, headers: HeaderMap) -> Json<Value> {
-    let base = base_url(&headers);
-    Json(collection(
-        "schema",
-        format!("{base}/v1/schemas"),
-        all(&base),
-    ))
+async fn list(_auth: Auth, base: Base) -> Json<Value> {
+    Json(collection("schema", format!("{base}/schemas"), all(&base)))
 }
 
-async fn get_one(
-    _auth: Auth,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
-    let base = base_url(&headers);
+async fn get_one(_auth: Auth, Path(id): Path<String>, base: Base) -> Result<Json<Value>, ApiError> {
     all(&base)
         .into_iter()
         .find(|schema| {

@@ -3,14 +3,13 @@
 //! them); `DELETE` removes the stored value, so the environment's or the default applies again.
 
 use axum::extract::{Path, State};
-use axum::http::HeaderMap;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::render::collection;
-use super::{ApiJson, base_url};
+use super::{ApiJson, Base};
 use crate::auth::{Auth, Principal};
 use crate::error::ApiError;
 use crate::settings::{self, DEFINITIONS, SettingError, Source};
@@ -37,7 +36,7 @@ fn render(base: &str, state: &AppState, name: &str) -> Option<Value> {
     Some(json!({
         "id": definition.name,
         "type": "setting",
-        "links": {"self": format!("{base}/v1/settings/{}", definition.name)},
+        "links": {"self": format!("{base}/settings/{}", definition.name)},
         "actions": {},
         "name": definition.name,
         "value": active,
@@ -57,17 +56,16 @@ fn unknown(name: &str) -> ApiError {
 async fn list(
     State(state): State<AppState>,
     Auth(principal): Auth,
-    headers: HeaderMap,
+    base: Base,
 ) -> Result<Json<Value>, ApiError> {
     admin(&principal)?;
-    let base = base_url(&headers);
     let data = DEFINITIONS
         .iter()
         .filter_map(|definition| render(&base, &state, definition.name))
         .collect();
     Ok(Json(collection(
         "setting",
-        format!("{base}/v1/settings"),
+        format!("{base}/settings"),
         data,
     )))
 }
@@ -76,10 +74,10 @@ async fn get_one(
     State(state): State<AppState>,
     Auth(principal): Auth,
     Path(name): Path<String>,
-    headers: HeaderMap,
+    base: Base,
 ) -> Result<Json<Value>, ApiError> {
     admin(&principal)?;
-    render(&base_url(&headers), &state, &name)
+    render(&base, &state, &name)
         .map(Json)
         .ok_or_else(|| unknown(&name))
 }
@@ -93,7 +91,7 @@ async fn put(
     State(state): State<AppState>,
     Auth(principal): Auth,
     Path(name): Path<String>,
-    headers: HeaderMap,
+    base: Base,
     ApiJson(body): ApiJson<NewValue>,
 ) -> Result<Json<Value>, ApiError> {
     admin(&principal)?;
@@ -132,7 +130,7 @@ async fn put(
         value = value.trim(),
         "setting changed"
     );
-    render(&base_url(&headers), &state, &name)
+    render(&base, &state, &name)
         .map(Json)
         .ok_or_else(|| unknown(&name))
 }
@@ -141,14 +139,14 @@ async fn remove(
     State(state): State<AppState>,
     Auth(principal): Auth,
     Path(name): Path<String>,
-    headers: HeaderMap,
+    base: Base,
 ) -> Result<Json<Value>, ApiError> {
     admin(&principal)?;
     let definition = settings::definition(&name).ok_or_else(|| unknown(&name))?;
     state.store.delete_setting(definition.name).await?;
     state.settings.clear_stored(definition.name);
     state.cluster.settings_changed();
-    render(&base_url(&headers), &state, &name)
+    render(&base, &state, &name)
         .map(Json)
         .ok_or_else(|| unknown(&name))
 }
