@@ -582,3 +582,69 @@ async fn handler_subscriptions_keep_their_suffix_and_stay_in_their_project() {
         .await;
     assert_eq!(next_event(&mut in_b).await["data"]["tag"], "b3");
 }
+
+/// What event-subscriber's `EventRouter.Start` does for an extension, at `/v2-beta`: remove an
+/// older handler of its name, create the `externalHandler` (the schema must list it), subscribe
+/// with `;handler=<name>` appended, and answer each request with a reply published through the
+/// API; the server's process takes the reply's data and goes on.
+#[tokio::test]
+async fn the_go_event_router_registers_an_external_handler_and_answers_its_processes() {
+    let server = TestServer::start_with(FAST).await;
+    let (_, _, agent) = server
+        .host_with_agent("host-1", TestAgent::always_ok())
+        .await;
+    let go = GoClient::new(&format!("{}/v1", server.url), ADMIN_ACCESS, ADMIN_SECRET).await;
+    assert!(go.types.contains_key("externalHandler"));
+    // removeOldHandler, twice over: a handler left by an earlier run is removed first.
+    for _ in 0..2 {
+        let old = go.list("externalHandler", &[("name", "go-machine")]).await;
+        for handler in old["data"].as_array().unwrap() {
+            if handler["state"] != "removed" {
+                go.delete(handler).await;
+            }
+        }
+        let created = go
+            .create(
+                "externalHandler",
+                &json!({"name": "go-machine", "uuid": "go-machine", "priority": 100,
+                        "processConfigs": [{"name": "instance.start"}]}),
+            )
+            .await;
+        all_under(&created, &server, "v2-beta", "an external handler");
+        assert_eq!(created["state"], "active", "{created:#}");
+    }
+    let active = go
+        .list(
+            "externalHandler",
+            &[("name", "go-machine"), ("state", "active")],
+        )
+        .await;
+    assert_eq!(active["data"].as_array().unwrap().len(), 1, "{active:#}");
+    let mut handler = go.subscribe(&["instance.start"], Some("go-machine")).await;
+    let mut changes = go.subscribe(&["resource.change"], None).await;
+
+    let created = go
+        .create(
+            "container",
+            &json!({"name": "machine-made", "command": ["sleep", "1000"]}),
+        )
+        .await;
+    let request = next_event(&mut handler).await;
+    // The Go router looks its handler up by the full name.
+    assert_eq!(request["name"], "instance.start;handler=go-machine");
+    assert_eq!(request["resourceId"], created["id"]);
+    assert_eq!(request["data"]["instance"]["name"], "machine-made");
+    // NewReplyEvent + Publish.Create, as a handler does.
+    go.publish(&json!({
+        "name": request["replyTo"],
+        "previousIds": [request["id"]],
+        "resourceId": request["resourceId"],
+        "resourceType": request["resourceType"],
+        "transitioning": "no",
+        "data": {"instance": {"machineId": "m-1"}},
+    }))
+    .await;
+    let running = await_state(&go, &mut changes, &created, "running").await;
+    assert_eq!(running["machineId"], "m-1", "{running:#}");
+    assert_eq!(agent.requests_named("compute.instance.activate").await, 0);
+}
