@@ -272,6 +272,23 @@ impl Store {
         description: Option<&str>,
         fields: &Map<String, Value>,
     ) -> Result<Option<Resource>> {
+        self.write_fields(kind, id, name, description, fields, false)
+            .await
+    }
+
+    /// Writes `name` and `description` (when given) and merges `fields` into the row's data,
+    /// reading and writing in one transaction (the row locked on PostgreSQL), so that fields
+    /// others write meanwhile stay. With `only_if_changed`, nothing is written and `None` is
+    /// returned when the data already had those values.
+    pub(super) async fn write_fields(
+        &self,
+        kind: ResourceKind,
+        id: i64,
+        name: Option<&str>,
+        description: Option<&str>,
+        fields: &Map<String, Value>,
+        only_if_changed: bool,
+    ) -> Result<Option<Resource>> {
         let table = kind.table();
         let mut tx = self.pool.begin_write().await?;
         let lock = match tx.backend() {
@@ -291,8 +308,15 @@ impl Store {
             .as_deref()
             .and_then(|text| serde_json::from_str(text).ok())
             .unwrap_or_default();
+        let mut changed = false;
         for (key, value) in fields {
-            data.insert(key.clone(), value.clone());
+            if data.get(key) != Some(value) {
+                data.insert(key.clone(), value.clone());
+                changed = true;
+            }
+        }
+        if only_if_changed && !changed {
+            return Ok(None);
         }
         tx.execute(
             &format!(

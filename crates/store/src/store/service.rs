@@ -5,10 +5,9 @@
 use serde_json::{Map, Value};
 use sqlx::{AssertSqlSafe, FromRow};
 
+use super::Store;
 use super::resource::{ResourceRow, select_list};
-use super::{Backend, Store};
 use crate::Result;
-use crate::db::args;
 use crate::model::{Resource, ResourceKind};
 
 /// A live (not removed) container of a service, as the reconciler sees it.
@@ -110,41 +109,6 @@ impl Store {
         id: i64,
         fields: &Map<String, Value>,
     ) -> Result<Option<Resource>> {
-        let table = kind.table();
-        let mut tx = self.pool.begin_write().await?;
-        let lock = match tx.backend() {
-            Backend::Postgres => " FOR UPDATE",
-            Backend::Sqlite => "",
-        };
-        let row: Option<(Option<String>,)> = tx
-            .fetch_optional(
-                &format!("SELECT data FROM {table} WHERE id = $1{lock}"),
-                args![id],
-            )
-            .await?;
-        let Some((text,)) = row else {
-            return Ok(None);
-        };
-        let mut data: Map<String, Value> = text
-            .as_deref()
-            .and_then(|text| serde_json::from_str(text).ok())
-            .unwrap_or_default();
-        let mut changed = false;
-        for (key, value) in fields {
-            if data.get(key) != Some(value) {
-                data.insert(key.clone(), value.clone());
-                changed = true;
-            }
-        }
-        if !changed {
-            return Ok(None);
-        }
-        tx.execute(
-            &format!("UPDATE {table} SET data = $1 WHERE id = $2"),
-            args![Value::Object(data).to_string(), id],
-        )
-        .await?;
-        tx.commit().await?;
-        self.get_resource(kind, id).await
+        self.write_fields(kind, id, None, None, fields, true).await
     }
 }
