@@ -98,6 +98,18 @@ async fn host(admin: &Client, name: &str, agent_id: i64) -> String {
     id
 }
 
+/// A host `host-a` with its agent connected to node A, answering every request.
+async fn agent_on_a(cluster: &Cluster) -> TestAgent {
+    let (agent_id, access, secret) = cluster.agent_key("host-a").await;
+    host(&cluster.node(A).admin, "host-a", agent_id).await;
+    TestAgent::start(
+        cluster.node(A).client(&access, &secret),
+        agent_id,
+        TestAgent::always_ok(),
+    )
+    .await
+}
+
 /// The resource in a `resource.change` (`Null` if there is none).
 fn resource(event: &Event) -> Value {
     event
@@ -293,14 +305,7 @@ async fn a_container_created_on_b_runs_on_an_agent_on_a_and_c_sees_it() {
     else {
         return;
     };
-    let (agent_id, access, secret) = cluster.agent_key("host-a").await;
-    host(&cluster.node(A).admin, "host-a", agent_id).await;
-    let agent = TestAgent::start(
-        cluster.node(A).client(&access, &secret),
-        agent_id,
-        TestAgent::always_ok(),
-    )
-    .await;
+    let agent = agent_on_a(&cluster).await;
     // The cluster records the agent's session on A.
     poll(
         &cluster.node(C).admin,
@@ -1042,14 +1047,7 @@ async fn an_external_handler_registered_on_one_node_takes_part_on_every_node() {
     let Some(cluster) = three_nodes("an external handler across 3 nodes", &[]).await else {
         return;
     };
-    let (agent_id, access, secret) = cluster.agent_key("host-a").await;
-    host(&cluster.node(A).admin, "host-a", agent_id).await;
-    let agent = TestAgent::start(
-        cluster.node(A).client(&access, &secret),
-        agent_id,
-        TestAgent::always_ok(),
-    )
-    .await;
+    let agent = agent_on_a(&cluster).await;
     let mut extension = subscribed(
         &cluster.node(C).admin,
         &["instance.start;handler=cluster-gate"],

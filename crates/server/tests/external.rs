@@ -98,6 +98,18 @@ async fn create_container(server: &TestServer, name: &str) -> String {
     format!("containers/{}", created["id"].as_str().unwrap())
 }
 
+/// Every process of the container at `path`, oldest first.
+async fn processes_of(server: &TestServer, path: &str) -> Value {
+    let id = path.rsplit('/').next().unwrap();
+    server
+        .admin
+        .get(&format!(
+            "processinstances?resourceType=container&resourceId={id}"
+        ))
+        .await
+        .unwrap()
+}
+
 /// The steps the last execution of `process` on `resource` recorded.
 async fn steps_of(server: &TestServer, resource: &str, process: &str) -> Vec<Value> {
     let id = resource.rsplit('/').next().unwrap();
@@ -419,14 +431,7 @@ async fn an_error_reply_with_on_error_leaves_the_container_stopped() {
         let stopped = wait_state(&server.admin, &path, "stopped").await;
         assert_eq!(stopped["transitioning"], "no", "{stopped:#}");
         assert_eq!(agent.requests_named("compute.instance.activate").await, 0);
-        let id = path.rsplit('/').next().unwrap();
-        let processes = server
-            .admin
-            .get(&format!(
-                "processinstances?resourceType=container&resourceId={id}"
-            ))
-            .await
-            .unwrap();
+        let processes = processes_of(&server, &path).await;
         let rows: Vec<(String, String, String)> = processes["data"]
             .as_array()
             .unwrap()
@@ -614,14 +619,7 @@ async fn on_error_chains_end_and_a_remove_always_goes_through() {
                 .contains("onError processes ran in a row"),
             "{errored:#}"
         );
-        let id = path.rsplit('/').next().unwrap();
-        let processes = server
-            .admin
-            .get(&format!(
-                "processinstances?resourceType=container&resourceId={id}"
-            ))
-            .await
-            .unwrap();
+        let processes = processes_of(&server, &path).await;
         let names: Vec<&str> = processes["data"]
             .as_array()
             .unwrap()
