@@ -742,3 +742,41 @@ async fn a_removed_agent_loses_its_keys_and_is_deleted_with_its_account() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_removed_external_handler_is_purged_then_deleted() {
+    for server in servers(&[]).await {
+        let handler = server
+            .admin
+            .post(
+                "externalhandlers",
+                &json!({"name": "short-lived", "priority": 3000,
+                        "processConfigs": [{"name": "instance.start"}]}),
+            )
+            .await
+            .unwrap();
+        let id = handler["id"].as_str().unwrap().to_owned();
+        let path = format!("externalhandlers/{id}");
+        server.admin.delete(&path).await.unwrap();
+        wait_state(&server.admin, &path, "removed").await;
+        run_cleanup(&server).await;
+        wait_state(&server.admin, &path, "purged").await;
+        server
+            .sql(&format!(
+                "UPDATE external_handler SET removed = removed - {} WHERE id = {}",
+                49 * HOUR_MS,
+                db_id(&id)
+            ))
+            .await;
+        let report = run_cleanup(&server).await;
+        assert_eq!(
+            table(&report, "external_handler")["deleted"],
+            1,
+            "{report:#}"
+        );
+        match server.admin.get(&path).await {
+            Err(Error::Api { status: 404, .. }) => {}
+            other => panic!("the handler should be deleted: {other:?}"),
+        }
+    }
+}

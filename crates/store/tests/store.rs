@@ -288,6 +288,7 @@ async fn every_table_of_the_schema_exists() {
             "container_event",
             "service_event",
             "change_log",
+            "external_handler",
         ] {
             assert_eq!(store.count_rows(table).await.unwrap(), 0, "{table}");
         }

@@ -116,6 +116,12 @@ pub const CLEANUP_STEPS: &[CleanupStep] = &[
         referenced: Some("EXISTS (SELECT 1 FROM instance i WHERE i.service_id = t.id)"),
     },
     CleanupStep {
+        table: "external_handler",
+        age: CleanupAge::MainTables,
+        old: "t.state = 'purged' AND t.removed < $1",
+        referenced: None,
+    },
+    CleanupStep {
         table: "stack",
         age: CleanupAge::MainTables,
         old: "t.state = 'purged' AND t.removed < $1",
