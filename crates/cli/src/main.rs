@@ -306,7 +306,7 @@ async fn up(args: ServerArgs) -> anyhow::Result<()> {
                 data_dir.join("admin-key.env").display()
             );
             println!(
-                "export CATTLE_URL={url} CATTLE_ACCESS_KEY={access} CATTLE_SECRET_KEY={secret}"
+                "export CATTLE_URL={url}/v1 CATTLE_ACCESS_KEY={access} CATTLE_SECRET_KEY={secret}"
             );
         }
         None => eprintln!(
