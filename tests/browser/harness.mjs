@@ -136,6 +136,17 @@ export class Harness {
   /** Kills what the agent started (each instance is its own process group), then the agent, the server and the browser. */
   async stop() {
     this.thawAgent();
+    if (this.browser) await this.browser.close().catch(() => {});
+    for (const child of this.children.reverse()) {
+      if (child.exitCode !== null || child.signalCode !== null) continue;
+      const exited = new Promise((resolve) => child.once('exit', resolve));
+      child.kill('SIGTERM');
+      const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
+      await exited;
+      clearTimeout(timer);
+    }
+    // The instances last: with the server gone, nothing (a service's reconciler) starts them
+    // again after they are killed.
     const instances = this.agentDir ? path.join(this.agentDir, 'instances') : null;
     if (instances && fs.existsSync(instances)) {
       for (const id of fs.readdirSync(instances)) {
@@ -149,15 +160,6 @@ export class Harness {
           }
         } catch { /* never started */ }
       }
-    }
-    if (this.browser) await this.browser.close().catch(() => {});
-    for (const child of this.children.reverse()) {
-      if (child.exitCode !== null || child.signalCode !== null) continue;
-      const exited = new Promise((resolve) => child.once('exit', resolve));
-      child.kill('SIGTERM');
-      const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
-      await exited;
-      clearTimeout(timer);
     }
     if (!process.env.KEEP_TEST_DIR) fs.rmSync(this.dir, { recursive: true, force: true });
   }
