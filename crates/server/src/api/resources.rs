@@ -741,6 +741,7 @@ async fn create(
             found => return super::idempotency::answer(&state, &base, found),
         },
     };
+    state.engine.stats().scheduled(&scheduled.process);
     // The change is announced before the engine is woken, so its own later changes follow it.
     state.changes.changed(&scheduled.resource, None);
     state.engine.wake();
@@ -800,6 +801,7 @@ async fn schedule(
         .with_detail(ids::format("processInstance", process_id)),
         ScheduleError::Store(error) => error.into(),
     })?;
+    state.engine.stats().scheduled(&scheduled.process);
     state
         .changes
         .changed(&scheduled.resource, Some(&scheduled.previous_state));
