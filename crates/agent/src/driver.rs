@@ -564,8 +564,6 @@ impl LocalDriver {
     fn exit_record(&self, id: &str) -> Option<ExitRecord> {
         ExitRecord::parse(&std::fs::read_to_string(self.dir(id).ok()?.join("exit")).ok()?)
     }
-
-
 }
 
 fn lock_set(set: &Mutex<HashSet<String>>) -> std::sync::MutexGuard<'_, HashSet<String>> {

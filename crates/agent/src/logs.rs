@@ -314,7 +314,9 @@ fn tail_start(path: &Path, lines: u32) -> (u64, u64) {
     while position > floor {
         let size = (position - floor).min(block.len() as u64) as usize;
         position -= size as u64;
-        if file.seek(SeekFrom::Start(position)).is_err() || file.read_exact(&mut block[..size]).is_err() {
+        if file.seek(SeekFrom::Start(position)).is_err()
+            || file.read_exact(&mut block[..size]).is_err()
+        {
             return (floor, len);
         }
         for index in (0..size).rev() {
@@ -349,7 +351,8 @@ impl Stream {
                 let mut reply = self.reply.clone().with_data(Value::Null);
                 reply.transitioning = Some(Transitioning::Error);
                 reply.transitioning_message = Some("the agent is shutting down".to_owned());
-                let _ = tokio::time::timeout(Duration::from_secs(2), self.client.publish(&reply)).await;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(2), self.client.publish(&reply)).await;
                 return "agent shutting down".to_owned();
             }
             Err(Stop::LeaseExpired) => return "lease expired: no ack from the server".to_owned(),

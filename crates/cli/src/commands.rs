@@ -341,10 +341,14 @@ fn ended(container: &Value) -> Option<anyhow::Result<()>> {
                 eprintln!("  {id} {}", text(container, "agentMessage"));
                 Ok(())
             }
-            Some(code) => Err(anyhow::anyhow!(
-                "{id} exited with code {code} ({})",
-                text(container, "agentMessage")
-            )),
+            Some(code) => {
+                let message = text(container, "agentMessage");
+                Err(if message.starts_with("exited") || message.is_empty() {
+                    anyhow::anyhow!("{id} exited with code {code}")
+                } else {
+                    anyhow::anyhow!("{id} exited with code {code}: {message}")
+                })
+            }
         }),
         "removed" | "removing" | "purged" => {
             Some(Err(anyhow::anyhow!("{id} was removed before it ended")))

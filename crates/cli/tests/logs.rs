@@ -49,7 +49,11 @@ impl Drop for AgentProcess {
             return;
         };
         for entry in entries.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
                 continue;
             };
             let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
@@ -105,7 +109,13 @@ impl Harness {
         let dir = tempfile::tempdir().unwrap();
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_drover"));
         command
-            .args(["agent", "--url", &self.server.url, "--registration-token", &token])
+            .args([
+                "agent",
+                "--url",
+                &self.server.url,
+                "--registration-token",
+                &token,
+            ])
             .arg("--state-dir")
             .arg(dir.path())
             .args(["--health-port", &self.health_port.to_string()])
@@ -198,7 +208,10 @@ async fn a_command_that_exits_ends_stopped_with_its_exit_code_and_a_start_clears
         .await;
         assert_eq!(ended["exitCode"], 3, "{backend:?}: {ended:#}");
         assert_eq!(ended["agentState"], "stopped", "{backend:?}: {ended:#}");
-        assert_eq!(ended["agentMessage"], "exited with code 3", "{backend:?}: {ended:#}");
+        assert_eq!(
+            ended["agentMessage"], "exited with code 3",
+            "{backend:?}: {ended:#}"
+        );
         let finished = ended["finishedAt"].as_str().unwrap_or_default();
         assert!(
             chrono::DateTime::parse_from_rfc3339(finished).is_ok() && finished.ends_with('Z'),
@@ -233,7 +246,10 @@ async fn a_command_that_exits_ends_stopped_with_its_exit_code_and_a_start_clears
             .unwrap();
         let stopped = wait_state(&harness.admin, &path, "stopped").await;
         assert_eq!(stopped["agentState"], "stopped", "{backend:?}: {stopped:#}");
-        assert_eq!(stopped["exitCode"], 143, "SIGTERM: {backend:?}: {stopped:#}");
+        assert_eq!(
+            stopped["exitCode"], 143,
+            "SIGTERM: {backend:?}: {stopped:#}"
+        );
         assert_eq!(
             stopped["agentMessage"], "stopped by the agent: killed by signal 15 (SIGTERM)",
             "{backend:?}: {stopped:#}"
@@ -281,12 +297,18 @@ async fn logs_stream_through_the_server_with_tail_and_follow_and_tokens_guard_th
         // The action's answer, as a generic client (Rancher's UI) uses it.
         let access = harness
             .admin
-            .post(&format!("{path}?action=logs"), &json!({"follow": false, "lines": 1}))
+            .post(
+                &format!("{path}?action=logs"),
+                &json!({"follow": false, "lines": 1}),
+            )
             .await
             .unwrap();
         assert_eq!(access["type"], "hostAccess");
         let url = access["url"].as_str().unwrap();
-        assert!(url.starts_with("ws://") && url.ends_with("/v1/logs/"), "{access}");
+        assert!(
+            url.starts_with("ws://") && url.ends_with("/v1/logs/"),
+            "{access}"
+        );
         let (lines, _) = read_all(
             LogStream::connect(url, access["token"].as_str().unwrap())
                 .await
@@ -302,10 +324,16 @@ async fn logs_stream_through_the_server_with_tail_and_follow_and_tokens_guard_th
             )
             .await
             .unwrap();
-        assert!(v2["url"].as_str().unwrap().ends_with("/v2-beta/logs/"), "{v2}");
+        assert!(
+            v2["url"].as_str().unwrap().ends_with("/v2-beta/logs/"),
+            "{v2}"
+        );
         // Behind a TLS proxy the socket is wss.
         let proxied = reqwest::Client::new()
-            .post(format!("{}/v1/containers/{id}?action=logs", harness.server.url))
+            .post(format!(
+                "{}/v1/containers/{id}?action=logs",
+                harness.server.url
+            ))
             .basic_auth(ADMIN_ACCESS, Some(ADMIN_SECRET))
             .header("X-Forwarded-Proto", "https")
             .send()
@@ -313,11 +341,22 @@ async fn logs_stream_through_the_server_with_tail_and_follow_and_tokens_guard_th
             .unwrap();
         assert_eq!(proxied.status().as_u16(), 200);
         let proxied: Value = proxied.json().await.unwrap();
-        assert!(proxied["url"].as_str().unwrap().starts_with("wss://"), "{proxied}");
+        assert!(
+            proxied["url"].as_str().unwrap().starts_with("wss://"),
+            "{proxied}"
+        );
 
         // Bad input: 422, and nothing is issued.
-        for body in [json!({"lines": -1}), json!({"lines": 10_001}), json!({"follow": "yes"})] {
-            match harness.admin.post(&format!("{path}?action=logs"), &body).await {
+        for body in [
+            json!({"lines": -1}),
+            json!({"lines": 10_001}),
+            json!({"follow": "yes"}),
+        ] {
+            match harness
+                .admin
+                .post(&format!("{path}?action=logs"), &body)
+                .await
+            {
                 Err(Error::Api { status: 422, .. }) => {}
                 other => panic!("{body}: {other:?}"),
             }
@@ -347,9 +386,16 @@ async fn logs_stream_through_the_server_with_tail_and_follow_and_tokens_guard_th
 
         // Tokens: a bad one and a forged one are refused before the upgrade, so is an expired
         // one signed with the cluster's own key.
-        let socket = format!("ws://{}/v1/logs/", harness.server.url.trim_start_matches("http://"));
+        let socket = format!(
+            "ws://{}/v1/logs/",
+            harness.server.url.trim_start_matches("http://")
+        );
         let state = &harness.server.server.state;
-        let secret = state.store.shared_secret("logs.token.secret").await.unwrap();
+        let secret = state
+            .store
+            .shared_secret("logs.token.secret")
+            .await
+            .unwrap();
         let tokens = drover_server::logs::LogTokens::with_key(secret.as_bytes());
         let grant = drover_server::logs::Grant {
             container: id[2..].parse().unwrap(),
@@ -377,23 +423,36 @@ async fn logs_stream_through_the_server_with_tail_and_follow_and_tokens_guard_th
         }
         // Another project's key does not see the container.
         let (project_b, key_b) = harness.server.project("logs-b").await;
-        match key_b.post(&format!("containers/{id}?action=logs"), &json!({})).await {
+        match key_b
+            .post(&format!("containers/{id}?action=logs"), &json!({}))
+            .await
+        {
             Err(Error::Api { status: 404, .. }) => {}
             other => panic!("{other:?}"),
         }
         // A container that never reached a host has no log: 409.
         let unplaced = key_b
-            .post("containers", &json!({"name": "nowhere", "command": ["true"]}))
+            .post(
+                "containers",
+                &json!({"name": "nowhere", "command": ["true"]}),
+            )
             .await
             .unwrap();
         match key_b
             .post(
-                &format!("containers/{}?action=logs", unplaced["id"].as_str().unwrap()),
+                &format!(
+                    "containers/{}?action=logs",
+                    unplaced["id"].as_str().unwrap()
+                ),
                 &json!({}),
             )
             .await
         {
-            Err(Error::Api { status: 409, message, .. }) => {
+            Err(Error::Api {
+                status: 409,
+                message,
+                ..
+            }) => {
                 assert!(message.contains("no host"), "{message}");
             }
             other => panic!("{project_b}: {other:?}"),
@@ -406,7 +465,11 @@ async fn logs_stream_through_the_server_with_tail_and_follow_and_tokens_guard_th
             .unwrap();
         drop(harness.agent);
         wait_for("503 without the agent", || async {
-            match harness.admin.post(&format!("{path}?action=logs"), &json!({})).await {
+            match harness
+                .admin
+                .post(&format!("{path}?action=logs"), &json!({}))
+                .await
+            {
                 Err(Error::Api { status: 503, .. }) => Some(()),
                 _ => None,
             }
@@ -453,8 +516,18 @@ async fn drover_logs_and_run_wait_exit_as_the_container_did() {
     // A command that exits 3: --wait=exited fails and says with which code.
     let (status, stdout, stderr) = drover(
         &url,
-        &["run", "--name", "fails", "-w", &workdir, "--wait=exited", "--",
-          "sh", "-c", "echo to-out; echo to-err >&2; exit 3"],
+        &[
+            "run",
+            "--name",
+            "fails",
+            "-w",
+            &workdir,
+            "--wait=exited",
+            "--",
+            "sh",
+            "-c",
+            "echo to-out; echo to-err >&2; exit 3",
+        ],
     )
     .await;
     assert_ne!(status, 0, "{stdout}\n{stderr}");
@@ -463,13 +536,19 @@ async fn drover_logs_and_run_wait_exit_as_the_container_did() {
     let (status, _, stderr) =
         drover(&url, &["run", "--wait=exited", "--", "sh", "-c", "exit 0"]).await;
     assert_eq!(status, 0, "{stderr}");
-    let (status, stdout, stderr) =
-        drover(&url, &["run", "--name", "stays", "--wait", "--", "sleep", "600"]).await;
+    let (status, stdout, stderr) = drover(
+        &url,
+        &["run", "--name", "stays", "--wait", "--", "sleep", "600"],
+    )
+    .await;
     assert_eq!(status, 0, "{stderr}");
     assert!(stdout.trim().starts_with("1i"), "{stdout}");
     // A command that cannot run fails.
-    let (status, _, stderr) =
-        drover(&url, &["run", "--wait", "--", "/nonexistent/drover-no-such"]).await;
+    let (status, _, stderr) = drover(
+        &url,
+        &["run", "--wait", "--", "/nonexistent/drover-no-such"],
+    )
+    .await;
     assert_ne!(status, 0, "{stderr}");
     assert!(stderr.contains("failed"), "{stderr}");
 

@@ -78,8 +78,8 @@ mod subscribe;
 
 pub use change::ResourceChange;
 pub use client::{Client, IDEMPOTENCY_KEY};
-pub use logs::{LogLine, LogOptions, LogStream};
 pub use drover_proto::{Event, Transitioning};
+pub use logs::{LogLine, LogOptions, LogStream};
 pub use router::{Context, HandlerError, HandlerResult, Router, RouterBuilder};
 pub use subscribe::{EventStream, Frame, STREAM_POSITION_HEADER, Subscribe};
 

@@ -189,11 +189,17 @@ fn exit_fields(event: &EventRecord, status: &str) -> Map<String, Value> {
         );
         return fields;
     }
-    let agent_state = if status == "destroy" { "missing" } else { "stopped" };
+    let agent_state = if status == "destroy" {
+        "missing"
+    } else {
+        "stopped"
+    };
     fields.insert("agentState".into(), json!(agent_state));
     fields.insert(
         "exitCode".into(),
-        given("exitCode").filter(Value::is_i64).unwrap_or(Value::Null),
+        given("exitCode")
+            .filter(Value::is_i64)
+            .unwrap_or(Value::Null),
     );
     let at = event
         .external_timestamp

@@ -596,8 +596,13 @@ impl Hub {
         timeout: Duration,
         on_progress: impl FnMut(&Event),
     ) -> Result<Event, CallError> {
-        self.call_with_id(uuid::Uuid::new_v4().to_string(), request, timeout, on_progress)
-            .await
+        self.call_with_id(
+            uuid::Uuid::new_v4().to_string(),
+            request,
+            timeout,
+            on_progress,
+        )
+        .await
     }
 
     /// [`Hub::call`] with the request id the caller chose (a fresh, unguessable one), for a

@@ -273,7 +273,9 @@ pub async fn action(
         Some(rest) => format!("wss://{rest}/logs/"),
         None => format!(
             "ws://{}/logs/",
-            base.as_str().strip_prefix("http://").unwrap_or(base.as_str())
+            base.as_str()
+                .strip_prefix("http://")
+                .unwrap_or(base.as_str())
         ),
     };
     Ok(json!({
@@ -321,7 +323,9 @@ pub async fn socket(
         .store
         .get_resource(ResourceKind::Instance, grant.container)
         .await?
-        .filter(|container| container.account_id.unwrap_or(state.default_project.id) == grant.project)
+        .filter(|container| {
+            container.account_id.unwrap_or(state.default_project.id) == grant.project
+        })
         .ok_or_else(|| ApiError::not_found(format!("no container {id}")))?;
     let agent_id = agent_of(&state, &container).await?;
     let upgrade = upgrade.map_err(|rejection| {
@@ -334,7 +338,10 @@ pub async fn socket(
             } else {
                 "BadRequest"
             },
-            format!("the log socket is a WebSocket endpoint: {}", rejection.body_text()),
+            format!(
+                "the log socket is a WebSocket endpoint: {}",
+                rejection.body_text()
+            ),
         )
     })?;
     let limit = crate::ws::connection_limit(&state);
@@ -342,7 +349,9 @@ pub async fn socket(
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "TooManyConnections",
-            format!("this server holds its limit of {limit} sockets; retry later or on another server"),
+            format!(
+                "this server holds its limit of {limit} sockets; retry later or on another server"
+            ),
         ));
     };
     Ok(upgrade
@@ -435,7 +444,8 @@ async fn serve(mut socket: WebSocket, state: AppState, grant: Grant, id: String,
             .unwrap_or_default(),
         );
     };
-    let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + RENEW_EVERY, RENEW_EVERY);
+    let mut renew =
+        tokio::time::interval_at(tokio::time::Instant::now() + RENEW_EVERY, RENEW_EVERY);
     let (mut written, mut acked) = (0u64, 0u64);
     let mut call_ended = false;
     tracing::debug!(container = %id, agent = agent_id, follow = grant.follow, "log socket open");
@@ -446,7 +456,10 @@ async fn serve(mut socket: WebSocket, state: AppState, grant: Grant, id: String,
             if chunk.frames.is_empty() || chunk.seq <= written {
                 None
             } else if chunk.seq != written + 1 {
-                Some(Some((close_code::ERROR, "log lines were lost on the way; connect again".to_owned())))
+                Some(Some((
+                    close_code::ERROR,
+                    "log lines were lost on the way; connect again".to_owned(),
+                )))
             } else {
                 match write_frames(&mut socket, chunk.frames, write_timeout).await {
                     Wrote::Ok => {
@@ -458,9 +471,13 @@ async fn serve(mut socket: WebSocket, state: AppState, grant: Grant, id: String,
                         None
                     }
                     Wrote::Gone => Some(None),
-                    Wrote::TimedOut => Some(Some((close_code::POLICY, format!(
-                        "slow viewer: a write took over {} ms", write_timeout.as_millis()
-                    )))),
+                    Wrote::TimedOut => Some(Some((
+                        close_code::POLICY,
+                        format!(
+                            "slow viewer: a write took over {} ms",
+                            write_timeout.as_millis()
+                        ),
+                    ))),
                 }
             }
         }};
@@ -574,7 +591,10 @@ mod tests {
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let mut forged = grant(1_000);
         forged.container = 6;
-        let forged = format!("{}.{signature}", b64.encode(serde_json::to_vec(&forged).unwrap()));
+        let forged = format!(
+            "{}.{signature}",
+            b64.encode(serde_json::to_vec(&forged).unwrap())
+        );
         assert_eq!(tokens.check(&forged, 0), Err(TokenError::Invalid));
         for bad in ["", ".", "abc", "a.b", &format!("{token}x")] {
             assert_eq!(tokens.check(bad, 0), Err(TokenError::Invalid), "{bad}");
