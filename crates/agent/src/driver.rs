@@ -848,17 +848,17 @@ impl Driver for LocalDriver {
             let _ = recorded.send(record);
             lock_set(&supervised).remove(&id);
             tracing::info!(instance = %id, code, ?signal, expected, "instance process exited");
-            if !expected && let Some(exits) = exits {
-                if exits
+            if !expected
+                && let Some(exits) = exits
+                && exits
                     .try_send(Exit {
                         id: id.clone(),
                         status: record.status(),
                         at,
                     })
                     .is_err()
-                {
-                    tracing::warn!(instance = %id, "exit report queue full; the next ping reports it");
-                }
+            {
+                tracing::warn!(instance = %id, "exit report queue full; the next ping reports it");
             }
         });
         // Re-check.

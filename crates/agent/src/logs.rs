@@ -398,9 +398,9 @@ impl Stream {
                 return Ok("container removed".to_owned());
             }
             let mut busy = false;
-            for index in 0..sources.len() {
+            for source in &mut sources {
                 let mut frames = Vec::new();
-                busy |= sources[index].read(None, false, &mut frames);
+                busy |= source.read(None, false, &mut frames);
                 if !frames.is_empty() {
                     self.send(frames).await?;
                     last_sent = Instant::now();
