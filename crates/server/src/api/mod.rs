@@ -59,6 +59,8 @@ fn routes(state: AppState) -> Router {
             "/v1/projects/{project}/subscribe",
             get(crate::ws::subscribe_project),
         )
+        .route("/v1/logs", get(crate::logs::socket))
+        .route("/v1/logs/", get(crate::logs::socket))
         .merge(publish::routes())
         .merge(apikeys::routes())
         .merge(accounts::routes())

@@ -107,6 +107,10 @@ pub fn render(base: &str, resource: &Resource) -> Value {
     for action in defs::actions_for(resource.kind, &resource.state) {
         actions.insert(action.into(), json!(format!("{self_link}?action={action}")));
     }
+    if crate::logs::has_log(resource) {
+        let action = crate::logs::ACTION;
+        actions.insert(action.into(), json!(format!("{self_link}?action={action}")));
+    }
     out.insert("type".into(), json!(schema.id));
     out.insert(
         "links".into(),
@@ -838,6 +842,11 @@ async fn action(
         }
     };
     let resource = target(&state, &principal, &params, "POST").await?;
+    if resource.kind == ResourceKind::Instance && action == crate::logs::ACTION {
+        // Not a process: a URL and token for the log socket.
+        let access = crate::logs::action(&state, &principal, &resource, &base, &data).await?;
+        return Ok((StatusCode::OK, Json(access)));
+    }
     let project = resource.account_id.unwrap_or(state.default_project.id);
     resolve_references(&state, project, schema::of_kind(resource.kind), &data).await?;
     let resource = schedule(&state, &resource, &action, data).await?;
