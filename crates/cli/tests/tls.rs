@@ -115,10 +115,7 @@ async fn over_tls_the_client_the_agent_binary_and_the_cli_work_and_an_untrusting
 
     // The real agent registers over https and subscribes over wss, trusting the certificate
     // through --ca-cert.
-    let token = admin
-        .post("registrationtokens", &json!({}))
-        .await
-        .unwrap()["token"]
+    let token = admin.post("registrationtokens", &json!({})).await.unwrap()["token"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -246,7 +243,11 @@ async fn bad_tls_files_stop_drover_server_at_start_with_a_message_naming_the_fil
     std::fs::write(&not_pem, "hello\n").unwrap();
     let cases: [(&Path, &Path, &[&str]); 4] = [
         (&missing, &pki.key, &["TLS certificate", "missing.pem"]),
-        (&not_pem, &pki.key, &["TLS certificate", "not-pem.pem", "no PEM"]),
+        (
+            &not_pem,
+            &pki.key,
+            &["TLS certificate", "not-pem.pem", "no PEM"],
+        ),
         (&pki.cert, &not_pem, &["TLS key", "not-pem.pem", "no PEM"]),
         // A key that is not the certificate's.
         (&pki.cert, &other.key, &["does not fit"]),
@@ -347,4 +348,3 @@ async fn drover_up_over_tls_runs_a_container_through_its_local_agent() {
     wait_state(&admin, &path, "removed").await;
     up.kill().await;
 }
-

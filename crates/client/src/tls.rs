@@ -58,9 +58,7 @@ impl Tls {
             Error::Invalid(format!("CA certificate file {}: {error}", path.display()))
         })?;
         let mut tls = Tls::parse(&bytes, &path.display().to_string())?;
-        Arc::get_mut(&mut tls.inner)
-            .expect("not shared yet")
-            .source = Some(path.to_owned());
+        Arc::get_mut(&mut tls.inner).expect("not shared yet").source = Some(path.to_owned());
         Ok(tls)
     }
 
@@ -189,7 +187,9 @@ pub(crate) fn describe(server: &str, error: &rustls::Error) -> String {
             "{server}: the server's certificate is not trusted ({error}); trust the CA that \
              signed it with --ca-cert FILE or DROVER_CA_CERT=FILE"
         ),
-        rustls::Error::InvalidCertificate(Cert::NotValidForName | Cert::NotValidForNameContext { .. }) => {
+        rustls::Error::InvalidCertificate(
+            Cert::NotValidForName | Cert::NotValidForNameContext { .. },
+        ) => {
             format!(
                 "{server}: the server's certificate is not valid for this host name ({error}); \
                  use a URL with a name the certificate lists"

@@ -131,12 +131,15 @@ fn type_components(schema: &Value, types: &[String], out: &mut Map<String, Value
         .unwrap_or_default();
     let mut properties = Map::new();
     for (name, field) in &fields {
-        let settable = field["create"].as_bool() == Some(true)
-            || field["update"].as_bool() == Some(true);
+        let settable =
+            field["create"].as_bool() == Some(true) || field["update"].as_bool() == Some(true);
         properties.insert(name.clone(), field_schema(field, types, !settable));
     }
     for (name, schema) in [
-        ("type", json!({"type": "string", "example": id, "readOnly": true})),
+        (
+            "type",
+            json!({"type": "string", "example": id, "readOnly": true}),
+        ),
         (
             "links",
             json!({"type": "object", "additionalProperties": {"type": "string"}, "readOnly": true}),
@@ -212,18 +215,34 @@ fn response(description: &str, schema: Option<Value>) -> Value {
     out
 }
 
-/// The answers every operation may give besides its success.
+/// The answers every operation may give besides its success, each a GDAPI error: status,
+/// name in `components/responses`, description.
+const ERRORS: [(&str, &str, &str); 5] = [
+    ("400", "BadRequest", "The request is malformed."),
+    (
+        "401",
+        "Unauthorized",
+        "No key, or a key the server does not know.",
+    ),
+    ("403", "Forbidden", "The key may not do this."),
+    (
+        "404",
+        "NotFound",
+        "No such resource, or the key may not see it.",
+    ),
+    (
+        "422",
+        "Invalid",
+        "A field is invalid; the error names it (`fieldName`).",
+    ),
+];
+
+/// An operation's responses: its own and the [`ERRORS`].
 fn errors(mut responses: Map<String, Value>) -> Value {
-    for (status, description) in [
-        ("400", "The request is malformed (GDAPI error body)."),
-        ("401", "No key, or a key the server does not know."),
-        ("403", "The key may not do this."),
-        ("404", "No such resource, or the key may not see it."),
-        ("422", "A field is invalid (GDAPI error body naming it)."),
-    ] {
+    for (status, name, _) in ERRORS {
         responses.insert(
             status.into(),
-            response(description, Some(json!({"$ref": "#/components/schemas/Error"}))),
+            json!({"$ref": format!("#/components/responses/{name}")}),
         );
     }
     Value::Object(responses)
@@ -389,7 +408,13 @@ fn type_paths(schema: &Value, base: &str, types: &[String], paths: &mut Map<Stri
     if !on_collection.is_empty() && !list_ops.contains_key("post") {
         list_ops.insert(
             "post".into(),
-            action_operation(&format!("{name}_collection"), id, &on_collection, types, "200"),
+            action_operation(
+                &format!("{name}_collection"),
+                id,
+                &on_collection,
+                types,
+                "200",
+            ),
         );
     }
     if !list_ops.is_empty() {
@@ -528,7 +553,10 @@ fn insert_scoped(paths: &mut Map<String, Value>, id: &str, path: &str, ops: Map<
                 operation["operationId"] = json!(format!("{id}_in_project"));
             }
         }
-        paths.insert(format!("/projects/{{projectId}}{path}"), Value::Object(scoped));
+        paths.insert(
+            format!("/projects/{{projectId}}{path}"),
+            Value::Object(scoped),
+        );
     }
     paths.insert(path.to_owned(), Value::Object(ops));
 }
@@ -678,6 +706,15 @@ pub fn document(base: &Base) -> Value {
                                     key as the password.",
                 },
             },
+            "responses": ERRORS
+                .iter()
+                .map(|(_, name, description)| {
+                    (
+                        (*name).to_owned(),
+                        response(description, Some(json!({"$ref": "#/components/schemas/Error"}))),
+                    )
+                })
+                .collect::<Map<String, Value>>(),
             "schemas": components,
         },
     })
