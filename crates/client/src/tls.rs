@@ -182,12 +182,6 @@ pub(crate) fn describe(server: &str, error: &rustls::Error) -> String {
     use rustls::CertificateError as Cert;
     match error {
         rustls::Error::InvalidCertificate(
-            Cert::UnknownIssuer | Cert::BadSignature | Cert::UnhandledCriticalExtension,
-        ) => format!(
-            "{server}: the server's certificate is not trusted ({error}); trust the CA that \
-             signed it with --ca-cert FILE or DROVER_CA_CERT=FILE"
-        ),
-        rustls::Error::InvalidCertificate(
             Cert::NotValidForName | Cert::NotValidForNameContext { .. },
         ) => {
             format!(
@@ -195,6 +189,34 @@ pub(crate) fn describe(server: &str, error: &rustls::Error) -> String {
                  use a URL with a name the certificate lists"
             )
         }
+        // webpki's, inside `Other`: a self-signed certificate made as a CA (`openssl req -x509`
+        // adds `CA:TRUE` unless told otherwise) cannot be a server's own.
+        rustls::Error::InvalidCertificate(Cert::Other(other))
+            if other.to_string().contains("CaUsedAsEndEntity") =>
+        {
+            format!(
+                "{server}: the server's certificate is a CA certificate ({error}), which TLS \
+                 clients refuse as a server's own; make it with basicConstraints CA:FALSE (for \
+                 openssl req -x509: -addext basicConstraints=critical,CA:FALSE), or sign it \
+                 with a CA and trust that CA"
+            )
+        }
+        rustls::Error::InvalidCertificate(
+            Cert::Expired
+            | Cert::ExpiredContext { .. }
+            | Cert::NotValidYet
+            | Cert::NotValidYetContext { .. },
+        ) => format!(
+            "{server}: the server's certificate is expired or not yet valid ({error}); check \
+             the server's certificate and this machine's clock"
+        ),
+        // Whatever else went wrong building a path to a trusted root (an unknown issuer, or
+        // a root of the platform that only looks like the issuer): not trusted.
+        rustls::Error::InvalidCertificate(_) => format!(
+            "{server}: the server's certificate is not trusted ({error}); trust the CA that \
+             signed it (or a self-signed certificate itself) with --ca-cert FILE or \
+             DROVER_CA_CERT=FILE"
+        ),
         rustls::Error::InvalidMessage(_) => format!(
             "{server}: TLS handshake failed ({error}); is the server serving plain http? then \
              use an http:// URL"

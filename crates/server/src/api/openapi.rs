@@ -401,7 +401,7 @@ fn type_paths(schema: &Value, base: &str, types: &[String], paths: &mut Map<Stri
     }
     // Actions on a type that has no resource path (`cleanup`) and collection actions are
     // posted to the collection.
-    let mut on_collection = collection_actions.clone();
+    let mut on_collection = collection_actions;
     if resource_methods.is_empty() {
         on_collection.extend(actions.clone());
     }
