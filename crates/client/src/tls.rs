@@ -224,3 +224,23 @@ pub(crate) fn describe(server: &str, error: &rustls::Error) -> String {
         _ => format!("{server}: TLS handshake failed: {error}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_ca_files_are_refused_with_the_file_named() {
+        let missing = Tls::with_ca_file("/nonexistent/ca.pem").unwrap_err();
+        assert!(
+            matches!(&missing, Error::Invalid(message) if message.contains("/nonexistent/ca.pem")),
+            "{missing}"
+        );
+        let junk = Tls::with_ca_pem(b"not a certificate\n").unwrap_err();
+        assert!(
+            matches!(&junk, Error::Invalid(message) if message.contains("no PEM certificate")),
+            "{junk}"
+        );
+        assert!(!Tls::system().has_extra_ca());
+    }
+}
