@@ -49,7 +49,7 @@ pub async fn establish(args: &AgentArgs) -> anyhow::Result<Identity> {
     let url = args.url.as_deref().unwrap_or(crate::DEFAULT_URL);
     if let (Some(access_key), Some(secret_key)) = (&args.access_key, &args.secret_key) {
         // Existing agent keys: the server knows which agent they belong to.
-        let client = Client::new(url, access_key, secret_key)?;
+        let client = Client::new(url, access_key, secret_key)?.with_tls(args.tls()?)?;
         let agents = client.get("agents").await?;
         let agent_id = agents["data"][0]["id"]
             .as_str()
@@ -74,7 +74,7 @@ pub async fn establish(args: &AgentArgs) -> anyhow::Result<Identity> {
     // Registering again with the same host key is harmless: the server answers with the same
     // agent and host and a fresh key (the key of an answer that was lost stops working). So a
     // registration whose server failed is sent to the next server, each at most once.
-    let registrar = Client::new(url, token_key, token_secret)?;
+    let registrar = Client::new(url, token_key, token_secret)?.with_tls(args.tls()?)?;
     let request = json!({"key": host_key, "name": name, "host": crate::handlers::host_facts()});
     let mut attempts = registrar.base_urls().len();
     let registered = loop {
@@ -139,6 +139,7 @@ mod tests {
             health_port: None,
             log_file: None,
             workers: 1,
+            ca_cert: None,
         }
     }
 

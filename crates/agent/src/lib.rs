@@ -56,6 +56,20 @@ pub struct AgentArgs {
     /// Handlers run at once.
     #[arg(long, env = "DROVER_AGENT_WORKERS", default_value_t = 16)]
     pub workers: usize,
+    /// A PEM file of CA certificates to trust (besides the system's) for an `https://`
+    /// server: its self-signed certificate, or the private CA that signed it.
+    #[arg(long, env = "DROVER_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+}
+
+impl AgentArgs {
+    /// What the agent trusts for `https://`/`wss://`: the system's roots and `--ca-cert`.
+    pub fn tls(&self) -> anyhow::Result<drover_client::Tls> {
+        match &self.ca_cert {
+            Some(path) => Ok(drover_client::Tls::with_ca_file(path)?),
+            None => Ok(drover_client::Tls::system()),
+        }
+    }
 }
 
 /// The server URL when neither `--url` nor a stored identity gives one.
@@ -65,9 +79,11 @@ pub const DEFAULT_URL: &str = "http://localhost:8080";
 /// resubscribes after any failure), handles events, serves its health port.
 pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.state_dir)?;
+    let tls = args.tls()?;
     let identity = identity::establish(&args).await?;
     tracing::info!(agent = %identity.agent_id, url = %identity.url, "agent identity");
-    let client = Client::new(&identity.url, &identity.access_key, &identity.secret_key)?;
+    let client =
+        Client::new(&identity.url, &identity.access_key, &identity.secret_key)?.with_tls(tls)?;
     let (exits, exit_reports) = tokio::sync::mpsc::channel(EXIT_QUEUE);
     let driver = Arc::new(
         driver::LocalDriver::new(args.state_dir.clone(), identity.url.clone())?

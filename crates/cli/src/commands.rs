@@ -17,11 +17,19 @@ pub struct Connection {
     /// The secret key.
     #[arg(long, env = "CATTLE_SECRET_KEY", hide_env_values = true)]
     secret_key: String,
+    /// A PEM file of CA certificates to trust (besides the system's) for an https:// server:
+    /// its self-signed certificate, or the private CA that signed it.
+    #[arg(long, env = "DROVER_CA_CERT")]
+    ca_cert: Option<std::path::PathBuf>,
 }
 
 impl Connection {
     pub(crate) fn client(&self) -> anyhow::Result<Client> {
-        Ok(Client::new(&self.url, &self.access_key, &self.secret_key)?)
+        let tls = match &self.ca_cert {
+            Some(path) => drover_client::Tls::with_ca_file(path)?,
+            None => drover_client::Tls::system(),
+        };
+        Ok(Client::new(&self.url, &self.access_key, &self.secret_key)?.with_tls(tls)?)
     }
 }
 

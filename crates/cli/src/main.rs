@@ -93,6 +93,29 @@ struct ServerArgs {
     /// directory).
     #[arg(long, env = "DROVER_NODE_NAME")]
     node_name: Option<String>,
+    /// Serve HTTPS and WSS with this certificate chain (PEM, leaf first; with --tls-key).
+    #[arg(long, env = "DROVER_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, RSA or EC).
+    #[arg(long, env = "DROVER_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+impl ServerArgs {
+    fn tls(&self) -> Option<drover_server::TlsFiles> {
+        Some(drover_server::TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+        })
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -131,7 +154,9 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|error| anyhow::anyhow!("cannot listen on {}: {error}", args.listen))?;
+    let scheme = args.scheme();
     let config = drover_server::Config {
+        tls: args.tls(),
         database_url: args.database_url,
         admin_access_key: args.admin_access_key,
         admin_secret_key: args.admin_secret_key,
@@ -148,8 +173,8 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
             path.display()
         );
     }
-    eprintln!("drover listening on http://{}/v1", server.addr);
-    eprintln!("web UI at http://{}/", server.addr);
+    eprintln!("drover listening on {scheme}://{}/v1", server.addr);
+    eprintln!("web UI at {scheme}://{}/", server.addr);
     let token = server.shutdown_token();
     tokio::spawn(async move {
         shutdown_signal().await;
@@ -220,7 +245,9 @@ async fn up(args: ServerArgs) -> anyhow::Result<()> {
         .admin_access_key
         .clone()
         .zip(args.admin_secret_key.clone());
+    let tls = args.tls();
     let config = drover_server::Config {
+        tls: tls.clone(),
         database_url: args.database_url,
         admin_access_key: args.admin_access_key,
         admin_secret_key: args.admin_secret_key,
@@ -232,7 +259,15 @@ async fn up(args: ServerArgs) -> anyhow::Result<()> {
     };
     let server = drover_server::Server::start(listener, config).await?;
     let port = server.addr.port();
-    let url = format!("http://127.0.0.1:{port}");
+    // Over TLS the local agent trusts the server's own certificate chain, by the name
+    // `localhost` (which the certificate must list).
+    let (url, ca_cert) = match &tls {
+        Some(files) => (
+            format!("https://localhost:{port}"),
+            Some(std::path::absolute(&files.cert)?),
+        ),
+        None => (format!("http://127.0.0.1:{port}"), None),
+    };
     let state_dir = data_dir.join("agent");
     let registration_token = if state_dir.join("identity.json").exists() {
         None
@@ -273,6 +308,7 @@ async fn up(args: ServerArgs) -> anyhow::Result<()> {
         health_port: None,
         log_file: None,
         workers: 16,
+        ca_cert: ca_cert.clone(),
     };
     let agent_token = agent_shutdown.clone();
     let agent_task = tokio::spawn(async move {
@@ -309,8 +345,12 @@ async fn up(args: ServerArgs) -> anyhow::Result<()> {
                 "Admin key (also in {}):",
                 data_dir.join("admin-key.env").display()
             );
+            let trust = ca_cert
+                .as_ref()
+                .map(|path| format!(" DROVER_CA_CERT={}", path.display()))
+                .unwrap_or_default();
             println!(
-                "export CATTLE_URL={url}/v1 CATTLE_ACCESS_KEY={access} CATTLE_SECRET_KEY={secret}"
+                "export CATTLE_URL={url}/v1 CATTLE_ACCESS_KEY={access} CATTLE_SECRET_KEY={secret}{trust}"
             );
         }
         None => eprintln!(

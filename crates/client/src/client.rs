@@ -10,7 +10,7 @@ use drover_proto::Event;
 use reqwest::Method;
 use serde_json::Value;
 
-use crate::{Error, Result};
+use crate::{Error, Result, Tls};
 
 /// The header that makes a create safe to retry.
 pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
@@ -44,6 +44,8 @@ pub struct Client {
     /// Which of `bases` calls go to first; shared by clones.
     current: Arc<AtomicUsize>,
     authorization: String,
+    /// Which `https://`/`wss://` servers it trusts.
+    tls: Tls,
 }
 
 /// How much of a failed call may be sent again to the next server.
@@ -104,6 +106,21 @@ where
     Ok(bases)
 }
 
+/// A failed send: [`Error::Tls`] with what to do when the TLS handshake failed, else the
+/// HTTP error as it is.
+fn tls_or_http(error: reqwest::Error) -> Error {
+    match crate::tls::rustls_cause(&error) {
+        Some(cause) => {
+            let server = error
+                .url()
+                .map(|url| format!("{}://{}", url.scheme(), url.authority()))
+                .unwrap_or_else(|| "server".to_owned());
+            Error::Tls(crate::tls::describe(&server, cause))
+        }
+        None => Error::Http(error),
+    }
+}
+
 /// Whether an error says the request never left: the connection could not be made.
 fn never_sent(error: &Error) -> bool {
     matches!(error, Error::Http(error) if error.is_connect())
@@ -127,10 +144,8 @@ impl Client {
         S: AsRef<str>,
     {
         let bases = bases_of(urls)?;
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(60))
-            .build()?;
+        let tls = Tls::system();
+        let http = tls.http_client()?;
         let token =
             base64::engine::general_purpose::STANDARD.encode(format!("{access_key}:{secret_key}"));
         Ok(Client {
@@ -138,7 +153,21 @@ impl Client {
             bases: bases.into(),
             current: Arc::new(AtomicUsize::new(0)),
             authorization: format!("Basic {token}"),
+            tls,
         })
+    }
+
+    /// This client trusting `tls` for `https://` and `wss://` servers (for example
+    /// [`Tls::with_ca_file`], to reach a server with a self-signed certificate).
+    pub fn with_tls(mut self, tls: Tls) -> Result<Client> {
+        self.http = tls.http_client()?;
+        self.tls = tls;
+        Ok(self)
+    }
+
+    /// Which `https://`/`wss://` servers this client trusts.
+    pub fn tls(&self) -> &Tls {
+        &self.tls
     }
 
     /// A client with this client's key for other server URLs (a URL or a comma-separated
@@ -150,11 +179,13 @@ impl Client {
             bases: bases_of([urls])?.into(),
             current: Arc::new(AtomicUsize::new(0)),
             authorization: self.authorization.clone(),
+            tls: self.tls.clone(),
         })
     }
 
     /// A client from `CATTLE_URL` (one URL or a comma-separated list), `CATTLE_ACCESS_KEY` and
-    /// `CATTLE_SECRET_KEY`, as the original's agents and agent containers are configured.
+    /// `CATTLE_SECRET_KEY`, as the original's agents and agent containers are configured, and
+    /// trusting the CA file in `DROVER_CA_CERT` (or `CATTLE_CA_CERT`) if one is set.
     pub fn from_env() -> Result<Client> {
         let var = |name: &str| {
             std::env::var(name).map_err(|_| Error::Invalid(format!("{name} is not set")))
@@ -163,7 +194,8 @@ impl Client {
             &var("CATTLE_URL")?,
             &var("CATTLE_ACCESS_KEY")?,
             &var("CATTLE_SECRET_KEY")?,
-        )
+        )?
+        .with_tls(Tls::from_env()?)
     }
 
     /// The current server's `http://host:port/v1`.
@@ -243,7 +275,8 @@ impl Client {
         let response = request
             .header(reqwest::header::AUTHORIZATION, &self.authorization)
             .send()
-            .await?;
+            .await
+            .map_err(tls_or_http)?;
         let status = response.status();
         let body = response.bytes().await?;
         if status.is_success() {

@@ -16,6 +16,8 @@
 //!   server's log socket, the tail and, with `follow`, what is written afterwards.
 //! - [`ResourceChange`]: a `resource.change` event unpacked, for
 //!   [`RouterBuilder::on_resource_change`].
+//! - [`Tls`]: `https://` and `wss://` servers are verified against the platform's roots and,
+//!   with [`Client::with_tls`] (or `DROVER_CA_CERT` for [`Client::from_env`]), a CA file.
 //!
 //! # A router
 //!
@@ -75,6 +77,7 @@ mod client;
 mod logs;
 pub mod router;
 mod subscribe;
+mod tls;
 
 pub use change::ResourceChange;
 pub use client::{Client, IDEMPOTENCY_KEY};
@@ -82,6 +85,7 @@ pub use drover_proto::{Event, Transitioning};
 pub use logs::{LogLine, LogOptions, LogStream};
 pub use router::{Context, HandlerError, HandlerResult, Router, RouterBuilder};
 pub use subscribe::{EventStream, Frame, STREAM_POSITION_HEADER, Subscribe};
+pub use tls::{CA_CERT_VARS, Tls};
 
 /// What a client call can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +139,10 @@ pub enum Error {
     /// A URL or a frame could not be understood.
     #[error("invalid: {0}")]
     Invalid(String),
+    /// The TLS handshake with the server failed: its certificate is not trusted or not for
+    /// this name, or it does not speak TLS. The message says which, and what to do.
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 impl Error {
@@ -155,7 +163,10 @@ impl Error {
                 **error,
                 Ws::Io(_) | Ws::Tls(_) | Ws::Protocol(_) | Ws::ConnectionClosed | Ws::AlreadyClosed
             ),
-            Error::Closed { .. } | Error::Invalid(_) | Error::Relist { .. } => false,
+            // A certificate the client does not trust is a setting to fix, not a server down.
+            Error::Closed { .. } | Error::Invalid(_) | Error::Relist { .. } | Error::Tls(_) => {
+                false
+            }
         }
     }
 }

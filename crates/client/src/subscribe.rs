@@ -8,7 +8,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use crate::{Client, Error, Result};
 
@@ -156,7 +156,13 @@ impl Client {
         let timeout = subscribe
             .handshake_timeout
             .unwrap_or(Duration::from_secs(30));
-        let connect = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
+        let connector = self.websocket_connector(request.uri().scheme_str())?;
+        let connect = tokio_tungstenite::connect_async_tls_with_config(
+            request,
+            Some(config),
+            true,
+            Some(connector),
+        );
         match tokio::time::timeout(timeout, connect).await {
             Err(_) => Err(Error::Timeout("subscribe handshake")),
             Ok(Ok((socket, response))) => Ok(EventStream {
@@ -185,7 +191,24 @@ impl Client {
                     .map(|body| String::from_utf8_lossy(body).into_owned())
                     .unwrap_or_default(),
             }),
-            Ok(Err(error)) => Err(error.into()),
+            Ok(Err(error)) => Err(match crate::tls::rustls_cause(&error) {
+                Some(cause) => {
+                    let server = self.base_at(index).replacen("http", "ws", 1);
+                    Error::Tls(crate::tls::describe(&server, cause))
+                }
+                None => error.into(),
+            }),
+        }
+    }
+
+    /// The connector for a WebSocket to one of this client's servers, by its URL's scheme:
+    /// plain for `ws`, for `wss` TLS with the roots REST calls trust ([`Client::tls`]).
+    /// For other WebSockets than subscriptions, with
+    /// `tokio_tungstenite::connect_async_tls_with_config`.
+    pub fn websocket_connector(&self, scheme: Option<&str>) -> Result<Connector> {
+        match scheme {
+            Some("wss" | "https") => Ok(Connector::Rustls(self.tls().websocket_config()?)),
+            _ => Ok(Connector::Plain),
         }
     }
 }

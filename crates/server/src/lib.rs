@@ -13,6 +13,7 @@
 //! - [`container_events`]: the worker that reconciles instances with what agents report.
 //! - [`cleanup`]: the `table.cleanup` job (purge of old events, processes and resources).
 //! - [`services`]: the service reconciler, which keeps every service at its scale.
+//! - [`tls`]: HTTPS and WSS from a certificate and key in PEM files ([`Config::tls`]).
 
 pub mod api;
 pub mod auth;
@@ -28,7 +29,10 @@ pub mod monitor;
 pub mod services;
 pub mod settings;
 pub mod state;
+pub mod tls;
 pub mod ws;
+
+pub use tls::TlsFiles;
 
 /// Entry points for the fuzz targets (`crates/fuzz`): the API's query parsers, which are
 /// otherwise private to their handlers. Not an API of this crate.
@@ -106,6 +110,9 @@ pub struct Config {
     pub nats_url: Option<String>,
     /// The node's name; by default the one kept in the data directory (made on first start).
     pub node_name: Option<String>,
+    /// Serve HTTPS and WSS with this certificate and key (else plain HTTP). Links in answers
+    /// and events then say `https://`/`wss://`.
+    pub tls: Option<TlsFiles>,
 }
 
 impl Config {
@@ -121,6 +128,7 @@ impl Config {
             public_url: None,
             nats_url: None,
             node_name: None,
+            tls: None,
         }
     }
 
@@ -161,6 +169,9 @@ pub enum StartError {
     /// The node could not join its cluster.
     #[error(transparent)]
     Cluster(#[from] cluster::JoinError),
+    /// The TLS certificate or key could not be read or used.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 /// A running server.
@@ -182,6 +193,12 @@ impl Server {
     /// Opens the store, bootstraps the admin and starts serving on `listener`.
     pub async fn start(listener: TcpListener, config: Config) -> Result<Server, StartError> {
         let addr = listener.local_addr().map_err(StartError::Listener)?;
+        // Bad TLS files are refused before anything is opened or written.
+        let tls = match &config.tls {
+            Some(files) => Some(tokio_rustls::TlsAcceptor::from(files.load()?)),
+            None => None,
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
         std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
             path: config.data_dir.clone(),
             source,
@@ -203,6 +220,7 @@ impl Server {
             Some(key) => Some(
                 write_admin_key(
                     &config.data_dir,
+                    scheme,
                     addr,
                     &key.credential.public_value,
                     &key.secret_value,
@@ -228,7 +246,7 @@ impl Server {
             } else {
                 addr.to_string()
             };
-            format!("http://{host}")
+            format!("{scheme}://{host}")
         });
         let node_name = match &config.node_name {
             Some(name) => name.clone(),
@@ -356,7 +374,7 @@ impl Server {
         let serve_shutdown = shutdown.clone();
         let serve_state = state.clone();
         let task = tokio::spawn(async move {
-            serve(listener, app, header_timeout, serve_shutdown).await;
+            serve(listener, app, tls, header_timeout, serve_shutdown).await;
             serve_state.hub.close_all();
             let _ = engine_task.await;
             let _ = monitor_task.await;
@@ -378,6 +396,7 @@ impl Server {
         });
         tracing::info!(
             %addr,
+            scheme,
             backend = ?state.store.backend(),
             open_files,
             max_subscribers = ws::connection_limit(&state),
@@ -414,10 +433,14 @@ impl Server {
 ///
 /// Like `axum::serve`, plus what it cannot set: a connection whose request headers are not
 /// complete within `header_timeout` (from its start, or from its previous response) is closed,
-/// so slow or idle clients do not keep descriptors.
+/// so slow or idle clients do not keep descriptors. With `tls`, each connection first
+/// completes a TLS handshake (within the same `header_timeout`), and its requests carry
+/// `X-Forwarded-Proto: https` (set here, replacing what the client sent), from which every
+/// link in an answer takes its scheme (`api::Base`).
 async fn serve(
     listener: TcpListener,
     app: axum::Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     header_timeout: Duration,
     shutdown: CancellationToken,
 ) {
@@ -439,32 +462,86 @@ async fn serve(
         // Batches are formed in the application (ws.rs); Nagle's delay on top only adds
         // latency.
         let _ = tcp.set_nodelay(true);
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
         let shutdown = shutdown.clone();
-        connections.spawn(async move {
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(header_timeout);
-            let connection = builder
-                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
-                .with_upgrades();
-            tokio::pin!(connection);
-            let result = tokio::select! {
-                result = connection.as_mut() => result,
-                () = shutdown.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            };
-            if let Err(error) = result {
-                tracing::debug!(%error, "connection ended with an error");
+        let app = app.clone();
+        match &tls {
+            None => {
+                connections.spawn(serve_connection(tcp, app, header_timeout, shutdown));
             }
-        });
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                connections.spawn(async move {
+                    let handshake = tokio::time::timeout(header_timeout, acceptor.accept(tcp));
+                    let stream = tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        done = handshake => match done {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(error)) => {
+                                tracing::debug!(%error, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!("TLS handshake timed out");
+                                return;
+                            }
+                        },
+                    };
+                    let app = tower::util::MapRequest::new(app, mark_https as fn(_) -> _);
+                    serve_connection(stream, app, header_timeout, shutdown).await;
+                });
+            }
+        }
     }
     drop(listener);
     connections.close();
     connections.wait().await;
+}
+
+/// Serves HTTP/1.1 (and WebSocket upgrades) on one connection until it ends or `shutdown`.
+async fn serve_connection<I, S>(
+    io: I,
+    app: S,
+    header_timeout: Duration,
+    shutdown: CancellationToken,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: tower::Service<
+            axum::extract::Request<hyper::body::Incoming>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let connection = builder
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%error, "connection ended with an error");
+    }
+}
+
+/// A request that came over TLS: its links say `https`/`wss` whatever the client claimed.
+fn mark_https<B>(mut request: axum::extract::Request<B>) -> axum::extract::Request<B> {
+    request.headers_mut().insert(
+        "x-forwarded-proto",
+        axum::http::HeaderValue::from_static("https"),
+    );
+    request
 }
 
 /// Accept errors that concern one connection only (the next accept is fine).
@@ -551,6 +628,7 @@ fn make_node_name(path: &Path) -> std::io::Result<String> {
 /// Writes a generated admin key where the operator can find it (mode 0600).
 fn write_admin_key(
     data_dir: &Path,
+    scheme: &str,
     addr: SocketAddr,
     access_key: &str,
     secret_key: &str,
@@ -564,7 +642,7 @@ fn write_admin_key(
     let text = format!(
         "# The drover admin key, generated on first start. Keep it secret.\n\
          # Use it with: set -a; . {}; set +a\n\
-         CATTLE_URL=http://{host}/v1\nCATTLE_ACCESS_KEY={access_key}\nCATTLE_SECRET_KEY={secret_key}\n",
+         CATTLE_URL={scheme}://{host}/v1\nCATTLE_ACCESS_KEY={access_key}\nCATTLE_SECRET_KEY={secret_key}\n",
         path.display()
     );
     let mut options = std::fs::OpenOptions::new();

@@ -3,8 +3,8 @@
 
 use std::net::SocketAddr;
 
-use drover_client::Client;
-use drover_server::{Config, Server};
+use drover_client::{Client, Tls};
+use drover_server::{Config, Server, TlsFiles};
 
 use crate::postgres::Schema;
 
@@ -35,6 +35,7 @@ pub enum Backend {
 pub struct Builder {
     settings: Vec<(String, String)>,
     backend: Backend,
+    tls: Option<(String, String)>,
 }
 
 impl Builder {
@@ -63,6 +64,15 @@ impl Builder {
         self.backend(Backend::Postgres)
     }
 
+    /// Serves HTTPS and WSS with this certificate and key (PEM, written to the data directory
+    /// as `tls-cert.pem` and `tls-key.pem`); the server's URL is then
+    /// `https://localhost:<port>` (the certificate must name `localhost`) and its clients
+    /// trust the certificate as a CA.
+    pub fn tls(mut self, cert_pem: &str, key_pem: &str) -> Builder {
+        self.tls = Some((cert_pem.to_owned(), key_pem.to_owned()));
+        self
+    }
+
     /// Starts the server. On PostgreSQL this panics when `DROVER_TEST_POSTGRES_URL` is unset;
     /// use [`Builder::try_start`] (or [`crate::servers`]) to skip instead.
     pub async fn start(self) -> TestServer {
@@ -89,6 +99,15 @@ impl Builder {
             config.database_url = Some(schema.url.clone());
             config.database_schema = Some(schema.name.clone());
         }
+        if let Some((cert, key)) = &self.tls {
+            let files = TlsFiles {
+                cert: dir.path().join("tls-cert.pem"),
+                key: dir.path().join("tls-key.pem"),
+            };
+            std::fs::write(&files.cert, cert).unwrap();
+            std::fs::write(&files.key, key).unwrap();
+            config.tls = Some(files);
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         Some(TestServer::serve(listener, config, schema, dir).await)
     }
@@ -101,8 +120,10 @@ pub struct TestServer {
     pub server: Server,
     /// A client with the admin key.
     pub admin: Client,
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>`, or `https://localhost:<port>` over TLS.
     pub url: String,
+    /// What its clients trust: over TLS, its certificate.
+    pub tls: Tls,
     /// Which store it runs on.
     pub backend: Backend,
     /// The PostgreSQL schema, when on PostgreSQL.
@@ -117,6 +138,7 @@ impl TestServer {
         Builder {
             settings: Vec::new(),
             backend: Backend::Sqlite,
+            tls: None,
         }
     }
 
@@ -139,12 +161,22 @@ impl TestServer {
         let server = Server::start(listener, config.clone())
             .await
             .expect("server starts");
-        let url = format!("http://{}", server.addr);
-        let admin = Client::new(&url, ADMIN_ACCESS, ADMIN_SECRET).unwrap();
+        let (url, tls) = match &config.tls {
+            Some(files) => (
+                format!("https://localhost:{}", server.addr.port()),
+                Tls::with_ca_file(&files.cert).unwrap(),
+            ),
+            None => (format!("http://{}", server.addr), Tls::system()),
+        };
+        let admin = Client::new(&url, ADMIN_ACCESS, ADMIN_SECRET)
+            .unwrap()
+            .with_tls(tls.clone())
+            .unwrap();
         TestServer {
             server,
             admin,
             url,
+            tls,
             backend: if schema.is_some() {
                 Backend::Postgres
             } else {
@@ -221,7 +253,10 @@ impl TestServer {
 
     /// A client of this server with a key.
     pub fn client(&self, access: &str, secret: &str) -> Client {
-        Client::new(&self.url, access, secret).unwrap()
+        Client::new(&self.url, access, secret)
+            .unwrap()
+            .with_tls(self.tls.clone())
+            .unwrap()
     }
 
     /// A new agent in a project, and a client with its agent key.

@@ -67,6 +67,7 @@ async fn the_watcher_follows_a_service_the_server_keeps_at_its_scale() {
         health_port: None,
         log_file: None,
         workers: 8,
+        ca_cert: None,
     };
     let agent = tokio::spawn(drover_agent::run(agent_args, shutdown.clone()));
 

@@ -6,6 +6,7 @@ mod apikeys;
 mod clusternodes;
 mod events;
 mod idempotency;
+pub mod openapi;
 pub(crate) mod processes;
 mod publish;
 mod register;
@@ -68,6 +69,7 @@ fn routes(state: AppState) -> Router {
         .merge(events::routes())
         .merge(register::routes())
         .merge(schemas::routes())
+        .merge(openapi::routes())
         .merge(settings::routes())
         .merge(clusternodes::routes())
         .merge(resources::routes())

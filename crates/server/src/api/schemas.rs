@@ -31,7 +31,8 @@ fn fields(list: &[(&str, &str, bool)]) -> Map<String, Value> {
         .collect()
 }
 
-fn all(base: &str) -> Vec<Value> {
+/// Every type's schema object, as `/v1/schemas` lists them (and `openapi.rs` describes them).
+pub(super) fn all(base: &str) -> Vec<Value> {
     let mut out: Vec<Value> = RESOURCE_TYPES
         .iter()
         .map(|schema| render(base, schema))
