@@ -146,7 +146,7 @@ async fn over_tls_the_client_the_agent_binary_and_the_cli_work_and_an_untrusting
             "containers",
             &json!({
                 "name": "over-tls",
-                "command": ["sh", "-c", "echo ran > ran.out; exec sleep 120"],
+                "command": ["sh", "-c", "echo ran > ran.out; echo hello-over-tls; exec sleep 120"],
                 "workingDir": work.path().display().to_string(),
             }),
         )
@@ -226,6 +226,10 @@ async fn over_tls_the_client_the_agent_binary_and_the_cli_work_and_an_untrusting
         stderr.contains("not trusted") && stderr.contains("--ca-cert"),
         "{stderr}"
     );
+
+    // Its log streams over wss through the server, trusting the same CA file.
+    let (ok, stdout, stderr) = cli(&url, &["logs", "over-tls"], Some(&pki.cert)).await;
+    assert!(ok && stdout.contains("hello-over-tls"), "{stdout}\n{stderr}");
 
     admin.delete(&path).await.unwrap();
     wait_state(&admin, &path, "removed").await;

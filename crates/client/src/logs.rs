@@ -64,13 +64,25 @@ impl Client {
                 "?action=logs answered no url and token: {access}"
             )));
         };
-        LogStream::connect(url, token).await
+        let scheme = url.split_once("://").map(|(scheme, _)| scheme);
+        let connector = self.websocket_connector(scheme)?;
+        LogStream::connect_with(url, token, Some(connector)).await
     }
 }
 
 impl LogStream {
     /// Connects to a log socket given its `url` and `token` (a `hostAccess`).
     pub async fn connect(url: &str, token: &str) -> Result<LogStream> {
+        LogStream::connect_with(url, token, None).await
+    }
+
+    /// [`LogStream::connect`] with the TLS roots of a client ([`Client::websocket_connector`]);
+    /// `None` trusts the system's roots only.
+    pub async fn connect_with(
+        url: &str,
+        token: &str,
+        connector: Option<tokio_tungstenite::Connector>,
+    ) -> Result<LogStream> {
         let query: String = form_urlencoded::Serializer::new(String::new())
             .append_pair("token", token)
             .finish();
@@ -79,7 +91,14 @@ impl LogStream {
             .read_buffer_size(64 * 1024)
             .write_buffer_size(0)
             .max_write_buffer_size(1 << 20);
-        match tokio_tungstenite::connect_async_with_config(request, Some(config), true).await {
+        match tokio_tungstenite::connect_async_tls_with_config(
+            request,
+            Some(config),
+            true,
+            connector,
+        )
+        .await
+        {
             Ok((socket, _)) => Ok(LogStream { socket, end: None }),
             Err(tokio_tungstenite::tungstenite::Error::Http(response)) => Err(Error::Refused {
                 status: response.status().as_u16(),
