@@ -37,9 +37,8 @@ impl Connection {
                  and --secret-key); `drover up` prints an export line with the admin key"
             );
         };
-        Client::new(&self.url, access, secret).map_err(|error| {
-            anyhow::anyhow!("CATTLE_URL/--url {:?}: {error}", self.url)
-        })
+        Client::new(&self.url, access, secret)
+            .map_err(|error| anyhow::anyhow!("CATTLE_URL/--url {:?}: {error}", self.url))
     }
 }
 
@@ -305,7 +304,10 @@ pub struct RunArgs {
     command: Vec<String>,
 }
 
-pub(crate) fn pairs(items: &[String], what: &str) -> anyhow::Result<serde_json::Map<String, Value>> {
+pub(crate) fn pairs(
+    items: &[String],
+    what: &str,
+) -> anyhow::Result<serde_json::Map<String, Value>> {
     items
         .iter()
         .map(|item| {
@@ -385,8 +387,7 @@ pub struct TargetArgs {
 pub async fn act(args: TargetArgs, action: &str) -> anyhow::Result<()> {
     let client = args.connection.client()?;
     for target in &args.containers {
-        let container =
-            resources::resolve(&client, target, &[("containers", "container")]).await?;
+        let container = resources::resolve(&client, target, &[("containers", "container")]).await?;
         let link = container["links"]["self"]
             .as_str()
             .unwrap_or_default()
@@ -486,7 +487,7 @@ pub struct ProcessesArgs {
     /// running, delayed, ready, pending (the three together) or done.
     #[arg(long, default_value = "pending")]
     state: String,
-    /// Only processes of this resource: a typed id (1i5, 1h1, 1s2 …).
+    /// Only processes of this resource: a typed id (1i5, 1h1, 1s2 …) or a name.
     #[arg(long)]
     resource: Option<String>,
     /// Only processes of this name (e.g. instance.start).
@@ -501,15 +502,16 @@ pub async fn processes(args: ProcessesArgs) -> anyhow::Result<()> {
     let mut query = form_urlencoded::Serializer::new(String::new());
     query.append_pair("state", &args.state);
     if let Some(resource) = &args.resource {
-        let api_type = resources::type_of_id(resource).ok_or_else(|| {
-            anyhow::anyhow!(
-                "--resource {:?} is not a typed id such as 1i5 (container), 1h1 (host), \
-                 1s2 (service), 1st1 (stack), 1v1 (volume)",
-                output::cell(resource, output::TABLE_CELL)
-            )
-        })?;
-        query.append_pair("resourceType", api_type);
-        query.append_pair("resourceId", resource);
+        // A typed id says its type; a name is looked up (containers first).
+        let (api_type, id) = match resources::type_of_id(resource) {
+            Some(api_type) => (api_type.to_owned(), resource.clone()),
+            None => {
+                let found = resources::resolve_named(&client, resource).await?;
+                (text(&found, "type"), text(&found, "id"))
+            }
+        };
+        query.append_pair("resourceType", &api_type);
+        query.append_pair("resourceId", &id);
     }
     if let Some(name) = &args.name {
         query.append_pair("processName", name);

@@ -245,7 +245,11 @@ fn first_page(spec: &ListSpec, selection: &Selection, limit: usize) -> String {
             query.append_pair(&key, &value);
         }
         // Pages of what is asked (at least 100, so that label selectors read few pages).
-        let page = if limit == 0 { 1000 } else { limit.clamp(100, 1000) };
+        let page = if limit == 0 {
+            1000
+        } else {
+            limit.clamp(100, 1000)
+        };
         query.append_pair("limit", &page.to_string());
     }
     let query = query.finish();
@@ -361,10 +365,7 @@ pub async fn list(client: &Client, spec: ListSpec, options: &ListOptions) -> any
             }
         }
         Format::Table | Format::Wide => {
-            let mut table = Table::new(
-                &columns.iter().map(|c| c.header).collect::<Vec<_>>(),
-                max,
-            );
+            let mut table = Table::new(&columns.iter().map(|c| c.header).collect::<Vec<_>>(), max);
             for row in &rows {
                 table.row(cells(&columns, row));
             }

@@ -90,7 +90,7 @@ pub const WIDE_CELL: usize = 120;
 /// A value made safe for one terminal cell: control characters shown escaped (`\n`, `\t`,
 /// `\u{1b}`), never raw, and the text cut to `max` columns with `…`.
 pub fn cell(text: &str, max: usize) -> String {
-    let mut out = String::with_capacity(text.len().min(max * 4));
+    let mut out = String::with_capacity(text.len().min(max.saturating_mul(4)));
     let mut width = 0;
     // Where the text stands when one column is left for `…`.
     let mut cut: Option<usize> = None;

@@ -101,6 +101,11 @@ pub async fn resolve(
     }
 }
 
+/// A live container, service, stack, volume or host of this name.
+pub async fn resolve_named(client: &Client, name: &str) -> anyhow::Result<Value> {
+    resolve(client, name, NAMED).await
+}
+
 #[derive(Debug, clap::Args)]
 pub struct InspectArgs {
     #[command(flatten)]
@@ -151,7 +156,10 @@ pub async fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                 if format == Format::Yaml && many {
                     output::print("---")?;
                 }
-                output::document(&json!({"resource": resource, "processes": processes}), format)?;
+                output::document(
+                    &json!({"resource": resource, "processes": processes}),
+                    format,
+                )?;
             }
             Format::Table | Format::Wide => {
                 if index > 0 {
@@ -535,7 +543,9 @@ pub enum VolumesCommand {
 pub async fn volumes(command: VolumesCommand) -> anyhow::Result<()> {
     const V: (&str, &str) = ("volumes", "volume");
     match command {
-        VolumesCommand::Ls(ls) => lists::list(&ls.connection.client()?, volumes_spec(), &ls.options).await,
+        VolumesCommand::Ls(ls) => {
+            lists::list(&ls.connection.client()?, volumes_spec(), &ls.options).await
+        }
         VolumesCommand::Create {
             connection,
             name,
@@ -545,7 +555,8 @@ pub async fn volumes(command: VolumesCommand) -> anyhow::Result<()> {
             output,
         } => {
             let client = connection.client()?;
-            let mut body = json!({"name": name, "driverOpts": crate::commands::pairs(&opts, "--opt")?});
+            let mut body =
+                json!({"name": name, "driverOpts": crate::commands::pairs(&opts, "--opt")?});
             if let Some(driver) = driver {
                 body["driver"] = json!(driver);
             }
@@ -617,7 +628,9 @@ pub enum ServicesCommand {
 pub async fn services(command: ServicesCommand) -> anyhow::Result<()> {
     const S: (&str, &str) = ("services", "service");
     match command {
-        ServicesCommand::Ls(ls) => lists::list(&ls.connection.client()?, services_spec(), &ls.options).await,
+        ServicesCommand::Ls(ls) => {
+            lists::list(&ls.connection.client()?, services_spec(), &ls.options).await
+        }
         ServicesCommand::Create {
             connection,
             name,
@@ -702,7 +715,9 @@ pub enum StacksCommand {
 pub async fn stacks(command: StacksCommand) -> anyhow::Result<()> {
     const ST: (&str, &str) = ("stacks", "stack");
     match command {
-        StacksCommand::Ls(ls) => lists::list(&ls.connection.client()?, stacks_spec(), &ls.options).await,
+        StacksCommand::Ls(ls) => {
+            lists::list(&ls.connection.client()?, stacks_spec(), &ls.options).await
+        }
         StacksCommand::Create {
             connection,
             name,
@@ -740,7 +755,9 @@ pub enum ProjectsCommand {
 
 pub async fn projects(command: ProjectsCommand) -> anyhow::Result<()> {
     match command {
-        ProjectsCommand::Ls(ls) => lists::list(&ls.connection.client()?, projects_spec(), &ls.options).await,
+        ProjectsCommand::Ls(ls) => {
+            lists::list(&ls.connection.client()?, projects_spec(), &ls.options).await
+        }
         ProjectsCommand::Create {
             connection,
             name,
@@ -814,7 +831,9 @@ fn setting_path(name: &str) -> String {
 
 pub async fn settings(command: SettingsCommand) -> anyhow::Result<()> {
     match command {
-        SettingsCommand::Ls(ls) => lists::list(&ls.connection.client()?, settings_spec(), &ls.options).await,
+        SettingsCommand::Ls(ls) => {
+            lists::list(&ls.connection.client()?, settings_spec(), &ls.options).await
+        }
         SettingsCommand::Get {
             connection,
             name,
@@ -913,7 +932,9 @@ pub async fn keys(command: KeysCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        KeysCommand::Ls(ls) => lists::list(&ls.connection.client()?, keys_spec(), &ls.options).await,
+        KeysCommand::Ls(ls) => {
+            lists::list(&ls.connection.client()?, keys_spec(), &ls.options).await
+        }
         KeysCommand::Rm(on) => {
             let client = on.connection.client()?;
             for target in &on.targets {

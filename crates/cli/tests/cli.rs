@@ -41,10 +41,14 @@ async fn ok(server: &TestServer, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// Runs it with `-o json` appended and parses stdout.
+/// Runs it with `-o json` (before a `--`) and parses stdout.
 async fn json_of(server: &TestServer, args: &[&str]) -> Value {
     let mut args = args.to_vec();
-    args.extend(["-o", "json"]);
+    let at = args
+        .iter()
+        .position(|arg| *arg == "--")
+        .unwrap_or(args.len());
+    args.splice(at..at, ["-o", "json"]);
     let stdout = ok(server, &args).await;
     serde_json::from_str(&stdout).unwrap_or_else(|error| panic!("{error}: {stdout}"))
 }
@@ -73,8 +77,7 @@ async fn container(server: &TestServer, name: &str, labels: Value) -> String {
 }
 
 #[tokio::test]
-async fn lists_print_table_wide_json_and_yaml_with_long_cells_cut_and_no_raw_control_characters()
-{
+async fn lists_print_table_wide_json_and_yaml_with_long_cells_cut_and_no_raw_control_characters() {
     let server = TestServer::start().await;
     let long_name = format!("a-very-long-name-{}", "x".repeat(60));
     let evil = format!("line1\nline2\t\u{1b}[31mred{}", "y".repeat(200));
@@ -83,7 +86,10 @@ async fn lists_print_table_wide_json_and_yaml_with_long_cells_cut_and_no_raw_con
 
     let table = ok(&server, &["ps"]).await;
     let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
-    assert_eq!(header, ["ID", "NAME", "STATE", "HOST", "COMMAND", "CREATED"]);
+    assert_eq!(
+        header,
+        ["ID", "NAME", "STATE", "HOST", "COMMAND", "CREATED"]
+    );
     assert!(!table.contains(&long_name), "the long name is cut: {table}");
     assert!(table.contains("a-very-long-name-xxxx"), "{table}");
     assert!(table.contains('…'), "{table}");
@@ -121,7 +127,11 @@ async fn lists_print_table_wide_json_and_yaml_with_long_cells_cut_and_no_raw_con
         .iter()
         .find(|row| row["id"] == first.as_str())
         .unwrap();
-    assert_eq!(row["labels"]["note"], evil.as_str(), "YAML keeps the value exact");
+    assert_eq!(
+        row["labels"]["note"],
+        evil.as_str(),
+        "YAML keeps the value exact"
+    );
 
     // stop/start/rm take --json like every command.
     let stopped: Value =
@@ -179,7 +189,10 @@ async fn volumes_stacks_services_projects_settings_and_keys_have_their_commands(
     let volume = json_of(&server, &["volumes", "create", "data"]).await;
     let volume_id = volume["id"].as_str().unwrap().to_owned();
     assert_eq!(volume["name"], "data");
-    assert_eq!(ids(&json_of(&server, &["volumes", "ls"]).await), [volume_id.clone()]);
+    assert_eq!(
+        ids(&json_of(&server, &["volumes", "ls"]).await),
+        [volume_id.clone()]
+    );
     let removed = json_of(&server, &["volume", "rm", "data"]).await;
     assert_eq!(removed["id"], volume_id.as_str());
     assert!(
@@ -193,8 +206,8 @@ async fn volumes_stacks_services_projects_settings_and_keys_have_their_commands(
     let service = json_of(
         &server,
         &[
-            "services", "create", "web", "--stack", "shop", "--scale", "2", "-l", "tier=web",
-            "--", "sleep", "600",
+            "services", "create", "web", "--stack", "shop", "--scale", "2", "-l", "tier=web", "--",
+            "sleep", "600",
         ],
     )
     .await;
@@ -211,7 +224,10 @@ async fn volumes_stacks_services_projects_settings_and_keys_have_their_commands(
     assert_eq!(stored["scale"], 3);
     let table = ok(&server, &["services", "ls"]).await;
     assert!(table.starts_with("ID"), "{table}");
-    assert!(table.contains("web") && table.contains(&stack_id), "{table}");
+    assert!(
+        table.contains("web") && table.contains(&stack_id),
+        "{table}"
+    );
     let refused = output(drover(&server, &["services", "scale", "web", "5000"])).await;
     assert!(!refused.status.success());
     assert!(
@@ -220,7 +236,10 @@ async fn volumes_stacks_services_projects_settings_and_keys_have_their_commands(
     );
     let deactivated = json_of(&server, &["services", "deactivate", &service_id]).await;
     assert_eq!(deactivated["id"], service_id.as_str());
-    assert_eq!(ids(&json_of(&server, &["stacks", "ls"]).await), [stack_id.clone()]);
+    assert_eq!(
+        ids(&json_of(&server, &["stacks", "ls"]).await),
+        [stack_id.clone()]
+    );
     ok(&server, &["services", "rm", "web"]).await;
     ok(&server, &["stacks", "rm", "shop"]).await;
 
@@ -231,11 +250,15 @@ async fn volumes_stacks_services_projects_settings_and_keys_have_their_commands(
 
     // Settings.
     assert_eq!(
-        ok(&server, &["settings", "set", "process.max_attempts", "7"]).await.trim(),
+        ok(&server, &["settings", "set", "process.max_attempts", "7"])
+            .await
+            .trim(),
         "7"
     );
     assert_eq!(
-        ok(&server, &["settings", "get", "process.max_attempts"]).await.trim(),
+        ok(&server, &["settings", "get", "process.max_attempts"])
+            .await
+            .trim(),
         "7"
     );
     let setting = json_of(&server, &["setting", "get", "process.max_attempts"]).await;
@@ -250,7 +273,10 @@ async fn volumes_stacks_services_projects_settings_and_keys_have_their_commands(
     let access = key["publicValue"].as_str().unwrap().to_owned();
     let secret = key["secretValue"].as_str().unwrap().to_owned();
     let listed = ok(&server, &["keys", "ls"]).await;
-    assert!(listed.contains("ci-key") && listed.contains(&access), "{listed}");
+    assert!(
+        listed.contains("ci-key") && listed.contains(&access),
+        "{listed}"
+    );
     let mut with_key = drover(&server, &["ps"]);
     with_key
         .env("CATTLE_ACCESS_KEY", &access)
@@ -281,7 +307,10 @@ async fn selectors_map_onto_filters_and_labels() {
         both.sort();
         both
     });
-    assert_eq!(ids(&json_of(&server, &["ps", "-l", "disk"]).await), [db.clone()]);
+    assert_eq!(
+        ids(&json_of(&server, &["ps", "-l", "disk"]).await),
+        [db.clone()]
+    );
     assert_eq!(
         ids(&json_of(&server, &["ps", "-l", "tier!=web"]).await),
         [db.clone()]
@@ -291,7 +320,11 @@ async fn selectors_map_onto_filters_and_labels() {
         [web_2.clone()]
     );
     assert_eq!(
-        ids(&json_of(&server, &["ps", "--field-selector", "name!=web-2", "-l", "tier=web"]).await),
+        ids(&json_of(
+            &server,
+            &["ps", "--field-selector", "name!=web-2", "-l", "tier=web"]
+        )
+        .await),
         [web_1.clone()]
     );
     let none = json_of(&server, &["ps", "--field", "state=running"]).await;
@@ -299,11 +332,21 @@ async fn selectors_map_onto_filters_and_labels() {
 
     let by_name = json_of(
         &server,
-        &["processes", "--state", "done", "--field", "processName=instance.create"],
+        &[
+            "processes",
+            "--state",
+            "done",
+            "--field",
+            "processName=instance.create",
+        ],
     )
     .await;
     assert_eq!(by_name["data"].as_array().unwrap().len(), 3, "{by_name:#}");
-    let of_one = json_of(&server, &["processes", "--state", "done", "--resource", &db]).await;
+    let of_one = json_of(
+        &server,
+        &["processes", "--state", "done", "--resource", &db],
+    )
+    .await;
     assert!(
         of_one["data"]
             .as_array()
@@ -312,6 +355,14 @@ async fn selectors_map_onto_filters_and_labels() {
             .all(|p| p["resourceId"] == db.as_str() && p["resourceType"] == "container"),
         "{of_one:#}"
     );
+
+    let by_resource_name = json_of(
+        &server,
+        &["processes", "--state", "done", "--resource", "db-1"],
+    )
+    .await;
+    assert_eq!(by_resource_name["data"], of_one["data"]);
+    assert!(!of_one["data"].as_array().unwrap().is_empty());
 
     let bad = output(drover(&server, &["ps", "--field", "color=red"])).await;
     assert!(!bad.status.success());
@@ -343,12 +394,24 @@ async fn limit_pages_past_the_apis_hundred_and_says_when_there_are_more() {
     assert_eq!(all["data"].as_array().unwrap().len(), 130);
     let out = output(drover(
         &server,
-        &["processes", "--state", "done", "--name", "instance.create", "--limit", "120"],
+        &[
+            "processes",
+            "--state",
+            "done",
+            "--name",
+            "instance.create",
+            "--limit",
+            "120",
+        ],
     ))
     .await;
     assert!(out.status.success(), "{out:?}");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(stdout.lines().count(), 121, "a header and 120 rows: {stdout}");
+    assert_eq!(
+        stdout.lines().count(),
+        121,
+        "a header and 120 rows: {stdout}"
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("there are more"), "{stderr}");
     let few = json_of(&server, &["ps", "--limit", "7"]).await;
@@ -382,8 +445,7 @@ async fn line_until(
 
 #[tokio::test]
 async fn watch_prints_a_change_that_happens_after_it_started() {
-    let server =
-        TestServer::start_with(&[("resource.change.interval.millis", "20")]).await;
+    let server = TestServer::start_with(&[("resource.change.interval.millis", "20")]).await;
     container(&server, "before", json!({})).await;
     let mut watch = drover(&server, &["ps", "--watch"]);
     watch.stdout(Stdio::piped()).stderr(Stdio::null());
@@ -391,7 +453,10 @@ async fn watch_prints_a_change_that_happens_after_it_started() {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     // The header comes after the subscription, and the list with it.
     line_until(&mut lines, "the header", |line| line.starts_with("ID")).await;
-    line_until(&mut lines, "the listed container", |line| line.contains("before")).await;
+    line_until(&mut lines, "the listed container", |line| {
+        line.contains("before")
+    })
+    .await;
     let late = container(&server, "late", json!({})).await;
     let line = line_until(&mut lines, "the new container's line", |line| {
         line.contains("late")
@@ -405,7 +470,10 @@ async fn watch_prints_a_change_that_happens_after_it_started() {
     let mut child_json = watch.spawn().unwrap();
     let mut lines = BufReader::new(child_json.stdout.take().unwrap()).lines();
     let first = line_until(&mut lines, "the list", |_| true).await;
-    assert_eq!(serde_json::from_str::<Value>(&first).unwrap()["data"], json!([]));
+    assert_eq!(
+        serde_json::from_str::<Value>(&first).unwrap()["data"],
+        json!([])
+    );
     server
         .admin
         .post(
@@ -426,8 +494,7 @@ async fn watch_prints_a_change_that_happens_after_it_started() {
 
 #[tokio::test]
 async fn events_prints_one_readable_line_per_event_and_raw_json_on_request() {
-    let server =
-        TestServer::start_with(&[("resource.change.interval.millis", "20")]).await;
+    let server = TestServer::start_with(&[("resource.change.interval.millis", "20")]).await;
     for (format, raw) in [(None, false), (Some("json"), true)] {
         let mut args = vec!["events", "resource.change"];
         if let Some(format) = format {
@@ -487,7 +554,10 @@ async fn completions_help_and_errors_are_for_people() {
         assert!(out.status.success(), "{out:?}");
         let script = String::from_utf8_lossy(&out.stdout);
         assert!(script.contains(marker), "{shell}: {script}");
-        assert!(script.contains("services") && script.contains("inspect"), "{shell}");
+        assert!(
+            script.contains("services") && script.contains("inspect"),
+            "{shell}"
+        );
     }
 
     // With the keys in the environment, usage does not ask for them.
@@ -505,7 +575,10 @@ async fn completions_help_and_errors_are_for_people() {
     let help = String::from_utf8_lossy(&out.stdout);
     let usage = help.lines().find(|l| l.starts_with("Usage:")).unwrap();
     assert!(!usage.contains("--access-key"), "{usage}");
-    assert!(help.contains("CATTLE_ACCESS_KEY=from-the-environment"), "{help}");
+    assert!(
+        help.contains("CATTLE_ACCESS_KEY=from-the-environment"),
+        "{help}"
+    );
     assert!(!help.contains("secret-from-the-environment"), "{help}");
 
     // Without keys: one line that says what to set.
@@ -613,8 +686,14 @@ async fn up_says_truthfully_where_the_admin_key_is() {
         assert!(line.contains("DROVER_ADMIN_ACCESS_KEY"), "{line}");
     }
     let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-    let export = within("the export line", stdout.next_line()).await.unwrap().unwrap();
-    assert!(export.contains(&format!("CATTLE_ACCESS_KEY={ADMIN_ACCESS}")), "{export}");
+    let export = within("the export line", stdout.next_line())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        export.contains(&format!("CATTLE_ACCESS_KEY={ADMIN_ACCESS}")),
+        "{export}"
+    );
     let _ = child.kill().await;
     let _ = Duration::ZERO;
 }
