@@ -632,8 +632,14 @@ async fn a_closed_stdout_ends_a_list_quietly() {
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
     let mut ps = drover(&server, &["ps"]);
+    // (`output()` would replace the stdout given here with its own pipe.)
     ps.stdout(writer).stderr(Stdio::piped());
-    let out = output(ps).await;
+    let out = within(
+        "ps into a closed pipe",
+        ps.spawn().unwrap().wait_with_output(),
+    )
+    .await
+    .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(out.status.success(), "{out:?}");
