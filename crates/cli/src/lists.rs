@@ -27,6 +27,10 @@ pub struct ListOptions {
     /// stderr when there are more.
     #[arg(long, default_value_t = 1000, value_name = "N")]
     pub limit: usize,
+    /// How many rows each request asks for (1 to 1000): a list reads pages of this size
+    /// through the API's `pagination.next` links.
+    #[arg(long, default_value_t = 500, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub chunk_size: u16,
     /// After the list, keep printing each change of a listed (or newly matching) row, live
     /// from the event stream, until Ctrl-C.
     #[arg(short = 'w', long)]
@@ -234,7 +238,7 @@ impl Selection {
 }
 
 /// The path of the first page.
-fn first_page(spec: &ListSpec, selection: &Selection, limit: usize) -> String {
+fn first_page(spec: &ListSpec, selection: &Selection, limit: usize, chunk: usize) -> String {
     let mut query = form_urlencoded::Serializer::new(String::new());
     for (key, value) in &spec.query {
         query.append_pair(key, value);
@@ -244,11 +248,10 @@ fn first_page(spec: &ListSpec, selection: &Selection, limit: usize) -> String {
             let (key, value) = field.query();
             query.append_pair(&key, &value);
         }
-        // Pages of what is asked (at least 100, so that label selectors read few pages).
-        let page = if limit == 0 {
-            1000
-        } else {
-            limit.clamp(100, 1000)
+        // No larger pages than the rows asked for.
+        let page = match limit {
+            0 => chunk,
+            limit => limit.min(chunk),
         };
         query.append_pair("limit", &page.to_string());
     }
@@ -269,9 +272,10 @@ async fn read(
     spec: &ListSpec,
     selection: &Selection,
     limit: usize,
+    chunk: usize,
 ) -> anyhow::Result<(Vec<Value>, bool, Value)> {
     let mut rows = Vec::new();
-    let mut link = Some(first_page(spec, selection, limit));
+    let mut link = Some(first_page(spec, selection, limit, chunk));
     let mut first: Option<Value> = None;
     let mut more = false;
     while let Some(path) = link.take() {
@@ -344,7 +348,8 @@ pub async fn list(client: &Client, spec: ListSpec, options: &ListOptions) -> any
     } else {
         None
     };
-    let (rows, more, first) = read(client, &spec, &selection, options.limit).await?;
+    let chunk = usize::from(options.chunk_size);
+    let (rows, more, first) = read(client, &spec, &selection, options.limit, chunk).await?;
     let columns = columns(&spec, format);
     let max = max_cell(format);
     let mut widths = Vec::new();
@@ -453,7 +458,7 @@ pub async fn list(client: &Client, spec: ListSpec, options: &ListOptions) -> any
                         }
                     }
                 }
-                let (rows, _, _) = read(client, &spec, &selection, page).await?;
+                let (rows, _, _) = read(client, &spec, &selection, page, chunk).await?;
                 let mut now = HashMap::with_capacity(rows.len());
                 for row in &rows {
                     let id = text(row, "id");

@@ -392,6 +392,26 @@ async fn limit_pages_past_the_apis_hundred_and_says_when_there_are_more() {
     )
     .await;
     assert_eq!(all["data"].as_array().unwrap().len(), 130);
+    // The same in pages of 50, through the API's `pagination.next` links.
+    let paged = json_of(
+        &server,
+        &[
+            "processes",
+            "--state",
+            "done",
+            "--name",
+            "instance.create",
+            "--limit",
+            "0",
+            "--chunk-size",
+            "50",
+        ],
+    )
+    .await;
+    assert_eq!(ids(&paged), ids(&all));
+    let paged_ps = json_of(&server, &["ps", "--chunk-size", "40", "--limit", "100"]).await;
+    assert_eq!(paged_ps["data"].as_array().unwrap().len(), 100);
+    assert_eq!(paged_ps["pagination"]["partial"], true);
     let out = output(drover(
         &server,
         &[
