@@ -16,7 +16,18 @@ pub fn one_line(error: &anyhow::Error) -> String {
             };
         }
     }
-    flatten(&error.to_string())
+    // Every cause on the one line, each once: "cannot open X: permission denied".
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = flatten(&cause.to_string());
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 /// A client error as a sentence with what to do.
@@ -100,4 +111,22 @@ fn flatten(text: &str) -> String {
     text.chars()
         .map(|ch| if ch.is_control() { ' ' } else { ch })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causes_share_one_line() {
+        let error = anyhow::Error::new(std::io::Error::other("permission denied"))
+            .context("cannot open the data directory")
+            .context("cannot start");
+        assert_eq!(
+            one_line(&error),
+            "cannot start: cannot open the data directory: permission denied"
+        );
+        let repeated = anyhow::anyhow!("bad\nthing: inner").context("bad\nthing: inner");
+        assert_eq!(one_line(&repeated), "bad thing: inner");
+    }
 }

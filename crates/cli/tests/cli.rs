@@ -191,7 +191,7 @@ async fn volumes_stacks_services_projects_settings_and_keys_have_their_commands(
     assert_eq!(volume["name"], "data");
     assert_eq!(
         ids(&json_of(&server, &["volumes", "ls"]).await),
-        [volume_id.clone()]
+        [volume_id.as_str()]
     );
     let removed = json_of(&server, &["volume", "rm", "data"]).await;
     assert_eq!(removed["id"], volume_id.as_str());
@@ -238,7 +238,7 @@ async fn volumes_stacks_services_projects_settings_and_keys_have_their_commands(
     assert_eq!(deactivated["id"], service_id.as_str());
     assert_eq!(
         ids(&json_of(&server, &["stacks", "ls"]).await),
-        [stack_id.clone()]
+        [stack_id.as_str()]
     );
     ok(&server, &["services", "rm", "web"]).await;
     ok(&server, &["stacks", "rm", "shop"]).await;
@@ -309,15 +309,15 @@ async fn selectors_map_onto_filters_and_labels() {
     });
     assert_eq!(
         ids(&json_of(&server, &["ps", "-l", "disk"]).await),
-        [db.clone()]
+        [db.as_str()]
     );
     assert_eq!(
         ids(&json_of(&server, &["ps", "-l", "tier!=web"]).await),
-        [db.clone()]
+        [db.as_str()]
     );
     assert_eq!(
         ids(&json_of(&server, &["ps", "--field", "name=web-2"]).await),
-        [web_2.clone()]
+        [web_2.as_str()]
     );
     assert_eq!(
         ids(&json_of(
@@ -325,7 +325,7 @@ async fn selectors_map_onto_filters_and_labels() {
             &["ps", "--field-selector", "name!=web-2", "-l", "tier=web"]
         )
         .await),
-        [web_1.clone()]
+        [web_1.as_str()]
     );
     let none = json_of(&server, &["ps", "--field", "state=running"]).await;
     assert_eq!(ids(&none), Vec::<String>::new());
