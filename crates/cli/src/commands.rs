@@ -197,6 +197,9 @@ pub struct PublishArgs {
     /// Where replies should go.
     #[arg(long)]
     reply_to: Option<String>,
+    /// `-o json|yaml`: the event as published (default: its id).
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
 pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
@@ -210,7 +213,12 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     }
     event.reply_to = args.reply_to;
     client.publish(&event).await?;
-    output::print(event.id.unwrap_or_default())
+    if args.output.structured() {
+        let value: Value = serde_json::from_str(&event.to_json())?;
+        output::document(&value, args.output.format())
+    } else {
+        output::print(event.id.unwrap_or_default())
+    }
 }
 
 /// Reads a collection's rows.

@@ -133,7 +133,17 @@ async fn lists_print_table_wide_json_and_yaml_with_long_cells_cut_and_no_raw_con
         "YAML keeps the value exact"
     );
 
-    // stop/start/rm take --json like every command.
+    // publish, stop/start/rm take --json like every command.
+    let published: Value = serde_json::from_str(
+        &ok(
+            &server,
+            &["publish", "hello.world", "--data", "{\"a\":1}", "--json"],
+        )
+        .await,
+    )
+    .unwrap();
+    assert_eq!(published["name"], "hello.world");
+    assert_eq!(published["data"]["a"], 1);
     let stopped: Value =
         serde_json::from_str(&ok(&server, &["rm", "short", "--json"]).await).unwrap();
     assert_eq!(stopped["id"], second.as_str());
