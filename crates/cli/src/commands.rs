@@ -4,8 +4,14 @@
 use drover_client::{Client, Event, Subscribe};
 use serde_json::{Value, json};
 
+use crate::lists::{self, ListOptions};
+use crate::output::{self, Format, OutputArgs};
+use crate::resources;
+
 /// Where the server is and which key to use: the same variables as the original's agents.
-#[derive(Debug, clap::Args)]
+/// The keys are optional to clap (so that usage lines do not show them as required when the
+/// environment has them); [`Connection::client`] says what to set when one is missing.
+#[derive(Debug, Clone, clap::Args)]
 pub struct Connection {
     /// The server's URL, or several comma-separated (`http://a:8080,http://b:8080`): the
     /// next is tried when one fails.
@@ -13,10 +19,10 @@ pub struct Connection {
     url: String,
     /// The access key.
     #[arg(long, env = "CATTLE_ACCESS_KEY")]
-    access_key: String,
+    access_key: Option<String>,
     /// The secret key.
     #[arg(long, env = "CATTLE_SECRET_KEY", hide_env_values = true)]
-    secret_key: String,
+    secret_key: Option<String>,
     /// A PEM file of CA certificates to trust (besides the system's) for an https:// server:
     /// its self-signed certificate, or the private CA that signed it.
     #[arg(long, env = "DROVER_CA_CERT")]
@@ -24,12 +30,25 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// The client for these flags: the one place a command's client is built.
     pub(crate) fn client(&self) -> anyhow::Result<Client> {
+        let (Some(access), Some(secret)) = (
+            self.access_key.as_deref().filter(|key| !key.is_empty()),
+            self.secret_key.as_deref().filter(|key| !key.is_empty()),
+        ) else {
+            anyhow::bail!(
+                "no API key: set CATTLE_ACCESS_KEY and CATTLE_SECRET_KEY (or pass --access-key \
+                 and --secret-key); `drover up` prints an export line with the admin key"
+            );
+        };
         let tls = match &self.ca_cert {
             Some(path) => drover_client::Tls::with_ca_file(path)?,
             None => drover_client::Tls::system(),
         };
-        Ok(Client::new(&self.url, &self.access_key, &self.secret_key)?.with_tls(tls)?)
+        Client::new(&self.url, access, secret)
+            .map_err(|error| anyhow::anyhow!("CATTLE_URL/--url {:?}: {error}", self.url))?
+            .with_tls(tls)
+            .map_err(Into::into)
     }
 }
 
@@ -37,8 +56,8 @@ impl Connection {
 pub struct EventsArgs {
     #[command(flatten)]
     connection: Connection,
-    /// Event names to subscribe to (the server scopes them to the key).
-    #[arg(required = true)]
+    /// Event names to subscribe to (the server scopes them to the key); default
+    /// `resource.change`.
     names: Vec<String>,
     /// Subscribe through a project's URL.
     #[arg(long)]
@@ -49,9 +68,11 @@ pub struct EventsArgs {
     /// Print the keep-alive pings too.
     #[arg(long)]
     pings: bool,
-    /// Print each event as one line of JSON.
-    #[arg(long)]
-    json: bool,
+    /// `table`: one readable line per event (time, name, resource, summary); `wide`: the
+    /// summary longer; `json`: each event as the raw JSON line it came as; `yaml`: a document
+    /// per event.
+    #[command(flatten)]
+    output: OutputArgs,
     /// First send the `resource.change` events after this stream position (their
     /// `data.position`), then the live ones; a position no longer retained is refused (410):
     /// re-list, then follow from the head it names.
@@ -61,7 +82,12 @@ pub struct EventsArgs {
 
 pub async fn events(args: EventsArgs) -> anyhow::Result<()> {
     let client = args.connection.client()?;
-    let mut subscribe = Subscribe::names(args.names.iter().cloned());
+    let names = if args.names.is_empty() {
+        vec!["resource.change".to_owned()]
+    } else {
+        args.names.clone()
+    };
+    let mut subscribe = Subscribe::names(names.iter().cloned());
     subscribe.project_id = args.project.clone();
     subscribe.agent_id = args.agent_id.clone();
     subscribe.resume_from = args.resume_from;
@@ -71,39 +97,102 @@ pub async fn events(args: EventsArgs) -> anyhow::Result<()> {
         (None, Some(head)) => format!(" after position {head} (the head)"),
         (None, None) => String::new(),
     };
-    eprintln!(
-        "subscribed to {}{from}; Ctrl-C to stop",
-        args.names.join(", ")
-    );
+    eprintln!("subscribed to {}{from}; Ctrl-C to stop", names.join(", "));
+    let format = args.output.format();
     loop {
         let event = tokio::select! {
             event = stream.next_event() => event?,
             _ = tokio::signal::ctrl_c() => return Ok(()),
         };
-        let Some(event) = event else { return Ok(()) };
+        let Some(event) = event else {
+            anyhow::bail!("the server closed the event stream")
+        };
         if event.name() == "ping" && event.reply_to.is_none() && !args.pings {
             continue;
         }
-        if args.json {
-            println!("{}", event.to_json());
-        } else {
-            let time = event
-                .time
-                .and_then(chrono::DateTime::from_timestamp_millis)
-                .map(|time| time.format("%H:%M:%S%.3f").to_string())
-                .unwrap_or_default();
-            let resource = match (&event.resource_type, &event.resource_id) {
-                (Some(kind), Some(id)) => format!(" {kind} {id}"),
-                _ => String::new(),
-            };
-            let data = event
-                .data
-                .as_ref()
-                .map(|data| format!(" {data}"))
-                .unwrap_or_default();
-            println!("{time} {}{resource}{data}", event.name());
+        match format {
+            Format::Json => output::print(event.to_json())?,
+            Format::Yaml => {
+                let value: Value = serde_json::from_str(&event.to_json())?;
+                output::print(format!("---\n{}", output::yaml(&value)?.trim_end()))?;
+            }
+            Format::Table | Format::Wide => output::print(event_line(&event, format))?,
         }
     }
+}
+
+/// One readable line for an event: time, name, resource, and a short summary.
+pub fn event_line(event: &Event, format: Format) -> String {
+    let max = if format == Format::Wide {
+        output::WIDE_CELL * 2
+    } else {
+        output::TABLE_CELL * 2
+    };
+    let time = event
+        .time
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .map(|time| {
+            time.with_timezone(&chrono::Local)
+                .format("%H:%M:%S%.3f")
+                .to_string()
+        })
+        .unwrap_or_else(|| "--:--:--.---".to_owned());
+    let resource = match (&event.resource_type, &event.resource_id) {
+        (Some(kind), Some(id)) => format!(" {kind} {id}"),
+        (None, Some(id)) => format!(" {id}"),
+        _ => String::new(),
+    };
+    let null = Value::Null;
+    let data = event.data.as_ref().unwrap_or(&null);
+    let base = drover_proto::names::base(event.name());
+    let summary = match base {
+        "resource.change" => {
+            let r = &data["resource"];
+            let mut text = format!("{}: {}", lists::text(r, "name"), lists::text(r, "state"));
+            let message = lists::text(r, "transitioningMessage");
+            if !message.is_empty() {
+                text.push_str(&format!(" ({message})"));
+            }
+            if let Some(position) = data["position"].as_i64() {
+                text.push_str(&format!(" #{position}"));
+            }
+            text
+        }
+        "state.change" => format!(
+            "{} -> {}",
+            lists::text(data, "previousState"),
+            lists::text(data, "state")
+        ),
+        "process.change" => format!(
+            "{} {}",
+            lists::text(data, "processName"),
+            lists::text(data, "phase")
+        ),
+        _ => {
+            let mut parts = Vec::new();
+            if let Some(message) = event.transitioning_message.as_deref() {
+                parts.push(message.to_owned());
+            }
+            if let Some(error) = event.transitioning.as_ref() {
+                parts.push(format!("{error:?}").to_lowercase());
+            }
+            if !data.is_null() {
+                parts.push(data.to_string());
+            }
+            parts.join(" ")
+        }
+    };
+    let reply = if event.previous_names.is_empty() {
+        ""
+    } else {
+        " (reply)"
+    };
+    format!(
+        "{time} {}{}{reply} {}",
+        output::cell(event.name(), output::TABLE_CELL * 2),
+        output::cell(&resource, output::TABLE_CELL),
+        output::cell(&summary, max)
+    )
 }
 
 #[derive(Debug, clap::Args)]
@@ -118,6 +207,9 @@ pub struct PublishArgs {
     /// Where replies should go.
     #[arg(long)]
     reply_to: Option<String>,
+    /// `-o json|yaml`: the event as published (default: its id).
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
 pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
@@ -131,95 +223,12 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     }
     event.reply_to = args.reply_to;
     client.publish(&event).await?;
-    println!("{}", event.id.unwrap_or_default());
-    Ok(())
-}
-
-#[derive(Debug, clap::Subcommand)]
-pub enum KeysCommand {
-    /// Create an API key (shows the secret once).
-    Create {
-        #[command(flatten)]
-        connection: Connection,
-        /// The project (or account) the key acts as, e.g. 1a2; default: the caller's own account.
-        #[arg(long)]
-        account: Option<String>,
-        /// A name for the key.
-        #[arg(long)]
-        name: Option<String>,
-        /// Print the key as JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// List API keys.
-    Ls {
-        #[command(flatten)]
-        connection: Connection,
-        /// Print the collection as JSON.
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-pub async fn keys(command: KeysCommand) -> anyhow::Result<()> {
-    match command {
-        KeysCommand::Create {
-            connection,
-            account,
-            name,
-            json,
-        } => {
-            let client = connection.client()?;
-            let key = client
-                .post("apikeys", &json!({"accountId": account, "name": name}))
-                .await?;
-            if json {
-                println!("{key}");
-            } else {
-                println!(
-                    "CATTLE_ACCESS_KEY={}",
-                    key["publicValue"].as_str().unwrap_or_default()
-                );
-                println!(
-                    "CATTLE_SECRET_KEY={}",
-                    key["secretValue"].as_str().unwrap_or_default()
-                );
-                eprintln!(
-                    "key {} for account {} (the secret is shown only now)",
-                    key["id"].as_str().unwrap_or_default(),
-                    key["accountId"].as_str().unwrap_or_default()
-                );
-            }
-        }
-        KeysCommand::Ls { connection, json } => {
-            let client = connection.client()?;
-            let keys = client.get("apikeys").await?;
-            if json {
-                println!("{keys}");
-            } else {
-                let mut table = comfy_table::Table::new();
-                table.load_preset(comfy_table::presets::NOTHING);
-                table.set_header(["ID", "ACCESS KEY", "ACCOUNT", "NAME", "STATE", "CREATED"]);
-                for key in keys["data"].as_array().into_iter().flatten() {
-                    let text = |field: &str| match &key[field] {
-                        Value::String(text) => text.clone(),
-                        Value::Null => String::new(),
-                        other => other.to_string(),
-                    };
-                    table.add_row([
-                        text("id"),
-                        text("publicValue"),
-                        text("accountId"),
-                        text("name"),
-                        text("state"),
-                        text("created"),
-                    ]);
-                }
-                println!("{table}");
-            }
-        }
+    if args.output.structured() {
+        let value: Value = serde_json::from_str(&event.to_json())?;
+        output::document(&value, args.output.format())
+    } else {
+        output::print(event.id.unwrap_or_default())
     }
-    Ok(())
 }
 
 /// Reads a collection's rows.
@@ -243,16 +252,6 @@ fn text(value: &Value, field: &str) -> String {
             .join(" "),
         other => other.to_string(),
     }
-}
-
-fn table(header: &[&str], rows: Vec<Vec<String>>) -> comfy_table::Table {
-    let mut table = comfy_table::Table::new();
-    table.load_preset(comfy_table::presets::NOTHING);
-    table.set_header(header.to_vec());
-    for row in rows {
-        table.add_row(row);
-    }
-    table
 }
 
 /// Follows a resource until it stops transitioning, printing its progress; fails when it
@@ -319,9 +318,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "UNTIL", num_args = 0..=1, require_equals = true,
           default_missing_value = "started", value_enum)]
     wait: Option<WaitFor>,
-    /// Print the container as JSON.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: OutputArgs,
     /// The command and its arguments.
     #[arg(required = true, last = true)]
     command: Vec<String>,
@@ -438,7 +436,10 @@ async fn next_attempt(client: &Client, container: &Value) -> Option<String> {
     ))
 }
 
-fn pairs(items: &[String], what: &str) -> anyhow::Result<serde_json::Map<String, Value>> {
+pub(crate) fn pairs(
+    items: &[String],
+    what: &str,
+) -> anyhow::Result<serde_json::Map<String, Value>> {
     items
         .iter()
         .map(|item| {
@@ -479,12 +480,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         None => created,
     };
-    if args.json {
-        println!("{result}");
+    if args.output.structured() {
+        output::document(&result, args.output.format())
     } else {
-        println!("{id}");
+        output::print(id)
     }
-    Ok(())
 }
 
 #[derive(Debug, clap::Args)]
@@ -494,142 +494,87 @@ pub struct PsArgs {
     /// Show removed containers too.
     #[arg(short, long)]
     all: bool,
-    /// Print the collection as JSON.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    options: ListOptions,
 }
 
 pub async fn ps(args: PsArgs) -> anyhow::Result<()> {
     let client = args.connection.client()?;
-    let path = if args.all {
-        "containers?limit=1000"
-    } else {
-        "containers?state_ne=removed&state_ne=purging&state_ne=purged&limit=1000"
-    };
-    let containers = client.get(path).await?;
-    if args.json {
-        println!("{containers}");
-        return Ok(());
-    }
-    let data = rows(&containers)
-        .map(|c| {
-            let state = if c["transitioning"] == "yes" {
-                format!("{}…", text(c, "state"))
-            } else {
-                text(c, "state")
-            };
-            vec![
-                text(c, "id"),
-                text(c, "name"),
-                state,
-                text(c, "hostId"),
-                text(c, "command"),
-                text(c, "created"),
-            ]
-        })
-        .collect();
-    println!(
-        "{}",
-        table(&["ID", "NAME", "STATE", "HOST", "COMMAND", "CREATED"], data)
-    );
-    Ok(())
+    lists::list(&client, resources::containers_spec(args.all), &args.options).await
 }
 
 #[derive(Debug, clap::Args)]
 pub struct TargetArgs {
     #[command(flatten)]
     connection: Connection,
-    /// The container's id (1i5) or name.
-    container: String,
-    /// Follow it until the operation is done.
+    /// The containers' ids (1i5) or names.
+    #[arg(required = true)]
+    containers: Vec<String>,
+    /// Follow each until the operation is done.
     #[arg(long)]
     wait: bool,
-}
-
-/// The container a user named, by id or by (unique, live) name.
-pub(crate) async fn resolve(client: &Client, target: &str) -> anyhow::Result<Value> {
-    if let Ok(container) = client.get(&format!("containers/{target}")).await {
-        return Ok(container);
-    }
-    let query: String = form_urlencoded::Serializer::new(String::new())
-        .append_pair("name", target)
-        .finish();
-    let found = client
-        .get(&format!(
-            "containers?{query}&state_ne=removed&state_ne=purging&state_ne=purged"
-        ))
-        .await?;
-    let matches: Vec<&Value> = rows(&found).collect();
-    match matches.as_slice() {
-        [one] => Ok((*one).clone()),
-        [] => anyhow::bail!("no container {target:?}"),
-        _ => anyhow::bail!(
-            "{} containers are named {target:?}; use an id",
-            matches.len()
-        ),
-    }
+    /// `-o json|yaml`: the container as the operation left it (after `--wait`: as it ended).
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
 pub async fn act(args: TargetArgs, action: &str) -> anyhow::Result<()> {
     let client = args.connection.client()?;
-    let container = resolve(&client, &args.container).await?;
-    let link = container["links"]["self"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    let after = if action == "remove" {
-        client.delete(&link).await?
-    } else {
-        client
-            .post(&format!("{link}?action={action}"), &json!({}))
-            .await?
-    };
-    eprintln!("{} {}", text(&after, "id"), text(&after, "state"));
-    if args.wait {
-        let done = follow(&client, &link).await?;
-        eprintln!("{} {}", text(&done, "id"), text(&done, "state"));
+    for target in &args.containers {
+        let container = resources::resolve(&client, target, &[("containers", "container")]).await?;
+        let link = container["links"]["self"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let mut after = if action == "remove" {
+            client.delete(&link).await?
+        } else {
+            client
+                .post(&format!("{link}?action={action}"), &json!({}))
+                .await?
+        };
+        eprintln!("{} {}", text(&after, "id"), text(&after, "state"));
+        if args.wait {
+            after = follow(&client, &link).await?;
+            eprintln!("{} {}", text(&after, "id"), text(&after, "state"));
+        }
+        if args.output.structured() {
+            output::document(&after, args.output.format())?;
+        } else {
+            output::print(text(&after, "id"))?;
+        }
     }
-    println!("{}", text(&after, "id"));
     Ok(())
 }
 
 #[derive(Debug, clap::Args)]
-pub struct ListArgs {
+pub struct PurgeArgs {
     #[command(flatten)]
     connection: Connection,
-    /// Print the collection as JSON.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
 /// `drover purge`: runs `table.cleanup` now and prints what it deleted and kept.
-pub async fn purge(args: ListArgs) -> anyhow::Result<()> {
+pub async fn purge(args: PurgeArgs) -> anyhow::Result<()> {
     let client = args.connection.client()?;
     let report = client.post("cleanup?action=run", &json!({})).await?;
-    if args.json {
-        println!("{report}");
-        return Ok(());
+    if args.output.structured() {
+        return output::document(&report, args.output.format());
     }
-    let data = report["tables"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|t| {
-            vec![
-                text(t, "table"),
-                text(t, "deleted"),
-                text(t, "kept"),
-                text(t, "setting"),
-            ]
-        })
-        .collect();
-    println!(
-        "{}",
-        table(
-            &["TABLE", "DELETED", "KEPT (REFERENCED)", "AGE SETTING"],
-            data
-        )
+    let mut table = output::Table::new(
+        &["TABLE", "DELETED", "KEPT (REFERENCED)", "AGE SETTING"],
+        output::TABLE_CELL,
     );
+    for t in report["tables"].as_array().into_iter().flatten() {
+        table.row(vec![
+            text(t, "table"),
+            text(t, "deleted"),
+            text(t, "kept"),
+            text(t, "setting"),
+        ]);
+    }
+    table.print()?;
     eprintln!(
         "{} rows deleted, {} kept; {} purge processes scheduled, {} overdue processes ended, in {} ms",
         report["deleted"],
@@ -644,48 +589,29 @@ pub async fn purge(args: ListArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn hosts(args: ListArgs) -> anyhow::Result<()> {
+#[derive(Debug, clap::Args)]
+pub struct HostsArgs {
+    #[command(flatten)]
+    connection: Connection,
+    #[command(flatten)]
+    options: ListOptions,
+}
+
+pub async fn hosts(args: HostsArgs) -> anyhow::Result<()> {
     let client = args.connection.client()?;
-    let hosts = client
-        .get("hosts?state_ne=removed&state_ne=purging&state_ne=purged")
-        .await?;
-    if args.json {
-        println!("{hosts}");
-        return Ok(());
+    let mut running = std::collections::HashMap::new();
+    if !args.options.output.structured() {
+        // How many containers run on each host: every page of the running ones.
+        let mut link = Some("containers?state=running&limit=1000".to_owned());
+        while let Some(path) = link.take() {
+            let page = client.get(&path).await?;
+            for container in rows(&page) {
+                *running.entry(text(container, "hostId")).or_insert(0) += 1;
+            }
+            link = page["pagination"]["next"].as_str().map(str::to_owned);
+        }
     }
-    let containers = client.get("containers?state=running&limit=1000").await?;
-    let data = rows(&hosts)
-        .map(|h| {
-            let id = text(h, "id");
-            let running = rows(&containers)
-                .filter(|c| c["hostId"] == id.as_str())
-                .count();
-            vec![
-                id,
-                text(h, "name"),
-                text(h, "state"),
-                text(h, "agentId"),
-                text(h, "hostname"),
-                text(h, "cpus"),
-                h["memoryMb"]
-                    .as_i64()
-                    .map(|mb| format!("{mb} MiB"))
-                    .unwrap_or_default(),
-                text(h, "os"),
-                running.to_string(),
-            ]
-        })
-        .collect();
-    println!(
-        "{}",
-        table(
-            &[
-                "ID", "NAME", "STATE", "AGENT", "HOSTNAME", "CPUS", "MEMORY", "OS", "RUNNING"
-            ],
-            data
-        )
-    );
-    Ok(())
+    lists::list(&client, resources::hosts_spec(running), &args.options).await
 }
 
 #[derive(Debug, clap::Args)]
@@ -695,15 +621,14 @@ pub struct ProcessesArgs {
     /// running, delayed, ready, pending (the three together) or done.
     #[arg(long, default_value = "pending")]
     state: String,
-    /// Only processes of this resource (e.g. 1i5).
+    /// Only processes of this resource: a typed id (1i5, 1h1, 1s2 …) or a name.
     #[arg(long)]
     resource: Option<String>,
     /// Only processes of this name (e.g. instance.start).
     #[arg(long)]
     name: Option<String>,
-    /// Print the collection as JSON.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    options: ListOptions,
 }
 
 pub async fn processes(args: ProcessesArgs) -> anyhow::Result<()> {
@@ -711,19 +636,21 @@ pub async fn processes(args: ProcessesArgs) -> anyhow::Result<()> {
     let mut query = form_urlencoded::Serializer::new(String::new());
     query.append_pair("state", &args.state);
     if let Some(resource) = &args.resource {
-        query.append_pair("resourceId", resource);
+        // A typed id says its type; a name is looked up (containers first).
+        let (api_type, id) = match resources::type_of_id(resource) {
+            Some(api_type) => (api_type.to_owned(), resource.clone()),
+            None => {
+                let found = resources::resolve_named(&client, resource).await?;
+                (text(&found, "type"), text(&found, "id"))
+            }
+        };
+        query.append_pair("resourceType", &api_type);
+        query.append_pair("resourceId", &id);
     }
     if let Some(name) = &args.name {
         query.append_pair("processName", name);
     }
-    let processes = client
-        .get(&format!("processinstances?{}", query.finish()))
-        .await?;
-    if args.json {
-        println!("{processes}");
-        return Ok(());
-    }
-    if args.state == "pending" {
+    if args.state == "pending" && !args.options.output.structured() && !args.options.watch {
         let summary = client.get("processsummary").await?;
         for row in rows(&summary) {
             eprintln!(
@@ -735,39 +662,6 @@ pub async fn processes(args: ProcessesArgs) -> anyhow::Result<()> {
             );
         }
     }
-    let data = rows(&processes)
-        .map(|p| {
-            vec![
-                text(p, "id"),
-                text(p, "processName"),
-                format!("{} {}", text(p, "resourceType"), text(p, "resourceId")),
-                if p["result"].is_null() {
-                    text(p, "state")
-                } else {
-                    text(p, "result")
-                },
-                text(p, "executionCount"),
-                text(p, "startTime"),
-                text(p, "runAfter"),
-                text(p, "lastError"),
-            ]
-        })
-        .collect();
-    println!(
-        "{}",
-        table(
-            &[
-                "ID",
-                "PROCESS",
-                "RESOURCE",
-                "STATE",
-                "ATTEMPTS",
-                "STARTED",
-                "NEXT RUN",
-                "LAST ERROR"
-            ],
-            data
-        )
-    );
-    Ok(())
+    let spec = resources::processes_spec(format!("processinstances?{}", query.finish()));
+    lists::list(&client, spec, &args.options).await
 }

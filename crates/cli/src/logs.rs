@@ -4,7 +4,8 @@ use std::io::Write as _;
 
 use drover_client::{Error, LogLine, LogOptions};
 
-use crate::commands::{Connection, resolve};
+use crate::commands::Connection;
+use crate::resources::resolve;
 
 #[derive(Debug, clap::Args)]
 pub struct LogsArgs {
@@ -25,7 +26,7 @@ pub struct LogsArgs {
 /// the stream ends other than normally (the agent went away, the container has no log).
 pub async fn logs(args: LogsArgs) -> anyhow::Result<()> {
     let client = args.connection.client()?;
-    let container = resolve(&client, &args.container).await?;
+    let container = resolve(&client, &args.container, &[("containers", "container")]).await?;
     let link = container["links"]["self"]
         .as_str()
         .unwrap_or_default()

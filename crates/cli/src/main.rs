@@ -7,7 +7,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod commands;
+mod errors;
+mod lists;
 mod logs;
+mod output;
+mod resources;
 use drover_server::settings::Settings;
 
 #[derive(Debug, Parser)]
@@ -44,25 +48,50 @@ enum Command {
     Ps(commands::PsArgs),
     /// Print a container's output: stdout to stdout, stderr to stderr (`-f` to follow).
     Logs(logs::LogsArgs),
-    /// Stop a container.
+    /// Stop containers.
     Stop(commands::TargetArgs),
-    /// Start a stopped container.
+    /// Start stopped containers.
     Start(commands::TargetArgs),
-    /// Remove a container.
+    /// Remove containers.
     Rm(commands::TargetArgs),
+    /// Show a resource whole (by typed id, e.g. 1i3, 1s2, 1st1, 1v1, 1h1, or by name) and
+    /// its latest processes.
+    #[command(visible_alias = "describe")]
+    Inspect(resources::InspectArgs),
     /// List hosts and their agents.
-    Hosts(commands::ListArgs),
+    Hosts(commands::HostsArgs),
     /// List processes: what runs, waits and failed, and why.
     Processes(commands::ProcessesArgs),
-    /// Tail the live event stream the key may see.
+    /// Tail the live event stream the key may see, one readable line per event.
     Events(commands::EventsArgs),
     /// Publish one event.
     Publish(commands::PublishArgs),
     /// Run the table.cleanup job now (purge old events, processes and removed resources).
-    Purge(commands::ListArgs),
-    /// Create and list API keys.
-    #[command(subcommand)]
-    Keys(commands::KeysCommand),
+    Purge(commands::PurgeArgs),
+    /// Volumes: ls, create, rm, activate, deactivate.
+    #[command(subcommand, visible_alias = "volume")]
+    Volumes(resources::VolumesCommand),
+    /// Services: ls, create, scale, rm, activate, deactivate.
+    #[command(subcommand, visible_alias = "service")]
+    Services(resources::ServicesCommand),
+    /// Stacks: ls, create, rm, activate, deactivate.
+    #[command(subcommand, visible_alias = "stack")]
+    Stacks(resources::StacksCommand),
+    /// Projects: ls, create.
+    #[command(subcommand, visible_alias = "project")]
+    Projects(resources::ProjectsCommand),
+    /// Settings: ls, get, set, unset.
+    #[command(subcommand, visible_alias = "setting")]
+    Settings(resources::SettingsCommand),
+    /// API keys: create, ls, rm.
+    #[command(subcommand, visible_alias = "key")]
+    Keys(resources::KeysCommand),
+    /// Print a shell completion script (`drover completions bash > /etc/bash_completion.d/drover`).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -118,8 +147,28 @@ impl ServerArgs {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        // `drover ps | head`: the reader has what it wanted.
+        Err(error) if error.downcast_ref::<output::ClosedOutput>().is_some() => {
+            std::process::ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("drover: {}", errors::one_line(&error));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Completions { shell } = cli.command {
+        let mut command = <Cli as clap::CommandFactory>::command();
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut command, "drover", &mut script);
+        return output::print(String::from_utf8_lossy(&script).trim_end());
+    }
     let log_file = match &cli.command {
         Command::Agent(args) => args.log_file.clone(),
         _ => None,
@@ -140,12 +189,19 @@ fn main() -> anyhow::Result<()> {
             Command::Stop(args) => commands::act(args, "stop").await,
             Command::Start(args) => commands::act(args, "start").await,
             Command::Rm(args) => commands::act(args, "remove").await,
+            Command::Inspect(args) => resources::inspect(args).await,
             Command::Hosts(args) => commands::hosts(args).await,
             Command::Processes(args) => commands::processes(args).await,
             Command::Purge(args) => commands::purge(args).await,
             Command::Events(args) => commands::events(args).await,
             Command::Publish(args) => commands::publish(args).await,
-            Command::Keys(command) => commands::keys(command).await,
+            Command::Volumes(command) => resources::volumes(command).await,
+            Command::Services(command) => resources::services(command).await,
+            Command::Stacks(command) => resources::stacks(command).await,
+            Command::Projects(command) => resources::projects(command).await,
+            Command::Settings(command) => resources::settings(command).await,
+            Command::Keys(command) => resources::keys(command).await,
+            Command::Completions { .. } => unreachable!("handled before the runtime starts"),
         }
     })
 }
@@ -288,13 +344,23 @@ async fn up(args: ServerArgs) -> anyhow::Result<()> {
             key.credential.public_value, key.secret_value
         ))
     };
+    // The admin key, and where it is, said truthfully: a generated key is in the file the
+    // server wrote; one given by the environment (or flags) is not written anywhere.
+    let key_file = data_dir.join("admin-key.env");
     let keys = match (&server.bootstrap.generated_admin_key, given_keys) {
         (Some(key), _) => Some((
             key.credential.public_value.clone(),
             key.secret_value.clone(),
+            format!("also in {}", key_file.display()),
         )),
-        (None, Some(keys)) => Some(keys),
-        (None, None) => read_admin_key_file(&data_dir.join("admin-key.env")),
+        (None, Some((access, secret))) => Some((
+            access,
+            secret,
+            "the one set with DROVER_ADMIN_ACCESS_KEY / DROVER_ADMIN_SECRET_KEY; not written to a file"
+                .to_owned(),
+        )),
+        (None, None) => read_admin_key_file(&key_file)
+            .map(|(access, secret)| (access, secret, format!("from {}", key_file.display()))),
     };
     let shutdown = server.shutdown_token();
     let agent_shutdown = tokio_util::sync::CancellationToken::new();
@@ -339,12 +405,9 @@ async fn up(args: ServerArgs) -> anyhow::Result<()> {
         );
     }
     match &keys {
-        Some((access, secret)) => {
+        Some((access, secret, whence)) => {
             eprintln!();
-            eprintln!(
-                "Admin key (also in {}):",
-                data_dir.join("admin-key.env").display()
-            );
+            eprintln!("Admin key ({whence}):");
             let trust = ca_cert
                 .as_ref()
                 .map(|path| format!(" DROVER_CA_CERT={}", path.display()))
@@ -354,7 +417,9 @@ async fn up(args: ServerArgs) -> anyhow::Result<()> {
             );
         }
         None => eprintln!(
-            "Admin key: the one you set with DROVER_ADMIN_ACCESS_KEY / DROVER_ADMIN_SECRET_KEY"
+            "Admin key: not shown: it was generated on the first start into {}, which is gone; \
+             restart with DROVER_ADMIN_ACCESS_KEY and DROVER_ADMIN_SECRET_KEY set to make one",
+            key_file.display()
         ),
     }
     eprintln!();

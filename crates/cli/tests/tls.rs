@@ -229,7 +229,10 @@ async fn over_tls_the_client_the_agent_binary_and_the_cli_work_and_an_untrusting
 
     // Its log streams over wss through the server, trusting the same CA file.
     let (ok, stdout, stderr) = cli(&url, &["logs", "over-tls"], Some(&pki.cert)).await;
-    assert!(ok && stdout.contains("hello-over-tls"), "{stdout}\n{stderr}");
+    assert!(
+        ok && stdout.contains("hello-over-tls"),
+        "{stdout}\n{stderr}"
+    );
 
     admin.delete(&path).await.unwrap();
     wait_state(&admin, &path, "removed").await;
