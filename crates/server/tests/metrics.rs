@@ -418,11 +418,9 @@ async fn agents_and_hosts_are_counted_by_state_after_an_agent_registers() {
         let scrape = scrape_until(&server, "one active agent and host", |s| {
             (s.get("drover_agents", &[("state", "active")]) == Some(1.0)
                 && s.get("drover_hosts", &[("state", "active")]) == Some(1.0))
-            .then_some(())
+            .then(|| parse(&s.text))
         })
         .await;
-        let _ = scrape;
-        let scrape = self::scrape(&server).await;
         // Every agent and host is in exactly one state.
         let total = |name| scrape.all(name).iter().map(|s| s.value).sum::<f64>();
         assert_eq!(total("drover_agents"), 1.0);
