@@ -611,12 +611,15 @@ async fn setting_and_api_key_changes_are_announced_for_live_pages() {
         .post("apikeys", &json!({"name": "ci"}))
         .await
         .unwrap();
+    // The first event after the refused setting is the project's key's creation.
     let event = next_event(&mut stream).await;
     assert_eq!(
         event.name(),
         "apikey.change",
         "the refused setting was announced: {event:?}"
     );
+    assert_eq!(event.data.unwrap()["change"], "created");
+    let event = next_event(&mut stream).await;
     let data = event.data.unwrap();
     assert_eq!(data["id"], mine["id"]);
     assert_eq!(data["change"], "created");
