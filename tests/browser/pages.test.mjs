@@ -319,7 +319,7 @@ test('a 255-character name does not widen any page beyond the viewport (1400×90
   for (const [name, path, ready] of pages) {
     await page.goto(`${harness.url}${path}`);
     await page.locator(ready).first().waitFor();
-    await page.getByText(LONG.slice(0, 40)).first().waitFor();
+    await page.locator(`[title="${LONG}"]:visible`).first().waitFor();
     const widths = await page.evaluate(() => ({
       page: document.documentElement.scrollWidth,
       viewport: window.innerWidth,
@@ -333,8 +333,6 @@ test('a 255-character name does not widen any page beyond the viewport (1400×90
     for (const [scroll, client] of widths.heads) {
       assert.ok(scroll <= client + 1, `${name}: a header is ${scroll} px wide in a ${client} px box`);
     }
-    // The whole name is there on hover.
-    assert.ok(await page.locator(`[title="${LONG}"]`).count() > 0, `${name}: no element carries the whole name as its title`);
     await screenshot(page, `long-names-${name}`);
   }
 });

@@ -78,7 +78,7 @@ export function mount(root) {
       }
     });
     return h('tr', { id: key.id, dataset: { id: key.id, access: key.publicValue, name: key.name || '' } },
-      h('td', null, ellipsis(key.name || '(unnamed)', { cls: 'primary' }),
+      h('td', { class: 'flex' }, ellipsis(key.name || '(unnamed)', { cls: 'primary' }),
         key.description ? h('span', { class: 'secondary' }, ellipsis(key.description)) : null),
       h('td', null, h('span', { class: 'mono' }, key.publicValue), mine ? h('span', { class: 'secondary' }, 'this page\u2019s key') : null),
       h('td', null, accountLabel(key.accountId)),

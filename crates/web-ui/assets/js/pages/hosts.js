@@ -99,16 +99,16 @@ export function mount(root) {
           h('h3', null, `Containers (${mine.length})`),
           mine.length ? h('table', { class: 'grid', 'aria-label': `Containers on ${host.name || host.id}` },
             h('tbody', null, mine.map((c) => h('tr', null,
-              h('td', null, ellipsis(c.name || '(unnamed)', { cls: 'primary', href: resourceHref('container', c.id) }), ' ', idTag(c.id, resourceHref('container', c.id))),
+              h('td', { class: 'flex' }, ellipsis(c.name || '(unnamed)', { cls: 'primary', href: resourceHref('container', c.id) }), ' ', idTag(c.id, resourceHref('container', c.id))),
               h('td', null, badge(c.state), transition(c)),
-              h('td', null, ellipsis([].concat(c.command || []).join(' '), { cls: 'cmd' }))))))
+              h('td', { class: 'flex' }, ellipsis([].concat(c.command || []).join(' '), { cls: 'cmd' }))))))
             : h('p', { class: 'muted' }, 'No containers on this host.')));
     }) : h('div', { class: 'card pad empty' }, h('strong', null, 'No hosts yet'),
       'Register one: create a registration token (POST /v1/registrationtokens) and run ',
       h('code', null, 'drover agent --url … --registration-token …'), ' on the machine.'));
 
     replace(agentsBody, agents.length ? agents.filter((a) => a.state !== 'purged').map((agent) => h('tr', { id: agent.id },
-      h('td', null, ellipsis(agent.name || '(unnamed)', { cls: 'primary' }), ' ', idTag(agent.id)),
+      h('td', { class: 'flex' }, ellipsis(agent.name || '(unnamed)', { cls: 'primary' }), ' ', idTag(agent.id)),
       h('td', null, badge(agent.state), transition(agent)),
       h('td', { dataset: { lastPing: agent.id } }, lastPing(agent)),
       h('td', null, hosts.filter((host) => host.agentId === agent.id).map((host) => [idTag(host.id, `#${host.id}`), ' '])),

@@ -176,6 +176,7 @@ export function mount(root, { kind }) {
   function headers() {
     const name = {
       label: 'Name',
+      flex: true,
       cell: (r) => [
         ellipsis(r.name || '(unnamed)', { cls: 'primary', href: DETAIL.has(kind) ? resourceHref(spec.type, r.id) : undefined }),
         h('span', { class: 'secondary' }, idTag(r.id)),
@@ -188,11 +189,11 @@ export function mount(root, { kind }) {
     const command = (words) => (words && [].concat(words).length
       ? ellipsis([].concat(words).join(' '), { cls: 'cmd' }) : h('span', { class: 'muted' }, '—'));
     if (kind === 'containers') {
-      return [name, stateCol, hostCol, { label: 'Command', cell: (r) => command(r.command) }, created, actions];
+      return [name, stateCol, hostCol, { label: 'Command', flex: true, cell: (r) => command(r.command) }, created, actions];
     }
     if (kind === 'volumes') {
       return [name, stateCol, hostCol,
-        { label: 'Path', cell: (r) => r.path ? ellipsis(r.path, { cls: 'cmd' }) : h('span', { class: 'muted' }, '—') },
+        { label: 'Path', flex: true, cell: (r) => r.path ? ellipsis(r.path, { cls: 'cmd' }) : h('span', { class: 'muted' }, '—') },
         created, actions];
     }
     if (kind === 'stacks') {
@@ -204,8 +205,8 @@ export function mount(root, { kind }) {
       { label: 'Stack', cell: (r) => stackCell(r.stackId) },
       { label: 'Scale', cell: scaleCell },
       { label: 'Running', num: true, cell: (r) => String(r.currentScale ?? state.containers.filter((c) => c.serviceId === r.id && c.state === 'running').length) },
-      { label: 'Reconciler', cell: (r) => r.reconcileMessage ? ellipsis(r.reconcileMessage, { cls: 'muted' }) : h('span', { class: 'muted' }, '—') },
-      { label: 'Command', cell: (r) => command(r.launchConfig && r.launchConfig.command) },
+      { label: 'Reconciler', flex: true, cell: (r) => r.reconcileMessage ? ellipsis(r.reconcileMessage, { cls: 'muted' }) : h('span', { class: 'muted' }, '—') },
+      { label: 'Command', flex: true, cell: (r) => command(r.launchConfig && r.launchConfig.command) },
       created, actions];
   }
 
@@ -213,7 +214,7 @@ export function mount(root, { kind }) {
   function stackCell(id) {
     if (!id) return h('span', { class: 'muted' }, '—');
     const stack = state.stacks.find((x) => x.id === id);
-    return stack && stack.name ? ellipsis(stack.name, { href: resourceHref('stack', id) }) : idTag(id, resourceHref('stack', id));
+    return stack && stack.name ? ellipsis(stack.name, { cls: 'short', href: resourceHref('stack', id) }) : idTag(id, resourceHref('stack', id));
   }
 
   function hostName(id) {
@@ -266,7 +267,7 @@ export function mount(root, { kind }) {
   }
 
   function rowFor(r) {
-    return h('tr', { id: r.id, dataset: { id: r.id, name: r.name || '' } }, columns.map((c) => h('td', { class: c.num ? 'num' : null }, c.cell(r))));
+    return h('tr', { id: r.id, dataset: { id: r.id, name: r.name || '' } }, columns.map((c) => h('td', { class: c.num ? 'num' : c.flex ? 'flex' : null }, c.cell(r))));
   }
 
   function shown() {

@@ -103,7 +103,7 @@ export function mount(root, { id }) {
       fact('Labels', mapTable(config.labels, 'Labels'))));
 
     replace(containersBody, live.length ? live.map((c) => h('tr', { dataset: { id: c.id, name: c.name || '' } },
-      h('td', null, ellipsis(c.name || '(unnamed)', { cls: 'primary', href: resourceHref('container', c.id) }), h('span', { class: 'secondary' }, idTag(c.id))),
+      h('td', { class: 'flex' }, ellipsis(c.name || '(unnamed)', { cls: 'primary', href: resourceHref('container', c.id) }), h('span', { class: 'secondary' }, idTag(c.id))),
       h('td', null, badge(c.state), transition(c)),
       h('td', null, c.hostId ? idTag(c.hostId, resourceHref('host', c.hostId)) : h('span', { class: 'muted' }, 'not placed')),
       h('td', null, timeEl(c.createdTS ?? c.created))))

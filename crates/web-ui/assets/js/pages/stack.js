@@ -55,11 +55,11 @@ export function mount(root, { id }) {
     replace(servicesBody, mine.length ? mine.map((x) => {
       const command = x.launchConfig && x.launchConfig.command ? [].concat(x.launchConfig.command).join(' ') : '';
       return h('tr', { dataset: { id: x.id, name: x.name || '' } },
-        h('td', null, ellipsis(x.name || '(unnamed)', { cls: 'primary', href: resourceHref('service', x.id) }), h('span', { class: 'secondary' }, idTag(x.id))),
+        h('td', { class: 'flex' }, ellipsis(x.name || '(unnamed)', { cls: 'primary', href: resourceHref('service', x.id) }), h('span', { class: 'secondary' }, idTag(x.id))),
         h('td', null, badge(x.state), transition(x)),
         h('td', { class: 'num' }, String(x.scale ?? 0)),
         h('td', { class: 'num' }, String(containers.filter((c) => c.serviceId === x.id && c.state === 'running').length)),
-        h('td', null, command ? ellipsis(command, { cls: 'cmd' }) : h('span', { class: 'muted' }, '—')),
+        h('td', { class: 'flex' }, command ? ellipsis(command, { cls: 'cmd' }) : h('span', { class: 'muted' }, '—')),
         h('td', null, timeEl(x.createdTS ?? x.created)));
     }) : emptyRow(6, 'No services in this stack', 'Create one on the Services page and choose this stack.'));
   }
