@@ -49,7 +49,9 @@ export function mount(root, { id }) {
     const code = c.exitCode;
     const message = agentMessage(c);
     const finished = c.finishedAtTS ?? c.finishedAt;
-    const exited = code !== null && code !== undefined;
+    // A code left from an earlier run says nothing while the container runs again.
+    const up = ['running', 'starting', 'restarting'].includes(c.state);
+    const exited = code !== null && code !== undefined && !up;
     const failed = c.state === 'error' || (exited && code !== 0);
     if (exited || (c.state === 'error' && (message || c.transitioningMessage))) {
       ended.hidden = false;
@@ -70,7 +72,7 @@ export function mount(root, { id }) {
       fact('Command', c.command && [].concat(c.command).length ? ellipsis([].concat(c.command).join(' '), { cls: 'cmd' }) : null),
       fact('Working dir', c.workingDir ? ellipsis(c.workingDir, { cls: 'cmd' }) : null),
       fact('Exit code', exited ? h('span', { class: `mono${code !== 0 ? ' bad' : ''}`, dataset: { exitCode: String(code) } }, String(code)) : null),
-      fact('Finished', finished ? timeEl(finished) : null),
+      fact('Finished', finished && !up ? timeEl(finished) : null),
       fact('Agent message', message ? ellipsis(message, { cls: 'mono' }) : null),
       fact('Created', timeEl(c.createdTS ?? c.created)));
 
