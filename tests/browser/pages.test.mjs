@@ -83,6 +83,9 @@ test('an unknown route shows the UI\'s "not found" page with a 404, not JSON', a
   // The shell is there: the sidebar still leads everywhere.
   await nav('Containers').waitFor();
   await screenshot(page, 'not-found');
+  // One segment too: a mistyped page name.
+  await page.goto(`${harness.url}/containerz`);
+  await page.getByRole('heading', { name: 'Page not found', level: 1 }).waitFor();
   // An unknown id under a known page is the page's own "no such" answer.
   await page.goto(`${harness.url}/stacks/1st999`);
   await page.getByRole('alert').filter({ hasText: 'No such stack' }).waitFor();
