@@ -419,9 +419,30 @@ async fn process_summary_and_filters_show_what_waits_and_why() {
         )
         .await;
         assert_eq!(container["transitioning"], "no");
-        // Non-admins may not see processes.
+        // Another project's key sees none of this project's processes, and may not replay.
         let (_, project_client) = server.project("p").await;
-        match project_client.get("processinstances").await {
+        let theirs = project_client.get("processinstances").await.unwrap();
+        assert_eq!(theirs["data"], json!([]), "{theirs:#}");
+        match project_client
+            .get(&format!(
+                "processinstances/{}",
+                process["id"].as_str().unwrap()
+            ))
+            .await
+        {
+            Err(Error::Api { status: 404, .. }) => {}
+            other => panic!("expected a 404, got {other:?}"),
+        }
+        match project_client
+            .post(
+                &format!(
+                    "processinstances/{}?action=replay",
+                    process["id"].as_str().unwrap()
+                ),
+                &json!({}),
+            )
+            .await
+        {
             Err(Error::Api { status: 403, .. }) => {}
             other => panic!("expected a 403, got {other:?}"),
         }

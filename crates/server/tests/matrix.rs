@@ -36,10 +36,12 @@ const READS: &[(&str, [u16; 5])] = &[
     ("apikeys", [200, 200, 200, 200, 200]),
     ("projects", [200, 200, 200, 200, 200]),
     ("accounts", [200, 403, 403, 403, 403]),
-    ("processinstances", [200, 403, 403, 403, 403]),
-    // Executions are listed per process: without `processInstanceId` the admin gets 422.
-    ("processexecutions", [422, 403, 403, 403, 403]),
-    ("processsummary", [200, 403, 403, 403, 403]),
+    // Project and user keys read their project's processes (only replay and cancel are
+    // admins'); agent keys none.
+    ("processinstances", [200, 200, 200, 403, 403]),
+    // Executions are listed per process: without `processInstanceId` the caller gets 422.
+    ("processexecutions", [422, 422, 422, 403, 403]),
+    ("processsummary", [200, 200, 200, 403, 403]),
     ("schemas", [200, 200, 200, 200, 200]),
     ("settings", [200, 403, 403, 403, 403]),
     ("clusternodes", [200, 403, 403, 403, 403]),

@@ -106,6 +106,7 @@ async fn create_project(
         .name
         .filter(|name| !name.trim().is_empty())
         .ok_or_else(|| ApiError::invalid("MissingRequired", "name", "a project needs a name"))?;
+    super::text::check_name("name", &name)?;
     let project = state
         .store
         .create_account(AccountKind::Project, &name, None)
@@ -164,6 +165,7 @@ async fn create_account(
         .name
         .filter(|name| !name.trim().is_empty())
         .ok_or_else(|| ApiError::invalid("MissingRequired", "name", "an account needs a name"))?;
+    super::text::check_name("name", &name)?;
     let project_id = match kind {
         AccountKind::User => {
             let text = body

@@ -186,6 +186,12 @@ async fn create_for(
             "this key may not create keys for that account",
         ));
     }
+    if let Some(name) = &body.name {
+        super::text::check_name("name", name)?;
+    }
+    if let Some(description) = &body.description {
+        super::text::check_description("description", description)?;
+    }
     let key = state
         .store
         .create_key(

@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use drover_proto::ids;
-use drover_store::{ProcessFilter, ProcessInstance, ResourceKind, ScheduleError};
+use drover_store::{AccountKind, ProcessFilter, ProcessInstance, ResourceKind, ScheduleError};
 use serde_json::{Value, json};
 
 use super::Base;
@@ -25,7 +25,37 @@ pub(super) fn routes() -> Router<AppState> {
 }
 
 fn admin(principal: &Principal) -> Result<(), ApiError> {
-    principal.require_privileged("processes are visible to admins only")
+    principal.require_privileged("only admins replay or cancel processes")
+}
+
+/// Whose processes a key may read: every project's for admins and service keys (`None`), its
+/// own project's for project and user keys; agent keys none.
+fn readable(principal: &Principal) -> Result<Option<i64>, ApiError> {
+    if principal.is_privileged() {
+        return Ok(None);
+    }
+    match (principal.account.kind, principal.account.default_project()) {
+        (AccountKind::Project | AccountKind::User, Some(project)) => Ok(Some(project)),
+        _ => Err(ApiError::forbidden(
+            "processes are visible to admins and to project keys (their project's)",
+        )),
+    }
+}
+
+/// A process the key may read, or 404 as if it did not exist.
+async fn find_readable(
+    state: &AppState,
+    principal: &Principal,
+    text: &str,
+) -> Result<ProcessInstance, ApiError> {
+    let scope = readable(principal)?;
+    let process = find(state, text).await?;
+    match scope {
+        Some(project) if process.account_id != Some(project) => {
+            Err(ApiError::not_found(format!("no process instance {text:?}")))
+        }
+        _ => Ok(process),
+    }
 }
 
 /// `running`, `delayed`, `ready` or `done`, as the Processes view groups them.
@@ -93,6 +123,7 @@ pub(crate) fn filter(raw: Option<&str>) -> Result<ProcessFilter, ApiError> {
         limit: 100,
         ..ProcessFilter::default()
     };
+    let mut resource_id = None;
     for (key, value) in form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
         match key.as_ref() {
             "processName" | "name" => filter.name = Some(value.into_owned()),
@@ -105,24 +136,7 @@ pub(crate) fn filter(raw: Option<&str>) -> Result<ProcessFilter, ApiError> {
                     )
                 })?);
             }
-            "resourceId" => {
-                let kind_name = filter.kind.map(ResourceKind::api_type).unwrap_or("");
-                filter.resource_id = Some(
-                    ids::parse(kind_name, &value)
-                        .or_else(|| {
-                            ResourceKind::ALL
-                                .iter()
-                                .find_map(|kind| ids::parse(kind.api_type(), &value))
-                        })
-                        .ok_or_else(|| {
-                            ApiError::invalid(
-                                "InvalidReference",
-                                "resourceId",
-                                format!("{value:?} is not a resource id"),
-                            )
-                        })?,
-                );
-            }
+            "resourceId" => resource_id = Some(value.into_owned()),
             "state" | "status" => {
                 if !matches!(
                     value.as_ref(),
@@ -144,7 +158,63 @@ pub(crate) fn filter(raw: Option<&str>) -> Result<ProcessFilter, ApiError> {
             _ => {}
         }
     }
+    if let Some(text) = resource_id {
+        let (kind, id) = resource_filter(filter.kind, &text)?;
+        filter.kind = Some(kind);
+        filter.resource_id = Some(id);
+    }
     Ok(filter)
+}
+
+/// What a `resourceId` filter names: a typed id (`1i42`) carries its type, a bare number needs
+/// `resourceType` (ids are numbered per type, so `42` alone would match a container, a host
+/// and a volume alike). A typed id of another type than `resourceType` is refused.
+fn resource_filter(
+    kind: Option<ResourceKind>,
+    text: &str,
+) -> Result<(ResourceKind, i64), ApiError> {
+    let numeric = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
+    if numeric {
+        let kind = kind.ok_or_else(|| {
+            ApiError::invalid(
+                "MissingRequired",
+                "resourceType",
+                format!(
+                    "resourceId {text:?} is a bare number, which every resource type has: add resourceType, or use a typed id such as 1i{text}"
+                ),
+            )
+        })?;
+        let id = ids::parse(kind.api_type(), text).ok_or_else(|| {
+            ApiError::invalid(
+                "InvalidReference",
+                "resourceId",
+                format!("{text:?} is not a resource id"),
+            )
+        })?;
+        return Ok((kind, id));
+    }
+    let (typed, id) = ResourceKind::ALL
+        .iter()
+        .find_map(|kind| ids::parse(kind.api_type(), text).map(|id| (*kind, id)))
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "InvalidReference",
+                "resourceId",
+                format!("{text:?} is not a resource id (a typed id such as 1i42, or a number with resourceType)"),
+            )
+        })?;
+    match kind {
+        Some(kind) if kind != typed => Err(ApiError::invalid(
+            "InvalidReference",
+            "resourceId",
+            format!(
+                "{text:?} is a {}, not a {}",
+                typed.api_type(),
+                kind.api_type()
+            ),
+        )),
+        _ => Ok((typed, id)),
+    }
 }
 
 async fn list(
@@ -153,8 +223,11 @@ async fn list(
     RawQuery(raw): RawQuery,
     base: Base,
 ) -> Result<Json<Value>, ApiError> {
-    admin(&principal)?;
-    let filter = filter(raw.as_deref())?;
+    let scope = readable(&principal)?;
+    let mut filter = filter(raw.as_deref())?;
+    if scope.is_some() {
+        filter.account_id = scope;
+    }
     let page = state.store.list_processes(&filter).await?;
     let now = drover_proto::event::now_millis();
     let path = format!("{base}/processinstances");
@@ -181,8 +254,7 @@ async fn get_one(
     Path(id): Path<String>,
     base: Base,
 ) -> Result<Json<Value>, ApiError> {
-    admin(&principal)?;
-    let process = find(&state, &id).await?;
+    let process = find_readable(&state, &principal, &id).await?;
     Ok(Json(render(
         &base,
         &process,
@@ -282,7 +354,7 @@ async fn list_executions(
     RawQuery(raw): RawQuery,
     base: Base,
 ) -> Result<Json<Value>, ApiError> {
-    admin(&principal)?;
+    readable(&principal)?;
     let process = form_urlencoded::parse(raw.as_deref().unwrap_or("").as_bytes())
         .find(|(key, _)| key == "processInstanceId")
         .map(|(_, value)| value.into_owned())
@@ -293,7 +365,7 @@ async fn list_executions(
                 "list executions of one process: ?processInstanceId=<id>",
             )
         })?;
-    let process = find(&state, &process).await?;
+    let process = find_readable(&state, &principal, &process).await?;
     let data = state
         .store
         .list_executions(process.id)
@@ -314,13 +386,20 @@ async fn get_execution(
     Path(id): Path<String>,
     base: Base,
 ) -> Result<Json<Value>, ApiError> {
-    admin(&principal)?;
     let not_found = || ApiError::not_found(format!("no process execution {id:?}"));
     let row = state
         .store
         .get_execution(ids::parse("processExecution", &id).ok_or_else(not_found)?)
         .await?
         .ok_or_else(not_found)?;
+    // Readable when its process is.
+    find_readable(
+        &state,
+        &principal,
+        &ids::format("processInstance", row.process_instance_id),
+    )
+    .await
+    .map_err(|_| not_found())?;
     Ok(Json(render_execution(&base, &row)))
 }
 
@@ -329,10 +408,10 @@ async fn summary(
     Auth(principal): Auth,
     base: Base,
 ) -> Result<Json<Value>, ApiError> {
-    admin(&principal)?;
+    let scope = readable(&principal)?;
     let data = state
         .store
-        .process_summary()
+        .process_summary(scope)
         .await?
         .into_iter()
         .map(|row| {

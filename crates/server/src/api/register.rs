@@ -223,6 +223,7 @@ async fn register(
         .name
         .filter(|name| !name.trim().is_empty())
         .unwrap_or_else(|| key.clone());
+    super::text::check_name("name", &name)?;
     let registered = state
         .store
         .register_agent(

@@ -311,8 +311,9 @@ pub(crate) fn type_ok(field: &schema::Field, value: &Value) -> bool {
     }
 }
 
-/// Checks a value against a field's GDAPI type, and a service's `scale` and `launchConfig`
-/// against what the service reconciler can run.
+/// Checks a value against a field's GDAPI type, names and descriptions against
+/// [`super::text::check_name`] and [`super::text::check_description`], and a service's `scale`
+/// and `launchConfig` against what the service reconciler can run.
 fn check_type(schema: &TypeSchema, field: &schema::Field, value: &Value) -> Result<(), ApiError> {
     if !type_ok(field, value) {
         return Err(ApiError::invalid(
@@ -320,6 +321,11 @@ fn check_type(schema: &TypeSchema, field: &schema::Field, value: &Value) -> Resu
             field.name,
             format!("{} must be of type {}", field.name, field.kind),
         ));
+    }
+    match (field.name, value.as_str()) {
+        ("name", Some(name)) => super::text::check_name("name", name)?,
+        ("description", Some(text)) => super::text::check_description("description", text)?,
+        _ => {}
     }
     if schema.kind != Some(ResourceKind::Service) || value.is_null() {
         return Ok(());

@@ -256,6 +256,14 @@ fn field_json(field: &Field) -> Value {
     if field.name == "transitioning" {
         out.insert("options".into(), json!(["yes", "no", "error"]));
     }
+    if field.name == "name" {
+        // GDAPI's length limits; `check_name` also refuses control characters.
+        out.insert("minLength".into(), json!(1));
+        out.insert("maxLength".into(), json!(super::text::NAME_MAX));
+    }
+    if field.name == "description" {
+        out.insert("maxLength".into(), json!(super::text::DESCRIPTION_MAX));
+    }
     if field.name == "startOnCreate" {
         out.insert("default".into(), json!(true));
     }

@@ -21,7 +21,12 @@ pub(super) fn routes() -> Router<AppState> {
 fn fields(list: &[(&str, &str, bool)]) -> Map<String, Value> {
     list.iter()
         .map(|(name, kind, create)| {
-            ((*name).to_owned(), json!({"type": kind, "nullable": true, "create": create, "update": false, "required": false}))
+            let mut field = json!({"type": kind, "nullable": true, "create": create, "update": false, "required": false});
+            if *name == "name" && *create {
+                field["minLength"] = json!(1);
+                field["maxLength"] = json!(super::text::NAME_MAX);
+            }
+            ((*name).to_owned(), field)
         })
         .collect()
 }

@@ -111,10 +111,100 @@ fn url_nul_field(uri: &axum::http::Uri) -> Option<String> {
         .map(|(key, _)| key.replace('\0', "\\u0000"))
 }
 
+/// The longest name a resource, project, key or host may have, in characters.
+pub(crate) const NAME_MAX: usize = 255;
+/// The longest description, in characters.
+pub(crate) const DESCRIPTION_MAX: usize = 1024;
+
+/// Whether a character breaks a line or a terminal when printed: control characters (C0, DEL,
+/// C1) and the Unicode line and paragraph separators.
+fn breaks_layout(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{2028}' | '\u{2029}')
+}
+
+/// Checks a name: 1 to [`NAME_MAX`] characters, none of them a control character, so that one
+/// name can neither break a table in the UI nor a line of `drover ps`. `null` (no name) is
+/// the caller's to allow.
+pub(crate) fn check_name(field: &str, name: &str) -> Result<(), ApiError> {
+    if name.trim().is_empty() {
+        return Err(ApiError::invalid(
+            "MinLengthExceeded",
+            field,
+            format!("{field} must not be empty or blank (leave it out for no name)"),
+        ));
+    }
+    let length = name.chars().count();
+    if length > NAME_MAX {
+        return Err(ApiError::invalid(
+            "MaxLengthExceeded",
+            field,
+            format!("{field} is {length} characters long; at most {NAME_MAX} are allowed"),
+        ));
+    }
+    if let Some(at) = name.chars().position(breaks_layout) {
+        return Err(ApiError::invalid(
+            "InvalidCharacters",
+            field,
+            format!(
+                "{field} contains a control character (at character {at}); names are one line of printable text"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a description: at most [`DESCRIPTION_MAX`] characters; line breaks and tabs are
+/// allowed, other control characters are not.
+pub(crate) fn check_description(field: &str, text: &str) -> Result<(), ApiError> {
+    let length = text.chars().count();
+    if length > DESCRIPTION_MAX {
+        return Err(ApiError::invalid(
+            "MaxLengthExceeded",
+            field,
+            format!("{field} is {length} characters long; at most {DESCRIPTION_MAX} are allowed"),
+        ));
+    }
+    if let Some(at) = text
+        .chars()
+        .position(|c| breaks_layout(c) && !matches!(c, '\n' | '\t'))
+    {
+        return Err(ApiError::invalid(
+            "InvalidCharacters",
+            field,
+            format!("{field} contains a control character (at character {at})"),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn names_are_one_line_of_printable_text_of_bounded_length() {
+        assert!(check_name("name", "web-1").is_ok());
+        assert!(check_name("name", "ünïcödé ✓ name").is_ok());
+        assert!(check_name("name", &"é".repeat(NAME_MAX)).is_ok());
+        assert!(check_name("name", &"é".repeat(NAME_MAX + 1)).is_err());
+        for bad in [
+            "",
+            "  ",
+            "a\nb",
+            "a\tb",
+            "a\rb",
+            "a\u{1b}[31mred",
+            "a\u{7f}",
+            "a\u{85}b",
+            "a\u{2028}b",
+        ] {
+            assert!(check_name("name", bad).is_err(), "{bad:?} was accepted");
+        }
+        assert!(check_description("description", "two\nlines\tand a tab").is_ok());
+        assert!(check_description("description", "bell\u{7}").is_err());
+        assert!(check_description("description", &"x".repeat(DESCRIPTION_MAX + 1)).is_err());
+    }
 
     #[test]
     fn escaped_nul_is_found_and_an_escaped_backslash_is_not_one() {

@@ -464,16 +464,20 @@ impl Store {
     }
 
     /// Running / ready / delayed counts of pending processes, and ended ones, per process name.
-    pub async fn process_summary(&self) -> Result<Vec<ProcessSummary>> {
+    pub async fn process_summary(&self, account: Option<i64>) -> Result<Vec<ProcessSummary>> {
         let now = now_millis();
+        // One statement for both: a project's summary filters on its account, everyone's on
+        // the account being itself (`account_id = account_id` is false for NULL, hence the OR).
+        let scoped = account.is_some();
         Ok(dispatch!(self, pool => sqlx::query_as(
             "SELECT process_name, \
              SUM(CASE WHEN end_time IS NULL AND lease_expires >= $1 THEN 1 ELSE 0 END) AS running, \
              SUM(CASE WHEN end_time IS NULL AND (lease_expires IS NULL OR lease_expires < $1) AND run_after <= $1 THEN 1 ELSE 0 END) AS ready, \
              SUM(CASE WHEN end_time IS NULL AND (lease_expires IS NULL OR lease_expires < $1) AND run_after > $1 THEN 1 ELSE 0 END) AS delayed, \
              SUM(CASE WHEN end_time IS NOT NULL THEN 1 ELSE 0 END) AS done \
-             FROM process_instance GROUP BY process_name ORDER BY process_name")
-            .bind(now).fetch_all(pool).await?))
+             FROM process_instance WHERE (NOT $2 OR account_id = $3) \
+             GROUP BY process_name ORDER BY process_name")
+            .bind(now).bind(scoped).bind(account.unwrap_or(0)).fetch_all(pool).await?))
     }
 
     /// The attempts of a process, oldest first: `(id, created, started, ended, exit_reason, message, log)`.
