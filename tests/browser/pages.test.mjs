@@ -363,9 +363,16 @@ test('a project key sees its own keys, and processes when the API shows them to 
       return;
     }
     const c = await harness.api('POST', 'containers', { name: 'team-a-web', command: ['sleep', '600'] }, { access: key.publicValue, secret: key.secretValue });
+    // Its project has no host: the start waits (Delayed, Ready for a moment between tries),
+    // and the page opens on that tab, the first with work in it.
     await sidebar.getByRole('link', { name: 'Processes', exact: true }).click();
+    await other.getByRole('tab', { name: /^(Delayed|Ready)/, selected: true }).waitFor();
+    const mine = (name) => other.locator(`#process-panel tr[data-process="${name}"]`).filter({ has: other.locator(`a.id:text-is("${c.id}")`) });
     await other.getByRole('tab', { name: /Done/ }).click();
-    await other.locator('#process-panel tr[data-process="instance.start"]').filter({ has: other.locator(`a.id:text-is("${c.id}")`) }).waitFor();
+    await mine('instance.create').locator('.badge', { hasText: 'SUCCESS' }).waitFor();
+    // Only its own project's processes: none of the admin's containers, hosts or services.
+    const types = await other.locator('#process-panel tbody tr[data-process] a.id').allTextContents();
+    assert.deepEqual([...new Set(types)], [c.id]);
     await screenshot(other, 'processes-project');
   } finally {
     await context.close();
