@@ -374,6 +374,14 @@ test('a project key sees its own keys, and processes when the API shows them to 
     const types = await other.locator('#process-panel tbody tr[data-process] a.id').allTextContents();
     assert.deepEqual([...new Set(types)], [c.id]);
     await screenshot(other, 'processes-project');
+    // Its process's page shows the attempts; replay and cancel are for admins.
+    await mine('instance.create').getByRole('link', { name: 'instance.create' }).click();
+    await other.getByRole('heading', { name: 'instance.create', level: 1 }).waitFor();
+    await other.locator('#facts-title').waitFor();
+    await other.locator('dl.facts .badge', { hasText: 'SUCCESS' }).waitFor();
+    assert.equal(await other.getByRole('alert').filter({ hasText: /./ }).count(), 0, 'the process page shows an error');
+    assert.equal(await other.getByRole('button', { name: 'Replay this process' }).count(), 0);
+    assert.equal(await other.getByRole('button', { name: 'Cancel this process' }).count(), 0);
   } finally {
     await context.close();
   }

@@ -162,7 +162,13 @@ async fn the_ui_is_served_at_the_root_without_shadowing_the_api() {
             .await
             .unwrap();
         assert_eq!(response.status(), 200, "{path}");
-        assert!(response.text().await.unwrap().contains("/assets/js/main.js"));
+        assert!(
+            response
+                .text()
+                .await
+                .unwrap()
+                .contains("/assets/js/main.js")
+        );
     }
 
     // Unknown assets and unknown paths are 404s with the API's error body, not the page.
@@ -194,7 +200,11 @@ async fn the_ui_is_served_at_the_root_without_shadowing_the_api() {
         );
         assert!(response.headers().contains_key("content-security-policy"));
         assert!(
-            response.text().await.unwrap().contains("/assets/js/main.js"),
+            response
+                .text()
+                .await
+                .unwrap()
+                .contains("/assets/js/main.js"),
             "{path}"
         );
     }
@@ -634,7 +644,10 @@ async fn setting_and_api_key_changes_are_announced_for_live_pages() {
         .post("apikeys", &json!({"name": "admin-2"}))
         .await
         .unwrap();
-    assert_eq!(next_event(&mut stream).await.data.unwrap()["id"], other["id"]);
+    assert_eq!(
+        next_event(&mut stream).await.data.unwrap()["id"],
+        other["id"]
+    );
     project_client
         .delete(&format!("apikeys/{}", mine["id"].as_str().unwrap()))
         .await

@@ -1,7 +1,7 @@
 // One process: every attempt (execution) with its times, exit reason and the agent's message,
 // the resource's live progress, and replay / cancel for admins.
 
-import { ApiError, get, post } from '../api.js';
+import { ApiError, get, post, session } from '../api.js';
 import {
   absolute, badge, debounce, duration, ellipsis, emptyRow, h, idTag, jsonBlock, millis, processBadge, processesHref, replace,
   resourceHref, timeEl, toast, transition,
@@ -100,6 +100,10 @@ export function mount(root, { id }) {
       h('span', { class: 'mono' }, p.id), ' on ', p.resourceType, ' ',
       idTag(p.resourceId, resourceHref(p.resourceType, p.resourceId)), '  ',
       processBadge(p));
+    // Replay and cancel are for admins; a project key reads its project's processes only.
+    const admin = Boolean(session()?.admin);
+    replay.hidden = !admin;
+    cancel.hidden = !admin;
     replay.disabled = !(p.actions && p.actions.replay);
     cancel.disabled = !(p.actions && p.actions.cancel);
     replay.title = replay.disabled ? 'Replay is for a process that is not running and did not succeed' : 'Run it again from its first attempt';
