@@ -411,5 +411,38 @@ test('a container\'s Logs panel follows stdout and stderr, and closes its socket
   assert.equal(sockets.length, 1);
   await nav('Containers').click();
   await page.getByRole('heading', { name: 'Containers', level: 1 }).waitFor();
-  await sockets[0].closed;
+  await Promise.race([
+    sockets[0].closed,
+    new Promise((resolve, reject) => setTimeout(() => reject(new Error('the log socket is still open 10 s after the page was left')), 10000)),
+  ]);
+});
+
+test('a container that exits on its own shows its exit code, end time and the agent\'s message, and its log ends', async (t) => {
+  const c = await harness.api('POST', 'containers', { name: 'quitter', command: ['sh', '-c', 'echo bye; echo oops >&2; exit 3'] });
+  await waitFor(async () => {
+    const now = await harness.api('GET', `containers/${c.id}`);
+    return now.exitCode !== undefined && now.exitCode !== null || now.state === 'error';
+  }, 'the container to end').catch(() => {});
+  if (!(await logsApi(c.id))) {
+    t.skip('the logs API is missing: POST /v1/containers/{id}?action=logs does not answer {url, token}, and containers carry no exitCode (issue 16 point 1, another branch)');
+    return;
+  }
+  await page.goto(`${harness.url}/containers/${c.id}`);
+  await markPage();
+  const ended = page.locator('#container-exit');
+  await ended.locator('strong', { hasText: 'Exited with code 3' }).waitFor();
+  await ended.locator('time').waitFor();
+  assert.ok(await ended.evaluate((el) => el.classList.contains('red')));
+  await page.locator('[data-exit-code="3"]').waitFor();
+  const log = page.getByRole('log', { name: `Log of ${c.id}` });
+  await log.locator('.line.stdout', { hasText: 'bye' }).waitFor();
+  await log.locator('.line.stderr', { hasText: 'oops' }).waitFor();
+  // Nothing more will come: the server ends the stream and the panel says so.
+  await page.locator('.log-status[data-state="ended"]').waitFor();
+  await screenshot(page, 'container-exited');
+
+  // Started again through the API: the page shows it running, without the old code.
+  await harness.api('POST', `containers/${c.id}?action=start`, {});
+  await page.locator('.page-head .badge[data-state="running"], .page-head .badge[data-state="stopped"]').first().waitFor();
+  await assertNotReloaded();
 });

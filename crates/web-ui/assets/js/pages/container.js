@@ -53,12 +53,13 @@ export function mount(root, { id }) {
     const up = ['running', 'starting', 'restarting'].includes(c.state);
     const exited = code !== null && code !== undefined && !up;
     const failed = c.state === 'error' || (exited && code !== 0);
-    if (exited || (c.state === 'error' && (message || c.transitioningMessage))) {
+    const detail = message || c.transitioningMessage;
+    if (exited || (c.state === 'error' && detail)) {
       ended.hidden = false;
       ended.className = `callout ${failed ? 'red' : 'blue'}`;
       replace(ended,
-        h('strong', null, exited ? `Exited with code ${code}` : 'Failed', finished ? [' ', timeEl(finished)] : null),
-        message || c.transitioningMessage ? h('div', { class: 'msg' }, message || c.transitioningMessage) : null);
+        h('strong', null, exited ? `Exited with code ${code}` : 'Failed', finished ? [' · ', timeEl(finished)] : null),
+        detail && detail.toLowerCase() !== `exited with code ${code}` ? h('div', { class: 'msg' }, detail) : null);
     } else {
       ended.hidden = true;
     }
@@ -106,8 +107,6 @@ export function mount(root, { id }) {
 
   const refresh = debounce(load, 120, 600);
   load();
-  // The log starts once: following it does not depend on later reloads of the page's data.
-  logs.start();
   return {
     title: id,
     onEvent(event) {

@@ -10,6 +10,8 @@ import { h, replace } from '../dom.js';
 export const MAX_LINES = 2000;
 /** Lines asked for when the panel opens. */
 const TAIL = 200;
+/** States in which the log may still grow: the panel follows it. */
+const RUNNING = new Set(['running', 'starting', 'restarting']);
 
 export function logsPanel(id) {
   const view = h('div', { class: 'logview', role: 'log', 'aria-live': 'off', 'aria-label': `Log of ${id}`, tabindex: '0' });
@@ -31,6 +33,7 @@ export function logsPanel(id) {
   let lines = 0;
   let droppedCount = 0;
   let containerState = null;
+  let following = true;
 
   function setStatus(text, state) {
     status.textContent = text;
@@ -63,13 +66,15 @@ export function logsPanel(id) {
     else add('stdout', text);
   }
 
-  async function start() {
+  /** Opens the log; `follow` keeps it open for what is written next (a running container). */
+  async function start({ follow: keep = following } = {}) {
     if (stopped || socket) return;
+    following = keep;
     reconnect.hidden = true;
     setStatus('connecting…', 'connecting');
     let answer;
     try {
-      answer = await post(`containers/${encodeURIComponent(id)}?action=logs`, { follow: true, lines: TAIL });
+      answer = await post(`containers/${encodeURIComponent(id)}?action=logs`, { follow: following, lines: TAIL });
     } catch (err) {
       if (stopped) return;
       setStatus(`no log: ${err.message}`, 'error');
@@ -93,7 +98,7 @@ export function logsPanel(id) {
     const ws = new WebSocket(`${url}?token=${encodeURIComponent(answer.token)}`);
     socket = ws;
     ws.addEventListener('open', () => {
-      if (socket === ws) setStatus('following', 'open');
+      if (socket === ws) setStatus(following ? 'following' : 'reading', 'open');
     });
     ws.addEventListener('message', (message) => {
       if (socket === ws) onFrame(message.data);
@@ -117,17 +122,22 @@ export function logsPanel(id) {
   reconnect.addEventListener('click', () => {
     replace(view);
     lines = 0;
-    start();
+    start({ follow: RUNNING.has(containerState) });
   });
 
   return {
     el,
     start,
-    /** Called with the container's state: a stopped container's log ends; a start may resume it. */
+    /**
+     * Called with the container's state. The first call opens the log, followed while the
+     * container runs (a stopped one's log is read to its end); a later start offers to
+     * follow it again.
+     */
     setState(state) {
       const was = containerState;
       containerState = state;
-      if (was && was !== 'running' && state === 'running' && !socket && !stopped) reconnect.hidden = false;
+      if (was === null) start({ follow: RUNNING.has(state) });
+      else if (!RUNNING.has(was) && RUNNING.has(state) && !socket && !stopped) reconnect.hidden = false;
     },
     stop() {
       stopped = true;
