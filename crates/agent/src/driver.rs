@@ -53,15 +53,60 @@ pub enum InstanceStatus {
     },
     /// It ran and ended (or was stopped).
     Stopped {
-        /// The exit code, when it exited by itself.
+        /// The exit code, when the agent saw it end (128 + the signal when a signal killed
+        /// it, as shells and Docker report it).
         exit_code: Option<i32>,
+        /// The signal that killed it, if one did.
+        signal: Option<i32>,
+        /// When it ended (epoch milliseconds), when known.
+        finished_at: Option<i64>,
+        /// Whether the driver stopped it (a stop or remove), rather than it ending by itself.
+        stopped_by_driver: bool,
     },
     /// This host has no such instance.
     Missing,
 }
 
 impl InstanceStatus {
-    /// `running`, `stopped` or `missing`.
+    /// Stopped, with nothing known of how it ended.
+    pub const STOPPED_UNKNOWN: InstanceStatus = InstanceStatus::Stopped {
+        exit_code: None,
+        signal: None,
+        finished_at: None,
+        stopped_by_driver: false,
+    };
+
+    /// What the agent says about it, in a sentence (`agentMessage`).
+    pub fn message(self) -> String {
+        match self {
+            InstanceStatus::Running { pid } => format!("running as process {pid}"),
+            InstanceStatus::Missing => "this host has no such container".to_owned(),
+            InstanceStatus::Stopped {
+                exit_code,
+                signal,
+                stopped_by_driver,
+                ..
+            } => {
+                let how = match (signal, exit_code) {
+                    (Some(signal), _) => {
+                        let name = Signal::try_from(signal)
+                            .map(|signal| format!(" ({})", signal.as_str()))
+                            .unwrap_or_default();
+                        format!("killed by signal {signal}{name}")
+                    }
+                    (None, Some(code)) => format!("exited with code {code}"),
+                    (None, None) => "ended; its exit status is not known (it ended while the agent was not running)".to_owned(),
+                };
+                if stopped_by_driver {
+                    format!("stopped by the agent: {how}")
+                } else {
+                    how
+                }
+            }
+        }
+    }
+
+    // `running`, `stopped` or `missing`.
     pub fn name(self) -> &'static str {
         match self {
             InstanceStatus::Running { .. } => "running",
@@ -149,6 +194,8 @@ pub trait Driver: Send + Sync + 'static {
     fn volume_activate(&self, id: &str) -> Result<PathBuf, DriverError>;
     /// Deletes a volume.
     fn volume_remove(&self, id: &str) -> Result<(), DriverError>;
+    /// Where an instance's output is kept: its stdout and stderr log files.
+    fn log_paths(&self, id: &str) -> Result<(PathBuf, PathBuf), DriverError>;
 }
 
 /// The environment variable that marks every process the driver starts (and, by
@@ -216,10 +263,54 @@ pub struct LocalDriver {
 pub struct Exit {
     /// The instance's API id.
     pub id: String,
-    /// Its exit code (-1 when killed by a signal).
-    pub code: i32,
-    /// When (epoch seconds).
+    /// How it ended: [`InstanceStatus::Stopped`].
+    pub status: InstanceStatus,
+    /// When (epoch milliseconds).
     pub at: i64,
+}
+
+/// How an instance's process ended, kept in its directory as `exit` (JSON; older agents wrote
+/// the bare exit code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct ExitRecord {
+    code: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    signal: Option<i32>,
+    /// Epoch milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    at: Option<i64>,
+    #[serde(default)]
+    stopped: bool,
+}
+
+impl ExitRecord {
+    fn parse(text: &str) -> Option<ExitRecord> {
+        let text = text.trim();
+        serde_json::from_str(text).ok().or_else(|| {
+            text.parse().ok().map(|code| ExitRecord {
+                code,
+                signal: None,
+                at: None,
+                stopped: false,
+            })
+        })
+    }
+
+    fn status(self) -> InstanceStatus {
+        InstanceStatus::Stopped {
+            exit_code: Some(self.code),
+            signal: self.signal,
+            finished_at: self.at,
+            stopped_by_driver: self.stopped,
+        }
+    }
+}
+
+fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 impl LocalDriver {
@@ -450,7 +541,17 @@ impl LocalDriver {
         }
         let _ = std::fs::remove_file(self.dir(id)?.join("pid"));
         Ok(match self.inspect(id) {
-            InstanceStatus::Missing => InstanceStatus::Stopped { exit_code: None },
+            InstanceStatus::Missing => InstanceStatus::STOPPED_UNKNOWN,
+            // Not the agent's child (adopted after a restart): its exit was not seen, but the
+            // agent stopped it.
+            InstanceStatus::Stopped {
+                exit_code: None, ..
+            } => InstanceStatus::Stopped {
+                exit_code: None,
+                signal: None,
+                finished_at: Some(now_millis()),
+                stopped_by_driver: true,
+            },
             other => other,
         })
     }
@@ -460,12 +561,8 @@ impl LocalDriver {
         serde_json::from_str(&text).ok()
     }
 
-    fn exit_code(&self, id: &str) -> Option<i32> {
-        std::fs::read_to_string(self.dir(id).ok()?.join("exit"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
+    fn exit_record(&self, id: &str) -> Option<ExitRecord> {
+        ExitRecord::parse(&std::fs::read_to_string(self.dir(id).ok()?.join("exit")).ok()?)
     }
 }
 
@@ -728,32 +825,40 @@ impl Driver for LocalDriver {
         let (recorded, exited) = tokio::sync::oneshot::channel();
         lock_set(&supervised).insert(id.clone());
         tokio::spawn(async move {
-            let status = child.wait().await;
-            let code = status.ok().and_then(|status| status.code()).unwrap_or(-1);
-            let _ = std::fs::write(exit_path, code.to_string());
-            let _ = recorded.send(code);
+            use std::os::unix::process::ExitStatusExt;
+            let status = child.wait().await.ok();
+            let signal = status.and_then(|status| status.signal());
+            let code = status
+                .and_then(|status| status.code())
+                .or(signal.map(|signal| 128 + signal))
+                .unwrap_or(-1);
             // Consumed here: the driver's own stop marks the instance before it signals.
             let expected = stopping
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .remove(&id);
+            let at = now_millis();
+            let record = ExitRecord {
+                code,
+                signal,
+                at: Some(at),
+                stopped: expected,
+            };
+            let _ = std::fs::write(exit_path, serde_json::to_vec(&record).unwrap_or_default());
+            let _ = recorded.send(record);
             lock_set(&supervised).remove(&id);
-            tracing::info!(instance = %id, code, expected, "instance process exited");
-            if !expected && let Some(exits) = exits {
-                let at = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs() as i64)
-                    .unwrap_or(0);
-                if exits
+            tracing::info!(instance = %id, code, ?signal, expected, "instance process exited");
+            if !expected
+                && let Some(exits) = exits
+                && exits
                     .try_send(Exit {
                         id: id.clone(),
-                        code,
+                        status: record.status(),
                         at,
                     })
                     .is_err()
-                {
-                    tracing::warn!(instance = %id, "exit report queue full; the next ping reports it");
-                }
+            {
+                tracing::warn!(instance = %id, "exit report queue full; the next ping reports it");
             }
         });
         // Re-check.
@@ -764,13 +869,13 @@ impl Driver for LocalDriver {
             // that happened, never a failed one to try again. Its exit is recorded first, so
             // the answer carries the exit code.
             _ => {
-                let code = tokio::time::timeout(KILL_WAIT, exited)
+                let record = tokio::time::timeout(KILL_WAIT, exited)
                     .await
                     .ok()
                     .and_then(Result::ok);
-                Ok(InstanceStatus::Stopped {
-                    exit_code: code.or_else(|| self.exit_code(&spec.id)),
-                })
+                Ok(record
+                    .or_else(|| self.exit_record(&spec.id))
+                    .map_or(InstanceStatus::STOPPED_UNKNOWN, ExitRecord::status))
             }
         }
     }
@@ -801,9 +906,8 @@ impl Driver for LocalDriver {
         if let Some(record) = self.live_pid_record(id) {
             return InstanceStatus::Running { pid: record.pid };
         }
-        InstanceStatus::Stopped {
-            exit_code: self.exit_code(id),
-        }
+        self.exit_record(id)
+            .map_or(InstanceStatus::STOPPED_UNKNOWN, ExitRecord::status)
     }
 
     fn list(&self) -> Vec<(String, InstanceStatus)> {
@@ -829,6 +933,11 @@ impl Driver for LocalDriver {
         let path = self.root.join("volumes").join(id);
         std::fs::create_dir_all(&path)?;
         Ok(std::fs::canonicalize(&path).unwrap_or(path))
+    }
+
+    fn log_paths(&self, id: &str) -> Result<(PathBuf, PathBuf), DriverError> {
+        let dir = self.dir(id)?;
+        Ok((dir.join("stdout.log"), dir.join("stderr.log")))
     }
 
     fn volume_remove(&self, id: &str) -> Result<(), DriverError> {

@@ -9,19 +9,31 @@ use drover_client::{Client, Context, Event, HandlerError, HandlerResult, RouterB
 use serde_json::{Map, Value, json};
 
 use crate::driver::{Driver, DriverError, InstanceSpec, InstanceStatus};
+use crate::logs::Followers;
+use tokio_util::sync::CancellationToken;
 
 /// The agent's state shared by its handlers.
 #[derive(Debug)]
 pub struct Agent<D> {
     driver: Arc<D>,
-    #[allow(dead_code)]
     client: Client,
+    /// The log streams running (`instance.logs`).
+    followers: Arc<Followers>,
 }
 
 impl<D: Driver> Agent<D> {
-    /// An agent over a driver.
-    pub fn new(driver: Arc<D>, client: Client) -> Agent<D> {
-        Agent { driver, client }
+    /// An agent over a driver; its log followers stop when `shutdown` is cancelled.
+    pub fn new(driver: Arc<D>, client: Client, shutdown: CancellationToken) -> Agent<D> {
+        Agent {
+            driver,
+            client,
+            followers: Arc::new(Followers::new(shutdown)),
+        }
+    }
+
+    /// The log followers (for the health port's `/metrics`).
+    pub fn followers(&self) -> Arc<Followers> {
+        self.followers.clone()
     }
 }
 
@@ -44,6 +56,9 @@ pub fn register<D: Driver>(builder: RouterBuilder, agent: Arc<Agent<D>>) -> Rout
     let builder = on!(builder, "storage.volume.activate", volume_activate);
     let builder = on!(builder, "storage.volume.remove", volume_remove);
     let builder = on!(builder, "config.update", config_update);
+    let builder = on!(builder, "instance.logs", logs);
+    let builder = on!(builder, "instance.logs.ack", logs_ack);
+    let builder = on!(builder, "instance.logs.cancel", logs_cancel);
     on!(builder, "ping", ping)
 }
 
@@ -149,14 +164,35 @@ fn failed(error: DriverError) -> HandlerError {
     }
 }
 
-fn report(status: InstanceStatus) -> Value {
-    let mut out = json!({"agentState": status.name()});
+/// What the agent reports of an instance (merged into the container): `agentState`,
+/// `exitCode`, `finishedAt` (RFC 3339) and `agentMessage`; a running one clears how it ended
+/// before.
+pub fn report(status: InstanceStatus) -> Value {
+    let mut out = json!({"agentState": status.name(), "agentMessage": status.message()});
     match status {
-        InstanceStatus::Running { pid } => out["externalId"] = json!(format!("pid:{pid}")),
-        InstanceStatus::Stopped { exit_code } => out["exitCode"] = json!(exit_code),
+        InstanceStatus::Running { pid } => {
+            out["externalId"] = json!(format!("pid:{pid}"));
+            out["exitCode"] = Value::Null;
+            out["finishedAt"] = Value::Null;
+        }
+        InstanceStatus::Stopped {
+            exit_code,
+            finished_at,
+            ..
+        } => {
+            out["exitCode"] = json!(exit_code);
+            out["finishedAt"] = json!(finished_at.map(rfc3339));
+        }
         InstanceStatus::Missing => {}
     }
     out
+}
+
+/// Epoch milliseconds as RFC 3339 (UTC, seconds), as the server renders its times.
+pub fn rfc3339(millis: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(millis)
+        .map(|time| time.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .unwrap_or_default()
 }
 
 impl<D: Driver> Agent<D> {
@@ -236,6 +272,23 @@ impl<D: Driver> Agent<D> {
         Ok(Some(json!({"volume": {}})))
     }
 
+    async fn logs(&self, event: Event, _context: Context) -> HandlerResult {
+        let id = instance_id(&event)?;
+        let paths = match self.driver.inspect(&id) {
+            InstanceStatus::Missing => None,
+            _ => Some(self.driver.log_paths(&id).map_err(failed)?),
+        };
+        self.followers.start(&event, &self.client, paths)
+    }
+
+    async fn logs_ack(&self, event: Event, _context: Context) -> HandlerResult {
+        self.followers.ack(&event)
+    }
+
+    async fn logs_cancel(&self, event: Event, _context: Context) -> HandlerResult {
+        self.followers.cancel(&event)
+    }
+
     async fn config_update(&self, event: Event, _context: Context) -> HandlerResult {
         // No configuration items are managed yet: acknowledge each as applied.
         let items = event
@@ -256,11 +309,15 @@ impl<D: Driver> Agent<D> {
         let mut resources = vec![Value::Object(host)];
         for (id, status) in self.driver.list() {
             let mut instance = json!({"type": "instance", "id": id, "state": status.name()});
-            if let InstanceStatus::Stopped {
-                exit_code: Some(code),
-            } = status
+            if let InstanceStatus::Stopped { .. } = status
+                && let Value::Object(fields) = report(status)
+                && let Value::Object(out) = &mut instance
             {
-                instance["exitCode"] = json!(code);
+                for (key, value) in fields {
+                    if key != "agentState" {
+                        out.insert(key, value);
+                    }
+                }
             }
             resources.push(instance);
         }

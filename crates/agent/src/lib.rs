@@ -7,11 +7,13 @@
 //!   an instance as a supervised local process and a volume as a directory.
 //! - [`handlers`]: the event handlers (`compute.instance.*`, `storage.volume.*`, `ping`,
 //!   `config.update`), idempotent: check, lock, act, re-check.
+//! - [`logs`]: log followers, which stream an instance's output to the server (`instance.logs`).
 //! - [`run`]: wires them to the client library's event router, serves the health port.
 
 pub mod driver;
 pub mod handlers;
 pub mod identity;
+pub mod logs;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -44,7 +46,8 @@ pub struct AgentArgs {
     /// The host's name (default: the machine's hostname).
     #[arg(long, env = "DROVER_AGENT_NAME")]
     pub name: Option<String>,
-    /// Serve `GET /healthz` on this port (200 while subscribed).
+    /// Serve `GET /healthz` (200 while subscribed) and `GET /metrics` (log streams) on this
+    /// port.
     #[arg(long, env = "DROVER_AGENT_HEALTH_PORT")]
     pub health_port: Option<u16>,
     /// Log to this file (rotated daily, seven kept) instead of stderr.
@@ -77,7 +80,12 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> anyhow::Result
         exit_reports,
         shutdown.clone(),
     ));
-    let agent = Arc::new(handlers::Agent::new(driver, client.clone()));
+    let agent = Arc::new(handlers::Agent::new(
+        driver,
+        client.clone(),
+        shutdown.child_token(),
+    ));
+    let followers = agent.followers();
     let mut builder = RouterBuilder::new(client)
         .agent_id(identity.agent_id.clone())
         .workers(args.workers.max(1));
@@ -88,6 +96,7 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> anyhow::Result
         tokio::spawn(serve_health(
             SocketAddr::from(([0, 0, 0, 0], port)),
             connections,
+            followers.clone(),
             shutdown.clone(),
         ))
     });
@@ -141,12 +150,14 @@ async fn report_exits(
             exit = exits.recv() => match exit { Some(exit) => exit, None => return },
             () = shutdown.cancelled() => return,
         };
+        // `data` carries what the container keeps of how it ended (`exitCode`,
+        // `finishedAt`, `agentMessage`).
         let mut body = serde_json::json!({
             "externalId": exit.id,
             "externalStatus": "die",
             "externalFrom": "drover-agent",
-            "externalTimestamp": exit.at,
-            "data": {"exitCode": exit.code},
+            "externalTimestamp": exit.at / 1000,
+            "data": handlers::report(exit.status),
         });
         if !host_key.is_empty() {
             body["reportedHostUuid"] = serde_json::json!(host_key);
@@ -175,9 +186,25 @@ async fn report_exits(
 async fn serve_health(
     addr: SocketAddr,
     connections: tokio::sync::watch::Receiver<u64>,
+    followers: Arc<logs::Followers>,
     shutdown: CancellationToken,
 ) {
-    let app = axum::Router::new().route(
+    let metrics = axum::routing::get(move || {
+        let followers = followers.clone();
+        async move {
+            format!(
+                "# HELP drover_agent_log_followers Log streams this agent runs now.\n\
+                 # TYPE drover_agent_log_followers gauge\n\
+                 drover_agent_log_followers {}\n\
+                 # HELP drover_agent_log_followers_started_total Log streams started.\n\
+                 # TYPE drover_agent_log_followers_started_total counter\n\
+                 drover_agent_log_followers_started_total {}\n",
+                followers.running(),
+                followers.started()
+            )
+        }
+    });
+    let app = axum::Router::new().route("/metrics", metrics).route(
         "/healthz",
         axum::routing::get(move || {
             let connections = connections.clone();

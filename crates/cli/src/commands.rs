@@ -20,7 +20,7 @@ pub struct Connection {
 }
 
 impl Connection {
-    fn client(&self) -> anyhow::Result<Client> {
+    pub(crate) fn client(&self) -> anyhow::Result<Client> {
         Ok(Client::new(&self.url, &self.access_key, &self.secret_key)?)
     }
 }
@@ -305,15 +305,129 @@ pub struct RunArgs {
     /// Run on this host (e.g. 1h1).
     #[arg(long)]
     host: Option<String>,
-    /// Follow the container until it runs (or fails).
-    #[arg(long)]
-    wait: bool,
+    /// Follow the container until it runs (`--wait`) or until it has ended too
+    /// (`--wait=exited`), printing each failed attempt and when the next one is due; exits
+    /// non-zero when it fails or its command exits with a code other than 0.
+    #[arg(long, value_name = "UNTIL", num_args = 0..=1, require_equals = true,
+          default_missing_value = "started", value_enum)]
+    wait: Option<WaitFor>,
     /// Print the container as JSON.
     #[arg(long)]
     json: bool,
     /// The command and its arguments.
     #[arg(required = true, last = true)]
     command: Vec<String>,
+}
+
+/// What `drover run --wait` waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WaitFor {
+    /// The container runs (or it ended already, or failed).
+    Started,
+    /// Its command has ended (or it failed).
+    Exited,
+}
+
+/// How a container ended, if it did: `Err` when it failed or exited with a code other than 0.
+fn ended(container: &Value) -> Option<anyhow::Result<()>> {
+    let id = text(container, "id");
+    match container["state"].as_str().unwrap_or_default() {
+        "error" => Some(Err(anyhow::anyhow!(
+            "{id} failed: {}",
+            text(container, "transitioningMessage")
+        ))),
+        "stopped" => Some(match container["exitCode"].as_i64() {
+            Some(0) | None => {
+                eprintln!("  {id} {}", text(container, "agentMessage"));
+                Ok(())
+            }
+            Some(code) => {
+                let message = text(container, "agentMessage");
+                Err(if message.starts_with("exited") || message.is_empty() {
+                    anyhow::anyhow!("{id} exited with code {code}")
+                } else {
+                    anyhow::anyhow!("{id} exited with code {code}: {message}")
+                })
+            }
+        }),
+        "removed" | "removing" | "purged" => {
+            Some(Err(anyhow::anyhow!("{id} was removed before it ended")))
+        }
+        _ => None,
+    }
+}
+
+/// Follows a container that was just created until `until`, printing its progress, each failed
+/// attempt (from its processes, when the key may read them) and when the next one is due.
+async fn wait_run(client: &Client, link: &str, until: WaitFor) -> anyhow::Result<Value> {
+    let mut last_line = String::new();
+    let mut last_failure = String::new();
+    let mut pause = std::time::Duration::from_millis(100);
+    loop {
+        let container = client.get(link).await?;
+        let line = format!(
+            "{} {}",
+            text(&container, "state"),
+            text(&container, "transitioningMessage")
+        );
+        let failing = container["transitioning"] == "error" && container["state"] != "error";
+        if failing {
+            let message = text(&container, "transitioningMessage");
+            if message != last_failure {
+                eprintln!("  attempt failed: {message}");
+                if let Some(next) = next_attempt(client, &container).await {
+                    eprintln!("  {next}");
+                }
+                last_failure = message;
+            }
+        } else if line != last_line {
+            eprintln!("  {}", line.trim_end());
+        }
+        last_line = line;
+        if container["transitioning"] != "yes" && !failing {
+            if let Some(result) = ended(&container) {
+                result?;
+                return Ok(container);
+            }
+            if until == WaitFor::Started && container["state"] == "running" {
+                return Ok(container);
+            }
+        }
+        tokio::time::sleep(pause).await;
+        // A long-running command (--wait=exited) is looked at less often.
+        if container["state"] == "running" && container["transitioning"] == "no" {
+            pause = (pause * 2).min(std::time::Duration::from_secs(1));
+        }
+    }
+}
+
+/// `attempt N of <process> failed …; next attempt at <time>`, from the container's pending
+/// process (processes are visible to admins only: `None` for other keys).
+async fn next_attempt(client: &Client, container: &Value) -> Option<String> {
+    let query: String = form_urlencoded::Serializer::new(String::new())
+        .append_pair("resourceType", "container")
+        .append_pair("resourceId", &text(container, "id"))
+        .finish();
+    let processes = client
+        .get(&format!("processinstances?{query}"))
+        .await
+        .ok()?;
+    let pending = rows(&processes).find(|process| process["state"] != "done")?;
+    let next = pending["runAfterTS"].as_i64().map(|at| {
+        let seconds = (at - chrono::Utc::now().timestamp_millis()).max(0) as f64 / 1000.0;
+        format!(
+            "next attempt at {} (in {seconds:.1} s)",
+            text(pending, "runAfter")
+        )
+    });
+    Some(format!(
+        "{} {}: attempt {} failed ({}); {}",
+        text(pending, "processName"),
+        text(pending, "id"),
+        pending["executionCount"].as_i64().unwrap_or(0),
+        text(pending, "exitReason"),
+        next.unwrap_or_else(|| "it is tried again".to_owned())
+    ))
 }
 
 fn pairs(items: &[String], what: &str) -> anyhow::Result<serde_json::Map<String, Value>> {
@@ -346,14 +460,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let created = client.create("containers", &body).await?;
     let id = text(&created, "id");
     eprintln!("{id} created");
-    let result = if args.wait {
-        follow(
-            &client,
-            created["links"]["self"].as_str().unwrap_or_default(),
-        )
-        .await?
-    } else {
-        created
+    let result = match args.wait {
+        Some(until) => {
+            wait_run(
+                &client,
+                created["links"]["self"].as_str().unwrap_or_default(),
+                until,
+            )
+            .await?
+        }
+        None => created,
     };
     if args.json {
         println!("{result}");
@@ -423,7 +539,7 @@ pub struct TargetArgs {
 }
 
 /// The container a user named, by id or by (unique, live) name.
-async fn resolve(client: &Client, target: &str) -> anyhow::Result<Value> {
+pub(crate) async fn resolve(client: &Client, target: &str) -> anyhow::Result<Value> {
     if let Ok(container) = client.get(&format!("containers/{target}")).await {
         return Ok(container);
     }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod commands;
+mod logs;
 use drover_server::settings::Settings;
 
 #[derive(Debug, Parser)]
@@ -41,6 +42,8 @@ enum Command {
     Run(commands::RunArgs),
     /// List containers.
     Ps(commands::PsArgs),
+    /// Print a container's output: stdout to stdout, stderr to stderr (`-f` to follow).
+    Logs(logs::LogsArgs),
     /// Stop a container.
     Stop(commands::TargetArgs),
     /// Start a stopped container.
@@ -110,6 +113,7 @@ fn main() -> anyhow::Result<()> {
             Command::Up(args) => up(args).await,
             Command::Run(args) => commands::run(args).await,
             Command::Ps(args) => commands::ps(args).await,
+            Command::Logs(args) => logs::logs(args).await,
             Command::Stop(args) => commands::act(args, "stop").await,
             Command::Start(args) => commands::act(args, "start").await,
             Command::Rm(args) => commands::act(args, "remove").await,

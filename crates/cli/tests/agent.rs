@@ -263,8 +263,12 @@ async fn a_killed_process_is_noticed_and_its_container_stops() {
     let event = &events["data"][0];
     assert_eq!(event["externalFrom"], "drover-agent", "{events:#}");
     assert_eq!(
-        event["data"]["exitCode"], -1,
-        "killed by a signal: {events:#}"
+        event["data"]["exitCode"], 137,
+        "killed by a signal (128 + SIGKILL): {events:#}"
+    );
+    assert_eq!(
+        event["data"]["agentMessage"], "killed by signal 9 (SIGKILL)",
+        "{events:#}"
     );
     assert_eq!(event["data"]["result"]["action"], "stopped", "{events:#}");
 

@@ -12,6 +12,8 @@
 //!   backpressure instead of dropping events, a separate lane for `ping`, WebSocket
 //!   ping/pong liveness, and reconnection with jittered exponential backoff. See the
 //!   [`router`] module for the details.
+//! - [`Client::logs`]: a container's stdout and stderr lines ([`LogStream`]) through the
+//!   server's log socket, the tail and, with `follow`, what is written afterwards.
 //! - [`ResourceChange`]: a `resource.change` event unpacked, for
 //!   [`RouterBuilder::on_resource_change`].
 //!
@@ -70,12 +72,14 @@
 mod backoff;
 mod change;
 mod client;
+mod logs;
 pub mod router;
 mod subscribe;
 
 pub use change::ResourceChange;
 pub use client::{Client, IDEMPOTENCY_KEY};
 pub use drover_proto::{Event, Transitioning};
+pub use logs::{LogLine, LogOptions, LogStream};
 pub use router::{Context, HandlerError, HandlerResult, Router, RouterBuilder};
 pub use subscribe::{EventStream, Frame, STREAM_POSITION_HEADER, Subscribe};
 

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::defs::{self, Handler, PREVIOUS, ProcessDef};
 use crate::external::{BUILT_IN_PRIORITY, HandlerCall, ProcessHandlers, Registry};
 use crate::render::resource_json;
+use crate::stats::{Ended, ProcessStats};
 use crate::{Bus, CallFailure, Clock, SharedTunables, Tunables};
 
 /// The engine of one node.
@@ -53,6 +54,8 @@ pub struct Engine<B> {
     clock: Clock,
     /// The active external handlers.
     external: Registry,
+    /// Counters and histograms by process name, for `/metrics`.
+    stats: Arc<ProcessStats>,
 }
 
 /// A handle to wake the engine when work was scheduled.
@@ -61,6 +64,7 @@ pub struct EngineHandle {
     wake: Arc<Notify>,
     node: Arc<str>,
     fenced: Arc<std::sync::atomic::AtomicU64>,
+    stats: Arc<ProcessStats>,
 }
 
 impl EngineHandle {
@@ -78,6 +82,11 @@ impl EngineHandle {
     /// This node's id (recorded on the processes it schedules and runs).
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// This node's process counters (what it scheduled and ran).
+    pub fn stats(&self) -> &ProcessStats {
+        &self.stats
     }
 }
 
@@ -191,6 +200,7 @@ impl<B: Bus> Engine<B> {
             await_agent,
             clock: Clock::new(),
             external: Registry::new(),
+            stats: Arc::default(),
         }
     }
 
@@ -220,6 +230,7 @@ impl<B: Bus> Engine<B> {
             wake: self.wake.clone(),
             node: self.node.clone().into(),
             fenced: self.fenced.clone(),
+            stats: self.stats.clone(),
         }
     }
 
@@ -268,6 +279,10 @@ impl<B: Bus> Engine<B> {
                 // Put back by the claim to wait (for a host, for its agent), using up no
                 // attempt: nothing to run; its resource shows why.
                 if claimed.waiting.is_some() {
+                    self.stats
+                        .of(&claimed.process.process_name)
+                        .waits
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     if let Some(resource) = &claimed.resource {
                         self.bus.changed(resource, None);
                     }
@@ -335,7 +350,10 @@ impl<B: Bus> Engine<B> {
     /// One attempt of one process, from claim to the transaction that records its end.
     /// Returns whether the attempt scheduled another process (a delegate or a retry).
     async fn run_attempt(&self, claimed: Claimed) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
         let started = self.now_millis();
+        let counters = self.stats.of(&claimed.process.process_name);
+        counters.attempts.fetch_add(1, Relaxed);
         let (finish, log) = self.attempt(&claimed, started).await;
         let process = claimed.process;
         let (exit_reason, message) = finish.reason_and_message();
@@ -353,13 +371,39 @@ impl<B: Bus> Engine<B> {
             Finish::Done { next: Some(_), .. } | Finish::Retry { .. } | Finish::Chained { .. }
         );
         let (id, transitioning) = (process.id, process.transitioning_state().map(str::to_owned));
+        let (ended, next_counters) = match &finish {
+            Finish::Done { next, .. } => (
+                Some(Ended::Success),
+                next.as_ref().map(|(name, ..)| self.stats.of(name)),
+            ),
+            Finish::Retry { .. } => (None, None),
+            Finish::Failed { .. } => (Some(Ended::Failure), None),
+            Finish::Chained { next, .. } => (Some(Ended::Chain), Some(self.stats.of(&next.0))),
+            Finish::Canceled { .. } => (Some(Ended::Canceled), None),
+        };
+        let took = record.ended - process.created;
         let item = FinishItem {
             process,
             node: self.node.clone(),
             record,
             finish,
         };
-        match self.store.finish(item).await {
+        let result = self.store.finish(item).await;
+        // What the store recorded: an end (and the delegate it scheduled) or a retry. A
+        // cancel moves no resource, so its answer is `None` whether or not the attempt still
+        // held the process; either way the process ended canceled.
+        if matches!(result, Ok(Some(_))) || (canceled && result.is_ok()) {
+            match ended {
+                Some(ended) => counters.ended(ended, took),
+                None => {
+                    counters.retries.fetch_add(1, Relaxed);
+                }
+            }
+            if let Some(next) = next_counters {
+                next.scheduled.fetch_add(1, Relaxed);
+            }
+        }
+        match result {
             Ok(Some(resource)) => {
                 if !canceled {
                     self.bus.changed(&resource, transitioning.as_deref());

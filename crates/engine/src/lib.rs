@@ -8,6 +8,7 @@
 //! - [`external`]: external handlers, the extensions that take part in processes
 //!   (`<process>;handler=<name>`), and the [`Registry`] of the active ones.
 //! - [`render`]: the plain JSON of a resource that agents receive and the API extends.
+//! - [`stats`]: the engine's counters and histograms by process name (atomics made at start).
 //!
 //! **Invariant:** the engine knows nothing about HTTP or WebSockets: it talks to agents through
 //! the [`Bus`] trait, which the server implements with its hub.
@@ -16,6 +17,7 @@ pub mod defs;
 pub mod engine;
 pub mod external;
 pub mod render;
+pub mod stats;
 
 use std::future::Future;
 use std::time::Duration;

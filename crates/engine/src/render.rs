@@ -94,6 +94,10 @@ pub fn resource_json(resource: &Resource) -> Map<String, Value> {
         out.entry("command").or_insert(Value::Null);
         out.entry("environment").or_insert_with(|| json!({}));
         out.entry("labels").or_insert_with(|| json!({}));
+        // How it ended (set from the agent's reports; null until it has ended once).
+        for field in ["exitCode", "finishedAt", "agentMessage", "agentState"] {
+            out.entry(field).or_insert(Value::Null);
+        }
     }
     out
 }

@@ -290,6 +290,7 @@ async fn clean(state: &AppState, report: &mut Report) -> Result<(), drover_store
                 };
                 match store.schedule(new).await {
                     Ok(scheduled) => {
+                        state.engine.stats().scheduled(&scheduled.process);
                         report.purges_scheduled += 1;
                         last_purge = last_purge.max(scheduled.process.id);
                         state

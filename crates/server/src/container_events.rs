@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use drover_proto::ids;
 use drover_store::{EventKind, EventRecord};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -152,9 +152,10 @@ async fn reconcile_container(
             );
         }
     };
+    let fields = exit_fields(event, status);
     match state
         .store
-        .settle_instance(instance.id, from, to, event.created)
+        .settle_instance(instance.id, from, to, event.created, &fields)
         .await?
     {
         Some(moved) => {
@@ -168,6 +169,55 @@ async fn reconcile_container(
             "reason": format!("{container} is {} or a process holds it", instance.state),
         })),
     }
+}
+
+/// What a container keeps of a report (`agentState`, and how it ended: `exitCode`,
+/// `finishedAt`, `agentMessage`), from the event's `data` where the agent put them, else from
+/// the event itself. A start clears how it ended before.
+fn exit_fields(event: &EventRecord, status: &str) -> Map<String, Value> {
+    let data = event.data.as_object();
+    let given = |key: &str| data.and_then(|data| data.get(key)).cloned();
+    let from = event.external_from.as_deref().unwrap_or("the agent");
+    let mut fields = Map::new();
+    if status == "start" {
+        fields.insert("agentState".into(), json!("running"));
+        fields.insert("exitCode".into(), Value::Null);
+        fields.insert("finishedAt".into(), Value::Null);
+        fields.insert(
+            "agentMessage".into(),
+            given("agentMessage").unwrap_or_else(|| json!(format!("started ({from} reported it)"))),
+        );
+        return fields;
+    }
+    let agent_state = if status == "destroy" {
+        "missing"
+    } else {
+        "stopped"
+    };
+    fields.insert("agentState".into(), json!(agent_state));
+    fields.insert(
+        "exitCode".into(),
+        given("exitCode")
+            .filter(Value::is_i64)
+            .unwrap_or(Value::Null),
+    );
+    let at = event
+        .external_timestamp
+        .map(|seconds| seconds.saturating_mul(1000))
+        .unwrap_or(event.created);
+    fields.insert(
+        "finishedAt".into(),
+        given("finishedAt")
+            .filter(Value::is_string)
+            .unwrap_or_else(|| json!(drover_engine::render::rfc3339(at))),
+    );
+    fields.insert(
+        "agentMessage".into(),
+        given("agentMessage")
+            .filter(Value::is_string)
+            .unwrap_or_else(|| json!(format!("{status} ({from} reported it)"))),
+    );
+    fields
 }
 
 async fn reconcile_health(

@@ -592,11 +592,28 @@ impl Hub {
     /// ([`CallError::Permanent`] when the reply marks it permanent).
     pub async fn call(
         &self,
+        request: Event,
+        timeout: Duration,
+        on_progress: impl FnMut(&Event),
+    ) -> Result<Event, CallError> {
+        self.call_with_id(
+            uuid::Uuid::new_v4().to_string(),
+            request,
+            timeout,
+            on_progress,
+        )
+        .await
+    }
+
+    /// [`Hub::call`] with the request id the caller chose (a fresh, unguessable one), for a
+    /// caller that sends the addressee more events about the call (a log stream's acks).
+    pub async fn call_with_id(
+        &self,
+        request_id: String,
         mut request: Event,
         timeout: Duration,
         mut on_progress: impl FnMut(&Event),
     ) -> Result<Event, CallError> {
-        let request_id = uuid::Uuid::new_v4().to_string();
         request.id = Some(request_id.clone());
         request.reply_to = Some(self.inner.reply_name.clone());
         request.timeout_millis = Some(timeout.as_millis() as i64);

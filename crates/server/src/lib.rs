@@ -22,6 +22,7 @@ pub mod cluster;
 pub mod container_events;
 pub mod error;
 pub mod hub;
+pub mod logs;
 pub mod metrics;
 pub mod monitor;
 pub mod services;
@@ -273,6 +274,7 @@ impl Server {
             )
             .with_external(external.clone()),
         );
+        let log_tokens = logs::LogTokens::load(&store).await?;
         let (subscriber_slots, open_files) =
             ws::Slots::from_nofile(settings.uint("api.sub.max.connections"));
         let header_timeout = Duration::from_millis(settings.uint("api.http.header.timeout.millis"));
@@ -290,6 +292,7 @@ impl Server {
             subscriber_slots,
             cluster: cluster.clone(),
             external,
+            log_tokens,
         });
         {
             let state = state.clone();

@@ -269,16 +269,13 @@ async fn move_agent(state: &AppState, agent_id: i64, from: &[&str], to: &str) {
 
 /// Stops the containers the agent no longer runs.
 async fn reconcile(state: &AppState, agent_id: i64, sent_at: i64, resources: &[Value]) {
-    let reported: HashMap<String, (String, Option<i64>)> = resources
+    let reported: HashMap<String, (String, &Value)> = resources
         .iter()
         .filter(|resource| resource["type"] == "instance")
         .filter_map(|resource| {
             Some((
                 resource["id"].as_str()?.to_owned(),
-                (
-                    resource["state"].as_str()?.to_owned(),
-                    resource["exitCode"].as_i64(),
-                ),
+                (resource["state"].as_str()?.to_owned(), resource),
             ))
         })
         .collect();
@@ -295,16 +292,40 @@ async fn reconcile(state: &AppState, agent_id: i64, sent_at: i64, resources: &[V
     };
     for instance in instances {
         let id = ids::format("container", instance.id);
-        let (reported_state, exit_code) = reported
+        let (reported_state, report) = reported
             .get(&id)
-            .map(|(state, code)| (state.as_str(), *code))
+            .map(|(state, report)| (state.as_str(), Some(*report)))
             .unwrap_or(("missing", None));
         if reported_state == "running" {
             continue;
         }
+        let exit_code = report.and_then(|report| report["exitCode"].as_i64());
+        // What the container keeps of how it ended: the agent's report, else what the
+        // monitor knows.
+        let mut fields = Map::new();
+        fields.insert("agentState".into(), json!(reported_state));
+        fields.insert("exitCode".into(), json!(exit_code));
+        fields.insert(
+            "finishedAt".into(),
+            report
+                .map(|report| report["finishedAt"].clone())
+                .filter(Value::is_string)
+                .unwrap_or_else(|| json!(drover_engine::render::rfc3339(sent_at))),
+        );
+        fields.insert(
+            "agentMessage".into(),
+            report
+                .map(|report| report["agentMessage"].clone())
+                .filter(Value::is_string)
+                .unwrap_or_else(|| {
+                    json!(format!(
+                        "found {reported_state} by the ping monitor (the agent reports no such process)"
+                    ))
+                }),
+        );
         match state
             .store
-            .set_state(ResourceKind::Instance, instance.id, &["running"], "stopped")
+            .settle_instance(instance.id, &["running"], "stopped", sent_at, &fields)
             .await
         {
             Ok(Some(stopped)) => {

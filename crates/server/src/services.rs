@@ -693,6 +693,7 @@ async fn run_action(
     let container = ids::format("container", id);
     match state.store.schedule(new).await {
         Ok(scheduled) => {
+            state.engine.stats().scheduled(&scheduled.process);
             tracing::info!(service = %service_api_id, %container, process, reason, "services: scheduled");
             state
                 .changes
@@ -744,6 +745,7 @@ async fn create(
     };
     match state.store.create_and_schedule(create).await {
         Ok(scheduled) => {
+            state.engine.stats().scheduled(&scheduled.process);
             tracing::info!(
                 service = %service_api_id,
                 container = %ids::format("container", scheduled.resource.id),

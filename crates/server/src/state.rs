@@ -60,4 +60,6 @@ pub struct Shared {
     pub subscriber_slots: crate::ws::Slots,
     /// This node's membership of its cluster (a single server is a cluster of one).
     pub cluster: std::sync::Arc<crate::cluster::Cluster>,
+    /// Issues and checks the log sockets' tokens (`?action=logs`).
+    pub log_tokens: crate::logs::LogTokens,
 }

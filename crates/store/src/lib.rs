@@ -25,11 +25,11 @@ pub use store::{
     wakes_waiting,
 };
 pub use store::{
-    Backend, Bootstrap, CLEANUP_STEPS, CleanupAge, CleanupStep, EventFilter, EventKind,
-    EventRecord, ExecutionRecord, ExecutionRow, Filter, FilterOp, FilterValue, Finish, HostLookup,
-    IdempotencyKey, Idempotent, ListQuery, NewContainerEvent, NewProcess, NewServiceEvent, Page,
-    PostEventError, ProcessFilter, ProcessInstance, ProcessSummary, Registered, ScheduleError,
-    Scheduled, ServiceContainer, StepResult, Store, StoreOptions,
+    Backend, Bootstrap, CLEANUP_STEPS, CleanupAge, CleanupStep, EngineGauges, EventFilter,
+    EventKind, EventRecord, ExecutionRecord, ExecutionRow, Filter, FilterOp, FilterValue, Finish,
+    HostLookup, IdempotencyKey, Idempotent, ListQuery, NewContainerEvent, NewProcess,
+    NewServiceEvent, Page, PostEventError, ProcessFilter, ProcessInstance, ProcessSummary,
+    Registered, ScheduleError, Scheduled, ServiceContainer, StepResult, Store, StoreOptions,
 };
 pub use store::{CHANGE_LOG_LOCK, ChangeBounds, ChangeRow, ChangeScope, NewChange};
 pub use store::{LEADER_DUTY, NodeInfo, NodeRow};

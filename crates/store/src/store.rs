@@ -105,7 +105,7 @@ pub use events::{
 };
 
 pub use process::{
-    ExecutionRecord, ExecutionRow, Finish, IdempotencyKey, Idempotent, ProcessFilter,
+    EngineGauges, ExecutionRecord, ExecutionRow, Finish, IdempotencyKey, Idempotent, ProcessFilter,
     ProcessInstance, ProcessSummary, ScheduleError, Scheduled,
 };
 pub use resource::{Filter, FilterOp, FilterValue, ListQuery, Page, Registered};

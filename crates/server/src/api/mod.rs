@@ -59,6 +59,8 @@ fn routes(state: AppState) -> Router {
             "/v1/projects/{project}/subscribe",
             get(crate::ws::subscribe_project),
         )
+        .route("/v1/logs", get(crate::logs::socket))
+        .route("/v1/logs/", get(crate::logs::socket))
         .merge(publish::routes())
         .merge(apikeys::routes())
         .merge(accounts::routes())
@@ -94,6 +96,10 @@ fn routes(state: AppState) -> Router {
         .layer(CatchPanicLayer::custom(|_panic| {
             ApiError::internal("a request handler panicked").into_response()
         }))
+        // Outermost: times the whole answer, by the route that matched.
+        .layer(crate::metrics::HttpMetricsLayer::new(
+            state.metrics.http.clone(),
+        ))
         .with_state(state)
 }
 
@@ -179,6 +185,16 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     use std::fmt::Write as _;
     use std::sync::atomic::Ordering::Relaxed;
     let mut body = state.metrics.render();
+    crate::metrics::render_processes(&mut body, state.engine.stats());
+    match state.metrics.store_gauges(&state.store).await {
+        Ok(gauges) => crate::metrics::render_store_gauges(
+            &mut body,
+            &gauges,
+            drover_proto::event::now_millis(),
+        ),
+        Err(error) => tracing::warn!(%error, "metrics: reading the store's gauges failed"),
+    }
+    state.metrics.http.render(&mut body);
     let writer = state.store.writer_stats();
     for (name, help, value) in [
         (

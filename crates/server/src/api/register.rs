@@ -224,6 +224,14 @@ async fn register(
         .filter(|name| !name.trim().is_empty())
         .unwrap_or_else(|| key.clone());
     super::text::check_name("name", &name)?;
+    let plans = [ResourceKind::Agent, ResourceKind::Host].map(|kind| {
+        drover_engine::defs::create_plan_with(
+            kind,
+            &Default::default(),
+            &state.external,
+            Some(project),
+        )
+    });
     let registered = state
         .store
         .register_agent(
@@ -231,21 +239,21 @@ async fn register(
             &key,
             &name,
             body.host.unwrap_or_default(),
-            &drover_engine::defs::create_plan_with(
-                ResourceKind::Agent,
-                &Default::default(),
-                &state.external,
-                Some(project),
-            ),
-            &drover_engine::defs::create_plan_with(
-                ResourceKind::Host,
-                &Default::default(),
-                &state.external,
-                Some(project),
-            ),
+            &plans[0],
+            &plans[1],
             state.engine.node(),
         )
         .await?;
+    if registered.created {
+        // The plans' pending steps (a step with no `done` state) are what the engine runs.
+        for pending in plans
+            .iter()
+            .filter_map(|plan| plan.last())
+            .filter(|s| s.done.is_none())
+        {
+            state.engine.stats().scheduled_named(&pending.process_name);
+        }
+    }
     state.changes.changed(&registered.agent, None);
     state.changes.changed(&registered.host, None);
     state.engine.wake();

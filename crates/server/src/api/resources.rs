@@ -107,6 +107,10 @@ pub fn render(base: &str, resource: &Resource) -> Value {
     for action in defs::actions_for(resource.kind, &resource.state) {
         actions.insert(action.into(), json!(format!("{self_link}?action={action}")));
     }
+    if crate::logs::has_log(resource) {
+        let action = crate::logs::ACTION;
+        actions.insert(action.into(), json!(format!("{self_link}?action={action}")));
+    }
     out.insert("type".into(), json!(schema.id));
     out.insert(
         "links".into(),
@@ -741,6 +745,7 @@ async fn create(
             found => return super::idempotency::answer(&state, &base, found),
         },
     };
+    state.engine.stats().scheduled(&scheduled.process);
     // The change is announced before the engine is woken, so its own later changes follow it.
     state.changes.changed(&scheduled.resource, None);
     state.engine.wake();
@@ -800,6 +805,7 @@ async fn schedule(
         .with_detail(ids::format("processInstance", process_id)),
         ScheduleError::Store(error) => error.into(),
     })?;
+    state.engine.stats().scheduled(&scheduled.process);
     state
         .changes
         .changed(&scheduled.resource, Some(&scheduled.previous_state));
@@ -836,6 +842,11 @@ async fn action(
         }
     };
     let resource = target(&state, &principal, &params, "POST").await?;
+    if resource.kind == ResourceKind::Instance && action == crate::logs::ACTION {
+        // Not a process: a URL and token for the log socket.
+        let access = crate::logs::action(&state, &principal, &resource, &base, &data).await?;
+        return Ok((StatusCode::OK, Json(access)));
+    }
     let project = resource.account_id.unwrap_or(state.default_project.id);
     resolve_references(&state, project, schema::of_kind(resource.kind), &data).await?;
     let resource = schedule(&state, &resource, &action, data).await?;

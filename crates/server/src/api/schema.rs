@@ -112,6 +112,11 @@ const CONTAINER: &[Field] = &[
     filter(f("serviceId", "reference[service]"), "service_id"),
     f("serviceIndex", "int"),
     f("externalId", "string"),
+    // How it ended, from the agent's reports (null while it runs or before it ever ended).
+    f("agentState", "string"),
+    f("exitCode", "int"),
+    f("finishedAt", "date"),
+    f("agentMessage", "string"),
 ];
 
 const VOLUME: &[Field] = &[
@@ -293,6 +298,13 @@ pub fn render(base: &str, schema: &TypeSchema) -> Value {
         for action in drover_engine::defs::all_actions(kind) {
             actions.insert(action.into(), json!({"input": null, "output": schema.id}));
         }
+    }
+    if schema.kind == Some(ResourceKind::Instance) {
+        // Not a process: answers a URL and token for the log socket (`crate::logs`).
+        actions.insert(
+            crate::logs::ACTION.into(),
+            json!({"input": "containerLogs", "output": "hostAccess"}),
+        );
     }
     schema_json(
         base,

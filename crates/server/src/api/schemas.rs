@@ -56,6 +56,32 @@ fn all(base: &str) -> Vec<Value> {
         none(),
         none(),
     ));
+    // The input and output of a container's `logs` action (crate::logs).
+    let mut logs_input = fields(&[("follow", "boolean", true), ("lines", "int", true)]);
+    logs_input["follow"]["default"] = json!(true);
+    logs_input["lines"]["default"] = json!(drover_proto::logs::DEFAULT_LINES);
+    logs_input["lines"]["min"] = json!(0);
+    logs_input["lines"]["max"] = json!(drover_proto::logs::MAX_LINES);
+    out.push(schema_json(
+        base,
+        "containerLogs",
+        "containerLogs",
+        &[],
+        &[],
+        logs_input,
+        none(),
+        none(),
+    ));
+    out.push(schema_json(
+        base,
+        "hostAccess",
+        "hostAccesses",
+        &[],
+        &[],
+        fields(&[("url", "string", false), ("token", "string", false)]),
+        none(),
+        none(),
+    ));
     out.push(schema_json(
         base,
         "externalHandlerProcessConfig",

@@ -104,6 +104,34 @@ impl Store {
         Ok(row.value)
     }
 
+    /// A secret shared by every node of this database, made on first call (a new secret key)
+    /// and kept in `cluster_meta` under `name`: what signs tokens one node gives out and
+    /// another checks (the log sockets' tokens).
+    pub async fn shared_secret(&self, name: &str) -> Result<String> {
+        let mut tx = self.pool.begin_write().await?;
+        tx.execute(
+            "INSERT INTO cluster_meta (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+            args![name, crate::secret::new_secret_key()],
+        )
+        .await?;
+        let row: Value1 = tx
+            .fetch_one(
+                "SELECT value FROM cluster_meta WHERE name = $1",
+                args![name],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(row.value)
+    }
+
+    /// Whether an agent's socket is open on some live node (its session is recorded).
+    pub async fn agent_connected(&self, agent_id: i64) -> Result<bool> {
+        let count: i64 = dispatch!(self, pool => sqlx::query_scalar(
+            "SELECT COUNT(*) FROM agent_session WHERE agent_id = $1")
+            .bind(agent_id).fetch_one(pool).await?);
+        Ok(count > 0)
+    }
+
     /// Joins (or joins again) with a new epoch and a lease until `now + ttl`; returns the epoch.
     ///
     /// Refused ([`Error::Conflict`]) when it would split the cluster: a node without NATS while

@@ -13,6 +13,7 @@ use super::resource::{
     Filter, FilterOp, FilterValue, Page, ResourceRow, bind_values, conditions, select_list,
 };
 use super::{Pool, Store, now_millis};
+use crate::db::args;
 use crate::model::{Resource, ResourceKind};
 use crate::{Error, Result};
 
@@ -391,39 +392,61 @@ impl Store {
             .transpose()
     }
 
-    /// Moves an instance from one of `from` to `to` on an agent's word, but only when no
-    /// process holds it and none ended after `reported_at`: a process knows better than a
-    /// report that it raced with. Returns the instance if it moved.
+    /// Moves an instance from one of `from` to `to` on an agent's word, setting `fields` in its
+    /// data (how it ended: `agentState`, `exitCode`, `finishedAt`, `agentMessage`) in the same
+    /// transaction, but only when no process holds it and none ended after `reported_at`: a
+    /// process knows better than a report that it raced with. Returns the instance if it moved.
     pub async fn settle_instance(
         &self,
         id: i64,
         from: &[&str],
         to: &str,
         reported_at: i64,
+        fields: &Map<String, Value>,
     ) -> Result<Option<Resource>> {
+        let mut tx = self.pool.begin_write().await?;
+        let lock = match tx.backend() {
+            super::Backend::Postgres => " FOR UPDATE",
+            super::Backend::Sqlite => "",
+        };
+        let row: Option<(Option<String>,)> = tx
+            .fetch_optional(
+                &format!("SELECT data FROM instance WHERE id = $1{lock}"),
+                args![id],
+            )
+            .await?;
+        let Some((text,)) = row else {
+            return Ok(None);
+        };
+        let mut data: Map<String, Value> = text
+            .as_deref()
+            .and_then(|text| serde_json::from_str(text).ok())
+            .unwrap_or_default();
+        for (key, value) in fields {
+            data.insert(key.clone(), value.clone());
+        }
         let placeholders: Vec<String> =
-            (0..from.len()).map(|idx| format!("${}", idx + 4)).collect();
+            (0..from.len()).map(|idx| format!("${}", idx + 5)).collect();
         let sql = format!(
-            "UPDATE instance SET state = $1, transitioning = 'no', transitioning_message = NULL \
+            "UPDATE instance SET state = $1, transitioning = 'no', transitioning_message = NULL, data = $4 \
              WHERE id = $2 AND removed IS NULL AND state IN ({}) AND NOT EXISTS (SELECT 1 FROM process_instance p \
-             WHERE p.resource_type = 'instance' AND p.resource_id = $2 AND (p.end_time IS NULL OR p.end_time > $3))",
+             WHERE p.resource_type = 'instance' AND p.resource_id = $2 AND (p.end_time IS NULL OR p.end_time > $3)) \
+             RETURNING {}",
             if placeholders.is_empty() {
                 "NULL".to_owned()
             } else {
                 placeholders.join(", ")
-            }
+            },
+            select_list(ResourceKind::Instance, "instance")
         );
-        let moved = dispatch!(self, pool => {
-            let mut query = sqlx::query(AssertSqlSafe(sql.as_str())).bind(to).bind(id).bind(reported_at);
-            for state in from {
-                query = query.bind(*state);
-            }
-            query.execute(pool).await?.rows_affected()
-        });
-        if moved == 0 {
+        let mut values = args![to, id, reported_at, Value::Object(data).to_string()];
+        values.extend(from.iter().map(|state| crate::db::Arg::from(*state)));
+        let Some(row) = tx.fetch_optional::<ResourceRow>(&sql, values).await? else {
             return Ok(None);
-        }
-        self.get_resource(ResourceKind::Instance, id).await
+        };
+        let resource = row.into_resource(ResourceKind::Instance)?;
+        tx.commit().await?;
+        Ok(Some(resource))
     }
 
     /// The host a report names: one of `agent_id`'s hosts, by drover id, uuid or the agent's

@@ -306,6 +306,25 @@ pub struct ProcessSummary {
     pub done: i64,
 }
 
+/// What `/metrics` reads from the store at a scrape: the unended processes of the whole
+/// cluster as [`ProcessSummary`] counts them, the oldest one's creation time, and agents and
+/// hosts by state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EngineGauges {
+    /// Held by a live lease.
+    pub running: i64,
+    /// Waiting for a worker.
+    pub ready: i64,
+    /// Waiting for `run_after` (backing off, or waiting for a host or an agent).
+    pub delayed: i64,
+    /// When the oldest unended process was scheduled (epoch milliseconds).
+    pub oldest_created: Option<i64>,
+    /// `(state, agents in it)`, by state.
+    pub agents: Vec<(String, i64)>,
+    /// `(state, hosts in it)`, by state.
+    pub hosts: Vec<(String, i64)>,
+}
+
 /// A create's `Idempotency-Key`, as the store keeps it.
 #[derive(Debug, Clone, Copy)]
 pub struct IdempotencyKey<'a> {
@@ -478,6 +497,34 @@ impl Store {
              FROM process_instance WHERE (NOT $2 OR account_id = $3) \
              GROUP BY process_name ORDER BY process_name")
             .bind(now).bind(scoped).bind(account.unwrap_or(0)).fetch_all(pool).await?))
+    }
+
+    /// The gauges `/metrics` shows, at `now`: one statement over the unended processes (the
+    /// partial index `idx_process_instance_pending` holds exactly those) and one per agent and
+    /// host table.
+    pub async fn engine_gauges(&self, now: i64) -> Result<EngineGauges> {
+        let (running, ready, delayed, oldest_created): (i64, i64, i64, Option<i64>) = dispatch!(self, pool => sqlx::query_as(
+            "SELECT \
+             COALESCE(SUM(CASE WHEN lease_expires >= $1 THEN 1 ELSE 0 END), 0), \
+             COALESCE(SUM(CASE WHEN (lease_expires IS NULL OR lease_expires < $1) AND run_after <= $1 THEN 1 ELSE 0 END), 0), \
+             COALESCE(SUM(CASE WHEN (lease_expires IS NULL OR lease_expires < $1) AND run_after > $1 THEN 1 ELSE 0 END), 0), \
+             MIN(created) \
+             FROM process_instance WHERE end_time IS NULL")
+            .bind(now).fetch_one(pool).await?);
+        let agents = dispatch!(self, pool => sqlx::query_as(
+            "SELECT state, COUNT(*) FROM agent GROUP BY state ORDER BY state")
+            .fetch_all(pool).await?);
+        let hosts = dispatch!(self, pool => sqlx::query_as(
+            "SELECT state, COUNT(*) FROM host GROUP BY state ORDER BY state")
+            .fetch_all(pool).await?);
+        Ok(EngineGauges {
+            running,
+            ready,
+            delayed,
+            oldest_created,
+            agents,
+            hosts,
+        })
     }
 
     /// The attempts of a process, oldest first: `(id, created, started, ended, exit_reason, message, log)`.
