@@ -6,9 +6,9 @@ import { badge, debounce, ellipsis, h, idTag, replace, resourceHref, timeEl } fr
 import { detailHead, fact, mapTable, processesCard, showError } from './detail.js';
 import { logsPanel } from './logs.js';
 
-/** The agent's last word on a container, under whichever name the API gives it. */
+/** The agent's last word on a container ("exited with code 3", "running as process 42"). */
 function agentMessage(c) {
-  return c.exitMessage ?? c.agentMessage ?? c.lastMessage ?? null;
+  return c.agentMessage ?? null;
 }
 
 export function mount(root, { id }) {
@@ -48,7 +48,7 @@ export function mount(root, { id }) {
 
     const code = c.exitCode;
     const message = agentMessage(c);
-    const finished = c.finishedAtTS ?? c.finishedAt;
+    const finished = c.finishedAt;
     // A code left from an earlier run says nothing while the container runs again.
     const up = ['running', 'starting', 'restarting'].includes(c.state);
     const exited = code !== null && code !== undefined && !up;
