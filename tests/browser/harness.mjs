@@ -63,16 +63,18 @@ function waitForLine(child, stream, pattern, ms, what) {
 }
 
 export class Harness {
-  constructor() {
+  /** `name` prefixes the log files, so each test file keeps its own. */
+  constructor(name = '') {
     this.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'drover-ui-'));
     this.children = [];
+    this.prefix = name ? `${name}-` : '';
   }
 
   /** `drover server` on 127.0.0.1 with a free port (port 0; the address is read from its log). */
   async startServer(settings = {}) {
     if (!fs.existsSync(BIN)) throw new Error(`no drover binary at ${BIN}: run cargo build -p drover`);
     fs.mkdirSync(logDir, { recursive: true });
-    const log = fs.createWriteStream(path.join(logDir, 'server.log'));
+    const log = fs.createWriteStream(path.join(logDir, `${this.prefix}server.log`));
     const env = { ...process.env, DROVER_LOG: process.env.DROVER_LOG || 'info', ...settings };
     for (const name of ['DROVER_DATABASE_URL', 'DROVER_LISTEN', 'DROVER_DATA_DIR', 'DROVER_PUBLIC_URL']) delete env[name];
     const server = spawn(BIN, [
@@ -88,22 +90,28 @@ export class Harness {
     return this.url;
   }
 
-  /** A REST call with the admin key (test setup only; the UI is what is under test). */
-  async api(method, apiPath, body) {
-    const response = await fetch(`${this.url}/v1/${apiPath}`, {
-      method,
-      headers: { Authorization: basic(), 'Content-Type': 'application/json' },
-      body: body === undefined ? undefined : JSON.stringify(body),
-    });
+  /** A REST call with the admin key, or `key` ({access, secret}) (test setup only; the UI is what is under test). */
+  async api(method, apiPath, body, key) {
+    const response = await this.raw(method, apiPath, body, key);
     const json = await response.json();
     if (!response.ok) throw new Error(`${method} ${apiPath}: ${response.status} ${JSON.stringify(json)}`);
     return json;
   }
 
+  /** The same call, answering the fetch Response whatever its status. */
+  raw(method, apiPath, body, key) {
+    const auth = key ? `Basic ${Buffer.from(`${key.access}:${key.secret}`).toString('base64')}` : basic();
+    return fetch(`${this.url}/v1/${apiPath}`, {
+      method,
+      headers: { Authorization: auth, 'Content-Type': 'application/json' },
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+  }
+
   /** `drover agent`, registered with a registration token as on a real host. */
   async startAgent() {
     const token = (await this.api('POST', 'registrationtokens', {})).token;
-    const log = fs.createWriteStream(path.join(logDir, 'agent.log'));
+    const log = fs.createWriteStream(path.join(logDir, `${this.prefix}agent.log`));
     const env = { ...process.env, DROVER_LOG: process.env.DROVER_LOG || 'info' };
     for (const name of ['CATTLE_URL', 'CATTLE_ACCESS_KEY', 'CATTLE_SECRET_KEY', 'DROVER_AGENT_FAULT']) delete env[name];
     this.agentDir = path.join(this.dir, 'agent');
@@ -163,6 +171,15 @@ export class Harness {
     }
     if (!process.env.KEEP_TEST_DIR) fs.rmSync(this.dir, { recursive: true, force: true });
   }
+}
+
+/** Logs `page` in through the form with a key (the admin key by default). */
+export async function login(page, url, access = ADMIN_ACCESS, secret = ADMIN_SECRET) {
+  await page.goto(`${url}/login`);
+  await page.getByLabel('Access key', { exact: true }).fill(access);
+  await page.getByLabel('Secret key', { exact: true }).fill(secret);
+  await page.getByRole('button', { name: 'Log in' }).click();
+  await page.locator('.live[data-state="open"]').waitFor();
 }
 
 /** Saves a full-page screenshot into target/browser-screenshots and prints its path. */

@@ -87,9 +87,15 @@ test('a container started from the UI shows its process in Running, then in Done
   // The action shows its process at once.
   await page.locator('.toast').filter({ hasText: 'web-1' }).getByRole('link').first().waitFor();
 
+  // The start is claimed and waits for the frozen agent: Processes opens on Running, the
+  // first tab with work in it.
+  for (let i = 0; i < 200; i += 1) {
+    const summary = await harness.api('GET', 'processsummary');
+    if (summary.data.some((row) => row.processName === 'instance.start' && row.running)) break;
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
   await nav('Processes').click();
-  await page.getByRole('tab', { name: /Running/ }).waitFor();
-  assert.equal(await page.getByRole('tab', { name: /Running/ }).getAttribute('aria-selected'), 'true');
+  await page.getByRole('tab', { name: /Running/, selected: true }).waitFor();
   const running = page.locator(`#process-panel tr[data-process="instance.start"]`).filter({ has: page.locator(`a.id:text-is("${ids.web}")`) });
   await running.waitFor();
   await running.locator('.badge[data-state="running"]').waitFor();

@@ -147,6 +147,30 @@ async fn the_ui_is_served_at_the_root_without_shadowing_the_api() {
         "text/javascript; charset=utf-8"
     );
 
+    // The new pages, a detail page's deep link included, are the UI too.
+    for path in [
+        "/stacks",
+        "/stacks/1st1",
+        "/settings",
+        "/apikeys",
+        "/containers/1i1",
+        "/services/1s1",
+    ] {
+        let response = client
+            .get(format!("{}{path}", server.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        assert!(
+            response
+                .text()
+                .await
+                .unwrap()
+                .contains("/assets/js/main.js")
+        );
+    }
+
     // Unknown assets and unknown paths are 404s with the API's error body, not the page.
     for path in ["/assets/nope.js", "/nope", "/processesx", "/v1/nope"] {
         let response = client
@@ -159,6 +183,49 @@ async fn the_ui_is_served_at_the_root_without_shadowing_the_api() {
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["type"], "error", "{path}");
     }
+    // A browser asking for an unknown page gets the UI with a 404 (it shows its own "not
+    // found" page); the API, the assets and other methods keep the error body.
+    for path in ["/nope", "/processesx", "/a/b/c"] {
+        let response = client
+            .get(format!("{}{path}", server.url))
+            .header("accept", "text/html,application/xhtml+xml,*/*;q=0.8")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 404, "{path}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "text/html; charset=utf-8",
+            "{path}"
+        );
+        assert!(response.headers().contains_key("content-security-policy"));
+        assert!(
+            response
+                .text()
+                .await
+                .unwrap()
+                .contains("/assets/js/main.js"),
+            "{path}"
+        );
+    }
+    for (method, path) in [
+        (reqwest::Method::GET, "/v1/nope"),
+        (reqwest::Method::GET, "/v2-beta/nope"),
+        (reqwest::Method::GET, "/assets/nope.js"),
+        (reqwest::Method::POST, "/nope"),
+    ] {
+        let response = client
+            .request(method.clone(), format!("{}{path}", server.url))
+            .header("accept", "text/html")
+            .basic_auth(ADMIN_ACCESS, Some(ADMIN_SECRET))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 404, "{method} {path}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["type"], "error", "{method} {path}");
+    }
+
     // The API, health and metrics keep their own answers.
     let api = client
         .get(format!("{}/v1/containers", server.url))
@@ -483,4 +550,114 @@ async fn agent_ping_tells_when_an_agent_last_answered() {
             break;
         }
     }
+}
+
+#[tokio::test]
+async fn setting_and_api_key_changes_are_announced_for_live_pages() {
+    let server = TestServer::start().await;
+    let mut stream = server
+        .admin
+        .subscribe(Subscribe::names(["setting.change", "apikey.change"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        within("the first ping", stream.next_event())
+            .await
+            .unwrap()
+            .unwrap()
+            .name(),
+        "ping"
+    );
+
+    server
+        .admin
+        .put(
+            "settings/events.purge.after.seconds",
+            &json!({"value": "43201"}),
+        )
+        .await
+        .unwrap();
+    let event = next_event(&mut stream).await;
+    assert_eq!(event.name(), "setting.change");
+    let data = event.data.unwrap();
+    assert_eq!(data["name"], "events.purge.after.seconds");
+    assert_eq!(data["value"], "43201");
+    assert_eq!(data["source"], "Database");
+    server
+        .admin
+        .delete("settings/events.purge.after.seconds")
+        .await
+        .unwrap();
+    let event = next_event(&mut stream).await;
+    assert_eq!(event.name(), "setting.change");
+    assert_eq!(event.data.unwrap()["source"], "Default");
+    // A refused value changes nothing and announces nothing.
+    assert!(
+        server
+            .admin
+            .put(
+                "settings/events.purge.after.seconds",
+                &json!({"value": "soon"}),
+            )
+            .await
+            .is_err()
+    );
+
+    // A project key hears of its own keys only, and never gets a secret in the event.
+    let (_project, project_client) = server.project("keys-live").await;
+    let mut project_stream = project_client
+        .subscribe(Subscribe::names(["apikey.change"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        within("the first ping", project_stream.next_event())
+            .await
+            .unwrap()
+            .unwrap()
+            .name(),
+        "ping"
+    );
+    let mine = project_client
+        .post("apikeys", &json!({"name": "ci"}))
+        .await
+        .unwrap();
+    // The first event after the refused setting is the project's key's creation.
+    let event = next_event(&mut stream).await;
+    assert_eq!(
+        event.name(),
+        "apikey.change",
+        "the refused setting was announced: {event:?}"
+    );
+    assert_eq!(event.data.unwrap()["change"], "created");
+    let event = next_event(&mut stream).await;
+    let data = event.data.unwrap();
+    assert_eq!(data["id"], mine["id"]);
+    assert_eq!(data["change"], "created");
+    assert!(data.get("secretValue").is_none(), "{data}");
+    let event = next_event(&mut project_stream).await;
+    assert_eq!(event.name(), "apikey.change");
+    assert_eq!(event.data.unwrap()["id"], mine["id"]);
+
+    // An admin's own key is announced to admins, not to the project.
+    let other = server
+        .admin
+        .post("apikeys", &json!({"name": "admin-2"}))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_event(&mut stream).await.data.unwrap()["id"],
+        other["id"]
+    );
+    project_client
+        .delete(&format!("apikeys/{}", mine["id"].as_str().unwrap()))
+        .await
+        .unwrap();
+    let event = next_event(&mut project_stream).await;
+    assert_eq!(
+        event.data.unwrap(),
+        json!({"id": mine["id"], "change": "removed"}),
+        "the project heard of another account's key"
+    );
+    let event = next_event(&mut stream).await;
+    assert_eq!(event.data.unwrap()["change"], "removed");
 }

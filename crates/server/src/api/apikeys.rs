@@ -3,6 +3,9 @@
 //! A key authenticates as its account. Admins create keys for any project or user account
 //! (`accountId`); everyone else for their own account. The secret is shown once, in the
 //! answer to the create.
+//!
+//! Each create and remove publishes [`APIKEY_CHANGE`] (no secret in it), raw for admins and in
+//! the key's account's scope for that account's own keys: the web UI's API keys page refetches on it.
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -18,6 +21,21 @@ use super::{ApiJson, Base};
 use crate::auth::{Auth, Principal};
 use crate::error::ApiError;
 use crate::state::AppState;
+
+/// `apikey.change`: an API key was created or removed (`data`: `id`, `change`).
+pub const APIKEY_CHANGE: &str = "apikey.change";
+
+/// Announces a create or remove to admins (raw) and to the key's own account.
+fn announce(state: &AppState, credential: &Credential, change: &str) {
+    let data = json!({"id": ids::format("apiKey", credential.id), "change": change});
+    state
+        .hub
+        .publish(&drover_proto::Event::new(APIKEY_CHANGE).with_data(data.clone()));
+    state.hub.publish(
+        &drover_proto::Event::new(format!("{APIKEY_CHANGE};account={}", credential.account_id))
+            .with_data(data),
+    );
+}
 
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
@@ -183,6 +201,7 @@ async fn create_for(
             body.description.as_deref(),
         )
         .await?;
+    announce(state, &key.credential, "created");
     Ok((
         StatusCode::CREATED,
         Json(render(base, &key.credential, Some(&key.secret_value))),
@@ -223,5 +242,6 @@ async fn remove(
         .ok_or_else(|| ApiError::not_found("key vanished"))?;
     state.keys.forget(&removed.public_value);
     state.cluster.key_changed(&removed.public_value);
+    announce(&state, &removed, "removed");
     Ok(Json(render(&base, &removed, None)))
 }

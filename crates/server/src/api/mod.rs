@@ -308,13 +308,17 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
-async fn not_found(State(state): State<AppState>, request: Request) -> ApiError {
+async fn not_found(State(state): State<AppState>, request: Request) -> axum::response::Response {
     state.metrics.bad_input.increment(1);
+    if let Some(page) = ui::unknown_page(&request) {
+        return page;
+    }
     ApiError::not_found(format!(
         "no such resource: {} {}",
         request.method(),
         ApiVersion::of(request.extensions()).shown(request.uri().path())
     ))
+    .into_response()
 }
 
 /// A known path asked with a method it does not have (axum's own answer has no body); the

@@ -1,6 +1,7 @@
 //! `/v1/settings`: every tunable with its value, where it comes from, and what it does.
 //! `PUT` stores a value that takes effect at once (readers ask for settings each time they need
 //! them); `DELETE` removes the stored value, so the environment's or the default applies again.
+//! Both publish [`SETTING_CHANGE`] (raw, for admins: the web UI's Settings page refetches on it).
 
 use axum::extract::{Path, State};
 use axum::routing::get;
@@ -19,6 +20,22 @@ pub(super) fn routes() -> Router<AppState> {
     Router::new()
         .route("/v1/settings", get(list))
         .route("/v1/settings/{name}", get(get_one).put(put).delete(remove))
+}
+
+/// `setting.change`: a stored value was changed or removed (`data`: `name`, `value`, `source`).
+pub const SETTING_CHANGE: &str = "setting.change";
+
+/// Announces the setting's new value to admins, on this node (another node's admins learn it
+/// when their pages refetch).
+fn announce(state: &AppState, rendered: &Value) {
+    let data = json!({
+        "name": rendered["name"],
+        "value": rendered["value"],
+        "source": rendered["source"],
+    });
+    state
+        .hub
+        .publish(&drover_proto::Event::new(SETTING_CHANGE).with_data(data));
 }
 
 fn admin(principal: &Principal) -> Result<(), ApiError> {
@@ -130,9 +147,9 @@ async fn put(
         value = value.trim(),
         "setting changed"
     );
-    render(&base, &state, &name)
-        .map(Json)
-        .ok_or_else(|| unknown(&name))
+    let rendered = render(&base, &state, &name).ok_or_else(|| unknown(&name))?;
+    announce(&state, &rendered);
+    Ok(Json(rendered))
 }
 
 async fn remove(
@@ -146,7 +163,7 @@ async fn remove(
     state.store.delete_setting(definition.name).await?;
     state.settings.clear_stored(definition.name);
     state.cluster.settings_changed();
-    render(&base, &state, &name)
-        .map(Json)
-        .ok_or_else(|| unknown(&name))
+    let rendered = render(&base, &state, &name).ok_or_else(|| unknown(&name))?;
+    announce(&state, &rendered);
+    Ok(Json(rendered))
 }

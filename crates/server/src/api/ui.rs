@@ -2,8 +2,11 @@
 //! `web-ui`), and the UI's own pages (`/processes`, `/processes/1pi7`, …) answered with
 //! `index.html`, so a reload or a shared link opens the same view.
 //!
-//! Only the page names in [`PAGES`] fall back to `index.html`: `/v1/…`, `/healthz`, `/metrics`
-//! and every unknown path keep their own answers (an unknown path is the API's 404).
+//! Only the page names in [`PAGES`] fall back to `index.html` with `200`: `/v1/…`, `/healthz`,
+//! `/metrics` keep their own answers. Any other path is a `404`: a browser asking for a page
+//! (`GET` with `Accept: text/html`, outside `/v1`, `/v2-beta` and `/assets`) gets `index.html`
+//! with that status, so the UI shows its own "not found" page ([`unknown_page`]); any other
+//! client gets the API's error body.
 //! The UI needs no session on the server: it keeps the API key in the browser's session
 //! storage and sends it like any client (HTTP Basic; for the subscribe WebSocket, the
 //! `Sec-WebSocket-Protocol` credentials that [`crate::auth`] accepts).
@@ -23,7 +26,33 @@ pub const PAGES: &[&str] = &[
     "services",
     "events",
     "cluster",
+    "stacks",
+    "settings",
+    "apikeys",
 ];
+
+/// The UI's page, with status `404`, for a browser that asked for a path nothing answers: a
+/// `GET`/`HEAD` outside the API and the assets whose `Accept` names `text/html`. `None` for
+/// any other request (it gets the API's error body).
+pub(super) fn unknown_page(request: &axum::extract::Request) -> Option<axum::response::Response> {
+    use axum::http::{Method, header};
+    if !matches!(*request.method(), Method::GET | Method::HEAD) {
+        return None;
+    }
+    let path = request.uri().path();
+    let api = ["/v1", "/v2-beta", "/assets"]
+        .iter()
+        .any(|prefix| path == *prefix || path.starts_with(&format!("{prefix}/")));
+    let html = request
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|accept| accept.contains("text/html"));
+    if api || !html {
+        return None;
+    }
+    serve::not_found_page(request.headers())
+}
 
 /// The UI's routes (with the `web-ui` feature off, `/` says how to get it).
 pub(super) fn routes() -> Router<AppState> {
@@ -55,6 +84,15 @@ mod serve {
     pub(super) async fn index(headers: HeaderMap) -> Response {
         respond(drover_web_ui::INDEX, &headers)
             .unwrap_or_else(|| ApiError::internal("the web UI has no index.html").into_response())
+    }
+
+    /// `index.html` with status `404` (never a `304`: the status is the point).
+    pub(super) fn not_found_page(headers: &HeaderMap) -> Option<Response> {
+        let mut headers = headers.clone();
+        headers.remove(header::IF_NONE_MATCH);
+        let mut response = respond(drover_web_ui::INDEX, &headers)?;
+        *response.status_mut() = StatusCode::NOT_FOUND;
+        Some(response)
     }
 
     pub(super) async fn asset(Path(path): Path<String>, headers: HeaderMap) -> Response {
@@ -123,5 +161,11 @@ mod serve {
 
     pub(super) async fn asset(Path(_path): Path<String>) -> ApiError {
         index().await
+    }
+
+    pub(super) fn not_found_page(
+        _headers: &axum::http::HeaderMap,
+    ) -> Option<axum::response::Response> {
+        None
     }
 }

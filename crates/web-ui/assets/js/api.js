@@ -12,6 +12,11 @@ export function session() {
   }
 }
 
+/** Whether this key may read processes: an admin key, or a key the API shows them to. */
+export function seesProcesses(key = session()) {
+  return Boolean(key && (key.admin || key.processes));
+}
+
 export function saveSession(value) {
   sessionStorage.setItem(KEY, JSON.stringify(value));
 }
@@ -113,7 +118,7 @@ export async function all(path, max = 2000) {
 
 /** The newest process of a resource, to show what an action started. */
 export async function latestProcess(type, id) {
-  if (!session()?.admin) return null;
+  if (!seesProcesses()) return null;
   try {
     const page = await get(`processinstances?resourceType=${encodeURIComponent(type)}&resourceId=${encodeURIComponent(id)}&sort=desc&limit=1`);
     return page.data && page.data[0] ? page.data[0] : null;

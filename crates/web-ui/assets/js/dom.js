@@ -87,13 +87,71 @@ export function idTag(id, href) {
   return href ? h('a', { class: 'id', href }, id) : h('span', { class: 'id' }, id);
 }
 
-/** Where the UI shows a resource of an API type. */
+/** Where the UI shows a resource of an API type: a detail page, or its row on a list. */
 export function resourceHref(type, id) {
-  const page = {
-    container: 'containers', instance: 'containers', volume: 'volumes', host: 'hosts',
-    agent: 'hosts', service: 'services', stack: 'services',
-  }[type];
-  return page && id ? `/${page}#${id}` : null;
+  if (!id) return null;
+  const detail = { container: 'containers', instance: 'containers', service: 'services', stack: 'stacks' }[type];
+  if (detail) return `/${detail}/${encodeURIComponent(id)}`;
+  const page = { volume: 'volumes', host: 'hosts', agent: 'hosts' }[type];
+  return page ? `/${page}#${id}` : null;
+}
+
+/** The Processes page filtered to one resource, by its typed id ("container:1i5"). */
+export function processesHref(type, id) {
+  return `/processes?tab=done&resource=${encodeURIComponent(`${type === 'instance' ? 'container' : type}:${id}`)}`;
+}
+
+/** The API type an id's prefix names ("1i5" → container), or null. */
+export function typeOfId(id) {
+  const match = /^1([a-z]+)\d+$/.exec(String(id || ''));
+  if (!match) return null;
+  return {
+    i: 'container', h: 'host', ag: 'agent', v: 'volume', st: 'stack', s: 'service', eh: 'externalHandler',
+  }[match[1]] || null;
+}
+
+/**
+ * A value that may be long (a name, a command): one line cut with an ellipsis, the whole
+ * value on hover. `tag`/`cls` style it; `href` makes it a link.
+ */
+export function ellipsis(text, { cls = '', href, tag } = {}) {
+  const value = text === null || text === undefined ? '' : String(text);
+  // The tooltip too is bounded: a 100 KB value would make a tooltip no screen can show.
+  const title = value.length > 2000 ? `${value.slice(0, 2000)}…` : value;
+  return h(href ? 'a' : tag || 'span', { class: `ellipsis${cls ? ` ${cls}` : ''}`, title, href }, value);
+}
+
+/**
+ * Asks before something that cannot be undone: a modal dialog, answered true by its confirm
+ * button and false by Cancel, Escape or a click outside.
+ */
+export function confirmDialog({ title, message, confirm = 'OK', danger = true }) {
+  return new Promise((resolve) => {
+    const ok = h('button', { type: 'button', class: danger ? 'primary danger-solid' : 'primary' }, confirm);
+    const cancel = h('button', { type: 'button' }, 'Cancel');
+    const titleId = `dialog-title-${Date.now()}`;
+    const dialog = h('dialog', { class: 'dialog', 'aria-labelledby': titleId },
+      h('h2', { id: titleId }, title),
+      h('p', { class: 'dialog-msg' }, message),
+      h('div', { class: 'dialog-actions' }, cancel, ok));
+    let answered = false;
+    const done = (answer) => {
+      if (answered) return;
+      answered = true;
+      if (dialog.open) dialog.close();
+      dialog.remove();
+      resolve(answer);
+    };
+    ok.addEventListener('click', () => done(true));
+    cancel.addEventListener('click', () => done(false));
+    dialog.addEventListener('close', () => done(false));
+    dialog.addEventListener('click', (event) => {
+      if (event.target === dialog) done(false);
+    });
+    document.body.appendChild(dialog);
+    dialog.showModal();
+    cancel.focus();
+  });
 }
 
 /** Epoch milliseconds of an API time (RFC 3339 text or a number). */

@@ -4,7 +4,9 @@
 import { session, socketProtocols } from './api.js';
 
 /** What every page may react to. */
-export const BASE_NAMES = ['resource.change', 'state.change', 'process.change', 'agent.ping', 'cluster.change'];
+export const BASE_NAMES = [
+  'resource.change', 'state.change', 'process.change', 'agent.ping', 'cluster.change', 'setting.change', 'apikey.change',
+];
 
 export class Live {
   constructor() {

@@ -1,6 +1,6 @@
 // The UI's entry: the shell (sidebar, live status), the router, and the render clock.
 
-import { clearSession, get, session, setUnauthorizedHandler } from './api.js';
+import { clearSession, get, seesProcesses, session, setUnauthorizedHandler } from './api.js';
 import { debounce, h, replace, tickTimes, toast } from './dom.js';
 import { live } from './live.js';
 import * as loginPage from './pages/login.js';
@@ -10,6 +10,11 @@ import * as hostsPage from './pages/hosts.js';
 import * as resourcesPage from './pages/resources.js';
 import * as eventsPage from './pages/events.js';
 import * as clusterPage from './pages/cluster.js';
+import * as containerPage from './pages/container.js';
+import * as servicePage from './pages/service.js';
+import * as stackPage from './pages/stack.js';
+import * as settingsPage from './pages/settings.js';
+import * as apikeysPage from './pages/apikeys.js';
 
 const ICONS = {
   processes: 'M4 6h16M4 12h10M4 18h6M17 15l3 3-3 3',
@@ -17,17 +22,23 @@ const ICONS = {
   containers: 'M12 3l8 4.5v9L12 21l-8-4.5v-9zM12 12l8-4.5M12 12v9M12 12L4 7.5',
   volumes: 'M4 7c0-1.7 3.6-3 8-3s8 1.3 8 3-3.6 3-8 3-8-1.3-8-3zM4 7v10c0 1.7 3.6 3 8 3s8-1.3 8-3V7M4 12c0 1.7 3.6 3 8 3s8-1.3 8-3',
   services: 'M5 5h5v5H5zM14 5h5v5h-5zM5 14h5v5H5zM14 14h5v5h-5z',
+  stacks: 'M12 3l9 5-9 5-9-5zM3 13l9 5 9-5M3 17l9 5 9-5',
+  apikeys: 'M14 10a4 4 0 1 0-.01 0M11 13l-7 7M6 18l2 2M8 16l2 2',
+  settings: 'M4 6h10M18 6h2M4 12h4M12 12h8M4 18h12M20 18h0M14 4v4M8 10v4M16 16v4',
   events: 'M3 12h4l3-8 4 16 3-8h4',
   cluster: 'M12 4a2 2 0 1 0 0 .01M5 18a2 2 0 1 0 0 .01M19 18a2 2 0 1 0 0 .01M12 6v5M12 11l-6 6M12 11l6 6',
 };
 
 const NAV = [
-  { page: 'processes', label: 'Processes', admin: true },
+  { page: 'processes', label: 'Processes', processes: true },
   { page: 'hosts', label: 'Hosts' },
   { page: 'containers', label: 'Containers' },
   { page: 'volumes', label: 'Volumes' },
   { page: 'services', label: 'Services' },
+  { page: 'stacks', label: 'Stacks' },
   { page: 'events', label: 'Events' },
+  { page: 'apikeys', label: 'API keys' },
+  { page: 'settings', label: 'Settings', admin: true },
   { page: 'cluster', label: 'Cluster', admin: true },
 ];
 
@@ -50,31 +61,43 @@ const app = document.getElementById('app');
 let current = null;
 let shell = null;
 
-/** Which page a path shows, and its parameters. */
+/** Which page a path shows, and its parameters; `page: null` is the "not found" page. */
 function resolve(pathname) {
   const parts = pathname.split('/').filter(Boolean);
   const key = session();
   if (!key) return { page: loginPage, name: 'login' };
-  const first = parts[0] || (key.admin ? 'processes' : 'containers');
+  const first = parts[0] || (seesProcesses(key) ? 'processes' : 'containers');
+  const missing = { page: null, name: 'missing' };
+  const id = parts[1] ? decodeURIComponent(parts[1]) : null;
+  // A detail page has one id after its list's name; anything deeper is no page.
+  if (parts.length > 2) return missing;
   switch (first) {
     case 'login':
-      return { page: loginPage, name: 'login' };
+      return parts.length > 1 ? missing : { page: loginPage, name: 'login' };
     case 'processes':
-      return parts[1]
-        ? { page: processPage, name: 'processes', params: { id: decodeURIComponent(parts[1]) } }
+      return id
+        ? { page: processPage, name: 'processes', params: { id } }
         : { page: processesPage, name: 'processes' };
-    case 'hosts':
-      return { page: hostsPage, name: 'hosts' };
     case 'containers':
-    case 'volumes':
+      return id ? { page: containerPage, name: 'containers', params: { id } } : { page: resourcesPage, name: first, params: { kind: first } };
     case 'services':
-      return { page: resourcesPage, name: first, params: { kind: first } };
+      return id ? { page: servicePage, name: 'services', params: { id } } : { page: resourcesPage, name: first, params: { kind: first } };
+    case 'stacks':
+      return id ? { page: stackPage, name: 'stacks', params: { id } } : { page: resourcesPage, name: first, params: { kind: first } };
+    case 'volumes':
+      return id ? missing : { page: resourcesPage, name: first, params: { kind: first } };
+    case 'hosts':
+      return id ? missing : { page: hostsPage, name: 'hosts' };
     case 'events':
-      return { page: eventsPage, name: 'events' };
+      return id ? missing : { page: eventsPage, name: 'events' };
     case 'cluster':
-      return { page: clusterPage, name: 'cluster' };
+      return id ? missing : { page: clusterPage, name: 'cluster' };
+    case 'settings':
+      return id ? missing : { page: settingsPage, name: 'settings' };
+    case 'apikeys':
+      return id ? missing : { page: apikeysPage, name: 'apikeys' };
     default:
-      return { page: null, name: 'missing' };
+      return missing;
   }
 }
 
@@ -111,8 +134,13 @@ function route() {
   const outlet = shell.outlet;
   outlet.replaceChildren();
   if (!target.page) {
-    outlet.append(h('div', { class: 'page-head' }, h('h1', null, 'Not found')),
-      h('div', { class: 'content' }, h('p', null, 'No such page. ', h('a', { href: '/' }, 'Go to the start page'))));
+    outlet.append(h('header', { class: 'page-head' }, h('div', null, h('h1', null, 'Page not found'),
+      h('p', { class: 'sub' }, 'There is no page at ', h('code', { class: 'ellipsis path' }, location.pathname), '.'))),
+    h('div', { class: 'content' }, h('div', { class: 'card pad empty not-found' },
+      h('strong', null, 'Nothing here'),
+      h('p', null, 'The link may be mistyped, or from a newer drover. ', h('a', { href: '/' }, 'Go to the start page'), ' or pick a page on the left.'))));
+    document.title = 'Not found · drover';
+    app.removeAttribute('aria-busy');
     return;
   }
   current = target.page.mount(outlet, { ...(target.params || {}), navigate });
@@ -127,6 +155,7 @@ function buildShell() {
   const counts = {};
   for (const item of NAV) {
     if (item.admin && !key.admin) continue;
+    if (item.processes && !seesProcesses(key)) continue;
     const count = h('span', { class: 'count', 'aria-label': `${item.label} in progress` });
     counts[item.page] = count;
     nav.append(h('a', { href: `/${item.page}`, dataset: { page: item.page } },
@@ -158,7 +187,7 @@ function buildShell() {
     status.dataset.state = state;
     status.firstChild.textContent = { open: 'Live', connecting: 'Connecting…', closed: 'Reconnecting…' }[state];
   }));
-  if (key.admin) {
+  if (seesProcesses(key)) {
     const refreshCount = debounce(async () => {
       try {
         const summary = await get('processsummary');

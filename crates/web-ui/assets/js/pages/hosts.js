@@ -1,8 +1,10 @@
 // Hosts and agents: state (active, reconnecting, disconnected), last ping, host facts, and the
 // containers on each host, live.
 
-import { all } from '../api.js';
-import { badge, debounce, emptyRow, h, idTag, millis, replace, timeEl, transition } from '../dom.js';
+import { all, seesProcesses } from '../api.js';
+import {
+  badge, debounce, ellipsis, emptyRow, h, idTag, millis, processesHref, replace, resourceHref, timeEl, transition,
+} from '../dom.js';
 
 /** Last ping per agent id, as `agent.ping` events report it; kept across page visits. */
 const lastPings = new Map();
@@ -83,8 +85,8 @@ export function mount(root) {
       const facts = FACTS.map(([key, label]) => [label, fact(host, key)]).filter(([, v]) => v);
       return h('article', { class: 'card host', id: host.id, 'aria-labelledby': `host-${host.id}` },
         h('header', null,
-          h('div', { class: 'host-title' }, h('h2', { id: `host-${host.id}` }, host.name || host.hostname || host.id), idTag(host.id), badge(host.state), transition(host)),
-          h('a', { href: `/processes?tab=done&resource=${encodeURIComponent(host.id)}`, style: 'font-size:.85rem' }, 'Processes →')),
+          h('div', { class: 'host-title' }, h('h2', { id: `host-${host.id}`, class: 'ellipsis', title: host.name || host.hostname || host.id }, host.name || host.hostname || host.id), idTag(host.id), badge(host.state), transition(host)),
+          seesProcesses() ? h('a', { href: processesHref('host', host.id), style: 'font-size:.85rem' }, 'Processes →') : null),
         h('div', { class: 'agentline', dataset: { agent: host.agentId || '' } },
           h('span', null, h('strong', null, 'Agent'), idTag(host.agentId), ' ', agent ? badge(agent.state) : null),
           h('span', { class: 'last-ping' }, h('strong', null, 'Last ping'), lastPing(agent)),
@@ -97,16 +99,16 @@ export function mount(root) {
           h('h3', null, `Containers (${mine.length})`),
           mine.length ? h('table', { class: 'grid', 'aria-label': `Containers on ${host.name || host.id}` },
             h('tbody', null, mine.map((c) => h('tr', null,
-              h('td', null, h('span', { class: 'primary' }, c.name || '(unnamed)'), ' ', idTag(c.id, `/containers#${c.id}`)),
+              h('td', { class: 'flex' }, ellipsis(c.name || '(unnamed)', { cls: 'primary', href: resourceHref('container', c.id) }), ' ', idTag(c.id, resourceHref('container', c.id))),
               h('td', null, badge(c.state), transition(c)),
-              h('td', { class: 'cmd' }, [].concat(c.command || []).join(' '))))))
+              h('td', { class: 'flex' }, ellipsis([].concat(c.command || []).join(' '), { cls: 'cmd' }))))))
             : h('p', { class: 'muted' }, 'No containers on this host.')));
     }) : h('div', { class: 'card pad empty' }, h('strong', null, 'No hosts yet'),
       'Register one: create a registration token (POST /v1/registrationtokens) and run ',
       h('code', null, 'drover agent --url … --registration-token …'), ' on the machine.'));
 
     replace(agentsBody, agents.length ? agents.filter((a) => a.state !== 'purged').map((agent) => h('tr', { id: agent.id },
-      h('td', null, h('span', { class: 'primary' }, agent.name || '(unnamed)'), ' ', idTag(agent.id)),
+      h('td', { class: 'flex' }, ellipsis(agent.name || '(unnamed)', { cls: 'primary' }), ' ', idTag(agent.id)),
       h('td', null, badge(agent.state), transition(agent)),
       h('td', { dataset: { lastPing: agent.id } }, lastPing(agent)),
       h('td', null, hosts.filter((host) => host.agentId === agent.id).map((host) => [idTag(host.id, `#${host.id}`), ' '])),

@@ -18,7 +18,7 @@ export function mount(root, { onLogin }) {
   const form = h('form', { class: 'login', 'aria-labelledby': 'login-title', novalidate: true },
     h('div', { class: 'brand' }, h('img', { src: '/assets/favicon.svg', alt: '', width: '30', height: '30' }),
       h('span', { id: 'login-title' }, 'drover', h('small', null, 'Log in with an API key'))),
-    h('p', null, 'Use an admin key to see processes. ', h('code', null, 'drover up'),
+    h('p', null, 'Use an admin key to see everything, or a project key for one project. ', h('code', null, 'drover up'),
       ' prints one, and the server writes a generated one to ', h('code', null, 'admin-key.env'), '.'),
     h('label', { class: 'field', for: 'login-access' }, 'Access key', access),
     h('label', { class: 'field', for: 'login-secret' }, 'Secret key', secret),
@@ -38,15 +38,20 @@ export function mount(root, { onLogin }) {
     submit.textContent = 'Checking…';
     try {
       await request('GET', '', undefined, key);
-      // Processes are for admins: the answer says which kind of key this is.
-      let admin = true;
-      try {
-        await request('GET', 'processsummary', undefined, key);
-      } catch (err) {
-        if (err instanceof ApiError && err.status === 403) admin = false;
-        else throw err;
-      }
-      saveSession({ ...key, admin });
+      // Settings are for admins: the answer says which kind of key this is.
+      const allowed = async (path) => {
+        try {
+          await request('GET', path, undefined, key);
+          return true;
+        } catch (err) {
+          if (err instanceof ApiError && err.status === 403) return false;
+          throw err;
+        }
+      };
+      const admin = await allowed('settings');
+      // A project key gets the Processes page when the API shows it its project's processes.
+      const processes = admin || await allowed('processinstances?limit=1');
+      saveSession({ ...key, admin, processes });
       onLogin();
     } catch (err) {
       error.textContent = err instanceof ApiError && err.status === 401

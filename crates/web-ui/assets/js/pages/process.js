@@ -1,9 +1,9 @@
 // One process: every attempt (execution) with its times, exit reason and the agent's message,
 // the resource's live progress, and replay / cancel for admins.
 
-import { ApiError, get, post } from '../api.js';
+import { ApiError, get, post, session } from '../api.js';
 import {
-  absolute, badge, debounce, duration, emptyRow, h, idTag, jsonBlock, millis, processBadge, replace,
+  absolute, badge, debounce, duration, ellipsis, emptyRow, h, idTag, jsonBlock, millis, processBadge, processesHref, replace,
   resourceHref, timeEl, toast, transition,
 } from '../dom.js';
 
@@ -100,6 +100,10 @@ export function mount(root, { id }) {
       h('span', { class: 'mono' }, p.id), ' on ', p.resourceType, ' ',
       idTag(p.resourceId, resourceHref(p.resourceType, p.resourceId)), '  ',
       processBadge(p));
+    // Replay and cancel are for admins; a project key reads its project's processes only.
+    const admin = Boolean(session()?.admin);
+    replay.hidden = !admin;
+    cancel.hidden = !admin;
     replay.disabled = !(p.actions && p.actions.replay);
     cancel.disabled = !(p.actions && p.actions.cancel);
     replay.title = replay.disabled ? 'Replay is for a process that is not running and did not succeed' : 'Run it again from its first attempt';
@@ -139,12 +143,12 @@ export function mount(root, { id }) {
 
     replace(resourceBox, resource ? h('div', null,
       h('dl', { class: 'facts' },
-        h('dt', null, 'Name'), h('dd', null, resource.name || h('span', { class: 'muted' }, '(none)')),
+        h('dt', null, 'Name'), h('dd', null, resource.name ? ellipsis(resource.name) : h('span', { class: 'muted' }, '(none)')),
         h('dt', null, 'Id'), h('dd', null, idTag(resource.id, resourceHref(p.resourceType, resource.id))),
         h('dt', null, 'State'), h('dd', null, badge(resource.state), transition(resource)),
         resource.hostId ? [h('dt', null, 'Host'), h('dd', null, idTag(resource.hostId, resourceHref('host', resource.hostId)))] : null,
-        resource.command ? [h('dt', null, 'Command'), h('dd', { class: 'cmd' }, [].concat(resource.command).join(' '))] : null),
-      h('p', { style: 'margin-top:.8rem' }, h('a', { href: `/processes?tab=done&resource=${encodeURIComponent(p.resourceId)}` }, 'Every process of this resource →')))
+        resource.command ? [h('dt', null, 'Command'), h('dd', null, ellipsis([].concat(resource.command).join(' '), { cls: 'cmd' }))] : null),
+      h('p', { style: 'margin-top:.8rem' }, h('a', { href: processesHref(p.resourceType, p.resourceId) }, 'Every process of this resource →')))
       : h('p', { class: 'muted' }, 'The resource is gone (purged).'));
 
     const row = (label, value) => [h('dt', null, label), h('dd', null, value ?? h('span', { class: 'muted' }, '—'))];

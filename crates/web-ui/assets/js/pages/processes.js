@@ -1,8 +1,10 @@
 // Processes: Running / Delayed / Ready / Done, live. "When something is wrong, look at the
 // processes first": what runs now, what waits for its next attempt and why, what ended how.
 
-import { get } from '../api.js';
-import { badge, debounce, emptyRow, h, idTag, processBadge, replace, resourceHref, timeEl } from '../dom.js';
+import { ApiError, get, session } from '../api.js';
+import {
+  badge, debounce, duration, emptyRow, h, idTag, millis, processBadge, replace, resourceHref, timeEl, typeOfId,
+} from '../dom.js';
 
 const TABS = [
   { id: 'running', label: 'Running', hint: 'claimed by a server node, working now (often waiting for an agent)' },
@@ -13,23 +15,48 @@ const TABS = [
 const RESULTS = ['SUCCESS', 'FAILURE', 'CANCELED'];
 const PAGE = 50;
 const ID = /^\d+[a-z]+\d+$/i;
-const TYPES = ['container', 'instance', 'volume', 'host', 'agent', 'stack', 'service'];
+const TYPES = ['container', 'instance', 'volume', 'host', 'agent', 'stack', 'service', 'externalHandler'];
 
-/** The API filters a "resource" box means: "1i5", "container", "container 1i5". */
+/**
+ * The API filters a "resource" box means: "1i5", "container", "container 1i5",
+ * "container:1i5". An id always goes with its type (the one its prefix names): "1i5" never
+ * matches host 1h5 or stack 1st5.
+ */
 export function resourceFilter(text) {
   const out = {};
   for (const word of text.trim().split(/[\s:/]+/).filter(Boolean)) {
-    if (ID.test(word)) out.resourceId = word;
-    else if (TYPES.includes(word.toLowerCase())) out.resourceType = word.toLowerCase() === 'instance' ? 'container' : word.toLowerCase();
-    else out.invalid = word;
+    const lower = word.toLowerCase();
+    if (ID.test(word)) out.resourceId = lower;
+    else if (TYPES.map((t) => t.toLowerCase()).includes(lower)) {
+      out.resourceType = lower === 'instance' ? 'container' : TYPES.find((t) => t.toLowerCase() === lower);
+    } else out.invalid = word;
+  }
+  if (out.resourceId && !out.invalid) {
+    const implied = typeOfId(out.resourceId);
+    if (!implied) out.invalid = out.resourceId;
+    else if (out.resourceType && out.resourceType !== implied) out.mismatch = `${out.resourceId} is a ${implied} id, not a ${out.resourceType} one`;
+    else out.resourceType = implied;
   }
   return out;
+}
+
+/** The first tab with work in it (in tab order), from processSummary's rows; Running if none. */
+export function firstBusyTab(rows) {
+  const totals = { running: 0, delayed: 0, ready: 0, done: 0 };
+  for (const row of rows || []) {
+    totals.running += row.running || 0;
+    totals.delayed += row.delay || 0;
+    totals.ready += row.ready || 0;
+    totals.done += row.done || 0;
+  }
+  return (TABS.find((tab) => totals[tab.id] > 0) || TABS[0]).id;
 }
 
 export function mount(root, { navigate }) {
   const params = new URLSearchParams(location.search);
   const state = {
-    tab: TABS.some((t) => t.id === params.get('tab')) ? params.get('tab') : 'running',
+    // Without a tab in the URL the page opens on the first one with work in it.
+    tab: TABS.some((t) => t.id === params.get('tab')) ? params.get('tab') : null,
     name: params.get('name') || '',
     resource: params.get('resource') || '',
     result: RESULTS.includes(params.get('result')) ? params.get('result') : '',
@@ -84,6 +111,7 @@ export function mount(root, { navigate }) {
     filterError);
 
   const tbody = h('tbody');
+  const headRow = h('tr');
   const caption = h('caption', { class: 'sr-only' });
   const more = h('button', { type: 'button', hidden: true }, 'Load more');
   const panelHint = h('p', { class: 'muted', style: 'padding: .7rem 1rem 0; font-size: .85rem' });
@@ -91,10 +119,7 @@ export function mount(root, { navigate }) {
     panelHint,
     h('div', { class: 'table-wrap' }, h('table', { class: 'grid', 'aria-describedby': 'process-caption' },
       caption,
-      h('thead', null, h('tr', null,
-        h('th', { scope: 'col' }, 'Process'), h('th', { scope: 'col' }, 'Resource'), h('th', { scope: 'col' }, 'State'),
-        h('th', { scope: 'col', class: 'num' }, 'Attempts'), h('th', { scope: 'col' }, 'Started'),
-        h('th', { scope: 'col' }, 'Next run'), h('th', { scope: 'col' }, 'Last error'))),
+      h('thead', null, headRow),
       tbody)),
     h('div', { class: 'body', style: 'display:flex;justify-content:center' }, more));
   caption.id = 'process-caption';
@@ -121,7 +146,7 @@ export function mount(root, { navigate }) {
   // ---- Behaviour ----------------------------------------------------------------------
   function syncUrl() {
     const q = new URLSearchParams();
-    if (state.tab !== 'running') q.set('tab', state.tab);
+    q.set('tab', state.tab);
     if (state.name) q.set('name', state.name);
     if (state.resource) q.set('resource', state.resource);
     if (state.result) q.set('result', state.result);
@@ -129,8 +154,20 @@ export function mount(root, { navigate }) {
     history.replaceState(null, '', `/processes${search ? `?${search}` : ''}`);
   }
 
+  /** Done shows when each process ended and how long it took; the others when it runs next. */
+  function renderHead() {
+    const done = state.tab === 'done';
+    replace(headRow,
+      h('th', { scope: 'col' }, 'Process'), h('th', { scope: 'col' }, 'Resource'), h('th', { scope: 'col' }, 'State'),
+      h('th', { scope: 'col', class: 'num' }, 'Attempts'), h('th', { scope: 'col' }, 'Started'),
+      done ? [h('th', { scope: 'col' }, 'Ended'), h('th', { scope: 'col', class: 'num' }, 'Duration')]
+        : h('th', { scope: 'col' }, 'Next run'),
+      h('th', { scope: 'col' }, 'Last error'));
+  }
+
   function selectTab(id) {
     state.tab = id;
+    renderHead();
     state.pages = 1;
     for (const tab of TABS) {
       const selected = tab.id === id;
@@ -152,15 +189,24 @@ export function mount(root, { navigate }) {
     if (resource.resourceType) q.set('resourceType', resource.resourceType);
     if (resource.resourceId) q.set('resourceId', resource.resourceId);
     if (state.result) q.set('result', state.result);
-    return { q, invalid: resource.invalid };
+    return { q, invalid: resource.invalid, mismatch: resource.mismatch };
   }
 
   async function load() {
+    if (!state.tab) return;
     const mine = ++generation;
-    const { q, invalid } = query();
-    filterError.textContent = invalid ? `"${invalid}" is neither a resource id (1i5) nor a type (container, volume, host, agent, service, stack).` : '';
+    const { q, invalid, mismatch } = query();
+    filterError.textContent = invalid ? `"${invalid}" is neither a resource id (1i5) nor a type (container, volume, host, agent, service, stack).`
+      : mismatch ? `${mismatch}.` : '';
+    if (invalid || mismatch) {
+      // A filter that cannot match anything is not sent as a looser one.
+      state.rows = [];
+      state.next = null;
+      render(false);
+      return;
+    }
     try {
-      const [list, sum] = await Promise.all([get(`processinstances?${q}`), get('processsummary')]);
+      const [list, sum] = await Promise.all([get(`processinstances?${q}`), summaryOf()]);
       if (disposed || mine !== generation) return;
       error.hidden = true;
       const fresh = state.loadedTab === state.tab;
@@ -173,6 +219,16 @@ export function mount(root, { navigate }) {
       if (disposed || mine !== generation) return;
       error.hidden = false;
       replace(error, h('strong', null, 'Cannot load processes'), err.message);
+    }
+  }
+
+  /** processSummary, or an empty one for a key the API does not show it to. */
+  async function summaryOf() {
+    try {
+      return await get('processsummary');
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 403 && !session()?.admin) return { data: [] };
+      throw err;
     }
   }
 
@@ -208,7 +264,7 @@ export function mount(root, { navigate }) {
         ready: 'No process is waiting for a worker.',
         done: 'No process has ended yet.',
       }[state.tab];
-      replace(tbody, emptyRow(7, filtered ? 'No process matches the filters.' : text,
+      replace(tbody, emptyRow(state.tab === 'done' ? 8 : 7, filtered ? 'No process matches the filters.' : text,
         filtered ? 'Clear the filters to see all.' : 'This list updates live.'));
     }
     more.hidden = !state.next;
@@ -230,16 +286,27 @@ export function mount(root, { navigate }) {
     const row = h('tr', { class: `clickable${isNew ? ' flash' : ''}`, dataset: { id: p.id, process: p.processName } },
       h('td', null, h('a', { href, class: 'primary mono' }, p.processName), h('span', { class: 'secondary mono' }, p.id)),
       h('td', null, h('span', { class: 'secondary' }, p.resourceType), idTag(p.resourceId, resourceHref(p.resourceType, p.resourceId))),
+
       h('td', { class: 'nowrap' }, processBadge(p)),
       h('td', { class: 'num' }, attempts > 1 ? h('strong', { style: 'color: var(--amber-fg)' }, String(attempts)) : String(attempts)),
       h('td', { class: 'nowrap' }, timeEl(p.startTime || p.created)),
-      h('td', { class: 'nowrap' }, p.state === 'delayed' || p.state === 'ready' ? timeEl(p.runAfterTS ?? p.runAfter) : h('span', { class: 'muted' }, '—')),
+      state.tab === 'done' ? [
+        h('td', { class: 'nowrap', dataset: { col: 'ended' } }, timeEl(p.endTime)),
+        h('td', { class: 'num nowrap', dataset: { col: 'duration' } }, took(p)),
+      ] : h('td', { class: 'nowrap' }, p.state === 'delayed' || p.state === 'ready' ? timeEl(p.runAfterTS ?? p.runAfter) : h('span', { class: 'muted' }, '—')),
       h('td', { class: 'error-cell' }, p.lastError ? h('span', { class: 'clip', title: p.lastError }, p.lastError) : h('span', { class: 'muted' }, '—')));
     row.addEventListener('click', (event) => {
       if (event.target.closest('a, button')) return;
       navigate(href);
     });
     return row;
+  }
+
+  /** From its start (its creation when it never started) to its end. */
+  function took(p) {
+    const start = millis(p.startTime) ?? millis(p.created);
+    const end = millis(p.endTime);
+    return start !== null && end !== null ? duration(Math.max(0, end - start)) : h('span', { class: 'muted' }, '—');
   }
 
   const inputChanged = debounce(() => {
@@ -271,7 +338,14 @@ export function mount(root, { navigate }) {
   });
 
   const refresh = debounce(load, 120, 600);
-  selectTab(state.tab);
+  if (state.tab) selectTab(state.tab);
+  else {
+    summaryOf().then((sum) => {
+      if (!disposed && !state.tab) selectTab(firstBusyTab(sum.data));
+    }, () => {
+      if (!disposed && !state.tab) selectTab('running');
+    });
+  }
 
   return {
     title: 'Processes',

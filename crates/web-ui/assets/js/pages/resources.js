@@ -1,9 +1,10 @@
-// Containers, volumes and services: lists with state and `transitioning` progress updated live
-// from `resource.change`, and actions that show the process they started at once.
+// Containers, volumes, services and stacks: lists with state and `transitioning` progress
+// updated live from `resource.change`, and actions that show the process they started at once.
 
-import { ApiError, all, latestProcess, post, put, request, session } from '../api.js';
+import { LABELS, perform } from '../actions.js';
+import { all, latestProcess, post, put, seesProcesses } from '../api.js';
 import {
-  badge, debounce, emptyRow, h, idTag, replace, resourceHref, splitCommand, timeEl, toast, transition,
+  badge, debounce, ellipsis, emptyRow, h, idTag, processesHref, replace, resourceHref, splitCommand, timeEl, toast, transition,
 } from '../dom.js';
 
 const KINDS = {
@@ -28,18 +29,24 @@ const KINDS = {
     actions: ['activate', 'deactivate', 'remove'],
     formTitle: 'Create a service',
   },
+  stacks: {
+    title: 'Stacks',
+    type: 'stack',
+    sub: 'A stack groups services: activating, deactivating or removing it does so to each of its services.',
+    actions: ['activate', 'deactivate', 'remove'],
+    formTitle: 'Create a stack',
+  },
 };
 
-const LABELS = {
-  start: 'Start', stop: 'Stop', restart: 'Restart', remove: 'Remove', activate: 'Activate', deactivate: 'Deactivate',
-};
+/** Kinds with a page of their own per resource. */
+const DETAIL = new Set(['containers', 'services', 'stacks']);
 
 export function mount(root, { kind }) {
   const spec = KINDS[kind];
   let disposed = false;
   let generation = 0;
   const state = {
-    items: [], hosts: [], stacks: [], containers: [], showRemoved: false, filter: '',
+    items: [], hosts: [], stacks: [], containers: [], services: [], showRemoved: false, filter: '',
     processes: new Map(), // resource id → {id, processName} of the last action started here
   };
 
@@ -70,7 +77,7 @@ export function mount(root, { kind }) {
   function buildForm() {
     const err = h('p', { class: 'form-error', role: 'alert' });
     const submit = h('button', { type: 'submit', class: 'primary' }, kind === 'containers' ? 'Run' : 'Create');
-    const name = h('input', { id: `${kind}-new-name`, name: 'name', autocomplete: 'off', placeholder: kind === 'containers' ? 'web-1' : kind === 'volumes' ? 'data' : 'web', required: kind !== 'containers' });
+    const name = h('input', { id: `${kind}-new-name`, name: 'name', autocomplete: 'off', placeholder: { containers: 'web-1', volumes: 'data', services: 'web', stacks: 'shop' }[kind], required: kind !== 'containers' });
     const fields = [h('label', { class: 'field', for: `${kind}-new-name` }, 'Name', name)];
     let command = null;
     let host = null;
@@ -148,16 +155,18 @@ export function mount(root, { kind }) {
         submit.disabled = false;
       }
     });
+    // Option labels are cut: a 255-character name must not widen the form.
+    const short = (text) => (text.length > 60 ? `${text.slice(0, 59)}…` : text);
     el.fill = () => {
       if (host) {
         const chosen = host.value;
         replace(host, h('option', { value: '' }, 'Any active host'),
-          state.hosts.filter((x) => x.state !== 'removed').map((x) => h('option', { value: x.id, selected: x.id === chosen }, `${x.name || x.hostname || x.id} (${x.id}, ${x.state})`)));
+          state.hosts.filter((x) => x.state !== 'removed').map((x) => h('option', { value: x.id, selected: x.id === chosen, title: x.name || x.hostname || x.id }, `${short(x.name || x.hostname || x.id)} (${x.id}, ${x.state})`)));
       }
       if (stack) {
         const chosen = stack.value;
         replace(stack, h('option', { value: '' }, 'No stack'),
-          state.stacks.filter((x) => x.state !== 'removed').map((x) => h('option', { value: x.id, selected: x.id === chosen }, `${x.name || x.id} (${x.id})`)));
+          state.stacks.filter((x) => x.state !== 'removed').map((x) => h('option', { value: x.id, selected: x.id === chosen, title: x.name || x.id }, `${short(x.name || x.id)} (${x.id})`)));
       }
     };
     return el;
@@ -165,33 +174,52 @@ export function mount(root, { kind }) {
 
   // ---- Table --------------------------------------------------------------------------
   function headers() {
-    const name = { label: 'Name', cell: (r) => [h('span', { class: 'primary' }, r.name || '(unnamed)'), h('span', { class: 'secondary' }, idTag(r.id))] };
+    const name = {
+      label: 'Name',
+      flex: true,
+      cell: (r) => [
+        ellipsis(r.name || '(unnamed)', { cls: 'primary', href: DETAIL.has(kind) ? resourceHref(spec.type, r.id) : undefined }),
+        h('span', { class: 'secondary' }, idTag(r.id)),
+      ],
+    };
     const stateCol = { label: 'State', cell: (r) => [badge(r.state), transition(r)] };
     const hostCol = { label: 'Host', cell: (r) => r.hostId ? [hostName(r.hostId), ' ', idTag(r.hostId, resourceHref('host', r.hostId))] : h('span', { class: 'muted' }, r.requestedHostId ? `requested ${r.requestedHostId}` : 'not placed') };
     const created = { label: 'Created', cell: (r) => timeEl(r.createdTS ?? r.created) };
     const actions = { label: 'Actions', cell: actionCell };
+    const command = (words) => (words && [].concat(words).length
+      ? ellipsis([].concat(words).join(' '), { cls: 'cmd' }) : h('span', { class: 'muted' }, '—'));
     if (kind === 'containers') {
-      return [name, stateCol, hostCol,
-        { label: 'Command', cell: (r) => h('span', { class: 'cmd' }, [].concat(r.command || []).join(' ')) },
-        created, actions];
+      return [name, stateCol, hostCol, { label: 'Command', flex: true, cell: (r) => command(r.command) }, created, actions];
     }
     if (kind === 'volumes') {
       return [name, stateCol, hostCol,
-        { label: 'Path', cell: (r) => r.path ? h('span', { class: 'cmd' }, r.path) : h('span', { class: 'muted' }, '—') },
+        { label: 'Path', flex: true, cell: (r) => r.path ? ellipsis(r.path, { cls: 'cmd' }) : h('span', { class: 'muted' }, '—') },
+        created, actions];
+    }
+    if (kind === 'stacks') {
+      return [name, stateCol,
+        { label: 'Services', num: true, cell: (r) => String(state.services.filter((x) => x.stackId === r.id && x.state !== 'removed').length) },
         created, actions];
     }
     return [name, stateCol,
-      { label: 'Stack', cell: (r) => r.stackId ? idTag(r.stackId) : h('span', { class: 'muted' }, '—') },
+      { label: 'Stack', cell: (r) => stackCell(r.stackId) },
       { label: 'Scale', cell: scaleCell },
       { label: 'Running', num: true, cell: (r) => String(r.currentScale ?? state.containers.filter((c) => c.serviceId === r.id && c.state === 'running').length) },
-      { label: 'Reconciler', cell: (r) => r.reconcileMessage ? h('span', { class: 'muted' }, r.reconcileMessage) : h('span', { class: 'muted' }, '—') },
-      { label: 'Command', cell: (r) => r.launchConfig && r.launchConfig.command ? h('span', { class: 'cmd' }, [].concat(r.launchConfig.command).join(' ')) : h('span', { class: 'muted' }, '—') },
+      { label: 'Reconciler', flex: true, cell: (r) => r.reconcileMessage ? ellipsis(r.reconcileMessage, { cls: 'muted' }) : h('span', { class: 'muted' }, '—') },
+      { label: 'Command', flex: true, cell: (r) => command(r.launchConfig && r.launchConfig.command) },
       created, actions];
+  }
+
+  /** A service's stack by name, linked to its page (the id when it is not loaded). */
+  function stackCell(id) {
+    if (!id) return h('span', { class: 'muted' }, '—');
+    const stack = state.stacks.find((x) => x.id === id);
+    return stack && stack.name ? ellipsis(stack.name, { cls: 'short', href: resourceHref('stack', id) }) : idTag(id, resourceHref('stack', id));
   }
 
   function hostName(id) {
     const host = state.hosts.find((x) => x.id === id);
-    return host ? h('span', null, host.name || host.hostname || '') : null;
+    return host ? ellipsis(host.name || host.hostname || '', { cls: 'host-name' }) : null;
   }
 
   function actionCell(r) {
@@ -206,13 +234,12 @@ export function mount(root, { kind }) {
       return button;
     });
     const last = state.processes.get(r.id);
-    const admin = session()?.admin;
     return h('div', null,
       h('div', { class: 'actions' }, buttons),
-      admin ? h('div', { style: 'margin-top:.35rem;font-size:.8rem' },
+      seesProcesses() ? h('div', { style: 'margin-top:.35rem;font-size:.8rem' },
         last ? h('a', { href: `/processes/${last.id}`, class: 'mono' }, `${last.processName} ${last.id}`) : null,
         last ? ' · ' : null,
-        h('a', { href: `/processes?tab=done&resource=${encodeURIComponent(r.id)}` }, 'processes')) : null);
+        h('a', { href: processesHref(spec.type, r.id) }, 'processes')) : null);
   }
 
   function scaleCell(r) {
@@ -240,7 +267,7 @@ export function mount(root, { kind }) {
   }
 
   function rowFor(r) {
-    return h('tr', { id: r.id, dataset: { id: r.id, name: r.name || '' } }, columns.map((c) => h('td', { class: c.num ? 'num' : null }, c.cell(r))));
+    return h('tr', { id: r.id, dataset: { id: r.id, name: r.name || '' } }, columns.map((c) => h('td', { class: c.num ? 'num' : c.flex ? 'flex' : null }, c.cell(r))));
   }
 
   function shown() {
@@ -282,16 +309,12 @@ export function mount(root, { kind }) {
 
   async function act(r, action, button) {
     button.disabled = true;
-    try {
-      const link = r.actions && r.actions[action];
-      const updated = link ? await request('POST', link, {}) : await post(`${kind}/${encodeURIComponent(r.id)}?action=${action}`);
+    const updated = await perform(spec.type, r, action);
+    if (disposed) return;
+    if (updated) {
       upsert(updated);
       await showProcess(updated, LABELS[action]);
-    } catch (err) {
-      const locked = err instanceof ApiError && err.status === 409 && err.detail;
-      toast(`${LABELS[action]} ${r.name || r.id}: ${err.message}`, {
-        error: true, link: locked && session()?.admin ? { href: `/processes/${err.detail}`, text: `see ${err.detail}` } : undefined,
-      });
+    } else {
       button.disabled = false;
     }
   }
@@ -323,13 +346,15 @@ export function mount(root, { kind }) {
     const mine = ++generation;
     try {
       const wants = [all(state.showRemoved ? kind : `${kind}?state_ne=purged`)];
-      wants.push(kind !== 'services' ? all('hosts') : Promise.resolve([]));
-      wants.push(kind === 'services' ? all('stacks') : Promise.resolve([]));
-      wants.push(kind === 'services' ? all('containers?state_ne=removed') : Promise.resolve([]));
-      const [items, hosts, stacks, containers] = await Promise.all(wants);
+      const none = Promise.resolve([]);
+      wants.push(kind === 'containers' || kind === 'volumes' ? all('hosts') : none);
+      wants.push(kind === 'services' ? all('stacks') : none);
+      wants.push(kind === 'services' ? all('containers?state_ne=removed') : none);
+      wants.push(kind === 'stacks' ? all('services?state_ne=purged') : none);
+      const [items, hosts, stacks, containers, services] = await Promise.all(wants);
       if (disposed || mine !== generation) return;
       error.hidden = true;
-      Object.assign(state, { items, hosts, stacks, containers });
+      Object.assign(state, { items, hosts, stacks, containers, services });
       render();
     } catch (err) {
       if (disposed || mine !== generation) return;
@@ -367,7 +392,8 @@ export function mount(root, { kind }) {
       }
       const type = event.resourceType;
       if ((event.name === 'resource.change' || event.name === 'state.change') &&
-        (type === spec.type || (kind === 'services' && type === 'container') || (kind !== 'services' && type === 'host'))) {
+        (type === spec.type || (kind === 'services' && (type === 'container' || type === 'stack')) ||
+          (kind === 'stacks' && type === 'service') || ((kind === 'containers' || kind === 'volumes') && type === 'host'))) {
         refresh();
       }
     },
