@@ -78,6 +78,11 @@ fn processes(raw: &str) -> bool {
     }
     if let Some(id) = filter.resource_id {
         assert!(id > 0);
+        // Ids are numbered per type: an id filter without its type would match every type.
+        assert!(
+            filter.kind.is_some(),
+            "{raw:?}: resourceId without its type"
+        );
     }
     if let Some(result) = &filter.result {
         assert_eq!(*result, result.to_uppercase());
