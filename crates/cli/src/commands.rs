@@ -408,7 +408,7 @@ async fn wait_run(client: &Client, link: &str, until: WaitFor) -> anyhow::Result
 }
 
 /// `attempt N of <process> failed …; next attempt at <time>`, from the container's pending
-/// process (processes are visible to admins only: `None` for other keys).
+/// process (`None` for keys that may not read processes: agent keys).
 async fn next_attempt(client: &Client, container: &Value) -> Option<String> {
     let query: String = form_urlencoded::Serializer::new(String::new())
         .append_pair("resourceType", "container")

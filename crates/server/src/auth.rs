@@ -38,7 +38,7 @@ impl Principal {
     }
 
     /// Checks that the caller is an admin or service account; `what` completes the refusal
-    /// ("processes are visible to admins only").
+    /// ("only admins replay or cancel processes").
     pub fn require_privileged(&self, what: &str) -> Result<(), ApiError> {
         if self.is_privileged() {
             Ok(())
