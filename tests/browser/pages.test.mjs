@@ -288,6 +288,8 @@ test('processes open on the first tab with work, Done shows end and duration, th
   await page.getByRole('link', { name: 'Every process of this resource →' }).click();
   await page.waitForFunction(() => new URL(location.href).searchParams.get('resource') !== null);
   assert.equal(new URL(page.url()).searchParams.get('resource'), `host:${ids.host}`);
+  // The list is loaded after the navigation: wait for its rows before reading them.
+  await page.locator('#process-panel tbody tr[data-process^="host."]').first().waitFor();
   const listed = await page.locator('#process-panel tbody tr[data-process] td:nth-child(2) .secondary').allTextContents();
   assert.deepEqual([...new Set(listed)], ['host']);
 });
